@@ -1,0 +1,28 @@
+"""naflow_fx: layer-by-layer NAFlow explanations of CNNs, compiled with torch.fx.
+
+>>> from naflow_fx import compile_naflow, ClassTarget
+"""
+
+from .api import NAFlow, compile_naflow
+from .errors import InputError, InputTypeError, NAFlowError, TargetError, UnsupportedModelError, UnsupportedOpError
+from .result import FlowResult, LayerMaps
+from .solvers import SolverConfig, SolveRecord
+from .targets import ClassTarget
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile_naflow",
+    "NAFlow",
+    "FlowResult",
+    "LayerMaps",
+    "ClassTarget",
+    "SolverConfig",
+    "SolveRecord",
+    "NAFlowError",
+    "UnsupportedModelError",
+    "UnsupportedOpError",
+    "InputError",
+    "InputTypeError",
+    "TargetError",
+]

@@ -1,0 +1,296 @@
+"""``compile_naflow`` and the compiled ``NAFlow`` object."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from . import passes
+from .errors import InputError, InputTypeError
+from .passes.partition import Plan
+from .passes.shape_prop import tensor_meta
+from .result import FlowResult, LayerMaps
+from .solvers import SolverConfig, SolverContext
+from .targets import resolve_target
+from .tracing import trace
+
+__all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
+
+REDUCTIONS = ("sum_relu", "relu_sum")
+
+
+def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    if isinstance(example_input, Tensor):
+        if example_input.dim() < 2 or example_input.shape[0] == 0:
+            raise InputError(f"example_input must be a batch like [B, C, H, W]; got shape {tuple(example_input.shape)}")
+        return example_input.detach()[:1].to(device=device, dtype=dtype)
+    if isinstance(example_input, Sequence) and all(isinstance(s, int) and s > 0 for s in example_input):
+        return torch.zeros(tuple(example_input), device=device, dtype=dtype)[:1]
+    raise InputTypeError(
+        f"example_input must be a tensor or a shape such as (1, 3, 224, 224); got {type(example_input).__name__}"
+    )
+
+
+class NAFlow:
+    """A compiled NAFlow explainer: build once, call on many batches.
+
+    Use :func:`compile_naflow` to make one. Calling it returns a :class:`~naflow_fx.FlowResult`.
+
+    Attributes:
+        layers: explained layer names, shallow → deep.
+        last_layer: N, the last feature layer (its BPFM is its activation).
+        inverse: the generated inverse network (``torch.fx.GraphModule``; see ``.code``).
+        graph_module: the normalised forward graph the flow runs on.
+        config: the :class:`~naflow_fx.solvers.SolverConfig`.
+        reduction: ``"sum_relu"`` (Eq. 2) or ``"relu_sum"`` (the authors' code).
+    """
+
+    def __init__(
+        self, graph_module: fx.GraphModule, layers: list[str], config: SolverConfig, reduction: str, example: Tensor
+    ) -> None:
+        self.graph_module = graph_module
+        self.plan: Plan = graph_module.meta["naflow.plan"]
+        self.config = config
+        self.reduction = reduction
+        self._example_shape = tuple(example.shape)
+        self._dtype = example.dtype
+        self._device = example.device
+        self._layer_of = {n.name: n.meta.get("naflow.name", n.name) for n in graph_module.graph.nodes}
+        self._node_of = {v: k for k, v in self._layer_of.items()}
+        self._layer_nodes = [self._node_of[name] for name in layers]
+        self.layers = list(layers)
+        self.last_layer = self._layer_of[self.plan.last]
+        self._program = passes.emit_inverse(graph_module, self._layer_nodes)
+        self.inverse = self._program.module
+        order = {n.name: i for i, n in enumerate(graph_module.graph.nodes)}
+        needed = set(self._program.activations) | set(self._layer_nodes)
+        self._recorded = sorted(needed, key=order.__getitem__)
+        self._grad_nodes = sorted(set(self._layer_nodes) | set(self._program.coefficients), key=order.__getitem__)
+        self._recorder = passes.emit_recorder(graph_module, self._recorded)
+        self._sigma_cache: dict = {}
+
+    # ------------------------------------------------------------------ inputs
+    def _check_input(self, x: object) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise InputTypeError(f"the input must be a torch.Tensor batch [B, C, H, W], got {type(x).__name__}")
+        rank = len(self._example_shape)
+        if x.dim() != rank:
+            hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == rank - 1 else ""
+            raise InputError(f"the input must have {rank} dims like {self._example_shape}, got {tuple(x.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise InputError("the input batch is empty (B = 0)")
+        if x.shape[1] != self._example_shape[1]:
+            raise InputError(
+                f"the input has {x.shape[1]} channels but the model was compiled for {self._example_shape[1]}"
+            )
+        if not x.is_floating_point():
+            raise InputError(f"the input must be a floating-point tensor, got {x.dtype}; convert it with x.float()")
+        if x.dtype != self._dtype:
+            raise InputError(f"the input is {x.dtype} but the model computes in {self._dtype}; use x.to({self._dtype})")
+        if x.device != self._device:
+            raise InputError(
+                f"the input is on {x.device} but the model is on {self._device}; use x.to('{self._device}')"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("the input contains NaN or Inf values")
+        return x
+
+    def _record(self, x: Tensor, target: object):
+        """Recording forward and one backward: output, recorded values, Λ, scores, classes."""
+        x = self._check_input(x)
+        with torch.enable_grad():
+            xin = x.detach().requires_grad_(True)
+            try:
+                output, values = self._recorder(xin)
+            except Exception as exc:  # noqa: BLE001 - the model itself rejected this input
+                raise InputError(
+                    f"the model failed on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}"
+                ) from None
+            values = dict(zip(self._recorded, values))
+            scores, classes = resolve_target(target, output)
+            tensors = [values[n] for n in self._grad_nodes]
+            grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+        lams = {n: (g if g is not None else torch.zeros_like(t)) for n, g, t in zip(self._grad_nodes, grads, tensors)}
+        values = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in values.items()}
+        return output.detach(), values, lams, scores.detach(), classes
+
+    # ------------------------------------------------------------------ flows
+    def __call__(self, x: Tensor, target: object = None) -> FlowResult:
+        """Explain ``x`` (``Tensor[B, C, H, W]``) for ``target`` (None = argmax per sample).
+
+        ``target``: int, list[int] (length B), LongTensor[B], :class:`~naflow_fx.ClassTarget`, or a
+        callable ``output -> Tensor[B]``.
+        """
+        output, values, lams, scores, classes = self._record(x, target)
+        ctx = SolverContext(self.config, self._sigma_cache)
+        args = [values[n] for n in self._program.activations] + [lams[n] for n in self._program.coefficients]
+        with torch.no_grad():
+            bpfm = self.inverse(ctx, *args)
+        maps, coefficients = {}, {}
+        for node, name in zip(self._layer_nodes, self.layers):
+            lam, b = lams[node], bpfm[name]
+            prod = lam * b
+            coefficients[name] = lam
+            if self.reduction == "sum_relu":
+                maps[name] = torch.relu(prod.sum(1))
+            else:
+                maps[name] = torch.relu(prod).sum(1)
+        return FlowResult(
+            layers=list(self.layers),
+            maps=maps,
+            output=output,
+            scores=scores,
+            classes=classes,
+            input_size=tuple(x.shape[-2:]),
+            method="naflow",
+            bpfm=dict(bpfm),
+            coefficients=coefficients,
+            diagnostics={r.layer: r for r in ctx.records},
+        )
+
+    def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
+        output, values, lams, scores, classes = self._record(x, target)
+        maps = {}
+        for node, name in zip(self._layer_nodes, self.layers):
+            a, g = values[node], lams[node]
+            if method == "gradcam":
+                maps[name] = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1))
+            else:
+                maps[name] = torch.relu((torch.relu(g) * a).sum(1))
+        return LayerMaps(list(self.layers), maps, output, scores, classes, tuple(x.shape[-2:]), method)
+
+    def gradcam(self, x: Tensor, target: object = None) -> LayerMaps:
+        """Grad-CAM on exactly the same layers: ``ReLU(Σ_c mean_hw(∂s/∂a)_c · a_c)``, batched, on-device."""
+        return self._cam(x, target, "gradcam")
+
+    def layercam(self, x: Tensor, target: object = None) -> LayerMaps:
+        """LayerCAM on the same layers: ``ReLU(Σ_c ReLU(∂s/∂a) ⊙ a)``, batched, on-device."""
+        return self._cam(x, target, "layercam")
+
+    # ------------------------------------------------------------------ inspection
+    def layer_table(self) -> str:
+        """One row per explained layer: index, name, op, output shape, and where its BPFM comes from."""
+        nodes = {n.name: n for n in self.graph_module.graph.nodes}
+        source: dict[str, str] = {self.plan.last: "last layer: B_N = a_N"}
+        for stage in self.plan.stages:
+            step = nodes[stage.output].meta["naflow.inverse"]
+            source[stage.input] = f"{step.rule_name}({self._layer_of[stage.output]})"
+            for inner in stage.body[:-1]:
+                source[inner] = f"jvp image of region {self._layer_of[stage.output]}"
+        head = f"{'#':>3} {'layer':<28} {'op':<18} {'shape':<16} BPFM from"
+        rows = [head, "-" * (len(head) + 24)]
+        for i, (node, name) in enumerate(zip(self._layer_nodes, self.layers)):
+            n = nodes[node]
+            op = n.meta.get("naflow.module_type") or getattr(n.target, "__name__", str(n.target))
+            shape = "×".join(str(s) for s in tensor_meta(n).shape[1:])
+            rows.append(f"{i:>3} {name:<28} {op:<18} {shape:<16} {source.get(node, '?')}")
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"NAFlow({len(self.layers)} layers, last_layer={self.last_layer!r}, solver={self.config.solver!r}, "
+            f"damping={self.config.damping}, reduction={self.reduction!r})"
+        )
+
+
+def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list[str]:
+    plan: Plan = gm.meta["naflow.plan"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    names = [nodes[n].meta.get("naflow.name", n) for n in plan.layers]
+    if isinstance(layers, str):
+        if layers == "all":
+            return names
+        if layers == "conv":
+            return [names[i] for i, n in enumerate(plan.layers) if nodes[n].target is torch.conv2d]
+        layers = [layers]
+    if isinstance(layers, (nn.Module,)):
+        layers = [layers]
+    if not isinstance(layers, Iterable):
+        raise InputTypeError(f"layers must be 'all', 'conv' or a list of layer names / modules, got {layers!r}")
+    qualname = {id(m): q for q, m in model.named_modules()}
+    chosen: list[str] = []
+    for item in layers:
+        if isinstance(item, nn.Module):
+            q = qualname.get(id(item))
+            match = [names[i] for i, n in enumerate(plan.layers) if nodes[n].meta.get("naflow.module") == q]
+        else:
+            match = [str(item)] if str(item) in names else []
+        if not match:
+            raise InputError(
+                f"layer {item if isinstance(item, str) else type(item).__name__!r} is not an explainable layer "
+                f"between the input and the last layer. Available: {', '.join(names)}"
+            )
+        chosen.extend(m for m in match if m not in chosen)
+    return [n for n in names if n in chosen]  # shallow → deep
+
+
+def compile_naflow(
+    model: nn.Module,
+    example_input: Tensor | Sequence[int],
+    *,
+    solver: str = "auto",
+    damping: float = 1e-2,
+    tol: float = 1e-4,
+    max_iter: int = 500,
+    last_layer: str | None = None,
+    layers: str | Sequence[str | nn.Module] = "all",
+    reduction: str = "sum_relu",
+    fallback: str | None = None,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict | None = None,
+) -> NAFlow:
+    """Compile ``model`` into a NAFlow explainer (trace → passes → generated inverse network).
+
+    Args:
+        model: a CNN; it is never modified (parameters, buffers, ``training`` flag and hooks stay).
+            The flow always uses eval semantics (BatchNorm running stats, no dropout).
+        example_input: a batch the model accepts (or its shape), for shapes and the device.
+        solver: ``"auto"``, ``"dense"`` or ``"iterative"`` (see :class:`~naflow_fx.solvers.SolverConfig`).
+        damping: Tikhonov λ relative to σ_max(J) for solved layers; ``0.0`` is the exact min-norm
+            pseudo-inverse. The default 1e-2 is discussed in ``docs/naflow.md``.
+        tol, max_iter: CGLS stopping rule.
+        last_layer: the last feature layer N (default: the deepest 4-D layer every path passes
+            through before global pooling / flatten).
+        layers: ``"all"``, ``"conv"`` or a list of layer names / modules.
+        reduction: ``"sum_relu"`` (paper Eq. 2, ReLU of the channel sum) or ``"relu_sum"``
+            (the authors' code, sum of ReLUs).
+        fallback: ``None`` (unsupported ops raise) or ``"linearize"`` (invert them through their
+            linearisation; reported in ``flow.diagnostics``).
+        leaf_modules, concrete_args: passed to the tracer (see :func:`naflow_fx.tracing.trace`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from naflow_fx import compile_naflow
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+        >>> nf = compile_naflow(net, torch.randn(1, 3, 16, 16))
+        >>> nf.layers
+        ['0', '1', '2', '3', '4']
+        >>> flow = nf(torch.randn(2, 3, 16, 16))
+        >>> flow.maps["4"].shape, flow.upsample().shape
+        (torch.Size([2, 8, 8]), torch.Size([2, 5, 16, 16]))
+    """
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    config = SolverConfig(solver=solver, damping=float(damping), tol=float(tol), max_iter=int(max_iter))
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if isinstance(example_input, Tensor) and example_input.device != device:
+        raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
+    example = _example_tensor(example_input, device, dtype)
+
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = passes.normalize(gm)
+    gm = passes.propagate_shapes(gm, example)
+    gm = passes.partition_stages(gm, last_layer)
+    gm = passes.assign_inverse_rules(gm, fallback)
+    chosen = _select_layers(gm, model, layers)
+    return NAFlow(gm, chosen, config, reduction, example)

@@ -1,0 +1,108 @@
+"""The canonical operator set: after ``normalize`` every supported node calls one of these.
+
+A canonical node has exactly one positional argument (the feature input) and every other
+parameter as a keyword, defaults filled in, so rules can read ``node.kwargs["stride"]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CANONICAL_SIGNATURES", "bind_canonical", "is_canonical", "short_op_name"]
+
+
+def _sig(fn: Callable) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+# One stub per canonical op: its parameters are the canonical node's kwargs.
+def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def _linear(input, weight, bias=None): ...
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5): ...  # noqa: E501
+def _unary(input): ...
+def _hardtanh(input, min_val=-1.0, max_val=1.0): ...
+def _leaky_relu(input, negative_slope=0.01): ...
+def _prelu(input, weight): ...
+def _elu(input, alpha=1.0): ...
+def _gelu(input, approximate="none"): ...
+def _softplus(input, beta=1.0, threshold=20.0): ...
+def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False): ...
+def _avg_pool2d(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+): ...  # noqa: E501
+def _adaptive_pool2d(input, output_size): ...
+def _flatten(input, start_dim=0, end_dim=-1): ...
+def _reshape(input, shape): ...
+def _permute(input, dims): ...
+def _pad(input, pad, mode="constant", value=None): ...
+
+
+CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
+    torch.conv2d: _sig(_conv2d),
+    F.linear: _sig(_linear),
+    F.batch_norm: _sig(_batch_norm),
+    torch.relu: _sig(_unary),
+    F.hardtanh: _sig(_hardtanh),
+    F.leaky_relu: _sig(_leaky_relu),
+    F.prelu: _sig(_prelu),
+    F.elu: _sig(_elu),
+    torch.sigmoid: _sig(_unary),
+    torch.tanh: _sig(_unary),
+    F.silu: _sig(_unary),
+    F.gelu: _sig(_gelu),
+    F.hardswish: _sig(_unary),
+    F.hardsigmoid: _sig(_unary),
+    F.mish: _sig(_unary),
+    F.softplus: _sig(_softplus),
+    F.max_pool2d: _sig(_max_pool2d),
+    F.avg_pool2d: _sig(_avg_pool2d),
+    F.adaptive_avg_pool2d: _sig(_adaptive_pool2d),
+    F.adaptive_max_pool2d: _sig(_adaptive_pool2d),
+    torch.flatten: _sig(_flatten),
+    torch.reshape: _sig(_reshape),
+    torch.permute: _sig(_permute),
+    F.pad: _sig(_pad),
+}
+
+_SHORT_NAMES = {
+    torch.conv2d: "conv2d",
+    F.linear: "linear",
+    F.batch_norm: "batch_norm",
+    torch.relu: "relu",
+    torch.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    torch.flatten: "flatten",
+    torch.reshape: "reshape",
+    torch.permute: "permute",
+}
+
+
+def is_canonical(target: object) -> bool:
+    return target in CANONICAL_SIGNATURES
+
+
+def short_op_name(target: object) -> str:
+    """``torch.conv2d`` → ``"conv2d"``; other callables by ``__name__``; strings as they are."""
+    if isinstance(target, str):
+        return target
+    if target in _SHORT_NAMES:
+        return _SHORT_NAMES[target]
+    return getattr(target, "__name__", repr(target))
+
+
+def bind_canonical(target: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Bind ``args``/``kwargs`` to ``target``'s canonical signature: ``(input,)`` plus all kwargs."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("inplace", "return_indices")}
+    bound = CANONICAL_SIGNATURES[target].bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    first = params.pop("input")
+    if target is F.hardtanh:  # clamp(min=None) and friends become infinite bounds
+        params["min_val"] = -math.inf if params["min_val"] is None else params["min_val"]
+        params["max_val"] = math.inf if params["max_val"] is None else params["max_val"]
+    return (first,), params

@@ -1,0 +1,21 @@
+"""The compiler passes, one file each: normalize → propagate_shapes → partition_stages →
+assign_inverse_rules → codegen (emit_recorder, emit_inverse)."""
+
+from .assign_rules import InverseStep, assign_inverse_rules
+from .codegen import InverseProgram, emit_inverse, emit_recorder
+from .normalize import normalize
+from .partition import Plan, Stage, partition_stages
+from .shape_prop import propagate_shapes
+
+__all__ = [
+    "normalize",
+    "propagate_shapes",
+    "partition_stages",
+    "assign_inverse_rules",
+    "emit_recorder",
+    "emit_inverse",
+    "InverseStep",
+    "InverseProgram",
+    "Plan",
+    "Stage",
+]

@@ -1,0 +1,171 @@
+"""codegen: emit the recording forward and the inverse network as new ``torch.fx.GraphModule`` s.
+
+The inverse network reads like hand-written PyTorch, one line per inverse op, named after the
+forward node it inverts::
+
+    def forward(self, solver, features_2, features_3, lam_features_2):
+        inv_features_3 = naflow_fx_rules_linear_conv2d_inverse(solver, features_3, features_2, ...,
+                                                               layer = 'features.3')
+        bpfm_features_2 = naflow_fx_rules_abandon(inv_features_3, lam_features_2)
+        return {'features.2': bpfm_features_2, 'features.3': features_3}
+
+Its inputs are the solver context, the recorded forward values it needs (named after their
+nodes) and the importance coefficients of the layers it masks (``lam_<node>``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.func import jvp
+
+from ..rules import abandon
+from ..rules.generic import linearized_inverse, region_inverse
+from .partition import Plan
+
+__all__ = ["InverseProgram", "emit_recorder", "emit_inverse", "extract_stage", "region_images"]
+
+
+@dataclass(frozen=True)
+class InverseProgram:
+    """The emitted inverse network and what to feed it."""
+
+    module: fx.GraphModule
+    activations: tuple[str, ...]  # forward node names fed as recorded values, in order
+    coefficients: tuple[str, ...]  # forward node names whose Λ is fed as lam_<name>, in order
+    outputs: dict[str, str]  # layer name -> forward node name, for the returned BPFMs
+
+
+def emit_recorder(gm: fx.GraphModule, recorded_nodes: list[str]) -> fx.GraphModule:
+    """A copy of the forward graph that returns ``(output, (value of each recorded node, ...))``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    graph.output((out, tuple(env[by_name[name]] for name in recorded_nodes)))
+    return fx.GraphModule(gm, graph, class_name="NAFlowRecorder")
+
+
+def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], outputs: list[fx.Node]):
+    """The stage ``input_node → outputs`` as a module ``f(x, *extras)``; returns ``(module, extras)``.
+
+    ``extras`` are the forward nodes outside the stage that it reads (other than parameters).
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {input_node: graph.placeholder("x")}
+    extras: list[fx.Node] = []
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:
+            if n.op == "get_attr":
+                env[n] = graph.get_attr(n.target)
+            else:
+                env[n] = graph.placeholder(n.name)
+                extras.append(n)
+        return env[n]
+
+    for n in body:
+        env[n] = graph.node_copy(n, lookup)
+    graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    return fx.GraphModule(gm, graph, class_name="Stage"), extras
+
+
+def region_images(inner: nn.Module, input: Tensor, bpfm_in: Tensor, *extras) -> tuple[Tensor, ...]:
+    """``B_v = J_{u→v} B_u + θ_{u→v}`` for the region's inner nodes, with one ``jvp``."""
+    primal, tangent = jvp(lambda x: inner(x, *extras), (input,), (bpfm_in - input,))
+    if isinstance(primal, Tensor):
+        primal, tangent = (primal,), (tangent,)
+    return tuple(p + t for p, t in zip(primal, tangent))
+
+
+def _attr_path(name: str) -> str:
+    return "stage_" + name.replace(".", "_").replace("#", "_")
+
+
+def emit_inverse(gm: fx.GraphModule, requested: list[str]) -> InverseProgram:
+    """Emit the inverse network from N down to the shallowest requested layer (node names)."""
+    plan: Plan = gm.meta["naflow.plan"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    layer = {n.name: n.meta.get("naflow.name", n.name) for n in gm.graph.nodes}
+    requested = sorted(set(requested), key=order.__getitem__)
+    shallowest = order[requested[0]] if requested else order[plan.last]
+    root: dict[str, object] = {}
+
+    # 1. Plan: which stages run, and which recorded values and coefficients they read.
+    steps = [nodes[s.output].meta["naflow.inverse"] for s in reversed(plan.stages) if order[s.output] > shallowest]
+    acts: set[str] = {plan.last}
+    lams: set[str] = set()
+    calls: dict[str, tuple] = {}  # stage output -> (stage attr, extras, inner nodes, inner attr, inner extras)
+    for step in steps:
+        s = step.stage
+        w, u = nodes[s.output], nodes[s.input]
+        acts.add(u.name)
+        if u.name != plan.input:
+            lams.add(u.name)
+        if step.kind == "rule":
+            acts.update(a.name for a in w.all_input_nodes if a.op != "get_attr")
+            continue
+        body = [nodes[b] for b in s.body]
+        path = _attr_path(layer[w.name])
+        root[path], extras = extract_stage(gm, u, body, [w])
+        inner = [nodes[b] for b in s.body[:-1] if b in requested]
+        inner_extras: list[fx.Node] = []
+        if inner:
+            root[path + "_inner"], inner_extras = extract_stage(gm, u, body, inner)
+        acts.update(e.name for e in extras + inner_extras)
+        lams.update(v.name for v in inner)
+        calls[w.name] = (path, extras, inner, inner_extras)
+
+    graph = fx.Graph()
+    solver = graph.placeholder("solver")
+    act_order = tuple(sorted(acts, key=order.__getitem__))
+    lam_order = tuple(sorted(lams, key=order.__getitem__))
+    value = {name: graph.placeholder(name) for name in act_order}
+    lam = {name: graph.placeholder(f"lam_{name}") for name in lam_order}
+    bpfm: dict[str, fx.Node] = {plan.last: value[plan.last]}
+
+    def arg(a: object) -> object:
+        if isinstance(a, fx.Node):
+            if a.op == "get_attr":
+                root.setdefault(a.target, operator.attrgetter(a.target)(gm))
+                return graph.get_attr(a.target)
+            return value[a.name]
+        if isinstance(a, (tuple, list)):
+            return type(a)(arg(x) for x in a)
+        return a
+
+    # 2. Emit, deep to shallow: solve the stage, then abandon at its input.
+    for step in steps:
+        s = step.stage
+        w, u = nodes[s.output], nodes[s.input]
+        tag = {"layer": layer[w.name]}
+        if step.kind == "rule":
+            args = (solver, bpfm[w.name], value[u.name])
+            kwargs = {k: arg(v) for k, v in w.kwargs.items()} | tag
+            solved = graph.create_node("call_function", step.rule, args, kwargs, name=f"inv_{w.name}")
+        else:
+            path, extras, inner, inner_extras = calls[w.name]
+            fn = region_inverse if step.kind == "region" else linearized_inverse
+            args = (solver, bpfm[w.name], graph.get_attr(path), value[u.name], *(value[e.name] for e in extras))
+            solved = graph.create_node("call_function", fn, args, tag, name=f"inv_{w.name}")
+            if inner:
+                inner_mod = graph.get_attr(path + "_inner")
+                images = graph.call_function(
+                    region_images, (inner_mod, value[u.name], solved, *(value[e.name] for e in inner_extras))
+                )
+                for i, v in enumerate(inner):
+                    img = graph.call_function(operator.getitem, (images, i))
+                    bpfm[v.name] = graph.create_node(
+                        "call_function", abandon, (img, lam[v.name]), name=f"bpfm_{v.name}"
+                    )
+        if u.name != plan.input:
+            bpfm[u.name] = graph.create_node("call_function", abandon, (solved, lam[u.name]), name=f"bpfm_{u.name}")
+
+    outputs = {layer[r]: r for r in requested}
+    graph.output({layer[r]: bpfm[r] for r in requested})
+    module = fx.GraphModule(root, graph, class_name="NAFlowInverse")
+    return InverseProgram(module, act_order, lam_order, outputs)

@@ -1,0 +1,288 @@
+"""normalize: one canonical op per node, modules lowered to functional eval-mode calls, no in-place ops.
+
+After this pass:
+
+* every ``torch.nn`` module naflow_fx knows is a ``call_function`` to a canonical op
+  (:mod:`naflow_fx.canonical`) reading the module's own parameters through ``get_attr`` nodes,
+  so the user's modules, their hooks and their ``training`` flag are never touched;
+* BatchNorm always uses its running statistics, and dropout / identity nodes are gone
+  (eval semantics whatever mode the model is in);
+* in-place ops (``relu_``, ``x.add_(y)``, ``inplace=True``) are out-of-place, and later readers
+  of the mutated value read the new node, so recorded activations cannot be corrupted;
+* ``node.meta["naflow.name"]`` holds the layer name: the module's qualified name
+  ("features.0"; "name#2" from its second call site on) or the fx node name for functional ops.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..canonical import bind_canonical, is_canonical
+from ..errors import UnsupportedOpError
+
+__all__ = ["normalize"]
+
+_IDENTITY = object()  # marker: the node is replaced by its first argument
+
+# --- call_module lowering: module -> (canonical target, args after the input, kwargs) -----------
+# Each lowering gets (attr, module) where attr(name) makes a get_attr node for a parameter/buffer.
+
+_ModuleLowering = Callable[[Callable[[str], fx.Node], nn.Module], tuple[object, dict]]
+
+
+def _conv(attr, m: nn.Conv2d):
+    bias = attr("bias") if m.bias is not None else None
+    pad = 0 if m.padding_mode != "zeros" else m.padding
+    return torch.conv2d, dict(
+        weight=attr("weight"), bias=bias, stride=m.stride, padding=pad, dilation=m.dilation, groups=m.groups
+    )
+
+
+def _bn(attr, m: nn.modules.batchnorm._BatchNorm):
+    if m.running_mean is None or m.running_var is None:
+        raise UnsupportedOpError(
+            f"{type(m).__name__} has track_running_stats=False, so even in eval mode it normalises with "
+            "batch statistics and one sample's explanation depends on the rest of the batch. "
+            "Use a model whose BatchNorm layers track running statistics."
+        )
+    return F.batch_norm, dict(
+        running_mean=attr("running_mean"),
+        running_var=attr("running_var"),
+        weight=attr("weight") if m.weight is not None else None,
+        bias=attr("bias") if m.bias is not None else None,
+        training=False,
+        momentum=0.0,
+        eps=m.eps,
+    )
+
+
+def _pool_check(m):
+    if getattr(m, "return_indices", False):
+        raise UnsupportedOpError(f"{type(m).__name__}(return_indices=True) is not supported; use return_indices=False")
+
+
+_MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
+    nn.Conv2d: _conv,
+    nn.Linear: lambda a, m: (F.linear, dict(weight=a("weight"), bias=a("bias") if m.bias is not None else None)),
+    nn.BatchNorm2d: _bn,
+    nn.BatchNorm1d: _bn,
+    nn.ReLU: lambda a, m: (torch.relu, {}),
+    nn.ReLU6: lambda a, m: (F.hardtanh, dict(min_val=0.0, max_val=6.0)),
+    nn.Hardtanh: lambda a, m: (F.hardtanh, dict(min_val=m.min_val, max_val=m.max_val)),
+    nn.LeakyReLU: lambda a, m: (F.leaky_relu, dict(negative_slope=m.negative_slope)),
+    nn.PReLU: lambda a, m: (F.prelu, dict(weight=a("weight"))),
+    nn.ELU: lambda a, m: (F.elu, dict(alpha=m.alpha)),
+    nn.Sigmoid: lambda a, m: (torch.sigmoid, {}),
+    nn.Tanh: lambda a, m: (torch.tanh, {}),
+    nn.SiLU: lambda a, m: (F.silu, {}),
+    nn.GELU: lambda a, m: (F.gelu, dict(approximate=m.approximate)),
+    nn.Hardswish: lambda a, m: (F.hardswish, {}),
+    nn.Hardsigmoid: lambda a, m: (F.hardsigmoid, {}),
+    nn.Mish: lambda a, m: (F.mish, {}),
+    nn.Softplus: lambda a, m: (F.softplus, dict(beta=m.beta, threshold=m.threshold)),
+    nn.MaxPool2d: lambda a, m: (
+        _pool_check(m) or F.max_pool2d,
+        dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, ceil_mode=m.ceil_mode),
+    ),
+    nn.AvgPool2d: lambda a, m: (
+        F.avg_pool2d,
+        dict(
+            kernel_size=m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            ceil_mode=m.ceil_mode,
+            count_include_pad=m.count_include_pad,
+            divisor_override=m.divisor_override,
+        ),
+    ),
+    nn.AdaptiveAvgPool2d: lambda a, m: (F.adaptive_avg_pool2d, dict(output_size=m.output_size)),
+    nn.AdaptiveMaxPool2d: lambda a, m: (_pool_check(m) or F.adaptive_max_pool2d, dict(output_size=m.output_size)),
+    nn.Flatten: lambda a, m: (torch.flatten, dict(start_dim=m.start_dim, end_dim=m.end_dim)),
+    nn.Identity: lambda a, m: (_IDENTITY, {}),
+    nn.Dropout: lambda a, m: (_IDENTITY, {}),
+    nn.Dropout1d: lambda a, m: (_IDENTITY, {}),
+    nn.Dropout2d: lambda a, m: (_IDENTITY, {}),
+    nn.Dropout3d: lambda a, m: (_IDENTITY, {}),
+    nn.AlphaDropout: lambda a, m: (_IDENTITY, {}),
+    nn.FeatureAlphaDropout: lambda a, m: (_IDENTITY, {}),
+}
+
+# --- call_function aliases: target -> canonical target (or _IDENTITY) ----------------------------
+_FUNCTION_ALIASES: dict[object, object] = {
+    torch.relu_: torch.relu,
+    F.relu: torch.relu,
+    F.relu_: torch.relu,
+    F.hardtanh_: F.hardtanh,
+    F.leaky_relu_: F.leaky_relu,
+    F.elu_: F.elu,
+    F.sigmoid: torch.sigmoid,
+    F.tanh: torch.tanh,
+    torch.max_pool2d: F.max_pool2d,
+    torch.clip: torch.clamp,
+    torch.clamp_: torch.clamp,
+    F.dropout: _IDENTITY,
+    F.dropout1d: _IDENTITY,
+    F.dropout2d: _IDENTITY,
+    F.dropout3d: _IDENTITY,
+    F.alpha_dropout: _IDENTITY,
+    F.feature_alpha_dropout: _IDENTITY,
+    torch.dropout: _IDENTITY,
+    operator.iadd: operator.add,
+    operator.imul: operator.mul,
+    operator.isub: operator.sub,
+    operator.itruediv: operator.truediv,
+}
+_INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.clamp_}
+_INPLACE_FUNCTIONS |= {operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+# --- call_method aliases: method name -> canonical target -----------------------------------------
+_METHOD_ALIASES: dict[str, object] = {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "clamp": torch.clamp,
+    "clip": torch.clamp,
+    "clamp_min": torch.clamp,
+    "flatten": torch.flatten,
+    "view": torch.reshape,
+    "reshape": torch.reshape,
+    "permute": torch.permute,
+    "contiguous": _IDENTITY,
+    "clone": _IDENTITY,
+}
+
+
+def _rewire_later_uses(graph: fx.Graph, mutated: fx.Node, new: fx.Node) -> None:
+    """After an in-place op on ``mutated`` became ``new``, later readers of ``mutated`` read ``new``."""
+    after = False
+    for n in graph.nodes:
+        if n is new:
+            after = True
+            continue
+        if after and mutated in n.all_input_nodes:
+            n.replace_input_with(mutated, new)
+
+
+def _shape_args(args: tuple) -> tuple:
+    """``x.view(a, b)`` and ``x.view((a, b))`` both become ``(x, (a, b))``."""
+    rest = args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = tuple(rest[0])
+    return (args[0], tuple(rest))
+
+
+def _clamp_to_hardtanh(args: tuple, kwargs: dict) -> tuple[object, tuple, dict] | None:
+    bounds = list(args[1:]) + [None] * 2
+    lo = kwargs.get("min", bounds[0])
+    hi = kwargs.get("max", bounds[1])
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        return None  # tensor bounds: leave as is (no rule, reported later)
+    lo = -math.inf if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    return F.hardtanh, (args[0],), dict(min_val=lo, max_val=hi)
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``gm`` in place into canonical, eval-mode, out-of-place form and return it."""
+    graph = gm.graph
+    calls: Counter[str] = Counter()
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            calls[node.target] += 1
+            k = calls[node.target]
+            node.meta["naflow.name"] = node.target if k == 1 else f"{node.target}#{k}"
+            node.meta["naflow.module"] = node.target
+            node.meta["naflow.module_type"] = type(mod).__name__
+            lowering = _MODULE_LOWERINGS.get(type(mod))
+            if lowering is None:
+                continue  # an unknown leaf module stays a call_module; assign_rules reports it
+
+            def attr(name: str, _node=node) -> fx.Node:
+                with graph.inserting_before(_node):
+                    return graph.get_attr(f"{_node.target}.{name}")
+
+            target, kwargs = lowering(attr, mod)
+            inp = node.args[0]
+            if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+                with graph.inserting_before(node):
+                    inp = graph.call_function(
+                        F.pad, (inp,), dict(pad=tuple(mod._reversed_padding_repeated_twice), mode=mod.padding_mode)
+                    )
+                inp.meta["naflow.name"] = f"{node.meta['naflow.name']}.pad"
+            if target is _IDENTITY:
+                node.replace_all_uses_with(inp)
+                graph.erase_node(node)
+                continue
+            node.op, node.target = "call_function", target
+            node.args, node.kwargs = (inp,), kwargs
+            continue
+
+        if node.op == "call_method":
+            name = node.target
+            inplace = name.endswith("_") and not name.endswith("__")
+            base = name[:-1] if inplace else name
+            target = _METHOD_ALIASES.get(base)
+            if target is None:
+                if inplace:
+                    with graph.inserting_after(node):
+                        new = graph.call_method(base, node.args, node.kwargs)
+                    new.meta.update(node.meta)
+                    node.replace_all_uses_with(new)
+                    graph.erase_node(node)
+                    _rewire_later_uses(graph, new.args[0], new)
+                continue
+            args, kwargs = node.args, dict(node.kwargs)
+            if target is torch.reshape:
+                args = _shape_args(args)
+            elif target is torch.permute:
+                args = _shape_args(args)
+            elif name.startswith("clamp_min"):
+                kwargs = {"min": args[1] if len(args) > 1 else kwargs.get("min")}
+                args = args[:1]
+            node.op, node.target = "call_function", target
+            node.args, node.kwargs = args, kwargs
+            if inplace:
+                _rewire_later_uses(graph, args[0], node)
+
+        if node.op == "call_function":
+            target = node.target
+            inplace = target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+            target = _FUNCTION_ALIASES.get(target, target)
+            args, kwargs = node.args, dict(node.kwargs)
+            if target is _IDENTITY:
+                node.replace_all_uses_with(args[0] if args else kwargs["input"])
+                graph.erase_node(node)
+                continue
+            if target is torch.clamp:
+                lowered = _clamp_to_hardtanh(args, kwargs)
+                if lowered is None:
+                    continue
+                target, args, kwargs = lowered
+            if target is F.batch_norm:
+                kwargs["training"] = False
+            node.target, node.args, node.kwargs = target, args, kwargs
+            if inplace and node.args and isinstance(node.args[0], fx.Node):
+                _rewire_later_uses(graph, node.args[0], node)
+        node.meta.setdefault("naflow.name", node.name)
+
+    # Bind every canonical node to its signature: (input,) plus all kwargs, defaults filled in.
+    for node in graph.nodes:
+        if node.op == "call_function" and is_canonical(node.target):
+            try:
+                node.args, node.kwargs = bind_canonical(node.target, node.args, dict(node.kwargs))
+            except TypeError as exc:
+                raise UnsupportedOpError(f"cannot read the arguments of {node.format_node()}: {exc}") from None
+        if node.op != "placeholder":
+            node.meta.setdefault("naflow.name", node.name)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,164 @@
+"""partition_stages: articulation nodes, the last feature layer N, and the stages between them.
+
+# NOTE [articulation nodes]
+# The feature graph is the set of nodes with a floating tensor output on some path from the
+# input placeholder to the target node. fx keeps nodes in a topological order, so a feature node
+# v is an articulation node (every input→target path passes through it) exactly when no
+# feature edge a→b jumps over it (pos(a) < pos(v) < pos(b)). Non-tensor nodes such as
+# ``x.size(0)`` depend only on shapes, which are fixed for a given input size, and do not count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..errors import UnsupportedModelError
+from .shape_prop import is_feature_node, tensor_meta
+
+__all__ = ["Stage", "Plan", "partition_stages", "feature_subgraph", "articulation_nodes"]
+
+_GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The part of the graph between two consecutive articulation nodes ``input`` → ``output``.
+
+    ``body`` lists the nodes strictly after ``input`` up to and including ``output``; a stage with
+    one body node whose only feature input is ``input`` is a single op, anything else a region.
+    """
+
+    index: int
+    input: str
+    output: str
+    body: tuple[str, ...]
+
+    @property
+    def is_region(self) -> bool:
+        return len(self.body) > 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Graph-level result of partitioning, stored as ``gm.meta["naflow.plan"]``."""
+
+    input: str  # the input placeholder
+    last: str  # N, the last feature layer
+    stages: tuple[Stage, ...]  # shallow → deep
+    layers: tuple[str, ...]  # 4-D feature nodes in (input, N], shallow → deep (node names)
+
+
+def feature_subgraph(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> list[fx.Node]:
+    """Feature nodes on some path ``source`` → ``sink``, in graph order."""
+    forward = {source}
+    for n in graph.nodes:
+        if n is not source and is_feature_node(n) and any(a in forward for a in n.all_input_nodes):
+            forward.add(n)
+    backward = {sink}
+    for n in reversed(list(graph.nodes)):
+        if n in backward:
+            backward.update(a for a in n.all_input_nodes if a in forward)
+    return [n for n in graph.nodes if n in forward and n in backward]
+
+
+def articulation_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The nodes of a source→sink feature subgraph that every path passes through (NOTE above)."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    covered = [0] * (len(nodes) + 1)  # difference array over open intervals (pos(a), pos(b))
+    for b in nodes:
+        for a in b.all_input_nodes:
+            if a in pos and pos[b] - pos[a] > 1:
+                covered[pos[a] + 1] += 1
+                covered[pos[b]] -= 1
+    out, running = [], 0
+    for i, n in enumerate(nodes):
+        running += covered[i]
+        if running == 0:
+            out.append(n)
+    return out
+
+
+def _is_4d(node: fx.Node) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and len(meta.shape) == 4
+
+
+def _default_last(candidates: list[fx.Node]) -> fx.Node | None:
+    """The deepest 4-D articulation node that is not a global pool nor 1×1 in space."""
+    for n in reversed(candidates):
+        if not _is_4d(n) or n.op == "placeholder":
+            continue
+        if n.op == "call_function" and n.target in _GLOBAL_POOLS:
+            continue
+        if tuple(tensor_meta(n).shape[2:]) == (1, 1):
+            continue
+        return n
+    return None
+
+
+def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.GraphModule:
+    """Find N and split input → N into stages; store ``Plan`` in ``gm.meta`` and roles in node.meta."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedModelError(
+            f"naflow_fx explains models with one image input; this one takes {len(placeholders)} "
+            f"({', '.join(p.name for p in placeholders)}). Wrap it in a module that takes one tensor."
+        )
+    source = placeholders[0]
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    if not isinstance(result, fx.Node) or tensor_meta(result) is None or not is_feature_node(result):
+        raise UnsupportedModelError(
+            "the model's output must be one floating-point tensor (e.g. logits or an embedding); "
+            f"got {result!r}. Wrap the model so that forward returns a tensor."
+        )
+    whole = feature_subgraph(graph, source, result)
+    if source not in whole:
+        raise UnsupportedModelError("the model's output does not depend on its input")
+    candidates = articulation_nodes(whole)
+
+    if last_layer is None:
+        last = _default_last(candidates)
+        if last is None:
+            raise UnsupportedModelError(
+                "found no 4-D feature map that every path from the input to the output passes through; "
+                "pass last_layer='<layer name>' to choose the last feature layer."
+            )
+    else:
+        by_name = {n.meta.get("naflow.name", n.name): n for n in candidates if _is_4d(n) and n is not source}
+        by_name.update({n.name: n for n in candidates if _is_4d(n) and n is not source})
+        if last_layer not in by_name:
+            names = ", ".join(n.meta.get("naflow.name", n.name) for n in candidates if _is_4d(n) and n is not source)
+            raise UnsupportedModelError(
+                f"last_layer={last_layer!r} is not a 4-D layer that every input→output path passes through. "
+                f"Choose one of: {names}"
+            )
+        last = by_name[last_layer]
+
+    nodes = feature_subgraph(graph, source, last)
+    arts = articulation_nodes(nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    stages = []
+    for i, (u, w) in enumerate(zip(arts, arts[1:])):
+        body = tuple(n.name for n in nodes[pos[u] + 1 : pos[w] + 1])
+        stage = Stage(index=i, input=u.name, output=w.name, body=body)
+        stages.append(stage)
+        for n in nodes[pos[u] + 1 : pos[w] + 1]:
+            n.meta["naflow.stage"] = stage
+    art_set = set(arts)
+    for n in graph.nodes:
+        if n is source:
+            n.meta["naflow.role"] = "input"
+        elif n in art_set:
+            n.meta["naflow.role"] = "articulation"
+        elif n in pos:
+            n.meta["naflow.role"] = "inner"
+        else:
+            n.meta["naflow.role"] = "head" if is_feature_node(n) else "static"
+    layers = tuple(n.name for n in nodes if n is not source and _is_4d(n))
+    gm.meta["naflow.plan"] = Plan(input=source.name, last=last.name, stages=tuple(stages), layers=layers)
+    return gm

@@ -1,0 +1,86 @@
+"""Per-layer results: ``LayerMaps`` (any method) and ``FlowResult`` (NAFlow, with BPFMs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .solvers import SolveRecord
+
+__all__ = ["LayerMaps", "FlowResult", "normalize_maps"]
+
+
+def normalize_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Min-max normalise each ``[h, w]`` map of a ``[..., h, w]`` tensor to [0, 1] (constant maps → 0)."""
+    flat = maps.flatten(-2)
+    lo = flat.min(-1, keepdim=True).values
+    hi = flat.max(-1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > eps, (flat - lo) / torch.where(span > eps, span, 1), torch.zeros_like(flat))
+    return out.reshape(maps.shape)
+
+
+@dataclass
+class LayerMaps:
+    """One attention map per layer: ``maps[name]`` is ``Tensor[B, h, w]`` at the layer's resolution.
+
+    Attributes:
+        layers: layer names, shallow → deep.
+        maps: layer name → ``Tensor[B, h, w]`` (float32, on the input's device).
+        output: the model's output for the batch.
+        scores: the explained score per sample, ``Tensor[B]``.
+        classes: the explained class per sample (``LongTensor[B]``) for class targets, else None.
+        input_size: ``(H, W)`` of the input batch.
+        method: ``"naflow"``, ``"gradcam"`` or ``"layercam"``.
+    """
+
+    layers: list[str]
+    maps: dict[str, Tensor]
+    output: Tensor
+    scores: Tensor
+    classes: Tensor | None
+    input_size: tuple[int, int]
+    method: str
+
+    def upsample(self, size: tuple[int, int] | None = None, normalize: bool = True) -> Tensor:
+        """All maps as ``Tensor[B, L, H, W]``: bilinear to ``size`` (default: the input size), each
+        map min-max normalised to [0, 1] when ``normalize``."""
+        size = tuple(size) if size is not None else self.input_size
+        ups = [
+            F.interpolate(self.maps[name][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+            for name in self.layers
+        ]
+        out = torch.stack(ups, 1)
+        return normalize_maps(out) if normalize else out
+
+
+@dataclass
+class FlowResult(LayerMaps):
+    """A NAFlow result: maps plus the back-propagated feature maps, coefficients and diagnostics.
+
+    Attributes:
+        bpfm: layer name → ``Tensor[B, C, h, w]``, the back-propagated feature map ``B_v``.
+        coefficients: layer name → ``Tensor[B, C, h, w]``, ``Λ_v = ∂s/∂a_v``.
+        diagnostics: one :class:`~naflow_fx.solvers.SolveRecord` per inverse step, keyed by the
+            layer whose inverse it is (deep → shallow).
+    """
+
+    bpfm: dict[str, Tensor] = field(default_factory=dict)
+    coefficients: dict[str, Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, SolveRecord] = field(default_factory=dict)
+
+    def format_diagnostics(self) -> str:
+        """The diagnostics as an aligned text table."""
+        head = (
+            f"{'inverse of':<28} {'rule':<26} {'method':<12} {'iters':>5} {'residual':>10} {'damping λ':>10} {'sec':>7}"
+        )
+        rows = [head, "-" * len(head)]
+        for layer, r in self.diagnostics.items():
+            rows.append(
+                f"{layer:<28} {r.rule:<26} {r.method:<12} {r.iterations:>5} {r.residual:>10.2e} "
+                f"{r.damping:>10.2e} {r.seconds:>7.3f}" + ("" if r.converged else "  (not converged)")
+            )
+        return "\n".join(rows)

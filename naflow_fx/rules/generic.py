@@ -1,0 +1,43 @@
+"""The generic linearised rule: ``B_u = J⁺(B_w − θ)`` with ``J`` from ``jvp``/``vjp`` at the forward point.
+
+It is the definition every closed-form rule must agree with (invariant I4), the explicit
+``fallback="linearize"`` for ops without a rule, and the region solver of multi-branch stages.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..solvers.operator import linearized_map
+from . import recorded
+
+__all__ = ["linearized_inverse", "region_inverse", "affine_piece"]
+
+
+def _float64_call(stage: nn.Module, extras: tuple):
+    params = {k: v.to(torch.float64) for k, v in [*stage.named_parameters(), *stage.named_buffers()]}
+    extras64 = tuple(e.to(torch.float64) if isinstance(e, Tensor) and e.is_floating_point() else e for e in extras)
+    return lambda x: torch.func.functional_call(stage, params, (x, *extras64))
+
+
+def affine_piece(stage: nn.Module, input: Tensor, *extras):
+    """``(J, θ)`` of ``x ↦ stage(x, *extras)`` at ``input`` (see ``linearized_map``)."""
+    return linearized_map(lambda x: stage(x, *extras), input, _float64_call(stage, extras))
+
+
+def _solve_affine_piece(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:
+    op, theta = affine_piece(stage, input, *extras)
+    return solver.solve(op, bpfm_out - theta)
+
+
+@recorded
+def linearized_inverse(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:
+    """The explicit ``fallback="linearize"``: damped min-norm solve through the op's affine piece."""
+    return _solve_affine_piece(solver, bpfm_out, stage, input, *extras)
+
+
+@recorded
+def region_inverse(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:
+    """Joint damped min-norm solve of a multi-branch region through its affine piece (spec §2)."""
+    return _solve_affine_piece(solver, bpfm_out, stage, input, *extras)

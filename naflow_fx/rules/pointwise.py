@@ -1,0 +1,72 @@
+"""Inverse rules of elementwise activations: ``B_u = (B_w − θ) / g'(a_u)``, 0 where g'(a_u) = 0.
+
+For piecewise-linear ops θ = 0 on the linear pieces (ReLU, LeakyReLU, PReLU) or the clamp value
+where the derivative is 0 (ReLU6, hardtanh), so the same formula is the spec's mask / slope rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import jvp
+
+from ..canonical import short_op_name
+from . import register_inverse
+
+__all__ = ["register_pointwise", "pointwise_derivative"]
+
+Derivative = Callable[..., Tensor]
+_DERIVATIVES: dict[object, Derivative | None] = {}
+
+
+def pointwise_derivative(target: Callable, input: Tensor, **kwargs) -> Tensor:
+    """``g'(a)`` elementwise: the registered closed form, else a ``jvp`` with a tangent of ones."""
+    derivative = _DERIVATIVES.get(target)
+    if derivative is not None:
+        return derivative(input, **kwargs).to(input.dtype)
+    return jvp(lambda t: target(t, **kwargs), (input,), (torch.ones_like(input),))[1]
+
+
+def register_pointwise(target: Callable, derivative: Derivative | None = None) -> Callable:
+    """Register the inverse of an elementwise op ``target(input, **kwargs)``.
+
+    ``derivative(input, **kwargs)`` gives ``g'(a)``; None uses ``jvp`` (exact for elementwise ops).
+    """
+    _DERIVATIVES[target] = derivative
+
+    def rule(solver, bpfm_out: Tensor, input: Tensor, **kwargs) -> Tensor:
+        d = pointwise_derivative(target, input, **kwargs)
+        theta = target(input, **kwargs) - d * input
+        rhs = bpfm_out - theta
+        x = torch.where(d != 0, rhs / torch.where(d != 0, d, 1), 0)
+        solver.closed_form(d * x, rhs)
+        return x
+
+    name = f"{short_op_name(target)}_inverse"
+    rule.__name__ = rule.__qualname__ = name
+    rule.__module__ = __name__
+    rule.__doc__ = f"Inverse of elementwise ``{short_op_name(target)}`` at the forward point."
+    inverse = register_inverse(target)(rule)
+    globals()[name] = inverse
+    return inverse
+
+
+def _prelu_slope(input: Tensor, weight: Tensor) -> Tensor:
+    w = weight.to(input.dtype)
+    if w.numel() > 1:
+        shape = [1] * input.dim()
+        shape[1] = -1
+        w = w.reshape(shape)
+    return torch.where(input > 0, torch.ones_like(input), w)
+
+
+register_pointwise(torch.relu, lambda a: a > 0)
+register_pointwise(F.hardtanh, lambda a, min_val, max_val: (a > min_val) & (a < max_val))
+register_pointwise(F.leaky_relu, lambda a, negative_slope: torch.where(a > 0, 1.0, negative_slope))
+register_pointwise(F.prelu, _prelu_slope)
+register_pointwise(F.elu, lambda a, alpha: torch.where(a > 0, 1.0, alpha * torch.exp(a)))
+for _op in (torch.sigmoid, torch.tanh, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, F.softplus):
+    register_pointwise(_op)

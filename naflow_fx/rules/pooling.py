@@ -1,0 +1,67 @@
+"""Inverse rules of pooling: max pools are selections (scatter-mean), average pools are solved."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..solvers.operator import linear_map
+from . import register_inverse
+
+__all__ = ["select_inverse", "max_pool2d_inverse", "adaptive_max_pool2d_inverse", "avg_pool2d_inverse"]
+
+
+def select_inverse(solver, rhs: Tensor, index: Tensor, in_shape: torch.Size, plane_dims: int = 2) -> Tensor:
+    """Least squares of a selection ``y[..., o] = x[..., index[o]]`` over the trailing ``plane_dims``.
+
+    ``index`` (broadcastable to ``rhs``) addresses the flattened input plane; ``index < 0`` marks
+    outputs that read no input (constant padding). Each selected input gets the mean of the
+    outputs that selected it; unselected inputs get 0, the minimum-norm choice.
+    """
+    n_in = int(torch.Size(in_shape[-plane_dims:]).numel())
+    n_out = int(torch.Size(rhs.shape[-plane_dims:]).numel())
+    flat_b = rhs.reshape(-1, n_out)
+    flat_i = index.expand(rhs.shape).reshape(-1, n_out)
+    valid = flat_i >= 0
+    idx = torch.where(valid, flat_i, 0)
+    weight = valid.to(flat_b.dtype)
+    sums = torch.zeros(flat_b.shape[0], n_in, dtype=flat_b.dtype, device=flat_b.device)
+    sums.scatter_add_(1, idx, flat_b * weight)
+    counts = torch.zeros_like(sums).scatter_add_(1, idx, weight)
+    x = sums / counts.clamp_min(1)
+    solver.closed_form((torch.gather(x, 1, idx) * weight).reshape(rhs.shape), rhs)
+    return x.reshape(in_shape)
+
+
+@register_inverse(F.max_pool2d)
+def max_pool2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, kernel_size, stride, padding, dilation, ceil_mode):
+    """Scatter-mean at the forward argmax indices (= max-unpool when windows do not overlap)."""
+    _, index = F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    return select_inverse(solver, bpfm_out, index, input.shape)
+
+
+@register_inverse(F.adaptive_max_pool2d)
+def adaptive_max_pool2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, output_size):
+    """Scatter-mean at the forward argmax indices."""
+    _, index = F.adaptive_max_pool2d(input, output_size, return_indices=True)
+    return select_inverse(solver, bpfm_out, index, input.shape)
+
+
+@register_inverse(F.avg_pool2d)
+def avg_pool2d_inverse(
+    solver, bpfm_out: Tensor, input: Tensor, *, kernel_size, stride, padding, ceil_mode, count_include_pad,
+    divisor_override,
+):  # fmt: skip
+    """Min-norm least squares of the (linear) average pool: spreads each output over its window."""
+
+    def pool(x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    return solver.solve(linear_map(pool, input), bpfm_out, damped=False)
+
+
+@register_inverse(F.adaptive_avg_pool2d)
+def adaptive_avg_pool2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, output_size):
+    """Min-norm least squares of the adaptive average pool."""
+    return solver.solve(linear_map(lambda x: F.adaptive_avg_pool2d(x, output_size), input), bpfm_out, damped=False)

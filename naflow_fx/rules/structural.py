@@ -1,0 +1,47 @@
+"""Inverse rules of structural ops: flatten, reshape, permute (exact) and pad (a selection)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import register_inverse
+from .pooling import select_inverse
+
+__all__ = ["flatten_inverse", "reshape_inverse", "permute_inverse", "pad_inverse"]
+
+
+@register_inverse(torch.flatten)
+def flatten_inverse(solver, bpfm_out: Tensor, input: Tensor, *, start_dim, end_dim):
+    """Unflatten to the input's shape."""
+    solver.closed_form(bpfm_out, bpfm_out)
+    return bpfm_out.reshape(input.shape)
+
+
+@register_inverse(torch.reshape)
+def reshape_inverse(solver, bpfm_out: Tensor, input: Tensor, *, shape):
+    """Reshape back to the input's shape."""
+    solver.closed_form(bpfm_out, bpfm_out)
+    return bpfm_out.reshape(input.shape)
+
+
+@register_inverse(torch.permute)
+def permute_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dims):
+    """Apply the inverse permutation."""
+    dims = [d % input.dim() for d in dims]
+    inverse = [dims.index(i) for i in range(len(dims))]
+    solver.closed_form(bpfm_out, bpfm_out)
+    return bpfm_out.permute(inverse)
+
+
+@register_inverse(F.pad)
+def pad_inverse(solver, bpfm_out: Tensor, input: Tensor, *, pad, mode, value):
+    """Least squares of padding (any mode): each input gets the mean of its copies; crops for zeros."""
+    k = len(pad) // 2
+    plane = input.shape[-k:]
+    source = torch.arange(int(torch.Size(plane).numel()), dtype=torch.float64, device=input.device)
+    source = source.reshape(1, 1, *plane) if mode != "constant" else source.reshape(*plane)
+    index = F.pad(source, pad, mode=mode, value=-1.0) if mode == "constant" else F.pad(source, pad, mode=mode)
+    theta = F.pad(torch.zeros_like(input), pad, mode="constant", value=value or 0.0) if mode == "constant" else 0
+    return select_inverse(solver, bpfm_out - theta, index.round().long(), input.shape, plane_dims=k)

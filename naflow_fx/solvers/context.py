@@ -1,0 +1,170 @@
+"""The solver context the inverse network runs with: configuration, solves, diagnostics.
+
+# NOTE [damping]
+# Solver-based rules (conv, linear, the generic linearised rule) solve the Tikhonov problem
+# min ||J x − b||² + λ²||x||² with λ = damping · σ_max(J) (spec §4, "Conditioning"). σ_max is
+# estimated once per layer and input shape by power iteration on JᵀJ from a fixed seed, and the
+# same λ is given to the dense and the iterative solver, so both target the same problem.
+# Closed-form rules (BatchNorm, pointwise activations, pooling selections, reshapes) are exact
+# pseudo-inverses and are never damped; see docs/naflow.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .dense import dense_solve
+from .iterative import cgls
+from .operator import LinearOperator, batch_norm2
+
+__all__ = ["SolverConfig", "SolveRecord", "SolverContext", "relative_residual"]
+
+_SOLVERS = ("auto", "dense", "iterative")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How the inverse network solves its least-squares problems.
+
+    Attributes:
+        solver: ``"auto"`` (dense when ``q·p ≤ dense_limit``, else iterative), ``"dense"`` or
+            ``"iterative"``.
+        damping: Tikhonov λ relative to σ_max(J); ``0.0`` is the exact min-norm pseudo-inverse.
+        tol: relative normal-equation residual at which CGLS stops.
+        max_iter: CGLS iteration cap.
+        dense_limit: largest Jacobian (entries, per distinct matrix) that ``"auto"`` builds densely.
+    """
+
+    solver: str = "auto"
+    damping: float = 1e-2
+    tol: float = 1e-4
+    max_iter: int = 500
+    dense_limit: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {self.solver!r}")
+        if not (self.damping >= 0 and self.damping == self.damping):
+            raise ValueError(f"damping must be a number ≥ 0 (0 = exact min-norm), got {self.damping!r}")
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+        if int(self.max_iter) < 1:
+            raise ValueError(f"max_iter must be ≥ 1, got {self.max_iter!r}")
+
+
+@dataclass
+class SolveRecord:
+    """Diagnostics of one inverse step (one row of ``flow.diagnostics``).
+
+    ``residual`` is the largest per-sample ``||J B_u − (B_w − θ)|| / ||B_w − θ||``; it is not zero
+    for damped or inconsistent systems. ``normal_residual`` is CGLS's stopping quantity.
+    """
+
+    layer: str
+    rule: str
+    method: str = "closed form"
+    iterations: int = 0
+    residual: float = 0.0
+    normal_residual: float | None = None
+    converged: bool = True
+    damping: float = 0.0
+    seconds: float = 0.0
+
+
+def relative_residual(jx: Tensor, rhs: Tensor) -> float:
+    """max over samples of ``||jx − rhs|| / ||rhs||`` (0 where ``rhs`` is 0)."""
+    num = batch_norm2(jx - rhs).sqrt()
+    den = batch_norm2(rhs).sqrt()
+    rel = torch.where(den > 0, num / torch.where(den > 0, den, 1), num)
+    return float(rel.max()) if rel.numel() else 0.0
+
+
+@dataclass
+class SolverContext:
+    """Passed as ``solver`` to the generated inverse network; collects one record per step."""
+
+    config: SolverConfig = field(default_factory=SolverConfig)
+    sigma_cache: dict = field(default_factory=dict)
+    records: list[SolveRecord] = field(default_factory=list)
+    _current: SolveRecord | None = None
+
+    @contextmanager
+    def step(self, layer: str, rule: str) -> Iterator[SolveRecord]:
+        record = SolveRecord(layer=layer, rule=rule)
+        self._current = record
+        start = time.perf_counter()
+        try:
+            yield record
+        finally:
+            record.seconds = time.perf_counter() - start
+            self._current = None
+            self.records.append(record)
+
+    def _record(self) -> SolveRecord:
+        return self._current if self._current is not None else SolveRecord(layer="?", rule="?")
+
+    def closed_form(self, jx: Tensor, rhs: Tensor) -> None:
+        """Record a closed-form step whose result maps to ``jx`` against right-hand side ``rhs``."""
+        rec = self._record()
+        rec.method, rec.residual = "closed form", relative_residual(jx, rhs)
+
+    def sigma_max(self, op: LinearOperator, like: Tensor, key: object | None = None, iters: int = 100) -> Tensor:
+        """σ_max(J) per sample (``Tensor[B]``, B from ``like``) by power iteration on JᵀJ.
+
+        Starts from a fixed seed; cached per ``(key, input shape)`` for shared operators.
+        """
+        batch = like.shape[0]
+        cache_key = (key, op.in_shape) if (key is not None and op.shared) else None
+        if cache_key is not None and cache_key in self.sigma_cache:
+            return self.sigma_cache[cache_key].to(like.device).expand(batch)
+        gen = torch.Generator().manual_seed(0)
+        rows = 1 if op.shared else batch
+        shape = (-1, *([1] * len(op.in_shape)))
+        v = torch.randn((rows, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+        v = v / batch_norm2(v).sqrt().reshape(shape)
+        sigma2 = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        for _ in range(iters):
+            w = op.rmatvec(op.matvec(v))
+            norm = batch_norm2(w).sqrt()
+            settled = bool(((norm - sigma2).abs() <= 1e-5 * norm).all())
+            sigma2 = norm
+            if settled or not bool((norm > 0).all()):
+                break
+            v = w / norm.reshape(shape)
+        sigma = sigma2.sqrt()
+        if cache_key is not None:
+            self.sigma_cache[cache_key] = sigma
+        return sigma.expand(batch)
+
+    def solve(self, op: LinearOperator, rhs: Tensor, *, damped: bool = True, key: object | None = None) -> Tensor:
+        """Damped min-norm least squares ``J x ≈ rhs`` per sample (NOTE [damping]); records diagnostics."""
+        cfg = self.config
+        if key is None and self._current is not None:
+            key = self._current.layer
+        lam = torch.zeros(rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
+        if damped and cfg.damping > 0:
+            lam = cfg.damping * self.sigma_max(op, rhs, key)
+        q, p = op.size
+        entries = q * p * (1 if op.shared else rhs.shape[0])
+        method = cfg.solver
+        if method == "auto":
+            method = "dense" if entries <= cfg.dense_limit else "iterative"
+        rec = self._record()
+        rec.damping = float(lam.max()) if lam.numel() else 0.0
+        if method == "dense":
+            x = dense_solve(op, rhs, lam.cpu().to(torch.float64))
+            rec.method, rec.iterations = "dense", 0
+        else:
+            res = cgls(op, rhs, lam, tol=cfg.tol, max_iter=int(cfg.max_iter))
+            x = res.x
+            rec.method, rec.iterations = "cgls", res.iterations
+            rec.normal_residual = float(res.normal_residual.max())
+            rec.converged = bool(res.converged.all())
+        rec.residual = relative_residual(op.matvec(x), rhs)
+        return x

@@ -1,0 +1,51 @@
+"""Dense damped pseudo-inverse through the SVD, in float64: small problems and the test oracle."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .operator import LinearOperator
+
+__all__ = ["dense_solve", "svd_solve"]
+
+
+def svd_solve(jac: Tensor, b: Tensor, damping: float = 0.0, rcond: float | None = None) -> Tensor:
+    """``x = V diag(f) Uᵀ b`` with Tikhonov filter ``f = σ/(σ² + λ²)``; ``λ = 0`` gives ``J⁺ b``.
+
+    ``jac`` is ``[q, p]``, ``b`` is ``[q, k]``. With ``λ = 0`` singular values below
+    ``rcond · σ_max`` count as zero (default ``rcond = max(q, p) · eps``), the ``pinv`` convention.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> svd_solve(J, torch.tensor([[2.0], [3.0]], dtype=torch.float64)).flatten().tolist()
+        [2.0, 0.0]
+    """
+    u, s, vh = torch.linalg.svd(jac, full_matrices=False)
+    if damping > 0:
+        f = s / (s * s + damping * damping)
+    else:
+        if rcond is None:
+            rcond = max(jac.shape) * torch.finfo(jac.dtype).eps
+        cut = rcond * (s[0] if s.numel() else 0)
+        f = torch.where(s > cut, 1 / torch.where(s > cut, s, 1), 0)
+    return vh.mT @ (f.unsqueeze(-1) * (u.mT @ b))
+
+
+def dense_solve(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0) -> Tensor:
+    """Solve ``min ||J x − b||² + λ²||x||²`` per sample with dense float64 Jacobians.
+
+    ``damping`` is λ (absolute): a float or a per-sample ``Tensor[B]``. Returns ``b.dtype``.
+    """
+    batch = b.shape[0]
+    lam = torch.as_tensor(damping, dtype=torch.float64).reshape(-1).cpu()
+    lam = lam.expand(batch) if lam.numel() == 1 else lam
+    rhs = b.reshape(batch, -1).to(torch.float64)
+    out = []
+    if op.shared and bool((lam == lam[0]).all()):
+        x = svd_solve(op.jacobian(0), rhs.T, float(lam[0]))
+        out = list(x.T)
+    else:
+        for i in range(batch):
+            out.append(svd_solve(op.jacobian(i), rhs[i : i + 1].T, float(lam[i]))[:, 0])
+    return torch.stack(out).reshape(batch, *op.in_shape).to(b.dtype)

@@ -1,0 +1,101 @@
+"""Matrix-free linear operators that act on a batch, one block per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, jvp, vjp
+
+__all__ = ["LinearOperator", "linear_map", "linearized_map", "batch_norm2", "batch_dot"]
+
+
+def batch_norm2(t: Tensor) -> Tensor:
+    """Per-sample squared Euclidean norm: ``Tensor[B]``."""
+    return t.reshape(t.shape[0], -1).pow(2).sum(1)
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product: ``Tensor[B]``."""
+    return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(1)
+
+
+@dataclass
+class LinearOperator:
+    """A per-sample linear map ``J`` given by its action on batches.
+
+    ``matvec`` maps ``Tensor[B, *in_shape]`` → ``Tensor[B, *out_shape]``, ``rmatvec`` is its adjoint.
+    ``shared`` says every sample has the same matrix (a conv), so one dense Jacobian serves the
+    batch. ``jacobian(b)`` returns sample ``b``'s matrix as a float64 ``Tensor[q, p]``.
+    """
+
+    matvec: Callable[[Tensor], Tensor]
+    rmatvec: Callable[[Tensor], Tensor]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    shared: bool
+    jacobian: Callable[[int], Tensor]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(q, p)``: output and input neurons per sample."""
+        return (int(torch.Size(self.out_shape).numel()), int(torch.Size(self.in_shape).numel()))
+
+
+def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
+    """The operator of a *linear*, sample-independent ``fn`` (conv without bias, pooling, …).
+
+    ``fn`` must accept float64 input too (cast parameters to ``x.dtype`` inside) so the dense
+    oracle can build its Jacobian in float64. ``like`` gives batch size, dtype and device.
+    """
+    out = fn(torch.zeros_like(like[:1]))
+    in_shape, out_shape = tuple(like.shape[1:]), tuple(out.shape[1:])
+    adjoints: dict[tuple, Callable] = {}
+
+    def rmatvec(y: Tensor) -> Tensor:
+        key = (y.shape[0], y.dtype)
+        if key not in adjoints:  # fn is linear: its vjp at 0 is the adjoint, for this batch size
+            adjoints[key] = vjp(fn, torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device))[1]
+        return adjoints[key](y)[0]
+
+    def jacobian(_: int) -> Tensor:
+        x0 = torch.zeros((1, *in_shape), dtype=torch.float64, device=like.device)
+        return jacrev(fn)(x0).reshape(int(out[0].numel()), int(x0.numel()))
+
+    return LinearOperator(
+        matvec=fn, rmatvec=rmatvec, in_shape=in_shape, out_shape=out_shape, shared=True, jacobian=jacobian
+    )
+
+
+def linearized_map(
+    fn: Callable[[Tensor], Tensor], point: Tensor, fn64: Callable[[Tensor], Tensor] | None = None
+) -> tuple[LinearOperator, Tensor]:
+    """The affine piece of a sample-independent ``fn`` at ``point``: ``(J, θ)`` with θ = fn(a) − J a.
+
+    ``J`` is applied with ``jvp`` and its adjoint with ``vjp`` (matrix-free). ``fn`` must map a batch
+    to a batch with no mixing between samples (eval-mode layers do not mix). ``fn64`` is the same
+    function in float64, for the dense oracle (default: ``fn`` itself).
+    """
+    point = point.detach()
+    out, vjp_fn = vjp(fn, point)
+
+    def matvec(t: Tensor) -> Tensor:
+        return jvp(fn, (point,), (t.to(point.dtype),))[1]
+
+    def jacobian(b: int) -> Tensor:
+        x0 = point[b : b + 1].to(torch.float64)
+        jac = jacrev(fn64 or fn)(x0)
+        return jac.reshape(int(out[0].numel()), int(x0.numel()))
+
+    op = LinearOperator(
+        matvec=matvec,
+        rmatvec=lambda y: vjp_fn(y.to(out.dtype))[0],
+        in_shape=tuple(point.shape[1:]),
+        out_shape=tuple(out.shape[1:]),
+        shared=False,
+        jacobian=jacobian,
+    )
+    theta = out.detach() - matvec(point)
+    return op, theta

@@ -1,0 +1,91 @@
+"""Targets: what scalar score per sample the flow explains.
+
+``target`` may be ``None`` (argmax per sample), an ``int``, a ``list[int]`` of length B, a
+``LongTensor[B]``, a :class:`ClassTarget`, or any callable ``output -> Tensor[B]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import TargetError
+
+__all__ = ["ClassTarget", "resolve_target"]
+
+
+@dataclass(frozen=True)
+class ClassTarget:
+    """The logit of a class (per sample when a sequence), like pytorch-grad-cam's
+    ``ClassifierOutputTarget``.
+
+    Example:
+        >>> ClassTarget(2)(torch.tensor([[0.0, 1.0, 5.0]])).tolist()
+        [5.0]
+    """
+
+    category: int | Sequence[int] | Tensor
+
+    def indices(self, output: Tensor) -> Tensor:
+        if output.dim() != 2:
+            raise TargetError(
+                f"a class target needs the model to output logits of shape [B, classes]; got "
+                f"{tuple(output.shape)}. Pass a callable target(output) -> Tensor[B] instead."
+            )
+        batch, classes = output.shape
+        cat = self.category
+        if isinstance(cat, Tensor):
+            idx = cat.to(device=output.device).reshape(-1)
+            if idx.is_floating_point() or idx.dtype == torch.bool:
+                raise TargetError(f"class targets must be integers, got a {idx.dtype} tensor")
+        elif isinstance(cat, bool):
+            raise TargetError("class targets must be integers, got a bool")
+        elif isinstance(cat, int):
+            idx = torch.full((batch,), int(cat), device=output.device)
+        elif isinstance(cat, Sequence) and not isinstance(cat, str):
+            if not all(isinstance(c, int) and not isinstance(c, bool) for c in cat):
+                raise TargetError(f"class targets must be integers, got {list(cat)!r}")
+            idx = torch.tensor(list(cat), device=output.device, dtype=torch.long)
+        else:
+            raise TargetError(f"cannot use {cat!r} as a class target: pass an int, a list of ints or a LongTensor")
+        if idx.numel() == 1 and batch != 1:
+            idx = idx.expand(batch)
+        if idx.numel() != batch:
+            raise TargetError(
+                f"got {idx.numel()} class targets for a batch of {batch}: pass one per sample, or a single int"
+            )
+        bad = (idx < 0) | (idx >= classes)
+        if bool(bad.any()):
+            raise TargetError(
+                f"class target {int(idx[bad][0])} is out of range: the model has {classes} classes (0–{classes - 1})"
+            )
+        return idx.long()
+
+    def __call__(self, output: Tensor) -> Tensor:
+        idx = self.indices(output)
+        return output.gather(1, idx[:, None])[:, 0]
+
+
+def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Scores ``Tensor[B]`` for ``target`` on ``output``, and the class indices when it is a class target."""
+    if target is None:
+        if output.dim() != 2:
+            raise TargetError(
+                f"target=None means the argmax class, which needs logits of shape [B, classes]; the model "
+                f"outputs {tuple(output.shape)}. Pass a target callable (e.g. naflow_fx.SimilarityTarget)."
+            )
+        target = ClassTarget(output.detach().argmax(1))
+    elif not isinstance(target, ClassTarget) and not callable(target):
+        target = ClassTarget(target)
+    if isinstance(target, ClassTarget):
+        idx = target.indices(output)
+        return output.gather(1, idx[:, None])[:, 0], idx
+    fn: Callable[[Tensor], Tensor] = target
+    scores = fn(output)
+    if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise TargetError(f"a callable target must return a Tensor of shape [B] = [{output.shape[0]}], got {shape}")
+    return scores, None
