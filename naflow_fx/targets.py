@@ -75,7 +75,7 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
         if output.dim() != 2:
             raise TargetError(
                 f"target=None means the argmax class, which needs logits of shape [B, classes]; the model "
-                f"outputs {tuple(output.shape)}. Pass a target callable (e.g. naflow_fx.SimilarityTarget)."
+                f"outputs {tuple(output.shape)}. Pass a callable target, e.g. target=lambda out: out.flatten(1).sum(1)."
             )
         target = ClassTarget(output.detach().argmax(1))
     elif not isinstance(target, ClassTarget) and not callable(target):

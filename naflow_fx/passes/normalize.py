@@ -121,6 +121,7 @@ _FUNCTION_ALIASES: dict[object, object] = {
     F.relu: torch.relu,
     F.relu_: torch.relu,
     F.hardtanh_: F.hardtanh,
+    F.relu6: F.hardtanh,
     F.leaky_relu_: F.leaky_relu,
     F.elu_: F.elu,
     F.sigmoid: torch.sigmoid,
@@ -256,8 +257,11 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function":
             target = node.target
             inplace = target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+            relu6 = target is F.relu6
             target = _FUNCTION_ALIASES.get(target, target)
             args, kwargs = node.args, dict(node.kwargs)
+            if relu6:
+                args, kwargs = args[:1], dict(min_val=0.0, max_val=6.0)
             if target is _IDENTITY:
                 node.replace_all_uses_with(args[0] if args else kwargs["input"])
                 graph.erase_node(node)

@@ -86,17 +86,25 @@ def _is_4d(node: fx.Node) -> bool:
     return meta is not None and len(meta.shape) == 4
 
 
+def _is_global_pool(node: fx.Node) -> bool:
+    """Adaptive pools, and any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
+    if node.op == "call_function" and node.target in _GLOBAL_POOLS:
+        return True
+    if tuple(tensor_meta(node).shape[2:]) != (1, 1):
+        return False
+    return any(_is_4d(a) and tuple(tensor_meta(a).shape[2:]) != (1, 1) for a in node.all_input_nodes)
+
+
 def _default_last(candidates: list[fx.Node]) -> fx.Node | None:
-    """The deepest 4-D articulation node that is not a global pool nor 1×1 in space."""
-    for n in reversed(candidates):
+    """The deepest 4-D articulation node that is not (and does not follow) a global pool."""
+    last = None
+    for n in candidates:
         if not _is_4d(n) or n.op == "placeholder":
             continue
-        if n.op == "call_function" and n.target in _GLOBAL_POOLS:
-            continue
-        if tuple(tensor_meta(n).shape[2:]) == (1, 1):
-            continue
-        return n
-    return None
+        if _is_global_pool(n):
+            break
+        last = n
+    return last
 
 
 def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.GraphModule:

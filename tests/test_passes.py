@@ -1,0 +1,276 @@
+"""The compiler passes: normalize, partition, assign_rules, codegen, and tracing errors."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from naflow_fx import UnsupportedModelError, UnsupportedOpError, compile_naflow
+from naflow_fx.canonical import CANONICAL_SIGNATURES
+from naflow_fx.passes import assign_inverse_rules, normalize, partition_stages, propagate_shapes
+from naflow_fx.passes.partition import articulation_nodes, feature_subgraph
+from naflow_fx.tracing import trace
+
+
+def _compile_graph(model: nn.Module, shape=(1, 3, 8, 8), last_layer=None) -> fx.GraphModule:
+    gm = normalize(trace(model))
+    gm.graph.lint()
+    gm = propagate_shapes(gm, torch.randn(shape))
+    gm = partition_stages(gm, last_layer)
+    gm.graph.lint()
+    return gm
+
+
+class Aliases(nn.Module):
+    """The same ReLU written five ways, plus clamp/relu6 spellings and dropout/identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.ident = nn.Identity()
+        self.relu6 = nn.ReLU6()
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.relu(x)
+        x = F.relu(x, inplace=True)
+        x = torch.relu(x)
+        x = x.relu()
+        x.relu_()
+        x = self.drop(self.ident(x))
+        x = F.dropout(x, 0.3, training=True)
+        x = x.clamp(min=0.0, max=6.0)
+        x = F.relu6(x)
+        x = self.relu6(x)
+        return x.flatten(1)
+
+
+def test_normalize_makes_one_canonical_op_per_node_and_removes_identities():
+    gm = normalize(trace(Aliases()))
+    gm.graph.lint()
+    calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    targets = [n.target for n in calls]
+    assert targets.count(torch.relu) == 5
+    assert targets.count(F.hardtanh) == 3
+    assert all(n.op == "call_function" for n in calls), [n.format_node() for n in calls]
+    assert all(t in CANONICAL_SIGNATURES for t in targets)
+    assert not any("dropout" in str(t) for t in targets)
+    # canonical form: one positional (the input), the rest as kwargs with defaults filled in
+    conv = next(n for n in calls if n.target is torch.conv2d)
+    assert len(conv.args) == 1 and set(conv.kwargs) == {"weight", "bias", "stride", "padding", "dilation", "groups"}
+    assert conv.meta["naflow.name"] == "conv"
+    # in-place x.relu_() read by the later nodes: the chain is linear
+    for n in calls[1:]:
+        assert n.args[0].op == "call_function"
+
+
+def test_normalize_in_place_method_rewires_later_readers():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.mul_(2.0)  # result unused, y mutated
+            return y + 1
+
+    model = M().eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = normalize(trace(model))
+    assert torch.allclose(gm(x), model(x))
+    add = next(n for n in gm.graph.nodes if n.target is operator.add)
+    assert add.args[0].target == "mul"  # reads the out-of-place product, not the conv output
+    assert torch.equal(x, x.clone())  # placeholders are never mutated
+
+
+def test_normalize_does_not_mutate_the_input_tensor():
+    class M(nn.Module):
+        def forward(self, x):
+            x.add_(1.0)
+            return x
+
+    x = torch.zeros(1, 1, 2, 2)
+    gm = normalize(trace(M()))
+    out = gm(x)
+    assert torch.equal(x, torch.zeros(1, 1, 2, 2)) and torch.equal(out, torch.ones(1, 1, 2, 2))
+
+
+def test_normalize_uses_eval_semantics_for_a_model_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.9), nn.ReLU())
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 8, 8))
+    gm = normalize(trace(model))
+    x = torch.randn(2, 3, 8, 8)
+    assert model.training
+    expected = nn.Sequential(*model).eval()(x)
+    model.train()
+    assert torch.allclose(gm(x), expected)
+
+
+def test_padding_modes_lower_to_pad_and_conv():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+    gm = normalize(trace(model))
+    x = torch.randn(1, 2, 6, 6)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [F.pad, torch.conv2d, torch.relu]
+
+
+def test_bn_without_running_stats_is_rejected():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):
+        normalize(trace(model))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        out = self.b(self.relu(self.a(x)))
+        out += x
+        out = self.relu(out)
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def test_partition_finds_articulation_nodes_regions_and_last_layer():
+    gm = _compile_graph(Residual())
+    plan = gm.meta["naflow.plan"]
+    names = {n.name: n.meta["naflow.name"] for n in gm.graph.nodes}
+    assert names[plan.last] == "relu#3"
+    kinds = [(names[s.input], names[s.output], s.is_region) for s in plan.stages]
+    assert kinds == [("x", "stem", False), ("stem", "relu", False), ("relu", "add", True), ("add", "relu#3", False)]
+    region = plan.stages[2]
+    assert [names[b] for b in region.body] == ["a", "relu#2", "b", "add"]
+    assert [names[n] for n in plan.layers] == ["stem", "relu", "a", "relu#2", "b", "add", "relu#3"]
+
+
+def test_articulation_nodes_on_a_diamond():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.relu, (x,))
+    b1 = g.call_function(torch.sigmoid, (a,))
+    b2 = g.call_function(torch.tanh, (a,))
+    c = g.call_function(operator.add, (b1, b2))
+    d = g.call_function(torch.relu, (c,))
+    g.output(d)
+    gm = fx.GraphModule(nn.Module(), g)
+    propagate_shapes(gm, torch.randn(1, 2, 3, 3))
+    nodes = feature_subgraph(gm.graph, x, d)
+    assert [n.name for n in articulation_nodes(nodes)] == ["x", "relu", "add", "relu_1"]
+
+
+def test_default_last_layer_stops_before_global_pooling():
+    import torchvision
+
+    vgg = torchvision.models.vgg11()
+    nf = compile_naflow(vgg, (1, 3, 64, 64), layers=["features.20"])
+    assert nf.last_layer == "features.20"  # the last max-pool (2×2), not the adaptive avgpool after it
+    nf = compile_naflow(vgg, (1, 3, 32, 32), layers=["features.19"])
+    assert nf.last_layer == "features.19"  # at 32×32 the last max-pool is global (2×2 → 1×1): N is before it
+    res = torchvision.models.resnet18()
+    nf = compile_naflow(res, (1, 3, 32, 32), layers=["layer4.1.relu#2"])
+    assert nf.last_layer == "layer4.1.relu#2"  # output of layer4
+
+
+def test_last_layer_override_and_its_error():
+    model = Residual()
+    nf = compile_naflow(model, (1, 3, 8, 8), last_layer="stem")
+    assert nf.layers == ["stem"]
+    with pytest.raises(UnsupportedModelError, match="Choose one of: stem, relu, add, relu#3"):
+        compile_naflow(model, (1, 3, 8, 8), last_layer="a")  # inside the residual region
+
+
+def test_assign_rules_reports_every_unsupported_node_at_once():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            x = torch.cumsum(self.conv(x), 2)
+            x = torch.special.erf(x)
+            return x.mean((2, 3))
+
+    gm = _compile_graph(M(), last_layer=None)
+    with pytest.raises(UnsupportedOpError) as err:
+        assign_inverse_rules(gm)
+    msg = str(err.value)
+    assert "2 node(s)" in msg and "cumsum" in msg and "erf" in msg and "fallback='linearize'" in msg
+    gm = assign_inverse_rules(gm, fallback="linearize")
+    kinds = {n.name: n.meta["naflow.inverse"].kind for n in gm.graph.nodes if "naflow.inverse" in n.meta}
+    assert kinds == {"conv": "rule", "cumsum": "linearize", "special_erf": "linearize"}
+
+
+def test_generated_inverse_code_names_the_forward_nodes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU())
+    nf = compile_naflow(model, (1, 3, 10, 10))
+    code = nf.inverse.code
+    nf.inverse.graph.lint()
+    assert "inv__4 = naflow_fx_rules_pointwise_relu_inverse(solver, _4, _3, layer = '4')" in code
+    assert "conv2d_inverse(solver, bpfm__3, _2, weight = _3_weight" in code
+    assert "bpfm__1 = naflow_fx_rules_abandon(inv__2, lam__1)" in code
+    assert "layer = '2'" in code and "max_pool2d_inverse" in code
+
+
+def test_inverse_network_stops_at_the_shallowest_requested_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    nf = compile_naflow(model, (1, 3, 8, 8), layers=["2", "3"])
+    code = nf.inverse.code
+    assert "conv2d_inverse" not in code and "relu_inverse" in code
+    flow = nf(torch.randn(1, 3, 8, 8), target=lambda out: out.sum((1, 2, 3)))
+    assert list(flow.diagnostics) == ["3"]
+
+
+def test_untraceable_model_names_the_offending_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            x = self.conv(x)
+            if x.sum() > 0:  # data-dependent control flow
+                x = -x
+            return x
+
+    with pytest.raises(UnsupportedModelError) as err:
+        compile_naflow(Branchy(), (1, 3, 8, 8))
+    msg = str(err.value)
+    assert "if x.sum() > 0:" in msg and "test_passes.py" in msg and "leaf_modules" in msg
+
+
+def test_leaf_modules_policy():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) * 2
+
+    model = nn.Sequential(Block(), nn.ReLU())
+    gm = trace(model, leaf_modules=[Block])
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+    gm = trace(model, leaf_modules=["0"])
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    nf = compile_naflow(model, (1, 3, 6, 6), leaf_modules=[Block], fallback="linearize")
+    flow = nf(torch.randn(1, 3, 6, 6), target=lambda out: out.sum((1, 2, 3)))
+    assert flow.layers == ["0", "1"] and flow.diagnostics["1"].rule == "relu_inverse"
