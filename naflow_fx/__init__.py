@@ -4,7 +4,15 @@
 """
 
 from .api import NAFlow, compile_naflow
-from .errors import InputError, InputTypeError, NAFlowError, TargetError, UnsupportedModelError, UnsupportedOpError
+from .errors import (
+    ConfigError,
+    InputError,
+    InputTypeError,
+    NAFlowError,
+    TargetError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+)
 from .result import FlowResult, LayerMaps
 from .solvers import SolverConfig, SolveRecord
 from .targets import ClassTarget
@@ -25,4 +33,5 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "TargetError",
+    "ConfigError",
 ]

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from . import passes
-from .errors import InputError, InputTypeError
+from .errors import ConfigError, InputError, InputTypeError
 from .passes.partition import Plan
 from .passes.shape_prop import tensor_meta
 from .result import FlowResult, LayerMaps
@@ -278,7 +278,7 @@ def compile_naflow(
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     config = SolverConfig(solver=solver, damping=float(damping), tol=float(tol), max_iter=int(max_iter))
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -39,6 +39,9 @@ def _adaptive_pool2d(input, output_size): ...
 def _flatten(input, start_dim=0, end_dim=-1): ...
 def _reshape(input, shape): ...
 def _permute(input, dims): ...
+
+
+def _transpose(input, dim0, dim1): ...
 def _pad(input, pad, mode="constant", value=None): ...
 
 
@@ -66,6 +69,7 @@ CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     torch.flatten: _sig(_flatten),
     torch.reshape: _sig(_reshape),
     torch.permute: _sig(_permute),
+    torch.transpose: _sig(_transpose),
     F.pad: _sig(_pad),
 }
 
@@ -79,6 +83,7 @@ _SHORT_NAMES = {
     torch.flatten: "flatten",
     torch.reshape: "reshape",
     torch.permute: "permute",
+    torch.transpose: "transpose",
 }
 
 

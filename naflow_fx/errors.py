@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["NAFlowError", "UnsupportedModelError", "UnsupportedOpError", "InputError", "InputTypeError", "TargetError"]
+__all__ = [
+    "NAFlowError",
+    "UnsupportedModelError",
+    "UnsupportedOpError",
+    "InputError",
+    "InputTypeError",
+    "TargetError",
+    "ConfigError",
+]
 
 
 class NAFlowError(Exception):
@@ -27,3 +35,7 @@ class TargetError(NAFlowError, ValueError):
 
 class InputTypeError(NAFlowError, TypeError):
     """An argument has the wrong type (e.g. the input is not a tensor)."""
+
+
+class ConfigError(NAFlowError, ValueError):
+    """An option of ``compile_naflow`` (solver, damping, tol, max_iter, reduction, fallback) is invalid."""

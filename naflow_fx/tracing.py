@@ -16,6 +16,13 @@ from .errors import UnsupportedModelError
 __all__ = ["NAFlowTracer", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
 
 
 class NAFlowTracer(fx.Tracer):
@@ -66,7 +73,17 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     tracer = NAFlowTracer(leaf_modules)
+    # NOTE [trace in eval mode]: Python branches on ``self.training`` (auxiliary heads, stochastic
+    # depth, functional dropout) are baked into the graph at trace time, so trace with every module
+    # in eval mode and give each module back its own flag afterwards.
+    # User hooks must not run on fx proxies while tracing either: detach them for the trace.
+    modes = {m: m.training for m in model.modules()}
+    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
     try:
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, type(d)())
+        model.eval()
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one readable error
         frame = _user_frame(exc.__traceback__)
@@ -82,5 +99,11 @@ def trace(
             "or fallback='linearize'; (3) fix the Python branch on tensor values with "
             "concrete_args={...} (torch.fx.symbolic_trace semantics)."
         ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, d)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)

@@ -274,3 +274,22 @@ def test_leaf_modules_policy():
     nf = compile_naflow(model, (1, 3, 6, 6), leaf_modules=[Block], fallback="linearize")
     flow = nf(torch.randn(1, 3, 6, 6), target=lambda out: out.sum((1, 2, 3)))
     assert flow.layers == ["0", "1"] and flow.diagnostics["1"].rule == "relu_inverse"
+
+
+def test_tracing_does_not_run_user_hooks_and_restores_them():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Conv2d(4, 4, 3))
+    calls = []
+
+    def numpy_hook(module, inputs, output):  # would fail on an fx proxy
+        calls.append(output.detach().cpu().numpy().shape)
+
+    handle = model[0].register_forward_hook(numpy_hook)
+    pre = model[1].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    nf = compile_naflow(model, (1, 3, 9, 9))
+    assert calls == []
+    nf(torch.randn(1, 3, 9, 9), target=lambda out: out.sum((1, 2, 3)))
+    assert calls == []
+    model(torch.randn(1, 3, 9, 9))
+    assert calls == [(1, 4, 7, 7), "pre"]
+    handle.remove()
+    pre.remove()

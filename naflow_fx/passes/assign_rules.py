@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..canonical import short_op_name
-from ..errors import UnsupportedOpError
+from ..errors import ConfigError, UnsupportedOpError
 from ..rules import get_inverse_rule
 from .partition import Plan, Stage
 
@@ -53,7 +53,7 @@ def _describe(node: fx.Node) -> str:
 def assign_inverse_rules(gm: fx.GraphModule, fallback: str | None = None) -> fx.GraphModule:
     """Attach an ``InverseStep`` to each stage's output node, or raise listing all unsupported nodes."""
     if fallback not in _FALLBACKS:
-        raise ValueError(f"fallback must be None or 'linearize', got {fallback!r}")
+        raise ConfigError(f"fallback must be None or 'linearize', got {fallback!r}")
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
     unsupported: list[fx.Node] = []

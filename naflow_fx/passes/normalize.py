@@ -128,6 +128,8 @@ _FUNCTION_ALIASES: dict[object, object] = {
     F.tanh: torch.tanh,
     torch.max_pool2d: F.max_pool2d,
     torch.clip: torch.clamp,
+    torch.swapaxes: torch.transpose,
+    torch.swapdims: torch.transpose,
     torch.clamp_: torch.clamp,
     F.dropout: _IDENTITY,
     F.dropout1d: _IDENTITY,
@@ -156,6 +158,7 @@ _METHOD_ALIASES: dict[str, object] = {
     "view": torch.reshape,
     "reshape": torch.reshape,
     "permute": torch.permute,
+    "transpose": torch.transpose,
     "contiguous": _IDENTITY,
     "clone": _IDENTITY,
 }

@@ -65,7 +65,7 @@ def _prelu_slope(input: Tensor, weight: Tensor) -> Tensor:
 
 register_pointwise(torch.relu, lambda a: a > 0)
 register_pointwise(F.hardtanh, lambda a, min_val, max_val: (a > min_val) & (a < max_val))
-register_pointwise(F.leaky_relu, lambda a, negative_slope: torch.where(a > 0, 1.0, negative_slope))
+register_pointwise(F.leaky_relu, lambda a, negative_slope: torch.where(a > 0, torch.ones_like(a), negative_slope))
 register_pointwise(F.prelu, _prelu_slope)
 register_pointwise(F.elu, lambda a, alpha: torch.where(a > 0, 1.0, alpha * torch.exp(a)))
 for _op in (torch.sigmoid, torch.tanh, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, F.softplus):

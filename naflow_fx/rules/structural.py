@@ -9,7 +9,7 @@ from torch import Tensor
 from . import register_inverse
 from .pooling import select_inverse
 
-__all__ = ["flatten_inverse", "reshape_inverse", "permute_inverse", "pad_inverse"]
+__all__ = ["flatten_inverse", "reshape_inverse", "permute_inverse", "transpose_inverse", "pad_inverse"]
 
 
 @register_inverse(torch.flatten)
@@ -35,6 +35,13 @@ def permute_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dims):
     return bpfm_out.permute(inverse)
 
 
+@register_inverse(torch.transpose)
+def transpose_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dim0, dim1):
+    """Transpose back."""
+    solver.closed_form(bpfm_out, bpfm_out)
+    return bpfm_out.transpose(dim0, dim1)
+
+
 @register_inverse(F.pad)
 def pad_inverse(solver, bpfm_out: Tensor, input: Tensor, *, pad, mode, value):
     """Least squares of padding (any mode): each input gets the mean of its copies; crops for zeros."""
@@ -44,4 +51,5 @@ def pad_inverse(solver, bpfm_out: Tensor, input: Tensor, *, pad, mode, value):
     source = source.reshape(1, 1, *plane) if mode != "constant" else source.reshape(*plane)
     index = F.pad(source, pad, mode=mode, value=-1.0) if mode == "constant" else F.pad(source, pad, mode=mode)
     theta = F.pad(torch.zeros_like(input), pad, mode="constant", value=value or 0.0) if mode == "constant" else 0
+    index = index.reshape(index.shape[-k:])  # drop the (1, 1) batch/channel dims of the non-constant modes
     return select_inverse(solver, bpfm_out - theta, index.round().long(), input.shape, plane_dims=k)

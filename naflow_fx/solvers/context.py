@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from .dense import dense_solve
 from .iterative import cgls
 from .operator import LinearOperator, batch_norm2
@@ -49,13 +50,13 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if self.solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {self.solver!r}")
+            raise ConfigError(f"solver must be one of {_SOLVERS}, got {self.solver!r}")
         if not (self.damping >= 0 and self.damping == self.damping):
-            raise ValueError(f"damping must be a number ≥ 0 (0 = exact min-norm), got {self.damping!r}")
+            raise ConfigError(f"damping must be a number ≥ 0 (0 = exact min-norm), got {self.damping!r}")
         if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+            raise ConfigError(f"tol must be > 0, got {self.tol!r}")
         if int(self.max_iter) < 1:
-            raise ValueError(f"max_iter must be ≥ 1, got {self.max_iter!r}")
+            raise ConfigError(f"max_iter must be ≥ 1, got {self.max_iter!r}")
 
 
 @dataclass
@@ -126,17 +127,21 @@ class SolverContext:
         gen = torch.Generator().manual_seed(0)
         rows = 1 if op.shared else batch
         shape = (-1, *([1] * len(op.in_shape)))
-        v = torch.randn((rows, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
-        v = v / batch_norm2(v).sqrt().reshape(shape)
+        # Every row starts from the same vector and stops on its own test, so a sample's estimate
+        # does not depend on its position in the batch or on the other samples (I5).
+        v = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+        v = (v / batch_norm2(v).sqrt().reshape(shape)).expand(rows, *op.in_shape)
         sigma2 = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        active = torch.ones(rows, dtype=torch.bool, device=like.device)
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
-            norm = batch_norm2(w).sqrt()
-            settled = bool(((norm - sigma2).abs() <= 1e-5 * norm).all())
+            norm = torch.where(active, batch_norm2(w).sqrt(), sigma2)
+            settled = (norm - sigma2).abs() <= 1e-5 * norm
             sigma2 = norm
-            if settled or not bool((norm > 0).all()):
+            active = active & ~settled & (norm > 0)
+            if not bool(active.any()):
                 break
-            v = w / norm.reshape(shape)
+            v = torch.where(active.reshape(shape), w / torch.where(norm > 0, norm, 1).reshape(shape), v)
         sigma = sigma2.sqrt()
         if cache_key is not None:
             self.sigma_cache[cache_key] = sigma

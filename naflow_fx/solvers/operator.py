@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp
+
+# torch.func's first forward-mode call scripts a decomposition with torch.jit and warns that
+# torch.jit.script is deprecated: an internal detail of torch, not something users can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 __all__ = ["LinearOperator", "linear_map", "linearized_map", "batch_norm2", "batch_dot"]
 
@@ -61,8 +66,16 @@ def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
         return adjoints[key](y)[0]
 
     def jacobian(_: int) -> Tensor:
-        x0 = torch.zeros((1, *in_shape), dtype=torch.float64, device=like.device)
-        return jacrev(fn)(x0).reshape(int(out[0].numel()), int(x0.numel()))
+        # fn is linear and shared: its matrix's columns are fn of the basis vectors, batched
+        # (one conv over p images is far faster than q vector-Jacobian products).
+        p = int(torch.Size(in_shape).numel())
+        cols = []
+        for start in range(0, p, 4096):
+            stop = min(p, start + 4096)
+            basis = torch.zeros((stop - start, p), dtype=torch.float64, device=like.device)
+            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            cols.append(fn(basis.reshape(-1, *in_shape)).reshape(stop - start, -1))
+        return torch.cat(cols).T
 
     return LinearOperator(
         matvec=fn, rmatvec=rmatvec, in_shape=in_shape, out_shape=out_shape, shared=True, jacobian=jacobian
@@ -85,9 +98,16 @@ def linearized_map(
         return jvp(fn, (point,), (t.to(point.dtype),))[1]
 
     def jacobian(b: int) -> Tensor:
-        x0 = point[b : b + 1].to(torch.float64)
-        jac = jacrev(fn64 or fn)(x0)
-        return jac.reshape(int(out[0].numel()), int(x0.numel()))
+        # ``fn`` may close over other per-sample tensors (a stage's extra inputs, full batch), so
+        # sample b is differentiated in place inside the batch rather than on its own.
+        base = point.to(torch.float64)
+        f = fn64 or fn
+
+        def row(x0: Tensor) -> Tensor:
+            return f(torch.cat([base[:b], x0, base[b + 1 :]]))[b : b + 1]
+
+        jac = jacrev(row)(base[b : b + 1])
+        return jac.reshape(int(out[0].numel()), int(base[0].numel()))
 
     op = LinearOperator(
         matvec=matvec,

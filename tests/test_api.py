@@ -1,0 +1,389 @@
+"""The public API: targets, argument and input errors, layer selection, results, repeat calls."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from models import DataDependentBranch, PReLUNet, TwoUnsupportedOps, conv4
+from torch import Tensor, nn
+
+import naflow_fx
+from naflow_fx import (
+    ClassTarget,
+    ConfigError,
+    FlowResult,
+    InputError,
+    InputTypeError,
+    LayerMaps,
+    NAFlowError,
+    SolveRecord,
+    TargetError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+    compile_naflow,
+)
+
+SIZE = 16
+
+
+def batch(b: int = 2, size: int = SIZE, seed: int = 0) -> Tensor:
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return PReLUNet.build(num_classes=5, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def nf(model):
+    return compile_naflow(model, batch(1))
+
+
+def assert_same_flow(a, b) -> None:
+    assert a.layers == b.layers
+    for name in a.layers:
+        torch.testing.assert_close(a.maps[name], b.maps[name], rtol=0, atol=0)
+        torch.testing.assert_close(a.bpfm[name], b.bpfm[name], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def test_target_none_is_the_argmax_per_sample(nf, model):
+    x = batch(4, seed=1)
+    flow = nf(x)
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(flow.classes, logits.argmax(1))
+    torch.testing.assert_close(flow.scores, logits.gather(1, logits.argmax(1, keepdim=True))[:, 0])
+    assert_same_flow(flow, nf(x, logits.argmax(1)))
+
+
+def test_equivalent_class_targets_give_identical_flows(nf):
+    x = batch(3, seed=2)
+    ref = nf(x, [2, 2, 2])
+    torch.testing.assert_close(ref.classes, torch.tensor([2, 2, 2]))
+    torch.testing.assert_close(ref.scores, ref.output[:, 2])
+    for target in (2, torch.tensor([2, 2, 2]), torch.tensor(2), ClassTarget(2), ClassTarget([2, 2, 2])):
+        flow = nf(x, target)
+        torch.testing.assert_close(flow.classes, ref.classes)
+        assert_same_flow(flow, ref)
+    assert_same_flow(nf(x, lambda out: out[:, 2]), ref)
+
+
+def test_per_sample_class_targets(nf):
+    x = batch(3, seed=3)
+    for target in ([4, 0, 1], torch.tensor([4, 0, 1]), ClassTarget(torch.tensor([4, 0, 1]))):
+        flow = nf(x, target)
+        torch.testing.assert_close(flow.classes, torch.tensor([4, 0, 1]))
+        torch.testing.assert_close(flow.scores, flow.output[torch.arange(3), torch.tensor([4, 0, 1])])
+    a, b = nf(x, [4, 0, 1]), nf(x, 4)
+    assert not torch.allclose(a.maps[nf.last_layer][1], b.maps[nf.last_layer][1])  # the target matters
+
+
+def test_callable_target(nf):
+    x = batch(2, seed=4)
+    flow = nf(x, lambda out: out[:, 3] - out[:, 1])
+    assert flow.classes is None
+    torch.testing.assert_close(flow.scores, flow.output[:, 3] - flow.output[:, 1])
+    assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+
+def test_target_errors(nf):
+    x = batch(2, seed=5)
+    with pytest.raises(TargetError, match=r"class target 5 is out of range: the model has 5 classes \(0–4\)"):
+        nf(x, 5)
+    with pytest.raises(TargetError, match="out of range"):
+        nf(x, -1)
+    with pytest.raises(TargetError, match="out of range"):
+        nf(x, [0, 7])
+    with pytest.raises(TargetError, match="got 3 class targets for a batch of 2"):
+        nf(x, [0, 1, 2])
+    with pytest.raises(TargetError, match="got 3 class targets for a batch of 2"):
+        nf(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(TargetError, match=r"callable target must return a Tensor of shape \[B\] = \[2\], got \(2, 5\)"):
+        nf(x, lambda out: out)
+    with pytest.raises(TargetError, match=r"shape \[B\] = \[2\], got \(\)"):
+        nf(x, lambda out: out.sum())
+    with pytest.raises(TargetError, match=r"shape \[B\] = \[2\], got float"):
+        nf(x, lambda out: 1.0)
+    with pytest.raises(TargetError, match="integers"):
+        nf(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(TargetError, match="bool"):
+        nf(x, True)
+    with pytest.raises(TargetError, match="cannot use"):
+        nf(x, 1.5)
+
+
+def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fcn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = batch(2)
+    nf = compile_naflow(fcn, x)
+    with pytest.raises(TargetError, match="target=None means the argmax class.*Pass a callable target"):
+        nf(x)
+    with pytest.raises(TargetError, match=r"logits of shape \[B, classes\]"):
+        nf(x, 0)
+    flow = nf(x, lambda out: out[:, 1].flatten(1).sum(1))
+    assert flow.classes is None and flow.maps[nf.last_layer].shape == (2, SIZE, SIZE)
+
+
+# ------------------------------------------------------------------------------------- input errors
+
+
+def test_input_errors_say_what_is_wrong(nf):
+    x = batch(2)
+    with pytest.raises(InputError, match=r"must have 4 dims.*got \(3, 16, 16\).*unsqueeze\(0\)"):
+        nf(x[0])
+    with pytest.raises(InputError, match="must have 4 dims"):
+        nf(x[None])
+    with pytest.raises(InputError, match="has 1 channels but the model was compiled for 3"):
+        nf(x[:, :1])
+    with pytest.raises(InputError, match=r"floating-point.*torch\.int64.*x\.float\(\)"):
+        nf(x.long())
+    with pytest.raises(InputError, match=r"torch\.float64 but the model computes in torch\.float32"):
+        nf(x.double())
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[1, 2, 3, 4] = bad
+        with pytest.raises(InputError, match="NaN or Inf"):
+            nf(y)
+    with pytest.raises(InputError, match=r"empty \(B = 0\)"):
+        nf(x[:0])
+    with pytest.raises(InputTypeError, match=r"must be a torch\.Tensor.*got ndarray"):
+        nf(x.numpy())
+    with pytest.raises(InputTypeError, match="got list"):
+        nf(x.tolist())
+
+
+def test_input_the_model_rejects_is_reported():
+    model = conv4(num_classes=5)  # flatten → linear(64): only sizes that pool down to 1×1 work
+    nf = compile_naflow(model, batch(1))
+    with pytest.raises(InputError, match=r"the model failed on an input of shape \(1, 3, 40, 40\)"):
+        nf(batch(1, size=40))
+
+
+def test_argument_errors():
+    model = conv4(num_classes=5)
+    x = batch(1)
+    with pytest.raises(ConfigError, match="solver must be one of.*got 'lsqr'"):
+        compile_naflow(model, x, solver="lsqr")
+    for damping in (-1e-3, math.nan):
+        with pytest.raises(ConfigError, match="damping must be a number ≥ 0"):
+            compile_naflow(model, x, damping=damping)
+    with pytest.raises(ConfigError, match="tol must be > 0"):
+        compile_naflow(model, x, tol=0)
+    with pytest.raises(ConfigError, match="max_iter must be ≥ 1"):
+        compile_naflow(model, x, max_iter=0)
+    with pytest.raises(ConfigError, match=r"reduction must be one of \('sum_relu', 'relu_sum'\), got 'mean'"):
+        compile_naflow(model, x, reduction="mean")
+    with pytest.raises(ConfigError, match="fallback must be None or 'linearize'"):
+        compile_naflow(model, x, fallback="ignore")
+    with pytest.raises(InputTypeError, match="expects a torch.nn.Module, got function"):
+        compile_naflow(lambda t: t, x)
+    with pytest.raises(InputTypeError, match="example_input must be a tensor or a shape"):
+        compile_naflow(model, "1x3x16x16")
+    with pytest.raises(InputError, match="example_input must be a batch"):
+        compile_naflow(model, x[:0])
+    with pytest.raises(UnsupportedModelError, match=r"failed on the example input of shape \(1, 1, 16, 16\)"):
+        compile_naflow(model, torch.randn(1, 1, SIZE, SIZE))
+
+
+def test_unknown_layer_and_invalid_last_layer():
+    model = conv4(num_classes=5)
+    x = batch(1)
+    with pytest.raises(InputError, match="layer 'features.99' is not an explainable layer.*Available: features.0, "):
+        compile_naflow(model, x, layers=["features.4", "features.99"])
+    with pytest.raises(InputError, match="'Linear' is not an explainable layer"):
+        compile_naflow(model, x, layers=[model.head])  # after the last layer
+    with pytest.raises(InputTypeError, match="layers must be 'all', 'conv' or a list"):
+        compile_naflow(model, x, layers=3)
+    with pytest.raises(UnsupportedModelError, match=r"last_layer='nope'.*Choose one of: .*features\.14"):
+        compile_naflow(model, x, last_layer="nope")
+    with pytest.raises(UnsupportedModelError, match="last_layer='head'"):
+        compile_naflow(model, x, last_layer="head")  # not a 4-D feature map
+
+
+# -------------------------------------------------------------------- untraceable / unsupported models
+
+
+def test_untraceable_model_names_the_offending_line():
+    with pytest.raises(UnsupportedModelError) as err:
+        compile_naflow(DataDependentBranch(), batch(1))
+    msg = str(err.value)
+    assert "cannot trace DataDependentBranch" in msg
+    assert "models.py" in msg and "`if x.sum() > 0:`" in msg
+    assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+def test_unsupported_ops_are_all_listed_and_linearize_fallback_works():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TwoUnsupportedOps().eval()
+    x = batch(2, size=8)
+    with pytest.raises(UnsupportedOpError) as err:
+        compile_naflow(model, x)
+    msg = str(err.value)
+    assert "2 node(s) between the input and the last layer have no inverse rule" in msg
+    assert "torch.cumsum" in msg and "torch.flip" in msg
+    assert "register_inverse" in msg and "fallback='linearize'" in msg
+
+    nf = compile_naflow(model, x, fallback="linearize")
+    flow = nf(x, [0, 2])
+    assert nf.layers == ["conv1", "cumsum", "conv2", "flip", "relu"]
+    for name in ("cumsum", "flip"):  # the diagnostics are keyed by the layer whose inverse ran
+        assert "linearized" in flow.diagnostics[name].rule, flow.format_diagnostics()
+    assert flow.diagnostics["conv2"].rule == "conv2d_inverse"
+    for name in nf.layers:
+        assert torch.isfinite(flow.maps[name]).all() and torch.isfinite(flow.bpfm[name]).all()
+    assert "linearized" in flow.format_diagnostics()
+
+
+# ------------------------------------------------------------------------------------ layer selection
+
+
+def test_layers_conv_selects_conv_outputs_only():
+    model = conv4(num_classes=5)
+    nf = compile_naflow(model, batch(1), layers="conv")
+    assert nf.layers == ["features.0", "features.4", "features.8", "features.12"]
+    flow = nf(batch(2))
+    assert flow.layers == nf.layers and set(flow.maps) == set(nf.layers) == set(flow.bpfm)
+    assert nf.last_layer == "features.14"
+
+
+def test_layers_by_module_and_name():
+    model = conv4(num_classes=5)
+    x = batch(2)
+    by_module = compile_naflow(model, x[:1], layers=[model.features[8], model.features[1]])
+    by_name = compile_naflow(model, x[:1], layers=["features.8", "features.1"])
+    assert by_module.layers == by_name.layers == ["features.1", "features.8"]  # shallow → deep
+    assert_same_flow(by_module(x), by_name(x))
+    single = compile_naflow(model, x[:1], layers="features.6")
+    assert single.layers == ["features.6"]
+    full = compile_naflow(model, x[:1])(x)
+    torch.testing.assert_close(by_name(x).maps["features.8"], full.maps["features.8"])
+
+
+def test_a_module_called_twice_gives_two_layers():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.act = nn.LeakyReLU(0.1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.act(self.c2(self.act(self.c1(x)))).mean((2, 3)))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Twice().eval()
+    nf = compile_naflow(model, batch(1, size=8), layers=[model.act])
+    assert nf.layers == ["act", "act#2"]
+    assert nf(batch(2, size=8)).maps["act"].shape == (2, 8, 8)
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def test_flow_result_fields(nf, model):
+    x = batch(3, seed=6)
+    flow = nf(x)
+    assert isinstance(flow, FlowResult) and isinstance(flow, LayerMaps)
+    assert flow.method == "naflow" and flow.input_size == (SIZE, SIZE)
+    assert flow.layers == nf.layers == ["conv1", "bn1", "act1", "pool", "conv2", "act2"]
+    assert nf.last_layer == "act2"
+    shapes = {"conv1": (16, 16, 16), "bn1": (16, 16, 16), "act1": (16, 16, 16), "pool": (16, 8, 8)}
+    shapes |= {"conv2": (32, 8, 8), "act2": (32, 8, 8)}
+    for name, (c, h, w) in shapes.items():
+        assert flow.maps[name].shape == (3, h, w)
+        assert flow.bpfm[name].shape == flow.coefficients[name].shape == (3, c, h, w)
+        for t in (flow.maps[name], flow.bpfm[name], flow.coefficients[name]):
+            assert t.dtype == torch.float32 and t.device == x.device and not t.requires_grad
+    assert flow.output.shape == (3, 5) and not flow.output.requires_grad
+    assert flow.scores.shape == (3,) and flow.classes.dtype == torch.int64 and flow.classes.shape == (3,)
+    assert set(flow.diagnostics) <= set(flow.layers)
+    assert all(isinstance(r, SolveRecord) and r.iterations >= 0 and r.seconds >= 0 for r in flow.diagnostics.values())
+    table = flow.format_diagnostics()
+    assert "conv2d_inverse" in table and "prelu_inverse" in table
+    layer_table = nf.layer_table()
+    assert all(name in layer_table for name in nf.layers) and "last layer: B_N = a_N" in layer_table
+    assert "NAFlow(6 layers, last_layer='act2'" in repr(nf)
+
+
+def test_upsample_shapes_and_range(nf):
+    x = batch(2, seed=7)
+    flow = nf(x)
+    up = flow.upsample()
+    assert up.shape == (2, len(nf.layers), SIZE, SIZE) and up.dtype == torch.float32
+    assert up.min() >= 0 and up.max() <= 1
+    per_map = up.flatten(2)
+    assert torch.all((per_map.amax(-1) == 1) | (per_map.amax(-1) == 0))  # each map min-max normalised
+    big = flow.upsample(size=(40, 24))
+    assert big.shape == (2, len(nf.layers), 40, 24) and big.min() >= 0 and big.max() <= 1
+    raw = flow.upsample(normalize=False)
+    last = nf.layers.index(nf.last_layer)
+    assert raw.shape == up.shape and (raw >= 0).all()
+    assert torch.isclose(raw[:, last].amax(), torch.nn.functional.interpolate(
+        flow.maps[nf.last_layer][:, None], size=(SIZE, SIZE), mode="bilinear"
+    ).amax())  # fmt: skip
+
+
+def test_gradcam_and_layercam_baselines(nf):
+    x = batch(2, seed=8)
+    for method in ("gradcam", "layercam"):
+        maps = getattr(nf, method)(x, [1, 3])
+        assert maps.method == method and maps.layers == nf.layers
+        torch.testing.assert_close(maps.classes, torch.tensor([1, 3]))
+        for name in nf.layers:
+            assert maps.maps[name].shape == nf(x, [1, 3]).maps[name].shape
+            assert (maps.maps[name] >= 0).all()
+        assert maps.upsample().shape == (2, len(nf.layers), SIZE, SIZE)
+
+
+def test_build_once_call_many_times(model):
+    nf = compile_naflow(model, batch(1), solver="iterative")
+    x = batch(2, seed=9)
+    first = nf(x, [0, 1])
+    nf(batch(3, seed=10))  # other inputs in between
+    second = nf(x, [0, 1])
+    assert_same_flow(first, second)
+    for name in first.layers:
+        assert torch.equal(first.coefficients[name], second.coefficients[name])
+    assert [r.iterations for r in first.diagnostics.values()] == [r.iterations for r in second.diagnostics.values()]
+
+
+def test_other_spatial_sizes_than_the_example(nf, model):
+    for h, w in [(24, 24), (20, 28), (8, 8)]:
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+        flow = nf(x)
+        assert flow.input_size == (h, w)
+        assert flow.maps["act1"].shape == (2, h, w) and flow.maps["act2"].shape == (2, h // 2, w // 2)
+        assert all(torch.isfinite(m).all() for m in flow.maps.values())
+        assert flow.upsample().shape == (2, len(nf.layers), h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(flow.output, model(x))
+
+
+def test_example_input_may_be_a_shape(model):
+    x = batch(2, seed=11)
+    assert_same_flow(compile_naflow(model, (1, 3, SIZE, SIZE))(x), compile_naflow(model, x)(x))
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_error_hierarchy():
+    for cls in (UnsupportedModelError, UnsupportedOpError, InputError, InputTypeError, TargetError, ConfigError):
+        assert issubclass(cls, NAFlowError) and issubclass(cls, Exception)
+    assert issubclass(InputError, ValueError) and issubclass(TargetError, ValueError)
+    assert issubclass(ConfigError, ValueError)
+    assert issubclass(InputTypeError, TypeError)
+    assert {"NAFlowError", "UnsupportedModelError", "UnsupportedOpError", "InputError", "TargetError"} <= set(
+        naflow_fx.__all__
+    )

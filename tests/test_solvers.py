@@ -1,0 +1,479 @@
+"""The least-squares machinery (spec §4): operators, CGLS, the dense SVD solver and the context.
+
+- Adjoint identities ``<J t, c> = <t, Jᵀ c>`` for every matrix-free operator the rules build
+  (conv2d of every kind, linear, average pools, the linearisation of a nonlinear stage), and
+  ``matvec``/``jacobian`` against an independent ``jacrev`` Jacobian.
+- CGLS reaches the Tikhonov solution ``(JᵀJ + λ²I)⁻¹Jᵀb`` and, from zero with λ = 0, the
+  minimum-norm solution ``J⁺b``; the dense and the iterative solver agree on the same damped
+  problem; batches equal per-sample solves (I5); ``svd_solve`` is ``pinv``; diagnostics; σ_max.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _oracle import (
+    SEEDS,
+    SETTINGS,
+    affine_piece_of,
+    assert_rel_close,
+    conv2d_samples,
+    one_torch_thread,
+    rand,
+    rel_err,
+)
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import Tensor
+
+from naflow_fx.solvers import (
+    LinearOperator,
+    SolverConfig,
+    SolverContext,
+    cgls,
+    dense_solve,
+    linear_map,
+    linearized_map,
+    relative_residual,
+    svd_solve,
+)
+from naflow_fx.solvers.operator import batch_dot
+
+F64 = torch.float64
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators: a case is (name, forward fn of a batch, a point, whether it is linear).
+
+
+def _conv_case(sample) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    kw = {k: v for k, v in sample.kwargs.items() if k != "bias"}
+    weight = kw.pop("weight")
+    return (lambda x: torch.conv2d(x, weight.to(x.dtype), None, **kw)), sample.input
+
+
+@st.composite
+def conv_cases(draw):
+    return _conv_case(draw(conv2d_samples()))
+
+
+@st.composite
+def same_conv_cases(draw):
+    """``padding='same'``, including even kernels (asymmetric padding) and dilation."""
+    groups = draw(st.integers(1, 2))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    seed = draw(SEEDS)
+    x = rand((draw(st.integers(1, 3)), cin, draw(st.integers(1, 6)), draw(st.integers(1, 6))), seed)
+    w = rand((cout, cin // groups, *kernel), seed + 1)
+    return (lambda t: torch.conv2d(t, w.to(t.dtype), None, 1, "same", dilation, groups)), x
+
+
+@st.composite
+def linear_cases(draw):
+    n_in, n_out = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    seed = draw(SEEDS)
+    lead = draw(st.sampled_from([(), (2,)]))
+    x = rand((draw(st.integers(1, 3)), *lead, n_in), seed)
+    w = rand((n_out, n_in), seed + 1)
+    return (lambda t: F.linear(t, w.to(t.dtype))), x
+
+
+@st.composite
+def avg_pool_cases(draw):
+    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pad = tuple(draw(st.integers(0, kk // 2)) for kk in k)
+    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    ceil_mode, include = draw(st.booleans()), draw(st.booleans())
+    divisor = draw(st.one_of(st.none(), st.integers(1, 4)))
+    size = [max(1, kk - 2 * p) + draw(st.integers(0, 3)) for kk, p in zip(k, pad)]
+    x = rand((draw(st.integers(1, 3)), draw(st.integers(1, 2)), *size), draw(SEEDS))
+    return (lambda t: F.avg_pool2d(t, k, stride, pad, ceil_mode, include, divisor)), x
+
+
+@st.composite
+def adaptive_avg_cases(draw):
+    x = rand((draw(st.integers(1, 3)), 2, draw(st.integers(1, 6)), draw(st.integers(1, 6))), draw(SEEDS))
+    out = (draw(st.integers(1, 4)), draw(st.one_of(st.none(), st.integers(1, 4))))
+    return (lambda t: F.adaptive_avg_pool2d(t, out)), x
+
+
+@st.composite
+def nonlinear_cases(draw):
+    """A nonlinear per-sample stage: conv → SiLU, gated by a sigmoid of a channel mean, + tanh skip."""
+    c = draw(st.integers(1, 3))
+    seed = draw(SEEDS)
+    x = rand((draw(st.integers(1, 3)), c, draw(st.integers(1, 4)), draw(st.integers(1, 4))), seed)
+    w = rand((c, c, 3, 3), seed + 1) / (3 * c**0.5)
+
+    def fn(t: Tensor) -> Tensor:
+        gate = torch.sigmoid(t.mean(1, keepdim=True))
+        return F.silu(torch.conv2d(t, w.to(t.dtype), None, 1, 1)) * gate + torch.tanh(t)
+
+    return fn, x
+
+
+LINEAR_CASES = {
+    "conv2d": conv_cases(),
+    "conv2d_same": same_conv_cases(),
+    "linear": linear_cases(),
+    "avg_pool2d": avg_pool_cases(),
+    "adaptive_avg_pool2d": adaptive_avg_cases(),
+}
+ALL_CASES = {**LINEAR_CASES, "linearized": nonlinear_cases()}
+
+
+def make_operator(name: str, fn, x: Tensor) -> tuple[LinearOperator, Tensor]:
+    """The package's operator of a case and its θ (0 for linear maps)."""
+    if name == "linearized":
+        return linearized_map(fn, x)
+    return linear_map(fn, x), torch.zeros_like(fn(x))
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+@SETTINGS
+@given(data=st.data())
+def test_adjoint_identity_and_dense_jacobian(name: str, data):
+    fn, x = data.draw(ALL_CASES[name])
+    op, theta = make_operator(name, fn, x)
+    out = fn(x)
+    assert op.in_shape == tuple(x.shape[1:]) and op.out_shape == tuple(out.shape[1:])
+    assert op.size == (out[0].numel(), x[0].numel())
+    assert op.shared == (name != "linearized")
+    t = rand(x.shape, data.draw(SEEDS))
+    c = rand(out.shape, data.draw(SEEDS))
+    jt, jtc = op.matvec(t), op.rmatvec(c)
+    lhs, rhs = batch_dot(jt, c), batch_dot(t, jtc)
+    scale = jt.flatten(1).norm(dim=1) * c.flatten(1).norm(dim=1) + t.flatten(1).norm(dim=1) * jtc.flatten(1).norm(dim=1)
+    assert bool(((lhs - rhs).abs() <= 1e-12 * scale.clamp_min(1e-300)).all()), f"{name}: <Jt, c> != <t, Jᵀc>"
+    for b in range(x.shape[0]):
+        piece = affine_piece_of(lambda v: fn(v), x[b : b + 1])
+        assert_rel_close(op.jacobian(b)[None], piece.jac[None], 1e-12, f"{name}: jacobian({b})")
+        assert_rel_close(jt[b].reshape(1, -1), (piece.jac @ t[b].reshape(-1))[None], 1e-12, f"{name}: matvec")
+        assert_rel_close(jtc[b].reshape(1, -1), (piece.jac.T @ c[b].reshape(-1))[None], 1e-12, f"{name}: rmatvec")
+        # θ = g(a) − J a: zero for linear maps, so compare on the scale of g(a)
+        err = float((theta[b].reshape(-1) - piece.theta).abs().max()) if theta[b].numel() else 0.0
+        assert err <= 1e-12 * (1 + float(out[b].abs().max())), f"{name}: θ"
+
+
+def test_linearized_map_with_batched_closure_builds_per_sample_jacobians():
+    """A stage that reads another per-sample tensor (a region's extra input) keeps samples apart."""
+    x, extra = rand((3, 2, 3, 3), 0), rand((3, 2, 3, 3), 1)
+
+    def fn(t: Tensor) -> Tensor:
+        return torch.tanh(t) * extra + t * t.mean((1, 2, 3), keepdim=True)
+
+    op, theta = linearized_map(fn, x)
+    for b in range(3):
+        piece = affine_piece_of(
+            lambda v, b=b: torch.tanh(v) * extra[b : b + 1] + v * v.mean((1, 2, 3), True), x[b : b + 1]
+        )
+        assert_rel_close(op.jacobian(b)[None], piece.jac[None], 1e-12, f"jacobian({b})")
+        assert_rel_close(theta[b].reshape(1, -1), piece.theta[None], 1e-12, "θ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense reference solutions (independent of the package).
+
+
+def tikhonov(jac: Tensor, b: Tensor, lam: float) -> Tensor:
+    """``(JᵀJ + λ²I)⁻¹ Jᵀ b`` for ``λ > 0``."""
+    p = jac.shape[1]
+    return torch.linalg.solve(jac.T @ jac + lam**2 * torch.eye(p, dtype=F64), jac.T @ b)
+
+
+def dense_jacobians(fn, x: Tensor) -> list[Tensor]:
+    return [affine_piece_of(fn, x[b : b + 1]).jac for b in range(x.shape[0])]
+
+
+def matrix_operator(mat: Tensor, batch: int) -> LinearOperator:
+    return linear_map(lambda v: v @ mat.to(v.dtype).T, torch.zeros(batch, mat.shape[1], dtype=F64))
+
+
+@st.composite
+def matrices(draw, rank_deficient: bool | None = None, wide: bool | None = None):
+    """A random ``[q, p]`` float64 matrix; optionally wide (q < p) and/or of lower rank."""
+    q, p = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    if wide is True:
+        q, p = min(q, p), max(q, p) + 1
+    seed = draw(SEEDS)
+    deficient = draw(st.booleans()) if rank_deficient is None else rank_deficient
+    if deficient and min(q, p) > 1:
+        r = draw(st.integers(1, min(q, p) - 1))
+        return rand((q, r), seed) @ rand((r, p), seed + 1)
+    return rand((q, p), seed)
+
+
+def _cond(mat: Tensor) -> float:
+    sv = torch.linalg.svdvals(mat)
+    rank = int(torch.linalg.matrix_rank(mat))
+    return float(sv[0] / sv[rank - 1]) if rank else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# CGLS.
+
+
+@pytest.mark.parametrize("kind", ["matrix", "conv2d", "linearized"])
+@SETTINGS
+@given(data=st.data())
+def test_cgls_damped_equals_closed_form_tikhonov(kind: str, data):
+    if kind == "matrix":
+        mat = data.draw(matrices())
+        batch = data.draw(st.integers(1, 3))
+        op, jacs = matrix_operator(mat, batch), [mat] * batch
+    else:
+        fn, x = data.draw(conv_cases() if kind == "conv2d" else nonlinear_cases())
+        op = linear_map(fn, x) if kind == "conv2d" else linearized_map(fn, x)[0]
+        batch, jacs = x.shape[0], dense_jacobians(fn, x)
+    b = rand((batch, *op.out_shape), data.draw(SEEDS))
+    smax = torch.tensor([float(torch.linalg.svdvals(j)[0]) for j in jacs], dtype=F64)
+    assume(bool((smax > 0).all()))
+    rel = torch.tensor([data.draw(st.floats(0.01, 1.0)) for _ in range(batch)], dtype=F64)
+    lam = rel * smax  # a different λ per sample
+    res = cgls(op, b, lam, tol=1e-13, max_iter=2000)
+    expected = torch.stack(
+        [tikhonov(j, b[i].reshape(-1), float(lam[i])).reshape(op.in_shape) for i, j in enumerate(jacs)]
+    )
+    assert_rel_close(res.x, expected, 1e-8, f"{kind}: CGLS vs (JᵀJ + λ²I)⁻¹Jᵀb")
+    assert bool(res.converged.all()) and bool((res.normal_residual <= 1e-13).all())
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True], ids=["full_row_rank", "rank_deficient"])
+@SETTINGS
+@given(data=st.data())
+def test_cgls_from_zero_reaches_the_minimum_norm_solution(rank_deficient: bool, data):
+    """λ = 0 on an underdetermined system: the iterates stay in range(Jᵀ), the limit is J⁺b."""
+    mat = data.draw(matrices(rank_deficient=rank_deficient, wide=True))
+    assume(_cond(mat) < 1e3)
+    batch = data.draw(st.integers(1, 3))
+    b = rand((batch, mat.shape[0]), data.draw(SEEDS))
+    res = cgls(matrix_operator(mat, batch), b, 0.0, tol=1e-13, max_iter=5000)
+    expected = b @ torch.linalg.pinv(mat).T
+    assert_rel_close(res.x, expected, 1e-8, "CGLS(λ=0) vs pinv")
+    null = torch.eye(mat.shape[1], dtype=F64) - torch.linalg.pinv(mat) @ mat  # projector on null(J)
+    assert float((res.x @ null.T).norm()) <= 1e-8 * float(res.x.norm()), "solution has a null-space part"
+
+
+def test_cgls_zero_rhs_and_iteration_cap():
+    mat = rand((5, 8), 0)
+    op = matrix_operator(mat, 2)
+    res = cgls(op, torch.zeros(2, 5, dtype=F64))
+    assert torch.equal(res.x, torch.zeros(2, 8, dtype=F64)) and bool(res.converged.all())
+    res = cgls(op, rand((2, 5), 1), tol=1e-15, max_iter=2)
+    assert res.iterations == 2 and not bool(res.converged.any())
+
+
+# ---------------------------------------------------------------------------------------------
+# The context: dense and iterative solve the same damped problem; batches; records; σ_max.
+
+
+def _solve(ctx: SolverContext, op: LinearOperator, rhs: Tensor, layer: str = "layer", damped: bool = True):
+    with ctx.step(layer, "test_rule"):
+        return ctx.solve(op, rhs, damped=damped)
+
+
+def _damped_case(name: str, data):
+    fn, x = data.draw(ALL_CASES[name])
+    op, _ = make_operator(name, fn, x)
+    jacs = dense_jacobians(fn, x)
+    assume(all(float(j.abs().max()) > 0 for j in jacs))  # J = 0 (a conv reading padding only): λ = 0
+    return fn, x, op, jacs, rand(fn(x).shape, data.draw(SEEDS))
+
+
+@pytest.mark.parametrize("damping", [1e-2, 1e-1])
+@pytest.mark.parametrize("name", ["conv2d", "conv2d_same", "linear", "linearized"])
+@SETTINGS
+@given(data=st.data())
+def test_dense_and_iterative_agree_on_the_damped_problem(name: str, damping: float, data):
+    """Same λ = damping · σ_max for both, and both are the closed-form Tikhonov solution."""
+    fn, x, op, jacs, rhs = _damped_case(name, data)
+    dense_ctx = SolverContext(SolverConfig(solver="dense", damping=damping))
+    iter_ctx = SolverContext(SolverConfig(solver="iterative", damping=damping, tol=1e-8, max_iter=5000))
+    xd, xi = _solve(dense_ctx, op, rhs), _solve(iter_ctx, op, rhs)
+    assert dense_ctx.records[0].damping == pytest.approx(iter_ctx.records[0].damping, rel=1e-12)
+    assert iter_ctx.records[0].converged
+    assert rel_err(xi, xd) < 1e-3, f"{name}: dense and iterative disagree"
+    sigma = dense_ctx.sigma_max(op, rhs)
+    expected = torch.stack(
+        [tikhonov(j, rhs[i].reshape(-1), damping * float(sigma[i])).reshape(op.in_shape) for i, j in enumerate(jacs)]
+    )
+    assert_rel_close(xd, expected, 1e-9, f"{name}: dense vs closed form")
+    assert_rel_close(xi, expected, 1e-5, f"{name}: iterative vs closed form")
+
+
+@pytest.mark.parametrize("damping", [1e-2, 1e-1])
+@pytest.mark.parametrize("name", ["conv2d", "conv2d_same", "linear", "linearized"])
+@SETTINGS
+@given(data=st.data())
+def test_iterative_default_tolerance_bounds_the_error(name: str, damping: float, data):
+    """With the default tol (1e-4 on the normal residual) the error vs the exact damped solution obeys
+
+    ``||x − x*|| / ||x*|| ≤ tol · (σ_max² + λ²) / (σ_min² + λ²)`` (σ_min over all p directions), the
+    bound the stopping test gives; it is not a 1e-3 guarantee when λ is small (see the report).
+    """
+    fn, x, op, jacs, rhs = _damped_case(name, data)
+    cfg = SolverConfig(damping=damping)
+    ctx = SolverContext(SolverConfig(solver="iterative", damping=damping))
+    xi = _solve(ctx, op, rhs)
+    rec = ctx.records[0]
+    assert rec.converged and rec.normal_residual <= cfg.tol
+    sigma = ctx.sigma_max(op, rhs)
+    for i, j in enumerate(jacs):
+        lam = damping * float(sigma[i])
+        eig = torch.linalg.eigvalsh(j.T @ j) + lam**2
+        exact = tikhonov(j, rhs[i].reshape(-1), lam)
+        bound = cfg.tol * float(eig[-1] / eig[0])
+        assert rel_err(xi[i].reshape(1, -1), exact[None]) <= bound * (1 + 1e-6), f"{name}: error above the bound"
+
+
+@pytest.mark.parametrize("solver", ["dense", "iterative"])
+@pytest.mark.parametrize("name", list(ALL_CASES))
+@SETTINGS
+@given(data=st.data())
+def test_solve_batch_equals_per_sample(name: str, solver: str, data):
+    """I5 at the solver level, damped: sample b alone gives what it gets inside the batch."""
+    fn, x = data.draw(ALL_CASES[name])
+    rhs = rand(fn(x).shape, data.draw(SEEDS))
+    cfg = SolverConfig(solver=solver, damping=1e-2, tol=1e-10, max_iter=5000)
+    batch = _solve(SolverContext(cfg), make_operator(name, fn, x)[0], rhs)
+    singles = [
+        _solve(SolverContext(cfg), make_operator(name, fn, x[b : b + 1])[0], rhs[b : b + 1]) for b in range(x.shape[0])
+    ]
+    assert_rel_close(batch, torch.cat(singles), 1e-12 if solver == "dense" else 1e-8, f"{name}/{solver}")
+
+
+@SETTINGS
+@given(mat=matrices(), k=st.integers(1, 3), seed=SEEDS)
+def test_svd_solve_matches_pinv_and_tikhonov(mat: Tensor, k: int, seed: int):
+    b = rand((mat.shape[0], k), seed)
+    assert_rel_close(svd_solve(mat, b).T, (torch.linalg.pinv(mat) @ b).T, 1e-10, "svd_solve(λ=0) vs pinv")
+    lam = 0.3 * float(torch.linalg.svdvals(mat)[0]) + 1e-3
+    assert_rel_close(svd_solve(mat, b, lam).T, tikhonov(mat, b, lam).T, 1e-10, "svd_solve(λ) vs Tikhonov")
+
+
+def test_svd_solve_cuts_singular_values_like_pinv():
+    mat = torch.diag(torch.tensor([1.0, 1e-17, 0.0], dtype=F64))
+    b = torch.ones(3, 1, dtype=F64)
+    assert torch.equal(svd_solve(mat, b), torch.linalg.pinv(mat) @ b)
+    assert svd_solve(mat, b).flatten().tolist() == [1.0, 0.0, 0.0]
+
+
+@SETTINGS
+@given(mat=matrices(), batch=st.integers(1, 3), seed=SEEDS)
+def test_dense_solve_with_per_sample_damping(mat: Tensor, batch: int, seed: int):
+    op = matrix_operator(mat, batch)
+    b = rand((batch, mat.shape[0]), seed)
+    smax = float(torch.linalg.svdvals(mat)[0])
+    lam = torch.linspace(0.05, 0.5, batch, dtype=F64) * smax
+    got = dense_solve(op, b, lam)
+    expected = torch.stack([tikhonov(mat, b[i], float(lam[i])) for i in range(batch)])
+    assert_rel_close(got, expected, 1e-10, "dense_solve with λ per sample")
+    assert_rel_close(dense_solve(op, b, 0.0), b @ torch.linalg.pinv(mat).T, 1e-10, "dense_solve λ = 0")
+    assert dense_solve(op, b.float(), 0.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv2d_same", "linear", "avg_pool2d", "linearized"])
+@SETTINGS
+@given(data=st.data())
+def test_sigma_max_estimate(name: str, data):
+    """A lower bound (power iteration) within 1e-3 of σ_max when the top of the spectrum is not clustered."""
+    fn, x = data.draw(ALL_CASES[name])
+    op, _ = make_operator(name, fn, x)
+    ctx = SolverContext()
+    sigma = ctx.sigma_max(op, x, key="layer")
+    assert sigma.shape == (x.shape[0],)
+    for b, jac in enumerate(dense_jacobians(fn, x)):
+        sv = torch.linalg.svdvals(jac)
+        exact = float(sv[0])
+        assert float(sigma[b]) <= exact * (1 + 1e-12), f"{name}: σ_max estimate above σ_max"
+        if sv.numel() == 1 or float(sv[1]) <= 0.95 * exact:  # clustered spectra: see the xfail below
+            assert abs(float(sigma[b]) - exact) <= 1e-3 * exact, f"{name}: σ_max {float(sigma[b])} vs {exact}"
+    # cached per (key, input shape) for shared operators only
+    assert bool(ctx.sigma_cache) == op.shared
+    if op.shared:
+        again = ctx.sigma_max(op, x[:1], key="layer")
+        assert again.shape == (1,) and float(again[0]) == float(sigma[0])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: ≤ 100 power-iteration steps stopping at 1e-5 relative change stall on "
+    "clustered top singular values; 4 of 12 random 4→4 3×3 convs on 6×6 miss σ_max by 1.4e-3 to 3.2e-3",
+)
+def test_sigma_max_estimate_of_a_square_conv():
+    weight = rand((4, 4, 3, 3), 3)
+    x = torch.zeros(1, 4, 6, 6, dtype=F64)
+    fn = lambda t: torch.conv2d(t, weight.to(t.dtype), None, 1, 1)  # noqa: E731
+    exact = float(torch.linalg.svdvals(affine_piece_of(fn, x).jac)[0])
+    sigma = float(SolverContext().sigma_max(linear_map(fn, x), x)[0])
+    assert abs(sigma - exact) <= 1e-3 * exact, f"σ_max {sigma} vs {exact}"
+
+
+@SETTINGS
+@given(data=st.data())
+def test_diagnostics_records(data):
+    fn, x = data.draw(conv_cases())
+    op = linear_map(fn, x)
+    jac = affine_piece_of(fn, x[:1]).jac
+    assume(float(jac.abs().max()) > 0)
+    rhs = fn(rand(x.shape, data.draw(SEEDS)))  # consistent
+    # dense, undamped: residual of a consistent system is ~0
+    ctx = SolverContext(SolverConfig(solver="dense", damping=0.0))
+    _solve(ctx, op, rhs, layer="features.3")
+    (rec,) = ctx.records
+    assert (rec.layer, rec.rule, rec.method, rec.iterations) == ("features.3", "test_rule", "dense", 0)
+    assert rec.damping == 0.0 and rec.converged and rec.normal_residual is None and rec.seconds >= 0
+    assert rec.residual <= 1e-10
+    # iterative, damped: iterations counted, residual is the damped solution's (> 0), converged
+    ctx = SolverContext(SolverConfig(solver="iterative", damping=1e-1, tol=1e-6, max_iter=500))
+    got = _solve(ctx, op, rhs)
+    (rec,) = ctx.records
+    assert rec.method == "cgls" and 1 <= rec.iterations <= 500 and rec.converged
+    assert rec.normal_residual is not None and rec.normal_residual <= 1e-6
+    assert rec.damping == pytest.approx(1e-1 * float(torch.linalg.svdvals(jac)[0]), rel=1e-3)
+    assert rec.residual == pytest.approx(relative_residual(op.matvec(got), rhs), rel=1e-12)
+    assert rec.residual > 0
+    # an iteration cap too small: reported, not hidden
+    ctx = SolverContext(SolverConfig(solver="iterative", damping=0.0, tol=1e-14, max_iter=1))
+    _solve(ctx, op, rhs)
+    assert ctx.records[0].iterations == 1
+    if op.size[1] > 1 and int(torch.linalg.matrix_rank(jac)) > 1:
+        assert not ctx.records[0].converged
+    # undamped solves (average pools) record λ = 0 whatever the configured damping
+    ctx = SolverContext(SolverConfig(solver="dense", damping=1e-1))
+    _solve(ctx, op, rhs, damped=False)
+    assert ctx.records[0].damping == 0.0
+    # "auto" picks dense for small problems and iterative above dense_limit
+    ctx = SolverContext(SolverConfig(solver="auto", damping=1e-2, dense_limit=op.size[0] * op.size[1]))
+    _solve(ctx, op, rhs)
+    ctx_big = SolverContext(SolverConfig(solver="auto", damping=1e-2, dense_limit=op.size[0] * op.size[1] - 1))
+    _solve(ctx_big, op, rhs)
+    assert (ctx.records[0].method, ctx_big.records[0].method) == ("dense", "cgls")
+
+
+def test_relative_residual_is_the_worst_sample():
+    rhs = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=F64)
+    jx = torch.tensor([[3.0, 4.5], [0.0, 0.25]], dtype=F64)
+    assert relative_residual(jx, rhs) == pytest.approx(0.25)  # sample 1 has rhs 0: absolute
+    assert relative_residual(jx[:1], rhs[:1]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(solver="lsqr"), dict(damping=-1.0), dict(damping=float("nan")), dict(tol=0.0), dict(max_iter=0)],
+)
+def test_solver_config_rejects_invalid_values(kwargs):
+    with pytest.raises(ValueError):
+        SolverConfig(**kwargs)
