@@ -293,3 +293,38 @@ def test_tracing_does_not_run_user_hooks_and_restores_them():
     assert calls == [(1, 4, 7, 7), "pre"]
     handle.remove()
     pre.remove()
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet-style: chunk → branch on one half → cat → channel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x1, x2 = x.chunk(2, dim=1)
+        x = torch.cat((x1, self.branch(x2)), dim=1)
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return torch.relu(x)
+
+
+def test_tuple_nodes_stay_inside_regions_and_layer_norm_is_inverted():
+    torch.manual_seed(0)
+    model = ShuffleBlock().eval()
+    nf = compile_naflow(model, (1, 3, 6, 6), solver="dense", damping=0.0)
+    nodes = {n.name: n for n in nf.graph_module.graph.nodes}
+    boundaries = {s.input for s in nf.plan.stages} | {s.output for s in nf.plan.stages}
+    assert not any(nodes[b].target == "chunk" for b in boundaries)
+    region = next(s for s in nf.plan.stages if s.is_region)
+    assert nodes[region.output].target is torch.cat
+    flow = nf(torch.randn(2, 3, 6, 6), target=lambda out: out.sum((1, 2, 3)))
+    assert flow.diagnostics["norm"].rule == "layer_norm_inverse"
+    assert flow.diagnostics["cat"].rule == "region_inverse"
+    assert all(bool(torch.isfinite(m).all()) for m in flow.maps.values())
+    assert {"branch.0", "branch.1", "branch.2"} <= set(flow.layers)  # layers inside the region have maps

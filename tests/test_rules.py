@@ -164,6 +164,19 @@ def batch_norm_samples(draw) -> Sample:
 
 
 @st.composite
+def layer_norm_samples(draw) -> Sample:
+    """Channels-last LayerNorm over the last one or two dims (with ≥ 3 normalised elements)."""
+    x, seed = draw(feature_maps(ndims=(3, 4)))
+    dims = draw(st.sampled_from([1, 2]))
+    # ≥ 3 elements per normalised row: J has rank n − 2 (the row mean and x̂ are its null space)
+    x = torch.cat([x, rand(x.shape, seed + 5), rand(x.shape, seed + 6)], dim=-1)
+    shape = tuple(x.shape[-dims:])
+    weight = rand(shape, seed + 1) if draw(st.booleans()) else None
+    bias = rand(shape, seed + 2) if draw(st.booleans()) else None
+    return Sample(x, dict(normalized_shape=shape, weight=weight, bias=bias, eps=1e-5), seed)
+
+
+@st.composite
 def linear_samples(draw, kind: str = "any") -> Sample:
     """``F.linear`` forward points; ``kind`` ``"tall"`` (out ≥ in) or ``"wide"`` (out < in) or ``"any"``."""
     n_in = draw(st.integers(1 if kind != "wide" else 2, 8))
@@ -337,6 +350,7 @@ SPECS = [
     OpSpec("conv2d", torch.conv2d, conv2d_samples()),
     OpSpec("linear", F.linear, linear_samples()),
     OpSpec("batch_norm", F.batch_norm, batch_norm_samples()),
+    OpSpec("layer_norm", F.layer_norm, layer_norm_samples()),
     OpSpec("relu", torch.relu, unary((0.0,))),
     OpSpec("hardtanh", F.hardtanh, hardtanh_samples()),
     OpSpec("leaky_relu", F.leaky_relu, leaky_relu_samples()),
@@ -715,7 +729,7 @@ def test_rule_keeps_float32_and_agrees_with_the_oracle(spec: OpSpec, data):
     assert got.dtype == torch.float32 and got.shape == sample32.input.shape
     expected = oracle_inverse(spec.sample_fn(as32), sample32.input, bpfm_out, dtype=torch.float32)
     cond = 1.0
-    if spec.name in ("conv2d", "linear", "avg_pool2d", "adaptive_avg_pool2d"):  # solved: error ~ cond · eps32
+    if spec.name in ("conv2d", "linear", "layer_norm", "avg_pool2d", "adaptive_avg_pool2d"):  # error ~ cond·eps32
         jac = pieces(spec, sample)[0].jac
         rank = int(torch.linalg.matrix_rank(jac))
         sv = torch.linalg.svdvals(jac)
@@ -735,12 +749,13 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
     assert rec.layer == f"features.{spec.name}"
     assert rec.rule == f"{spec.name}_inverse"
     assert rec.seconds >= 0 and rec.converged
-    solved = spec.name in ("conv2d", "linear", "avg_pool2d", "adaptive_avg_pool2d")
+    solved = spec.name in ("conv2d", "linear", "layer_norm", "avg_pool2d", "adaptive_avg_pool2d")
     assert rec.method == ("dense" if solved else "closed form")
     assert rec.iterations == 0
     ps = pieces(spec, sample)
     # only solver-based rules are damped, with λ = damping · σ_max(J) (0 when J is 0, e.g. a conv reading padding only)
-    assert (rec.damping > 0) == (spec.name in ("conv2d", "linear") and bool(ps[0].jac.abs().max() > 0))
+    damped = spec.name in ("conv2d", "linear", "layer_norm")
+    assert (rec.damping > 0) == (damped and bool(ps[0].jac.abs().max() > 0))
     # the recorded residual is ||J B_u − (B_w − θ)|| / ||B_w − θ||, largest over the batch
     worst = 0.0
     for b, pc in enumerate(ps):

@@ -74,6 +74,15 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.Linear: lambda a, m: (F.linear, dict(weight=a("weight"), bias=a("bias") if m.bias is not None else None)),
     nn.BatchNorm2d: _bn,
     nn.BatchNorm1d: _bn,
+    nn.LayerNorm: lambda a, m: (
+        F.layer_norm,
+        dict(
+            normalized_shape=tuple(m.normalized_shape),
+            weight=a("weight") if m.weight is not None else None,
+            bias=a("bias") if m.bias is not None else None,
+            eps=m.eps,
+        ),
+    ),
     nn.ReLU: lambda a, m: (torch.relu, {}),
     nn.ReLU6: lambda a, m: (F.hardtanh, dict(min_val=0.0, max_val=6.0)),
     nn.Hardtanh: lambda a, m: (F.hardtanh, dict(min_val=m.min_val, max_val=m.max_val)),

@@ -65,7 +65,11 @@ def feature_subgraph(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> list[fx
 
 
 def articulation_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
-    """The nodes of a source→sink feature subgraph that every path passes through (NOTE above)."""
+    """The single-tensor nodes of a source→sink feature subgraph that every path passes through.
+
+    (NOTE above.) Nodes that output a tuple (``chunk``, ``split``, ``torch.max``) stay inside
+    a stage: a stage boundary carries one feature map.
+    """
     pos = {n: i for i, n in enumerate(nodes)}
     covered = [0] * (len(nodes) + 1)  # difference array over open intervals (pos(a), pos(b))
     for b in nodes:
@@ -76,7 +80,7 @@ def articulation_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
     out, running = [], 0
     for i, n in enumerate(nodes):
         running += covered[i]
-        if running == 0:
+        if running == 0 and tensor_meta(n) is not None:  # a tuple (chunk, split) is never a boundary
             out.append(n)
     return out
 

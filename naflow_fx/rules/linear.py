@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..solvers.operator import linear_map
+from ..solvers.operator import linear_map, linearized_map
 from . import register_inverse
 
-__all__ = ["conv2d_inverse", "linear_inverse", "batch_norm_inverse"]
+__all__ = ["conv2d_inverse", "linear_inverse", "batch_norm_inverse", "layer_norm_inverse"]
 
 
 def _channel_view(v: Tensor, like: Tensor, dim: int = 1) -> Tensor:
@@ -56,3 +56,20 @@ def batch_norm_inverse(
     x = torch.where(scale != 0, rhs / torch.where(scale != 0, scale, 1), 0)
     solver.closed_form(scale * x, rhs)
     return x
+
+
+@register_inverse(F.layer_norm)
+def layer_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, normalized_shape, weight, bias, eps):
+    """Damped min-norm least squares through LayerNorm's affine piece at the forward point.
+
+    LayerNorm is not affine (it divides by the input's own standard deviation), so ``J`` is its
+    Jacobian at ``a_u``; its null space holds the per-position mean and the direction of ``a_u``.
+    """
+
+    def norm(x: Tensor) -> Tensor:
+        w = None if weight is None else weight.to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        return F.layer_norm(x, normalized_shape, w, b, eps)
+
+    op, theta = linearized_map(norm, input)
+    return solver.solve(op, bpfm_out - theta)
