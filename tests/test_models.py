@@ -419,3 +419,39 @@ def test_abandoned_neurons_have_zero_bpfm_except_at_the_last_layer():
         abandoned += int(dead.sum())
         assert (flow.bpfm[name][dead] == 0).all(), name
     assert abandoned > 0
+
+
+# ----------------------------------------------- I3 / I5 / I6 on the torchvision models themselves
+
+
+@pytest.mark.parametrize(
+    "name, size, layers",
+    [("alexnet", 64, ["features.6", "features.8", "features.11"]), ("vgg11_bn", 32, None), ("vgg16_bn", 32, None)],
+)
+def test_torchvision_models_keep_invariants(name, size, layers):
+    model = torchvision_model(name)
+    if layers is None:  # the deeper half of the layers, to keep the test short
+        every = compile_naflow(model, (1, 3, size, size)).layers
+        layers = every[len(every) // 2 :]
+    model.train()  # I6: left in train mode
+    calls = _Counter()
+    model.features[0].register_forward_hook(calls.hook("fwd"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = batch((2, 3, size, size), seed=12)
+    nf = compile_naflow(model, x, tol=1e-6, max_iter=2000, layers=[n for n in layers if n != "features.0"])
+    whole = nf(x, [7, 3])
+    # I3 (least-squares form): every solve reached its normal-equation tolerance
+    assert all(r.converged for r in whole.diagnostics.values()), whole.format_diagnostics()
+    assert all(r.normal_residual <= 1e-6 for r in whole.diagnostics.values() if r.method == "cgls")
+    # I5: the batch equals its samples
+    for i, t in enumerate([7, 3]):
+        one = nf(x[i : i + 1], t)
+        for layer in nf.layers:
+            ref, got = one.maps[layer][0], whole.maps[layer][i]
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()), msg=layer)
+    # I6: untouched
+    assert model.training and all(m.training for m in model.modules())
+    assert calls.calls == []
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
