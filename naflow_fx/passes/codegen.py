@@ -36,7 +36,6 @@ class InverseProgram:
     module: fx.GraphModule
     activations: tuple[str, ...]  # forward node names fed as recorded values, in order
     coefficients: tuple[str, ...]  # forward node names whose Λ is fed as lam_<name>, in order
-    outputs: dict[str, str]  # layer name -> forward node name, for the returned BPFMs
 
 
 def emit_recorder(gm: fx.GraphModule, recorded_nodes: list[str]) -> fx.GraphModule:
@@ -165,7 +164,6 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str]) -> InverseProgram:
         if u.name != plan.input:
             bpfm[u.name] = graph.create_node("call_function", abandon, (solved, lam[u.name]), name=f"bpfm_{u.name}")
 
-    outputs = {layer[r]: r for r in requested}
     graph.output({layer[r]: bpfm[r] for r in requested})
     module = fx.GraphModule(root, graph, class_name="NAFlowInverse")
-    return InverseProgram(module, act_order, lam_order, outputs)
+    return InverseProgram(module, act_order, lam_order)
