@@ -728,12 +728,12 @@ def test_rule_keeps_float32_and_agrees_with_the_oracle(spec: OpSpec, data):
     got = call_rule(spec, exact_ctx(), bpfm_out, sample32)
     assert got.dtype == torch.float32 and got.shape == sample32.input.shape
     expected = oracle_inverse(spec.sample_fn(as32), sample32.input, bpfm_out, dtype=torch.float32)
+    # error ~ cond(J) · eps32: solved ops, and pointwise ops whose derivative is near 0 (GELU's minimum)
     cond = 1.0
-    if spec.name in ("conv2d", "linear", "layer_norm", "avg_pool2d", "adaptive_avg_pool2d"):  # error ~ cond·eps32
-        jac = pieces(spec, sample)[0].jac
-        rank = int(torch.linalg.matrix_rank(jac))
-        sv = torch.linalg.svdvals(jac)
-        cond = float(sv[0] / sv[rank - 1]) if rank else 1.0
+    for pc in pieces(spec, sample):
+        rank = int(torch.linalg.matrix_rank(pc.jac))
+        sv = torch.linalg.svdvals(pc.jac)
+        cond = max(cond, float(sv[0] / sv[rank - 1]) if rank else 1.0)
     assert rel_err(got, expected) <= 1e-5 * cond, spec.name
 
 
