@@ -254,9 +254,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                     _rewire_later_uses(graph, new.args[0], new)
                 continue
             args, kwargs = node.args, dict(node.kwargs)
-            if target is torch.reshape:
-                args = _shape_args(args)
-            elif target is torch.permute:
+            if target in (torch.reshape, torch.permute):
                 args = _shape_args(args)
             elif name.startswith("clamp_min"):
                 kwargs = {"min": args[1] if len(args) > 1 else kwargs.get("min")}
