@@ -264,9 +264,9 @@ def test_dense_and_iterative_solvers_agree(build, size, layers):
 @pytest.mark.parametrize(
     "build, solver, kwargs",
     [
-        (lambda: conv4(num_classes=5), "auto", {}),
         # CGLS stops each sample at its own tolerance; batched and single convs round differently,
-        # so batch and single results agree to about the solver tolerance (2e-4 at the default 1e-4)
+        # so batch and single results agree to about the solver tolerance (1.2e-4 at the default 1e-4)
+        (lambda: conv4(num_classes=5), "auto", dict(tol=1e-5)),
         (lambda: conv64f(num_classes=5), "iterative", dict(tol=1e-6, max_iter=2000)),
         (lambda: PReLUNet.build(), "dense", {}),
     ],

@@ -388,7 +388,11 @@ def test_dense_solve_with_per_sample_damping(mat: Tensor, batch: int, seed: int)
 @SETTINGS
 @given(data=st.data())
 def test_sigma_max_estimate(name: str, data):
-    """A lower bound (power iteration) within 1e-3 of σ_max when the top of the spectrum is not clustered."""
+    """A lower bound (power iteration) within 1 % of σ_max when the top of the spectrum is not clustered.
+
+    λ = damping·σ_max only sets the regularisation strength, so the estimate stops at a 1e-3
+    relative change of σ² (docs/naflow.md, decision 6): twice as fast as 1e-5 on EfficientNet-B0.
+    """
     fn, x = data.draw(ALL_CASES[name])
     op, _ = make_operator(name, fn, x)
     ctx = SolverContext()
@@ -399,7 +403,7 @@ def test_sigma_max_estimate(name: str, data):
         exact = float(sv[0])
         assert float(sigma[b]) <= exact * (1 + 1e-12), f"{name}: σ_max estimate above σ_max"
         if sv.numel() == 1 or float(sv[1]) <= 0.95 * exact:  # clustered spectra: see the xfail below
-            assert abs(float(sigma[b]) - exact) <= 1e-3 * exact, f"{name}: σ_max {float(sigma[b])} vs {exact}"
+            assert abs(float(sigma[b]) - exact) <= 1e-2 * exact, f"{name}: σ_max {float(sigma[b])} vs {exact}"
     # cached per (key, input shape) for shared operators only
     assert bool(ctx.sigma_cache) == op.shared
     if op.shared:
@@ -409,8 +413,8 @@ def test_sigma_max_estimate(name: str, data):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known limitation: ≤ 100 power-iteration steps stopping at 1e-5 relative change stall on "
-    "clustered top singular values; 4 of 12 random 4→4 3×3 convs on 6×6 miss σ_max by 1.4e-3 to 3.2e-3",
+    reason="known limitation: power iteration (≤ 100 steps, stopping at a 1e-3 relative change of σ²) "
+    "stalls on clustered top singular values and misses σ_max of a random 4→4 3×3 conv on 6×6 by more than 1e-3",
 )
 def test_sigma_max_estimate_of_a_square_conv():
     weight = rand((4, 4, 3, 3), 3)
@@ -442,7 +446,7 @@ def test_diagnostics_records(data):
     (rec,) = ctx.records
     assert rec.method == "cgls" and 1 <= rec.iterations <= 500 and rec.converged
     assert rec.normal_residual is not None and rec.normal_residual <= 1e-6
-    assert rec.damping == pytest.approx(1e-1 * float(torch.linalg.svdvals(jac)[0]), rel=1e-3)
+    assert rec.damping == pytest.approx(1e-1 * float(torch.linalg.svdvals(jac)[0]), rel=1e-2)  # σ_max within 1 %
     assert rec.residual == pytest.approx(relative_residual(op.matvec(got), rhs), rel=1e-12)
     assert rec.residual > 0
     # an iteration cap too small: reported, not hidden

@@ -34,12 +34,12 @@ class SolverConfig:
     """How the inverse network solves its least-squares problems.
 
     Attributes:
-        solver: ``"auto"`` (dense when ``q·p ≤ dense_limit``, else iterative), ``"dense"`` or
-            ``"iterative"``.
+        solver: ``"auto"`` (dense when the Jacobian has ``q·p ≤ dense_limit`` entries, else
+            iterative; the choice never depends on the batch size), ``"dense"`` or ``"iterative"``.
         damping: Tikhonov λ relative to σ_max(J); ``0.0`` is the exact min-norm pseudo-inverse.
         tol: relative normal-equation residual at which CGLS stops.
         max_iter: CGLS iteration cap.
-        dense_limit: largest Jacobian (entries, per distinct matrix) that ``"auto"`` builds densely.
+        dense_limit: largest Jacobian (entries, per sample) that ``"auto"`` builds densely.
     """
 
     solver: str = "auto"
@@ -136,7 +136,7 @@ class SolverContext:
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
             norm = torch.where(active, batch_norm2(w).sqrt(), sigma2)
-            settled = (norm - sigma2).abs() <= 1e-5 * norm
+            settled = (norm - sigma2).abs() <= 1e-3 * norm
             sigma2 = norm
             active = active & ~settled & (norm > 0)
             if not bool(active.any()):
@@ -156,10 +156,9 @@ class SolverContext:
         if damped and cfg.damping > 0:
             lam = cfg.damping * self.sigma_max(op, rhs, key)
         q, p = op.size
-        entries = q * p * (1 if op.shared else rhs.shape[0])
         method = cfg.solver
-        if method == "auto":
-            method = "dense" if entries <= cfg.dense_limit else "iterative"
+        if method == "auto":  # decided per matrix, never on the batch size (I5)
+            method = "dense" if q * p <= cfg.dense_limit else "iterative"
         rec = self._record()
         rec.damping = float(lam.max()) if lam.numel() else 0.0
         if method == "dense":
