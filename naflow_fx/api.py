@@ -6,12 +6,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import passes
 from .errors import ConfigError, InputError, InputTypeError
 from .passes.partition import Plan
-from .passes.shape_prop import tensor_meta
+from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps
 from .solvers import SolverConfig, SolverContext
 from .targets import resolve_target
@@ -71,6 +72,17 @@ class NAFlow:
         self._grad_nodes = sorted(set(self._layer_nodes) | set(self._program.coefficients), key=order.__getitem__)
         self._recorder = passes.emit_recorder(graph_module, self._recorded)
         self._sigma_cache: dict = {}
+        # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
+        nodes = {n.name: n for n in graph_module.graph.nodes}
+        self._to_nchw = {}
+        for node in self._layer_nodes:
+            perm = layout(nodes[node])
+            if perm != (0, 1, 2, 3):
+                self._to_nchw[node] = tuple(sorted(range(4), key=perm.__getitem__))
+
+    def _nchw(self, node: str, t: Tensor) -> Tensor:
+        dims = self._to_nchw.get(node)
+        return t if dims is None else t.permute(dims)
 
     # ------------------------------------------------------------------ inputs
     def _check_input(self, x: object) -> Tensor:
@@ -130,10 +142,11 @@ class NAFlow:
         with torch.no_grad():
             bpfm = self.inverse(ctx, *args)
         maps, coefficients = {}, {}
+        bpfm = dict(bpfm)
         for node, name in zip(self._layer_nodes, self.layers):
-            lam, b = lams[node], bpfm[name]
+            lam, b = self._nchw(node, lams[node]), self._nchw(node, bpfm[name])
             prod = lam * b
-            coefficients[name] = lam
+            coefficients[name], bpfm[name] = lam, b
             if self.reduction == "sum_relu":
                 maps[name] = torch.relu(prod.sum(1))
             else:
@@ -146,7 +159,7 @@ class NAFlow:
             classes=classes,
             input_size=tuple(x.shape[-2:]),
             method="naflow",
-            bpfm=dict(bpfm),
+            bpfm=bpfm,
             coefficients=coefficients,
             diagnostics={r.layer: r for r in ctx.records},
         )
@@ -155,7 +168,7 @@ class NAFlow:
         output, values, lams, scores, classes = self._record(x, target)
         maps = {}
         for node, name in zip(self._layer_nodes, self.layers):
-            a, g = values[node], lams[node]
+            a, g = self._nchw(node, values[node]), self._nchw(node, lams[node])
             if method == "gradcam":
                 maps[name] = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1))
             else:
@@ -196,6 +209,70 @@ class NAFlow:
         )
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_POOLS = {F.max_pool2d, F.avg_pool2d}
+LAYER_SELECTIONS = ("all", "conv", "blocks")
+
+
+def _is_composite(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def _is_container(module: nn.Module) -> bool:
+    """A plain container, or a subclass of one that only groups blocks (RegNet's ``AnyStage``)."""
+    if type(module) in _CONTAINERS:
+        return True
+    base = next((c for c in _CONTAINERS if isinstance(module, c)), None)
+    return (
+        base is not None
+        and type(module).forward is base.forward
+        and any(_is_composite(child) for child in module.children())
+    )
+
+
+def _block_of(stack: dict, modules: dict[str, nn.Module]) -> tuple[str | None, bool]:
+    """``(block, top_level)`` for a node's ``nn_module_stack``: its outermost composite module below
+    plain containers (``layer1.0`` in a ResNet), and whether it sits only inside plain containers."""
+    for qualname, _ in stack.values():
+        module = modules.get(qualname)
+        if module is None or _is_container(module):
+            continue
+        if _is_composite(module):
+            return qualname, False
+        return None, True  # a leaf module directly inside containers (VGG's ``features.4``)
+    return None, False
+
+
+def block_layers(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """Node names of ``layers="blocks"``: block outputs at stage boundaries, shallow → deep.
+
+    A block is the outermost composite module below plain containers (``nn.Sequential``,
+    ``nn.ModuleList``, ``nn.ModuleDict``, and subclasses of them that only group blocks, such as
+    RegNet's stages): ``layer1.0`` in a ResNet, ``features.3`` in a MobileNet,
+    ``features.denseblock1`` / ``features.transition1`` in a DenseNet, ``inception3a`` in GoogLeNet.
+    Its output is the last stage boundary (articulation node) computed inside it. Pooling modules
+    directly inside containers (VGG's and AlexNet's max pools, a ResNet's stem pool) close a block
+    too, and the last layer N is always included.
+    """
+    plan: Plan = gm.meta["naflow.plan"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modules = dict(model.named_modules())
+    layers = set(plan.layers)
+    chosen = {plan.last}
+    last_of: dict[str, str] = {}
+    for stage in plan.stages:
+        node = nodes[stage.output]
+        if stage.output not in layers:
+            continue
+        block, top_level = _block_of(node.meta.get("nn_module_stack") or {}, modules)
+        if block is not None:
+            last_of[block] = stage.output
+        elif top_level and node.target in _POOLS:
+            chosen.add(stage.output)
+    chosen |= set(last_of.values())
+    return [n for n in plan.layers if n in chosen]
+
+
 def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list[str]:
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -205,11 +282,20 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
             return names
         if layers == "conv":
             return [names[i] for i, n in enumerate(plan.layers) if nodes[n].target is torch.conv2d]
+        if layers == "blocks":
+            return [nodes[n].meta.get("naflow.name", n) for n in block_layers(gm, model)]
+        if layers not in names:
+            raise InputError(
+                f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer name. "
+                f"Available layers: {', '.join(names)}"
+            )
         layers = [layers]
     if isinstance(layers, (nn.Module,)):
         layers = [layers]
     if not isinstance(layers, Iterable):
-        raise InputTypeError(f"layers must be 'all', 'conv' or a list of layer names / modules, got {layers!r}")
+        raise InputTypeError(
+            f"layers must be 'all', 'conv', 'blocks' or a list of layer names / modules, got {layers!r}"
+        )
     qualname = {id(m): q for q, m in model.named_modules()}
     chosen: list[str] = []
     for item in layers:
@@ -254,7 +340,10 @@ def compile_naflow(
         tol, max_iter: CGLS stopping rule.
         last_layer: the last feature layer N (default: the deepest 4-D layer every path passes
             through before global pooling / flatten).
-        layers: ``"all"``, ``"conv"`` or a list of layer names / modules.
+        layers: which layers get maps (always ordered shallow → deep, named as in ``nf.layers``):
+            ``"all"`` (every 4-D feature node between the input and N), ``"conv"`` (outputs of
+            convolutions), ``"blocks"`` (block outputs at stage boundaries: ``layer1.0``'s output in a
+            ResNet; see :func:`block_layers`), or a list of layer names / modules.
         reduction: ``"sum_relu"`` (paper Eq. 2, ReLU of the channel sum) or ``"relu_sum"``
             (the authors' code, sum of ReLUs).
         fallback: ``None`` (unsupported ops raise) or ``"linearize"`` (invert them through their
@@ -288,6 +377,7 @@ def compile_naflow(
     example = _example_tensor(example_input, device, dtype)
 
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = passes.check_scope(gm)
     gm = passes.normalize(gm)
     gm = passes.propagate_shapes(gm, example)
     gm = passes.partition_stages(gm, last_layer)

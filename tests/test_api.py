@@ -200,7 +200,7 @@ def test_unknown_layer_and_invalid_last_layer():
         compile_naflow(model, x, layers=["features.4", "features.99"])
     with pytest.raises(InputError, match="'Linear' is not an explainable layer"):
         compile_naflow(model, x, layers=[model.head])  # after the last layer
-    with pytest.raises(InputTypeError, match="layers must be 'all', 'conv' or a list"):
+    with pytest.raises(InputTypeError, match="layers must be 'all', 'conv', 'blocks' or a list"):
         compile_naflow(model, x, layers=3)
     with pytest.raises(UnsupportedModelError, match=r"last_layer='nope'.*Choose one of: .*features\.14"):
         compile_naflow(model, x, last_layer="nope")
@@ -218,6 +218,66 @@ def test_untraceable_model_names_the_offending_line():
     assert "cannot trace DataDependentBranch" in msg
     assert "models.py" in msg and "`if x.sum() > 0:`" in msg
     assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+class _DotProductAttention(nn.Module):
+    """A conv stem followed by hand-written single-head self-attention over the pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.qkv = nn.Conv2d(8, 24, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)
+        att = torch.softmax(q.transpose(1, 2) @ k / 8**0.5, dim=-1)
+        return (v @ att.transpose(1, 2)).mean(2)
+
+
+def _transformers():
+    from torchvision.models import MaxVit, SwinTransformer, VisionTransformer
+
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2])
+    maxvit = MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8], block_layers=[1], head_dim=4,
+        stochastic_depth_prob=0.0,
+    )  # fmt: skip
+    return [
+        ("vit", vit, "MultiheadAttention"),
+        ("swin", swin, "shifted_window_attention"),
+        ("maxvit", maxvit, "softmax"),
+        ("hand-written", _DotProductAttention(), "softmax"),
+    ]
+
+
+@pytest.mark.parametrize("kind, model, where", _transformers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_attention_models_fail_fast_with_one_clear_error(kind, model, where, capfd):
+    with pytest.raises(UnsupportedModelError) as err:
+        compile_naflow(model.eval(), batch(1, size=32))
+    msg = str(err.value)
+    assert "computes self-attention" in msg and where in msg
+    assert "out of scope" in msg and "sub-module" in msg
+    assert capfd.readouterr().err == ""  # nothing printed: no stack trace on stderr
+
+
+def test_example_input_the_model_rejects_prints_nothing(capfd):
+    from torchvision.models import VisionTransformer
+
+    class PatchEmbedOnly(nn.Module):  # asserts its input size like a ViT, without attention
+        def __init__(self):
+            super().__init__()
+            self.vit = VisionTransformer(
+                image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
+            )
+
+        def forward(self, x):
+            return self.vit._process_input(x).mean(1)
+
+    with pytest.raises(UnsupportedModelError, match=r"failed on the example input of shape \(1, 3, 16, 16\)"):
+        compile_naflow(PatchEmbedOnly().eval(), batch(1, size=16))
+    assert capfd.readouterr().err == ""
 
 
 def test_unsupported_ops_are_all_listed_and_linearize_fallback_works():
@@ -253,6 +313,71 @@ def test_layers_conv_selects_conv_outputs_only():
     flow = nf(batch(2))
     assert flow.layers == nf.layers and set(flow.maps) == set(nf.layers) == set(flow.bpfm)
     assert nf.last_layer == "features.14"
+
+
+def _tv(name: str) -> nn.Module:
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torchvision.models.get_model(name, weights=None).eval()
+
+
+@pytest.mark.parametrize(
+    "name, size, expected",
+    [
+        (
+            "resnet18",
+            32,
+            ["maxpool"] + [f"layer{i}.{j}.relu#2" for i in (1, 2, 3, 4) for j in (0, 1)],
+        ),
+        (
+            "densenet121",
+            32,
+            [
+                "features.pool0",
+                "features.denseblock1.cat",
+                "features.transition1.pool",
+                "features.denseblock2.cat",
+                "features.transition2.pool",
+                "features.denseblock3.cat",
+                "features.transition3.conv",  # N: its pool halves 2×2 to 1×1
+            ],
+        ),
+        ("vgg11_bn", 32, ["features.3", "features.7", "features.14", "features.21", "features.27"]),
+    ],
+)
+def test_layers_blocks_are_block_outputs_at_stage_boundaries(name, size, expected):
+    model = _tv(name)
+    nf = compile_naflow(model, (1, 3, size, size), layers="blocks")
+    assert nf.layers == expected
+    assert nf.layers[-1] == nf.last_layer
+    every = compile_naflow(model, (1, 3, size, size)).layers
+    assert [n for n in every if n in expected] == expected  # a subset of "all", in the same order
+
+
+def test_layers_blocks_sees_through_stage_groupings():
+    """RegNet's ``AnyStage`` subclasses nn.Sequential only to group blocks: each block is one entry."""
+    nf = compile_naflow(_tv("regnet_x_400mf"), (1, 3, 32, 32), layers="blocks")
+    assert nf.layers[0] == "stem.2"
+    assert "trunk_output.block2.block2-0.activation" in nf.layers
+    assert len(nf.layers) == 1 + 1 + 2 + 7 + 12  # the stem, then the blocks of the four stages
+
+
+def test_functional_ops_are_named_after_their_module():
+    nf = compile_naflow(_tv("resnet18"), (1, 3, 32, 32))
+    block = [n for n in nf.layers if n.startswith("layer1.0.")]
+    assert block == [
+        "layer1.0.conv1",
+        "layer1.0.bn1",
+        "layer1.0.relu",
+        "layer1.0.conv2",
+        "layer1.0.bn2",
+        "layer1.0.add",  # ``out += identity`` inside layer1.0
+        "layer1.0.relu#2",  # the block's ReLU module, called a second time
+    ]
+    with pytest.raises(InputError, match="layers='block' is neither one of .*'blocks'"):
+        compile_naflow(conv4(num_classes=5), batch(1), layers="block")
 
 
 def test_layers_by_module_and_name():

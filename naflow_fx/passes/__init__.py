@@ -1,13 +1,15 @@
-"""The compiler passes, one file each: normalize → propagate_shapes → partition_stages →
+"""The compiler passes, one file each: check_scope → normalize → propagate_shapes → partition_stages →
 assign_inverse_rules → codegen (emit_recorder, emit_inverse)."""
 
 from .assign_rules import InverseStep, assign_inverse_rules
 from .codegen import InverseProgram, emit_inverse, emit_recorder
 from .normalize import normalize
 from .partition import Plan, Stage, partition_stages
+from .scope import check_scope
 from .shape_prop import propagate_shapes
 
 __all__ = [
+    "check_scope",
     "normalize",
     "propagate_shapes",
     "partition_stages",

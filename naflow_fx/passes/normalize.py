@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -203,6 +204,21 @@ def _clamp_to_hardtanh(args: tuple, kwargs: dict) -> tuple[object, tuple, dict] 
     return F.hardtanh, (args[0],), dict(min_val=lo, max_val=hi)
 
 
+def _scope_functional_names(graph: fx.Graph) -> None:
+    """Name functional ops inside a module after it: ``layer1.0.add``, ``layer1.1.add`` (then
+    ``layer1.0.add#2``) instead of fx's global ``add``, ``add_1``. Top-level ones keep fx's name."""
+    calls: Counter[str] = Counter()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op not in ("call_function", "call_method") or not stack or node.meta.get("naflow.module"):
+            continue
+        scope = next(reversed(stack.values()))[0]
+        name = f"{scope}.{re.sub(r'_[0-9]+$', '', node.name)}"
+        calls[name] += 1
+        k = calls[name]
+        node.meta["naflow.name"] = name if k == 1 else f"{name}#{k}"
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into canonical, eval-mode, out-of-place form and return it."""
     graph = gm.graph
@@ -286,7 +302,6 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             node.target, node.args, node.kwargs = target, args, kwargs
             if inplace and node.args and isinstance(node.args[0], fx.Node):
                 _rewire_later_uses(graph, node.args[0], node)
-        node.meta.setdefault("naflow.name", node.name)
 
     # Bind every canonical node to its signature: (input,) plus all kwargs, defaults filled in.
     for node in graph.nodes:
@@ -295,8 +310,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 node.args, node.kwargs = bind_canonical(node.target, node.args, dict(node.kwargs))
             except TypeError as exc:
                 raise UnsupportedOpError(f"cannot read the arguments of {node.format_node()}: {exc}") from None
-        if node.op != "placeholder":
-            node.meta.setdefault("naflow.name", node.name)
+        node.meta.setdefault("naflow.name", node.name)
+    _scope_functional_names(graph)
     graph.lint()
     gm.recompile()
     return gm

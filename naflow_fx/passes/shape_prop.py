@@ -2,26 +2,67 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["propagate_shapes", "tensor_meta", "is_feature_node"]
+__all__ = ["propagate_shapes", "tensor_meta", "is_feature_node", "layout"]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
     """Run ``gm`` once on ``example_input`` and store ``node.meta["tensor_meta"]``."""
     try:
-        with torch.no_grad():
+        # ShapeProp prints the failing node's traceback itself; the error below says it in one line.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:  # noqa: BLE001 - the user's model failed on the example input
         raise UnsupportedModelError(
             f"the model failed on the example input of shape {tuple(example_input.shape)}: "
             f"{type(exc).__name__}: {exc}\nPass an example input the model accepts."
         ) from None
+    _propagate_layouts(gm)
     return gm
+
+
+# NOTE [layouts]
+# A 4-D feature node's layout is the permutation of (N, C, H, W) its dims hold: ConvNeXt's blocks
+# permute to channels-last (0, 2, 3, 1), run LayerNorm and Linear over the last dim and permute
+# back. ``permute``/``transpose`` compose the layout; a reshape to 4-D is read as NCHW (ShuffleNet's
+# channel shuffle ends in ``view(B, C, H, W)``); other ops keep their first feature input's layout.
+# Maps, Grad-CAM and the reported BPFM / coefficients of a channels-last layer are computed on its
+# NCHW view, so they are spatial maps like every other layer's.
+_NCHW = (0, 1, 2, 3)
+
+
+def _propagate_layouts(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        meta = tensor_meta(node)
+        if meta is None or len(meta.shape) != 4:
+            continue
+        parent = next((a for a in node.all_input_nodes if "naflow.layout" in a.meta), None)
+        inherited = parent.meta["naflow.layout"] if parent is not None else _NCHW
+        if node.op == "call_function" and node.target is torch.permute and parent is node.args[0]:
+            result = tuple(inherited[d % 4] for d in node.kwargs["dims"])
+        elif node.op == "call_function" and node.target is torch.transpose and parent is node.args[0]:
+            dims = list(inherited)
+            i, j = node.kwargs["dim0"] % 4, node.kwargs["dim1"] % 4
+            dims[i], dims[j] = dims[j], dims[i]
+            result = tuple(dims)
+        elif node.op == "call_function" and node.target in (torch.reshape, torch.flatten):
+            result = _NCHW
+        else:
+            result = inherited
+        node.meta["naflow.layout"] = result
+
+
+def layout(node: fx.Node) -> tuple[int, ...]:
+    """The (N, C, H, W) permutation a 4-D node's dims hold (NOTE [layouts]); NCHW by default."""
+    return node.meta.get("naflow.layout", _NCHW)
 
 
 def tensor_meta(node: fx.Node) -> TensorMetadata | None:
