@@ -209,67 +209,35 @@ class NAFlow:
         )
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
-
-
-def _is_composite(module: nn.Module) -> bool:
-    return next(module.children(), None) is not None
-
-
-def _is_container(module: nn.Module) -> bool:
-    """A plain container, or a subclass of one that only groups blocks (RegNet's ``AnyStage``)."""
-    if type(module) in _CONTAINERS:
-        return True
-    base = next((c for c in _CONTAINERS if isinstance(module, c)), None)
-    return (
-        base is not None
-        and type(module).forward is base.forward
-        and any(_is_composite(child) for child in module.children())
-    )
-
-
-def _block_of(stack: dict, modules: dict[str, nn.Module]) -> tuple[str | None, bool]:
-    """``(block, top_level)`` for a node's ``nn_module_stack``: its outermost composite module below
-    plain containers (``layer1.0`` in a ResNet), and whether it sits only inside plain containers."""
-    for qualname, _ in stack.values():
-        module = modules.get(qualname)
-        if module is None or _is_container(module):
-            continue
-        if _is_composite(module):
-            return qualname, False
-        return None, True  # a leaf module directly inside containers (VGG's ``features.4``)
-    return None, False
 
 
 def block_layers(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     """Node names of ``layers="blocks"``: block outputs at stage boundaries, shallow → deep.
 
-    A block is the outermost composite module below plain containers (``nn.Sequential``,
-    ``nn.ModuleList``, ``nn.ModuleDict``, and subclasses of them that only group blocks, such as
-    RegNet's stages): ``layer1.0`` in a ResNet, ``features.3`` in a MobileNet,
-    ``features.denseblock1`` / ``features.transition1`` in a DenseNet, ``inception3a`` in GoogLeNet.
-    Its output is the last stage boundary (articulation node) computed inside it. Pooling modules
-    directly inside containers (VGG's and AlexNet's max pools, a ResNet's stem pool) close a block
-    too, and the last layer N is always included.
+    A block output is the output of a composite module (one with child modules; its last node in
+    the graph) that is a stage boundary (articulation node): ``layer1.0`` in a ResNet, ``features.3``
+    in a MobileNet, ``features.denseblock1`` and ``features.transition1`` in a DenseNet,
+    ``inception3a`` in GoogLeNet, ``bam1`` after a ResNet stage. Modules inside a multi-branch block
+    (its convolutions, an SE or CBAM gate) never end at a stage boundary, so they are not blocks.
+    Pooling ops at stage boundaries (VGG's and AlexNet's max-pools, a ResNet's stem max-pool) close
+    a block too, and the last layer N is always included. Wrapping a model in another module does
+    not change its blocks.
     """
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
     modules = dict(model.named_modules())
-    layers = set(plan.layers)
-    chosen = {plan.last}
+    boundaries = {stage.output for stage in plan.stages} & set(plan.layers)
     last_of: dict[str, str] = {}
-    for stage in plan.stages:
-        node = nodes[stage.output]
-        if stage.output not in layers:
-            continue
-        block, top_level = _block_of(node.meta.get("nn_module_stack") or {}, modules)
-        if block is not None:
-            last_of[block] = stage.output
-        elif top_level and node.target in _POOLS:
-            chosen.add(stage.output)
-    chosen |= set(last_of.values())
+    for node in gm.graph.nodes:
+        for qualname, _ in (node.meta.get("nn_module_stack") or {}).values():
+            last_of[qualname] = node.name
+    chosen = {plan.last} | {n for n in boundaries if nodes[n].target in _POOLS}
+    for qualname, node in last_of.items():
+        module = modules.get(qualname)
+        if qualname and module is not None and next(module.children(), None) is not None and node in boundaries:
+            chosen.add(node)
     return [n for n in plan.layers if n in chosen]
 
 

@@ -356,6 +356,21 @@ def test_layers_blocks_are_block_outputs_at_stage_boundaries(name, size, expecte
     assert [n for n in every if n in expected] == expected  # a subset of "all", in the same order
 
 
+def test_layers_blocks_ignore_a_wrapping_module():
+    """An embedding model wraps its trunk: the trunk's blocks are still the blocks."""
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = _tv("resnet18")
+
+        def forward(self, x):
+            return nn.functional.normalize(self.trunk(x), dim=1)
+
+    nf = compile_naflow(Embed().eval(), (1, 3, 32, 32), layers="blocks")
+    assert nf.layers == ["trunk.maxpool"] + [f"trunk.layer{i}.{j}.relu#2" for i in (1, 2, 3, 4) for j in (0, 1)]
+
+
 def test_layers_blocks_sees_through_stage_groupings():
     """RegNet's ``AnyStage`` subclasses nn.Sequential only to group blocks: each block is one entry."""
     nf = compile_naflow(_tv("regnet_x_400mf"), (1, 3, 32, 32), layers="blocks")
