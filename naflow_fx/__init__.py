@@ -14,6 +14,7 @@ from .errors import (
     UnsupportedOpError,
 )
 from .result import FlowResult, LayerMaps
+from .similarity import SimilarityTarget
 from .solvers import SolverConfig, SolveRecord
 from .targets import ClassTarget
 
@@ -25,6 +26,7 @@ __all__ = [
     "FlowResult",
     "LayerMaps",
     "ClassTarget",
+    "SimilarityTarget",
     "SolverConfig",
     "SolveRecord",
     "NAFlowError",

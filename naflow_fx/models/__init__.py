@@ -3,6 +3,7 @@
 Requires torchvision (``pip install naflow-fx[vision]``).
 
 >>> from naflow_fx.models import resnet50_cbam, resnet50_bam, se_resnet50
+>>> from naflow_fx.models import npid_resnet, ms_resnet50, conv4_encoder, resnet12
 """
 
 from .attention import (
@@ -19,6 +20,17 @@ from .attention import (
     resnet50_cbam,
     se_resnet50,
 )
+from .embedding import (
+    Conv4Encoder,
+    EmbeddingResNet,
+    L2Norm,
+    ResNet12,
+    ResNet12Block,
+    conv4_encoder,
+    ms_resnet50,
+    npid_resnet,
+    resnet12,
+)
 
 __all__ = [
     "SEModule",
@@ -33,4 +45,13 @@ __all__ = [
     "resnet50_cbam",
     "resnet50_bam",
     "se_resnet50",
+    "L2Norm",
+    "EmbeddingResNet",
+    "npid_resnet",
+    "ms_resnet50",
+    "Conv4Encoder",
+    "conv4_encoder",
+    "ResNet12Block",
+    "ResNet12",
+    "resnet12",
 ]

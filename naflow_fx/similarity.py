@@ -1,0 +1,141 @@
+"""Similarity targets: explain an embedding model's similarity to a reference (paper §III-C, spec §5).
+
+For a query embedding ``v^Q = f(x)`` (the model's output, ``Tensor[B, D]``) and a reference
+embedding ``v^S``, a *metric* splits the similarity into per-channel contributions ``c_d`` with
+``Σ_d c_d = sim(v^Q, v^S)``. The channel contribution weights are
+
+    ω_d = c_d / |Σ_d c_d|                                   (paper Eq. 17/20)
+
+with the denominator treated as a constant (detached), so ``Σ_d ω_d = sign(sim)`` and the
+explained score's gradient is the similarity's gradient scaled by ``1/|sim|`` (Eq. 21).
+
+Built-in metrics (:data:`METRICS`; add one with :func:`register_metric`):
+
+* ``"cosine"`` (default): ``c_d = q̂_d ŝ_d`` with ``q̂ = v^Q/||v^Q||``, ``ŝ = v^S/||v^S||``. It
+  works whether or not the model L2-normalises its output: normalising an already normalised
+  embedding again changes neither its value nor its gradient (the projection ``I − q̂q̂ᵀ`` is
+  idempotent).
+* ``"dot"``: ``c_d = v^Q_d v^S_d`` (the paper's Eq. 17 literally; equals cosine for normalised
+  embeddings up to the gradient's normalisation).
+* ``"euclidean"`` (negative squared Euclidean distance): ``c_d = −(v^Q_d − v^S_d)²``, so
+  ``Σ_d ω_d = −1`` and the explained score rises as the query moves towards the reference.
+
+Example:
+    >>> import torch
+    >>> target = SimilarityTarget(torch.tensor([1.0, 0.0, 1.0]))
+    >>> out = torch.tensor([[2.0, 5.0, 2.0]])
+    >>> target.weights(out).sum(1)  # Σ_d ω_d = sign(v^Q·v^S)
+    tensor([1.])
+    >>> target.similarity(out)  # the cosine similarity itself
+    tensor([0.4924])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError, TargetError
+
+__all__ = ["SimilarityTarget", "METRICS", "register_metric"]
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, contributions: Metric) -> Metric:
+    """Register ``contributions(query [B, D], reference [B, D]) -> Tensor[B, D]``: the per-channel
+    terms ``c_d`` whose sum is the similarity. Gradients must flow through ``query``."""
+    if name in METRICS:
+        raise ConfigError(f"a similarity metric named {name!r} is already registered")
+    METRICS[name] = contributions
+    return contributions
+
+
+register_metric("cosine", lambda q, s: F.normalize(q, dim=1) * F.normalize(s, dim=1))
+register_metric("dot", lambda q, s: q * s)
+register_metric("euclidean", lambda q, s: -((q - s) ** 2))
+
+
+class SimilarityTarget:
+    """The channel-contribution score ``Σ_d ω_d`` of the output embedding against ``reference``.
+
+    Args:
+        reference: ``Tensor[D]`` (one reference for every sample) or ``Tensor[B, D]`` (one per
+            sample). It is detached and moved to the output's device and dtype.
+        metric: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or a registered name.
+
+    Use it as a flow target: ``nf(x, SimilarityTarget(v_s))``. ``flow.scores`` is ``Σ_d ω_d``
+    (``±1``); :meth:`similarity` gives the similarity itself and :meth:`weights` the ω.
+    """
+
+    def __init__(self, reference: Tensor, metric: str = "cosine") -> None:
+        if not isinstance(reference, Tensor):
+            raise TargetError(
+                f"the reference must be an embedding tensor [D] or [B, D], got {type(reference).__name__}"
+            )
+        if reference.dim() not in (1, 2) or reference.shape[-1] == 0:
+            raise TargetError(f"the reference must be an embedding [D] or [B, D], got shape {tuple(reference.shape)}")
+        if not reference.is_floating_point():
+            raise TargetError(f"the reference must be a floating-point tensor, got {reference.dtype}")
+        if not bool(torch.isfinite(reference).all()):
+            raise TargetError("the reference embedding contains NaN or Inf values")
+        if metric not in METRICS:
+            raise ConfigError(f"unknown similarity metric {metric!r}; choose one of {sorted(METRICS)}")
+        self.reference = reference.detach()
+        self.metric = metric
+
+    def __repr__(self) -> str:
+        return f"SimilarityTarget(reference={tuple(self.reference.shape)}, metric={self.metric!r})"
+
+    def _pair(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(output, Tensor) or output.dim() != 2:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise TargetError(
+                f"a similarity target needs the model to output embeddings of shape [B, D]; got {shape}. "
+                "Explain the embedding model (e.g. the network up to its pooled features)."
+            )
+        batch, dim = output.shape
+        ref = self.reference.to(device=output.device, dtype=output.dtype)
+        if ref.shape[-1] != dim:
+            raise TargetError(f"the reference has {ref.shape[-1]} dimensions but the model's embedding has {dim}")
+        if ref.dim() == 1:
+            ref = ref.expand(batch, dim)
+        elif ref.shape[0] == 1 and batch != 1:
+            ref = ref.expand(batch, dim)
+        elif ref.shape[0] != batch:
+            raise TargetError(f"got {ref.shape[0]} references for a batch of {batch}: pass one per sample, or one [D]")
+        return output, ref
+
+    def contributions(self, output: Tensor) -> Tensor:
+        """``c_d`` per sample (``Tensor[B, D]``), with gradients through ``output``."""
+        query, ref = self._pair(output)
+        return METRICS[self.metric](query, ref)
+
+    def similarity(self, output: Tensor) -> Tensor:
+        """``sim(v^Q, v^S) = Σ_d c_d`` per sample (``Tensor[B]``, detached)."""
+        return self.contributions(output).detach().sum(1)
+
+    def weights(self, output: Tensor) -> Tensor:
+        """The channel contribution weights ω (``Tensor[B, D]``, detached) for inspection."""
+        return self._omega(output).detach()
+
+    def _omega(self, output: Tensor) -> Tensor:
+        c = self.contributions(output)
+        sim = c.detach().sum(1, keepdim=True)
+        scale = c.detach().abs().sum(1, keepdim=True)
+        zero = sim.abs() <= 1e-6 * scale
+        if bool(zero.any()):
+            i = int(zero.reshape(-1).nonzero()[0])
+            raise TargetError(
+                f"the {self.metric} similarity of sample {i} to its reference is 0, so the channel contribution "
+                "weights ω = c / |Σ c| are undefined; choose another reference"
+            )
+        return c / sim.abs()
+
+    def __call__(self, output: Tensor) -> Tensor:
+        """The explained score ``Σ_d ω_d`` per sample (``Tensor[B]``), denominator detached."""
+        return self._omega(output).sum(1)
