@@ -1,0 +1,398 @@
+"""Few-shot episodes: explain a prototype classifier's decision with NAFlow (paper §III-C, Fig. 10–11).
+
+The classifier is the MetaBaseline (Chen et al., 2021) protocol: an encoder ``f`` embeds the
+support and query images, the prototype of class ``c`` is the mean of the support embeddings of
+class ``c`` (the raw embeddings, as in MetaBaseline's code), and the logits are the cosine
+similarities of the query embedding to the prototypes times a temperature (default 10). The
+prediction is the most similar prototype.
+
+:func:`explain_episode` explains this decision from both sides, with
+:class:`~naflow_fx.SimilarityTarget` (cosine):
+
+* the query's flow with respect to the predicted prototype (or any other prototype:
+  ``classes=`` or :meth:`EpisodeExplanation.query_flow`), and
+* the flows of the support images of the predicted class with respect to the query embedding,
+
+so the query's and the matched supports' attention can be compared side by side
+(:meth:`EpisodeExplanation.plot`). Flows are batched: all queries in one call, and all the
+supports of one class (for every query that predicts it) in one call.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from naflow_fx.fewshot import explain_episode
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    ...                         nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+    ...                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> support, labels = torch.randn(6, 3, 12, 12), torch.tensor([0, 0, 1, 1, 2, 2])
+    >>> ep = explain_episode(encoder, support, labels, torch.randn(2, 3, 12, 12))
+    >>> ep.logits.shape, ep.prediction.shape, ep.classes.tolist()
+    (torch.Size([2, 3]), torch.Size([2]), [0, 1, 2])
+    >>> ep.flow.layers == ep.naflow.layers, len(ep.support_flows), ep.support_flows[0].maps["4"].shape[0]
+    (True, 2, 2)
+    >>> ep.query_flow(1).scores.shape  # both queries w.r.t. the prototype of class 1
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import NAFlow, compile_naflow
+from .errors import ConfigError, InputError, InputTypeError, TargetError
+from .result import FlowResult, LayerMaps
+from .similarity import SimilarityTarget
+
+__all__ = ["explain_episode", "EpisodeExplanation"]
+
+
+# ---------------------------------------------------------------------------- shared helpers
+# (also used by naflow_fx.retrieval and naflow_fx.knn)
+
+
+def _as_batch(x: object, name: str) -> Tensor:
+    """``x`` as an image batch ``[B, C, H, W]`` (a single ``[C, H, W]`` image gets a batch dim)."""
+    if not isinstance(x, Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor of images [B, C, H, W], got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise InputError(f"{name} must be images [B, C, H, W] (or one image [C, H, W]); got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise InputError(f"{name} is empty: it needs at least one image")
+    return x
+
+
+def _same_images(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape[1:] != b.shape[1:]:
+        raise InputError(
+            f"{name_a} images are {tuple(a.shape[1:])} but {name_b} images are {tuple(b.shape[1:])}; "
+            "resize them to the same [C, H, W]"
+        )
+
+
+def _resolve_naflow(
+    model: nn.Module | NAFlow,
+    example: Tensor,
+    layers: object,
+    compile_options: dict | None,
+    caller: str,
+) -> NAFlow:
+    """``model`` itself when it is a compiled :class:`NAFlow` (never recompiled), else compile it."""
+    if isinstance(model, NAFlow):
+        if layers is not None or compile_options:
+            raise ConfigError(
+                f"{caller} got an already compiled NAFlow together with layers= or compile_options=; "
+                "those only apply when compiling. Compile it with the options you want "
+                "(compile_naflow(encoder, example, layers=...)) or pass the nn.Module instead"
+            )
+        return model
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"{caller} expects an nn.Module encoder or a compiled NAFlow, got {type(model).__name__}")
+    options = dict(compile_options or {})
+    if "layers" in options:
+        raise ConfigError(f"pass layers= to {caller} directly, not inside compile_options")
+    return compile_naflow(model, example[:1], layers="all" if layers is None else layers, **options)
+
+
+def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "images") -> Tensor:
+    """The model's output for ``x`` (eval semantics, no grad, in chunks of ``batch_size``): ``[B, D]``."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    outs = []
+    with torch.no_grad():
+        for chunk in x.split(batch_size) if batch_size else (x,):
+            chunk = nf._check_input(chunk)
+            out = nf.graph_module(chunk)
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise TargetError(
+                    f"embedding the {what} needs a model that outputs embeddings [B, D]; it returned {shape}. "
+                    "Explain the embedding network (e.g. the encoder up to its pooled, flattened features)"
+                )
+            outs.append(out.detach())
+    return torch.cat(outs)
+
+
+def _take(flow: FlowResult, index: Tensor) -> FlowResult:
+    """The rows ``index`` (LongTensor) of a batched flow (``diagnostics`` are the whole call's)."""
+    idx = index.to(flow.output.device)
+
+    def rows(t: Tensor) -> Tensor:
+        return t.index_select(0, idx.to(t.device))
+
+    return FlowResult(
+        layers=list(flow.layers),
+        maps={k: rows(v) for k, v in flow.maps.items()},
+        output=rows(flow.output),
+        scores=rows(flow.scores),
+        classes=None if flow.classes is None else rows(flow.classes),
+        input_size=flow.input_size,
+        method=flow.method,
+        bpfm={k: rows(v) for k, v in flow.bpfm.items()},
+        coefficients={k: rows(v) for k, v in flow.coefficients.items()},
+        diagnostics=dict(flow.diagnostics),
+    )
+
+
+def _stack_rows(flows: Sequence[LayerMaps]) -> LayerMaps:
+    """Concatenate the maps of several results (same layers) along the batch, for one figure."""
+    first = flows[0]
+    return LayerMaps(
+        layers=list(first.layers),
+        maps={n: torch.cat([f.maps[n] for f in flows]) for n in first.layers},
+        output=torch.cat([f.output for f in flows]),
+        scores=torch.cat([f.scores for f in flows]),
+        classes=None,
+        input_size=first.input_size,
+        method=first.method,
+    )
+
+
+def _labelled_grid(
+    images: Tensor,
+    flows: Sequence[LayerMaps],
+    labels: Sequence[str],
+    path: str | os.PathLike | None,
+    layers: Sequence[str] | None,
+    dpi: int = 150,
+):
+    """:func:`naflow_fx.viz.flow_grid` with one row per (image, flow) pair and one label per row."""
+    from .viz import atomic_savefig, flow_grid
+
+    fig = flow_grid(images, _stack_rows(flows), None, layers=layers)
+    cols = len(fig.axes) // images.shape[0]
+    for r, label in enumerate(labels):
+        fig.axes[r * cols].set_ylabel(label, fontsize=6)
+    fig.tight_layout(pad=0.2)
+    if path is not None:
+        import matplotlib.pyplot as plt
+
+        atomic_savefig(fig, path, dpi=dpi)
+        plt.close(fig)
+    return fig
+
+
+def _labels_tensor(labels: object, n: int, device: torch.device, what: str, images: str) -> Tensor:
+    if isinstance(labels, Tensor):
+        t = labels.detach()
+    elif isinstance(labels, Sequence) and not isinstance(labels, str):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise InputError(f"{what} must be integer class labels, got {list(labels)!r}")
+        t = torch.tensor(list(labels), dtype=torch.long)
+    else:
+        raise InputTypeError(f"{what} must be a LongTensor [{n}] or a list of ints, got {type(labels).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{what} must be integer class labels, got a {t.dtype} tensor; use labels.long()")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise InputError(
+            f"{what} has shape {tuple(t.shape)} but there are {n} {images}: pass one label per image, shape [{n}]"
+        )
+    return t.long().to(device)
+
+
+# ---------------------------------------------------------------------------- episodes
+
+
+@dataclass
+class EpisodeExplanation:
+    """The explained prediction of one few-shot episode (returned by :func:`explain_episode`).
+
+    Attributes:
+        classes: ``LongTensor[N]``, the episode's class labels (sorted); column ``i`` of
+            ``logits`` and row ``i`` of ``prototypes`` belong to ``classes[i]``.
+        logits: ``Tensor[Q, N]``, ``temperature · cos(query embedding, prototype)``.
+        prediction: ``LongTensor[Q]``, the predicted class label of each query.
+        prototypes: ``Tensor[N, D]``, the mean support embedding of each class.
+        query_embeddings: ``Tensor[Q, D]``; ``support_embeddings``: ``Tensor[S, D]``.
+        flow: the queries' flow (batch Q), each query w.r.t. its predicted prototype
+            (``SimilarityTarget(prototype)``; ``flow.scores`` is ``Σ_d ω_d = ±1``).
+        support_indices: per query, ``LongTensor[K]``: the supports of its predicted class.
+        support_flows: per query, the flow (batch K) of those supports, each w.r.t. the query
+            embedding (``SimilarityTarget(query embedding)``), rows in ``support_indices`` order
+            (empty with ``explain_support=False``; :meth:`support_flow` then computes on demand).
+        class_flows: class label → the queries' flow w.r.t. that class's prototype (filled by
+            ``classes=`` and by :meth:`query_flow`).
+        naflow: the compiled :class:`~naflow_fx.NAFlow` (reuse it for the next episode).
+        query, support, support_labels, temperature: the inputs.
+    """
+
+    classes: Tensor
+    logits: Tensor
+    prediction: Tensor
+    prototypes: Tensor
+    query_embeddings: Tensor
+    support_embeddings: Tensor
+    flow: FlowResult
+    support_indices: list[Tensor]
+    support_flows: list[FlowResult]
+    naflow: NAFlow = field(repr=False)
+    query: Tensor = field(repr=False)
+    support: Tensor = field(repr=False)
+    support_labels: Tensor = field(repr=False)
+    temperature: float = 10.0
+    class_flows: dict[int, FlowResult] = field(default_factory=dict, repr=False)
+    _support_cache: dict[tuple[int, int], FlowResult] = field(default_factory=dict, repr=False)
+
+    def _column(self, c: object) -> int:
+        if isinstance(c, Tensor) and c.numel() == 1 and not c.is_floating_point():
+            c = int(c)
+        if not isinstance(c, int) or isinstance(c, bool):
+            raise TargetError(f"a class must be an int label, got {c!r}")
+        hits = (self.classes == c).nonzero()
+        if hits.numel() == 0:
+            raise TargetError(f"class {c} is not in this episode; its classes are {self.classes.tolist()}")
+        return int(hits[0])
+
+    def query_flow(self, c: int | None = None) -> FlowResult:
+        """All queries' flow w.r.t. the prototype of class ``c`` (None: each query's prediction).
+
+        Computed on first request (one batched call) and cached in :attr:`class_flows`.
+        """
+        if c is None:
+            return self.flow
+        col = self._column(c)
+        label = int(self.classes[col])
+        if label not in self.class_flows:
+            self.class_flows[label] = self.naflow(self.query, SimilarityTarget(self.prototypes[col]))
+        return self.class_flows[label]
+
+    def support_flow(self, q: int, c: int | None = None) -> FlowResult:
+        """The flow of the supports of class ``c`` (None: query ``q``'s prediction) w.r.t. query ``q``.
+
+        Rows are the supports ``(support_labels == c).nonzero()`` in order (for the predicted
+        class: :attr:`support_indices` ``[q]``).
+        """
+        if not isinstance(q, int) or not 0 <= q < self.query.shape[0]:
+            raise TargetError(f"query index {q!r} is out of range: the episode has {self.query.shape[0]} queries")
+        label = int(self.prediction[q]) if c is None else int(self.classes[self._column(c)])
+        if label == int(self.prediction[q]) and self.support_flows:
+            return self.support_flows[q]
+        if (q, label) not in self._support_cache:
+            idx = (self.support_labels == label).nonzero()[:, 0]
+            ref = self.query_embeddings[q]
+            self._support_cache[q, label] = self.naflow(self.support[idx], SimilarityTarget(ref))
+        return self._support_cache[q, label]
+
+    def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):
+        """Query ``q`` (w.r.t. its predicted prototype) above the supports of the predicted class
+        (each w.r.t. the query): one row per image, one column per layer. Saves a PNG when
+        ``path`` is given; returns the matplotlib figure. Needs matplotlib (``vision`` extra)."""
+        if not isinstance(q, int) or not 0 <= q < self.query.shape[0]:
+            raise TargetError(f"query index {q!r} is out of range: the episode has {self.query.shape[0]} queries")
+        pred, col = int(self.prediction[q]), self._column(int(self.prediction[q]))
+        idx = self.support_indices[q]
+        images = torch.cat([self.query[q : q + 1], self.support[idx]])
+        flows = [_take(self.flow, torch.tensor([q])), self.support_flow(q)]
+        labels = [f"query {q}→proto {pred}\nlogit {float(self.logits[q, col]):.2f}"]
+        labels += [f"support {int(i)} (c={pred})\n→query {q}" for i in idx]
+        return _labelled_grid(images, flows, labels, path, layers)
+
+
+def explain_episode(
+    encoder: nn.Module | NAFlow,
+    support: Tensor,
+    support_labels: Tensor | Sequence[int],
+    query: Tensor,
+    *,
+    temperature: float = 10.0,
+    classes: Sequence[int] | str | None = None,
+    explain_support: bool = True,
+    layers: str | Sequence[str | nn.Module] | None = None,
+    compile_options: dict | None = None,
+) -> EpisodeExplanation:
+    """Classify the queries of an N-way K-shot episode (MetaBaseline) and explain it with NAFlow.
+
+    Args:
+        encoder: the embedding network (an ``nn.Module`` whose output is ``[B, D]``), or a
+            :class:`~naflow_fx.NAFlow` compiled from one (used as is, never recompiled: compile
+            once and reuse ``result.naflow`` across episodes).
+        support: ``Tensor[S, C, H, W]``, the support images (any number per class).
+        support_labels: ``LongTensor[S]`` (or list of ints), any integer class labels.
+        query: ``Tensor[Q, C, H, W]`` (or one image ``[C, H, W]``).
+        temperature: the logit scale of MetaBaseline's cosine classifier (must be > 0; it does
+            not change the prediction or the flows).
+        classes: class labels whose prototype every query is also explained against, or
+            ``"all"``; the flows are in :attr:`EpisodeExplanation.class_flows` (request more later
+            with :meth:`EpisodeExplanation.query_flow`).
+        explain_support: compute the support flows (one batched call per predicted class).
+        layers: the explained layers when compiling (``compile_naflow``'s ``layers``; default
+            ``"all"``). Not allowed with a compiled NAFlow.
+        compile_options: other ``compile_naflow`` keyword arguments (``solver``, ``damping``, …).
+
+    Returns:
+        an :class:`EpisodeExplanation`.
+
+    Raises:
+        InputError: malformed images, a label count that differs from the support count, or
+            query and support images of different shapes.
+        TargetError: the encoder does not output ``[B, D]`` embeddings, or a requested class is
+            not in the episode.
+        ConfigError: ``temperature <= 0``, or compile options given with a compiled NAFlow.
+    """
+    support = _as_batch(support, "support")
+    query = _as_batch(query, "query")
+    _same_images(query, support, "query", "support")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+    labels = _labels_tensor(support_labels, support.shape[0], support.device, "support_labels", "support images")
+    nf = _resolve_naflow(encoder, support, layers, compile_options, "explain_episode")
+
+    sup_emb = _embed(nf, support, what="support images")
+    qry_emb = _embed(nf, query, what="query images")
+    episode_classes = torch.unique(labels)  # sorted
+    protos = torch.stack([sup_emb[labels == c].mean(0) for c in episode_classes])
+    logits = float(temperature) * F.normalize(qry_emb, dim=1) @ F.normalize(protos, dim=1).T
+    cols = logits.argmax(1)
+    prediction = episode_classes[cols]
+
+    flow = nf(query, SimilarityTarget(protos[cols]))
+    support_indices = [(labels == prediction[q]).nonzero()[:, 0] for q in range(query.shape[0])]
+    support_flows: list[FlowResult] = [None] * query.shape[0]  # type: ignore[list-item]
+    if explain_support:
+        for c in torch.unique(prediction):
+            qs = (prediction == c).nonzero()[:, 0]
+            idx = (labels == c).nonzero()[:, 0]
+            k = idx.shape[0]
+            batch = support[idx].repeat(qs.shape[0], 1, 1, 1)  # [|qs|·K]: query-major
+            refs = qry_emb[qs].repeat_interleave(k, dim=0)
+            out = nf(batch, SimilarityTarget(refs))
+            for j, q in enumerate(qs.tolist()):
+                support_flows[q] = _take(out, torch.arange(j * k, (j + 1) * k))
+    else:
+        support_flows = []
+
+    result = EpisodeExplanation(
+        classes=episode_classes,
+        logits=logits,
+        prediction=prediction,
+        prototypes=protos,
+        query_embeddings=qry_emb,
+        support_embeddings=sup_emb,
+        flow=flow,
+        support_indices=support_indices,
+        support_flows=support_flows,
+        naflow=nf,
+        query=query,
+        support=support,
+        support_labels=labels,
+        temperature=float(temperature),
+    )
+    if classes is not None:
+        if isinstance(classes, str):
+            if classes != "all":
+                raise TargetError(f"classes must be 'all' or a list of class labels, got {classes!r}")
+            classes = episode_classes.tolist()
+        elif isinstance(classes, (int, Tensor)):
+            classes = [int(c) for c in torch.as_tensor(classes).reshape(-1)]
+        for c in classes:
+            result.query_flow(c)
+    return result

@@ -1,0 +1,222 @@
+"""Weighted kNN classification over a memory bank (NPID style), explained with NAFlow.
+
+Instance-discrimination models (NPID, Wu et al. 2018) classify by a weighted vote of the nearest
+embeddings in a memory bank: with ``s_j = cos(v, b_j)`` for the top-k bank entries,
+
+    score(c) = Σ_{j ∈ top-k, y_j = c} exp(s_j / τ)          prediction = argmax_c score(c)
+
+:func:`explain_knn` explains that decision with :class:`KNNTarget`, the similarity target of the
+predicted class's neighbours (see its docstring for the exact choice).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from naflow_fx.knn import explain_knn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    ...                       nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> bank, bank_labels = torch.randn(20, 8), torch.arange(20) % 4
+    >>> res = explain_knn(model, torch.randn(2, 3, 12, 12), bank, bank_labels, k=5)
+    >>> res.prediction.shape, res.class_scores.shape, res.neighbours.shape
+    (torch.Size([2]), torch.Size([2, 4]), torch.Size([2, 5]))
+    >>> torch.allclose(res.flow.scores, torch.ones(2))  # Σ_d ω_d = sign of the weighted similarity
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import NAFlow
+from .errors import ConfigError, InputError, InputTypeError, TargetError
+from .fewshot import _as_batch, _embed, _labels_tensor, _resolve_naflow
+from .result import FlowResult
+from .similarity import SimilarityTarget
+
+__all__ = ["explain_knn", "KNNExplanation", "KNNTarget"]
+
+
+class KNNTarget(SimilarityTarget):
+    """The weighted cosine similarity to a set of neighbours, as channel contributions (spec §5).
+
+    For sample ``b`` with neighbours ``j`` (bank embeddings ``b_j``) and weights ``w_j``:
+
+        score(v) = Σ_j w_j · cos(v, b_j) = Σ_d c_d,    c_d = v̂_d · r_d,   r = Σ_j w_j b̂_j
+
+    (``v̂``, ``b̂`` L2-normalised), and the explained score is ``Σ_d ω_d`` with
+    ``ω_d = c_d / |Σ_d c_d|``, the denominator detached, exactly as in
+    :class:`~naflow_fx.SimilarityTarget`: ``flow.scores`` is ``sign(score) = ±1`` and the
+    gradient is ``∇ score / |score|``. The weights are constants (detached at the forward
+    point). Because of this normalisation, scaling all ``w`` of a sample by one factor changes
+    neither ω nor the flow, so :func:`explain_knn` passes ``exp((s_j − max_j s_j)/τ)`` (max over
+    the predicted class's neighbours: no overflow or underflow for small τ) instead of
+    ``exp(s_j/τ)``; :meth:`similarity` is the score for the weights given.
+
+    Args:
+        neighbours: ``Tensor[B, K, D]``, the neighbour embeddings of each sample.
+        weights: ``Tensor[B, K]`` (``0`` for entries to ignore, e.g. other classes' neighbours).
+
+    Example:
+        >>> t = KNNTarget(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[2.0, 1.0]]))
+        >>> t.similarity(torch.tensor([[3.0, 4.0]]))  # 2·0.6 + 1·0.8
+        tensor([2.])
+        >>> t(torch.tensor([[3.0, 4.0]]))
+        tensor([1.])
+    """
+
+    def __init__(self, neighbours: Tensor, weights: Tensor) -> None:
+        if not isinstance(neighbours, Tensor) or neighbours.dim() != 3:
+            shape = tuple(neighbours.shape) if isinstance(neighbours, Tensor) else type(neighbours).__name__
+            raise TargetError(f"neighbours must be a Tensor [B, K, D], got {shape}")
+        if not isinstance(weights, Tensor) or weights.shape != neighbours.shape[:2]:
+            shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise TargetError(f"weights must be a Tensor [B, K] = {list(neighbours.shape[:2])}, got {shape}")
+        weights = weights.detach().to(neighbours.dtype)
+        reference = (weights[..., None] * F.normalize(neighbours.detach(), dim=-1)).sum(1)
+        super().__init__(reference, metric="dot")
+        self.neighbours = neighbours.detach()
+        self.neighbour_weights = weights
+
+    def __repr__(self) -> str:
+        b, k, d = self.neighbours.shape
+        return f"KNNTarget(batch={b}, neighbours={k}, dim={d})"
+
+    def contributions(self, output: Tensor) -> Tensor:
+        query, ref = self._pair(output)
+        return F.normalize(query, dim=1) * ref
+
+
+@dataclass
+class KNNExplanation:
+    """A weighted-kNN prediction and its flow (returned by :func:`explain_knn`).
+
+    Attributes:
+        prediction: ``LongTensor[B]``, the predicted class (argmax of ``class_scores``; ties:
+            the lower class).
+        class_scores: ``Tensor[B, num_classes]`` (float64), ``Σ exp(s_j/τ)`` over the top-k
+            neighbours of each class.
+        neighbours: ``LongTensor[B, k]``, bank indices of the top-k neighbours, most similar first.
+        similarities: ``Tensor[B, k]``, their cosine similarities ``s_j``.
+        neighbour_labels: ``LongTensor[B, k]``, their labels.
+        flow: the flow of ``x`` w.r.t. :attr:`target` (the predicted class's neighbours).
+        target: the :class:`KNNTarget` that was explained.
+        embeddings: ``Tensor[B, D]``, the model's embeddings of ``x``.
+        naflow: the compiled :class:`~naflow_fx.NAFlow`.
+        tau: the temperature τ.
+    """
+
+    prediction: Tensor
+    class_scores: Tensor
+    neighbours: Tensor
+    similarities: Tensor
+    neighbour_labels: Tensor
+    flow: FlowResult
+    target: KNNTarget
+    embeddings: Tensor
+    naflow: NAFlow = field(repr=False)
+    tau: float = 0.07
+
+
+def explain_knn(
+    model: nn.Module | NAFlow,
+    x: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor | Sequence[int],
+    k: int = 200,
+    tau: float = 0.07,
+    *,
+    num_classes: int | None = None,
+    layers: str | Sequence[str | nn.Module] | None = None,
+    compile_options: dict | None = None,
+) -> KNNExplanation:
+    """Classify ``x`` by a weighted kNN vote in a memory bank (NPID) and explain the decision.
+
+    Args:
+        model: an embedding network (output ``[B, D]``) or a :class:`~naflow_fx.NAFlow` compiled
+            from one (used as is, never recompiled).
+        x: ``Tensor[B, C, H, W]`` (or one image ``[C, H, W]``).
+        bank: ``Tensor[M, D]``, the memory bank of embeddings (normalised or not: cosine is used).
+        bank_labels: ``LongTensor[M]`` (or list of ints), labels in ``0..num_classes-1``.
+        k: number of neighbours (``1 <= k <= M``; NPID uses 200).
+        tau: the temperature τ > 0 (NPID: 0.07).
+        num_classes: the number of classes (default: ``max(bank_labels) + 1``).
+        layers, compile_options: as for :func:`~naflow_fx.compile_naflow` (only when compiling).
+
+    The neighbours are the ``k`` bank entries with the highest cosine similarity ``s_j`` to the
+    embedding; ``class_scores[c] = Σ_{j: y_j = c} exp(s_j/τ)``. The flow explains
+    ``Σ_{j ∈ top-k, y_j = ĉ} w_j cos(v, b_j)`` with ``w_j = exp(s_j/τ)`` detached, normalised as a
+    :class:`~naflow_fx.SimilarityTarget` (:class:`KNNTarget`).
+
+    Raises:
+        InputError: empty / malformed images or bank, labels that do not match the bank, or a
+            bank whose dimension differs from the model's embedding.
+        TargetError: ``k`` not in ``1..M``, labels outside ``0..num_classes-1``, or a model that
+            does not output ``[B, D]``.
+        ConfigError: ``tau <= 0``.
+    """
+    x = _as_batch(x, "x")
+    if not isinstance(bank, Tensor):
+        raise InputTypeError(f"bank must be a Tensor of embeddings [M, D], got {type(bank).__name__}")
+    if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise InputError(f"bank must be a non-empty Tensor of embeddings [M, D], got shape {tuple(bank.shape)}")
+    if not bank.is_floating_point():
+        raise InputError(f"bank must be floating point, got {bank.dtype}")
+    size = bank.shape[0]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= size:
+        raise TargetError(f"k must be an int between 1 and the bank size {size}, got {k!r}; lower k")
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
+        raise ConfigError(f"tau must be a positive number, got {tau!r}")
+    labels = _labels_tensor(bank_labels, size, bank.device, "bank_labels", "bank entries")
+    nf = _resolve_naflow(model, x, layers, compile_options, "explain_knn")
+
+    emb = _embed(nf, x, what="images")
+    labels = labels.to(emb.device)
+    if bank.shape[1] != emb.shape[1]:
+        raise InputError(
+            f"the bank's embeddings have {bank.shape[1]} dimensions but the model embeds into {emb.shape[1]}: "
+            "fill the bank with this model's outputs"
+        )
+    n_cls = int(labels.max()) + 1 if num_classes is None else num_classes
+    if not isinstance(n_cls, int) or n_cls < 1 or int(labels.min()) < 0 or int(labels.max()) >= n_cls:
+        raise TargetError(
+            f"bank_labels must lie in 0..num_classes-1 (num_classes={n_cls!r}); got labels "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
+    bank = bank.detach().to(device=emb.device, dtype=emb.dtype)
+    bank_n = F.normalize(bank, dim=1)
+
+    sims = F.normalize(emb, dim=1) @ bank_n.T  # [B, M]
+    top_sims, top_idx = torch.topk(sims, k, dim=1)  # most similar first
+    top_labels = labels[top_idx]
+    votes = torch.exp(top_sims.double() / float(tau))
+    class_scores = torch.zeros(emb.shape[0], n_cls, dtype=torch.float64, device=emb.device)
+    class_scores.scatter_add_(1, top_labels, votes)
+    prediction = class_scores.argmax(1)
+
+    # weights exp((s_j - s_max)/τ) ∝ exp(s_j/τ) (the scale cancels in ω), s_max = the class's largest
+    # similarity (so the largest weight is 1, whatever τ), zero outside the predicted class
+    in_class = top_labels == prediction[:, None]
+    shift = torch.where(in_class, top_sims, torch.full_like(top_sims, -torch.inf)).amax(1, keepdim=True)
+    rel = torch.exp((top_sims - shift) / float(tau))
+    weights = torch.where(in_class, rel, torch.zeros_like(rel))
+    target = KNNTarget(bank[top_idx], weights)
+    flow = nf(x, target)
+    return KNNExplanation(
+        prediction=prediction,
+        class_scores=class_scores,
+        neighbours=top_idx,
+        similarities=top_sims,
+        neighbour_labels=top_labels,
+        flow=flow,
+        target=target,
+        embeddings=emb,
+        naflow=nf,
+        tau=float(tau),
+    )

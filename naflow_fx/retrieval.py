@@ -1,0 +1,179 @@
+"""Retrieval: rank a gallery by cosine similarity to a query and explain the top matches with NAFlow.
+
+:func:`explain_match` embeds the gallery (batched, no grad), ranks it by the cosine similarity of
+the embeddings, and explains each of the top-k matches from both sides with
+:class:`~naflow_fx.SimilarityTarget` (cosine): the query w.r.t. the match's embedding and the
+match w.r.t. the query's embedding (paper §III-C).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from naflow_fx.retrieval import explain_match
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    ...                       nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+    ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    >>> gallery = torch.randn(10, 3, 12, 12)
+    >>> m = explain_match(model, gallery[3], gallery, k=2)
+    >>> m.indices[0, 0].item(), round(m.similarities[0, 0].item(), 4)  # the query itself is in the gallery
+    (3, 1.0)
+    >>> m.query_flow.maps["4"].shape[0], m.match_flow.maps["4"].shape[0]  # Q·k rows each
+    (2, 2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import NAFlow
+from .errors import InputError, TargetError
+from .fewshot import _as_batch, _embed, _labelled_grid, _resolve_naflow, _same_images, _take
+from .result import FlowResult
+from .similarity import SimilarityTarget
+
+__all__ = ["explain_match", "MatchExplanation"]
+
+
+@dataclass
+class MatchExplanation:
+    """The top-k gallery matches of each query, explained from both sides (see :func:`explain_match`).
+
+    Flows have one row per (query, rank) pair, query-major: row ``q * k + r`` is query ``q`` and
+    its ``r``-th match (use :meth:`pair`).
+
+    Attributes:
+        indices: ``LongTensor[Q, k]``, gallery indices of the matches, most similar first.
+        similarities: ``Tensor[Q, k]``, their cosine similarities to the query.
+        query_flow: flow (batch ``Q·k``) of each query w.r.t. its match's embedding.
+        match_flow: flow (batch ``Q·k``) of each match w.r.t. its query's embedding (None with
+            ``explain_matches=False``).
+        query_embeddings: ``Tensor[Q, D]``; ``gallery_embeddings``: ``Tensor[G, D]``.
+        naflow: the compiled :class:`~naflow_fx.NAFlow` (reuse it for the next query).
+        query, gallery: the inputs.
+    """
+
+    indices: Tensor
+    similarities: Tensor
+    query_flow: FlowResult
+    match_flow: FlowResult | None
+    query_embeddings: Tensor
+    gallery_embeddings: Tensor
+    naflow: NAFlow = field(repr=False)
+    query: Tensor = field(repr=False)
+    gallery: Tensor = field(repr=False)
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    def pair(self, q: int = 0, r: int = 0) -> tuple[FlowResult, FlowResult | None]:
+        """``(query flow, match flow)`` (batch 1 each) of query ``q`` and its ``r``-th match."""
+        nq, k = self.indices.shape
+        if not (isinstance(q, int) and 0 <= q < nq and isinstance(r, int) and 0 <= r < k):
+            raise TargetError(f"pair({q!r}, {r!r}) is out of range: there are {nq} queries and k = {k} matches each")
+        row = torch.tensor([q * k + r])
+        return _take(self.query_flow, row), None if self.match_flow is None else _take(self.match_flow, row)
+
+    def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):
+        """For each of query ``q``'s matches: a row of the query (w.r.t. the match) and a row of the
+        match (w.r.t. the query); one column per layer. Saves a PNG when ``path`` is given; returns
+        the figure. Needs matplotlib (``vision`` extra)."""
+        images, flows, labels = [], [], []
+        for r in range(self.k):
+            qf, mf = self.pair(q, r)
+            i, s = int(self.indices[q, r]), float(self.similarities[q, r])
+            images.append(self.query[q : q + 1])
+            flows.append(qf)
+            labels.append(f"query {q}→#{i}\ncos {s:.3f}")
+            if mf is not None:
+                images.append(self.gallery[i : i + 1])
+                flows.append(mf)
+                labels.append(f"match {r + 1}: #{i}\n→query {q}")
+        return _labelled_grid(torch.cat(images), flows, labels, path, layers)
+
+
+def explain_match(
+    model: nn.Module | NAFlow,
+    query: Tensor,
+    gallery: Tensor,
+    k: int = 1,
+    *,
+    gallery_embeddings: Tensor | None = None,
+    batch_size: int | None = 64,
+    explain_matches: bool = True,
+    layers: str | Sequence[str | nn.Module] | None = None,
+    compile_options: dict | None = None,
+) -> MatchExplanation:
+    """Retrieve the ``k`` gallery images most similar to each query and explain every match.
+
+    Args:
+        model: an embedding network (output ``[B, D]``) or a :class:`~naflow_fx.NAFlow` compiled
+            from one (used as is, never recompiled).
+        query: ``Tensor[Q, C, H, W]`` or one image ``[C, H, W]``.
+        gallery: ``Tensor[G, C, H, W]``, the images to search.
+        k: how many matches per query (``1 <= k <= G``).
+        gallery_embeddings: precomputed ``Tensor[G, D]`` (skips embedding the gallery); they
+            must come from the same model in eval mode.
+        batch_size: gallery embedding chunk size (None: one batch).
+        explain_matches: also explain the matches w.r.t. the query (one batched call).
+        layers: the explained layers when compiling (default ``"all"``); not with a NAFlow.
+        compile_options: other ``compile_naflow`` keyword arguments.
+
+    The ranking is by cosine similarity of the embeddings (ties: the lower index first). The
+    query's flow for match ``j`` is ``nf(query, SimilarityTarget(e_j))`` and the match's flow is
+    ``nf(gallery[j], SimilarityTarget(e_query))``; all pairs go in one call each.
+
+    Raises:
+        InputError: empty or malformed query / gallery, images of different shapes, or gallery
+            embeddings of the wrong shape.
+        TargetError: ``k`` not in ``1..G``, or a model that does not output ``[B, D]``.
+    """
+    query = _as_batch(query, "query")
+    if isinstance(gallery, Tensor) and gallery.dim() >= 1 and gallery.shape[0] == 0:
+        raise InputError("the gallery is empty: pass at least one image [G, C, H, W] with G >= 1")
+    gallery = _as_batch(gallery, "gallery")
+    _same_images(query, gallery, "query", "gallery")
+    size = gallery.shape[0]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= size:
+        raise TargetError(f"k must be an int between 1 and the gallery size {size}, got {k!r}")
+    nf = _resolve_naflow(model, query, layers, compile_options, "explain_match")
+
+    q_emb = _embed(nf, query, what="query images")
+    if gallery_embeddings is None:
+        g_emb = _embed(nf, gallery, batch_size, what="gallery images")
+    else:
+        g_emb = gallery_embeddings.detach().to(device=q_emb.device, dtype=q_emb.dtype)
+        if g_emb.shape != (size, q_emb.shape[1]):
+            raise InputError(
+                f"gallery_embeddings has shape {tuple(g_emb.shape)} but the gallery has {size} images and the "
+                f"model embeds into {q_emb.shape[1]} dimensions: pass Tensor[{size}, {q_emb.shape[1]}] or None"
+            )
+    sims = F.normalize(q_emb, dim=1) @ F.normalize(g_emb, dim=1).T  # [Q, G]
+    # stable sort: equal similarities keep gallery order
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    top = sims.gather(1, order)
+
+    flat = order.reshape(-1)  # [Q·k], query-major
+    queries = query.repeat_interleave(k, dim=0)
+    query_flow = nf(queries, SimilarityTarget(g_emb[flat]))
+    match_flow = None
+    if explain_matches:
+        match_flow = nf(gallery[flat.to(gallery.device)], SimilarityTarget(q_emb.repeat_interleave(k, dim=0)))
+    return MatchExplanation(
+        indices=order,
+        similarities=top,
+        query_flow=query_flow,
+        match_flow=match_flow,
+        query_embeddings=q_emb,
+        gallery_embeddings=g_emb,
+        naflow=nf,
+        query=query,
+        gallery=gallery,
+    )
