@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import seeded, warm_batchnorm
-from test_models import _Counter, activations, assert_finite_flow, batch, rel_err
+from test_models import _Counter, activations, assert_batch_equals_samples, assert_finite_flow, batch, rel_err
 from torch import nn
 
 from naflow_fx import compile_naflow
@@ -282,16 +282,7 @@ def test_i5_batch_equals_per_sample_results(kind, solver, kwargs, deep):
     every = compile_naflow(model, x[:1], layers="all").layers
     nf = compile_naflow(model, x[:1], solver=solver, layers=[n for n in every if n.startswith(deep)], **kwargs)
     assert any(kind in name for name in nf.layers)
-    whole = nf(x, targets)
-    torch.testing.assert_close(whole.classes, torch.tensor(targets))
-    for i, t in enumerate(targets):
-        one = nf(x[i : i + 1], t)
-        for name in nf.layers:
-            for field in ("maps", "bpfm", "coefficients"):
-                ref = getattr(one, field)[name][0]
-                got = getattr(whole, field)[name][i]
-                scale = float(ref.abs().max())
-                torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * scale, msg=f"{field}[{name}][{i}]")
+    assert_batch_equals_samples(nf, x, targets)
 
 
 # ----------------------------------------------------------------------- I6: the model is untouched

@@ -59,6 +59,19 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def assert_batch_equals_samples(nf, x: Tensor, targets: list[int]) -> None:
+    """I5: a flow of the batch ``x`` equals the flows of its samples (maps, BPFMs, coefficients)."""
+    whole = nf(x, targets)
+    torch.testing.assert_close(whole.classes, torch.tensor(targets))
+    for i, t in enumerate(targets):
+        one = nf(x[i : i + 1], t)
+        for name in nf.layers:
+            for field in ("maps", "bpfm", "coefficients"):
+                ref, got = getattr(one, field)[name][0], getattr(whole, field)[name][i]
+                scale = float(ref.abs().max())
+                torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * scale, msg=f"{field}[{name}][{i}]")
+
+
 def assert_finite_flow(nf, flow, x: Tensor) -> None:
     assert flow.layers == nf.layers and len(nf.layers) > 0
     for name in nf.layers:
@@ -277,16 +290,7 @@ def test_i5_batch_equals_per_sample_results(build, solver, kwargs):
     x = batch((3, 3, 16, 16), seed=7)
     targets = [3, 0, 2]
     nf = compile_naflow(model, x[:1], solver=solver, **kwargs)
-    whole = nf(x, targets)
-    torch.testing.assert_close(whole.classes, torch.tensor(targets))
-    for i, t in enumerate(targets):
-        one = nf(x[i : i + 1], t)
-        for name in nf.layers:
-            for field in ("maps", "bpfm", "coefficients"):
-                ref = getattr(one, field)[name][0]
-                got = getattr(whole, field)[name][i]
-                scale = float(ref.abs().max())
-                torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * scale, msg=f"{field}[{name}][{i}]")
+    assert_batch_equals_samples(nf, x, targets)
 
 
 # ----------------------------------------------------------------------- I6: the model is untouched

@@ -19,7 +19,16 @@ import pytest
 import torch
 import torchvision
 from models import seeded, warm_batchnorm
-from test_models import _Counter, activations, assert_finite_flow, batch, pearson, rel_err, torchvision_model
+from test_models import (
+    _Counter,
+    activations,
+    assert_batch_equals_samples,
+    assert_finite_flow,
+    batch,
+    pearson,
+    rel_err,
+    torchvision_model,
+)
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -107,18 +116,6 @@ def _dense_jacobian(module: nn.Module, points: Tensor, i: int, extras: tuple = (
 # iteration, which dominates damped region solves) and early-stopped CGLS. Unconverged solves are
 # still finite, which is what these tests check. (The defaults take 30–50 s per model here.)
 CHEAP = dict(solver="iterative", damping=0.0, tol=1e-3, max_iter=30)
-
-
-def _assert_batch_equals_samples(nf, x: Tensor, targets: list[int]) -> None:
-    whole = nf(x, targets)
-    torch.testing.assert_close(whole.classes, torch.tensor(targets))
-    for i, t in enumerate(targets):
-        one = nf(x[i : i + 1], t)
-        for name in nf.layers:
-            for field in ("maps", "bpfm", "coefficients"):
-                ref, got = getattr(one, field)[name][0], getattr(whole, field)[name][i]
-                scale = float(ref.abs().max())
-                torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * scale, msg=f"{field}[{name}][{i}]")
 
 
 # ------------------------------------------------------------------------------ I1: = Grad-CAM at N
@@ -395,7 +392,7 @@ def test_i5_batch_equals_per_sample_results(name, size, last, prefixes):
     x = batch((3, 3, size, size), seed=26)
     nf = compile_naflow(model, x[:1], last_layer=last, layers=layers, solver="iterative", tol=1e-6, max_iter=2000)
     assert any(_layer(nf, s.output) in layers and s.is_region for s in nf.plan.stages)
-    _assert_batch_equals_samples(nf, x, [3, 0, 2])
+    assert_batch_equals_samples(nf, x, [3, 0, 2])
 
 
 # ----------------------------------------------------------------------- I6: the model is untouched
