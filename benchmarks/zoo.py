@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -22,6 +21,7 @@ import torch
 import torchvision
 
 from naflow_fx import NAFlowError, compile_naflow
+from naflow_fx._io import atomic_write_text
 
 # Inputs per family: the smallest size the model accepts with spatial maps left at its last stage.
 SIZES = {"inception_v3": 96, "googlenet": 64}
@@ -86,14 +86,6 @@ def to_markdown(rows: list[dict], header: str) -> str:
     return "\n".join(out) + "\n" + summary(rows)
 
 
-def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="model names (default: every classification model)")
@@ -116,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(" | ".join(str(v) for v in row.values()), flush=True)
         if args.out:  # rewritten after every model, so a long run can be watched and never half-written
-            write_atomic(args.out, to_markdown(rows, header))
+            atomic_write_text(args.out, to_markdown(rows, header))
     if not args.out:
         sys.stdout.write(to_markdown(rows, header))
     return 0

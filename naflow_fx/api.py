@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -14,7 +14,7 @@ from .errors import ConfigError, InputError, InputTypeError
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps
-from .solvers import SolverConfig, SolverContext
+from .solvers import SolverConfig, SolverContext, SolveRecord
 from .targets import resolve_target
 from .tracing import trace
 
@@ -130,14 +130,23 @@ class NAFlow:
         return output.detach(), values, lams, scores.detach(), classes
 
     # ------------------------------------------------------------------ flows
-    def __call__(self, x: Tensor, target: object = None) -> FlowResult:
+    @property
+    def num_steps(self) -> int:
+        """Inverse steps per call (one per stage the requested layers need); ``progress`` is called this often."""
+        return self._program.steps
+
+    def __call__(
+        self, x: Tensor, target: object = None, *, progress: Callable[[SolveRecord], None] | None = None
+    ) -> FlowResult:
         """Explain ``x`` (``Tensor[B, C, H, W]``) for ``target`` (None = argmax per sample).
 
         ``target``: int, list[int] (length B), LongTensor[B], :class:`~naflow_fx.ClassTarget`, or a
-        callable ``output -> Tensor[B]``.
+        callable ``output -> Tensor[B]``. ``progress``, if given, is called with each inverse step's
+        :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps` calls), e.g. to
+        drive a progress bar.
         """
         output, values, lams, scores, classes = self._record(x, target)
-        ctx = SolverContext(self.config, self._sigma_cache)
+        ctx = SolverContext(self.config, self._sigma_cache, progress=progress)
         args = [values[n] for n in self._program.activations] + [lams[n] for n in self._program.coefficients]
         with torch.no_grad():
             bpfm = self.inverse(ctx, *args)

@@ -1,29 +1,51 @@
-"""The ``naflow`` command line: ``naflow demo`` and ``naflow inspect``.
+"""The ``naflow`` command line: ``naflow demo``, ``naflow explain`` and ``naflow inspect``.
 
-Every error the user can fix is one line on stderr and exit code 2.
+Every error the user can fix (a missing image, an unknown model, weights that do not match, a
+target out of range, ...) is one line on stderr that says what to do, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import NAFlowError
 
-__all__ = ["main", "synthetic_images"]
+__all__ = ["main", "build_parser", "load_model", "load_images", "ModelSpec", "CLIError"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _EPILOG_DEMO = """examples:
-  naflow demo                         # vgg11_bn (random weights) at 128x128, writes naflow-demo/
-  naflow demo --model alexnet --size 96 --out /tmp/demo
+  naflow demo                      # the embedded shapes ResNet on 4 bundled images -> naflow-demo/
+  naflow demo --images 10 --layers blocks --out /tmp/demo
+"""
+
+_EPILOG_EXPLAIN = """examples:
+  naflow explain star.png --model shapes                       # the embedded shapes ResNet
+  naflow explain cat.jpg dog.jpg --model resnet50 --weights DEFAULT --layers blocks
+  naflow explain img.png --model resnet18 --weights my_resnet18.pt --target 281 --compare gradcam,layercam
+  naflow explain img.png --model mypkg.models:build_net --size 128 --out explained/
+  naflow explain img.png --model whole_model.pt --device cuda
+
+--model is a torchvision model name (random weights unless --weights), "shapes" (the embedded
+model), module:callable (a function returning an nn.Module, or a module instance) or a file
+saved with torch.save(model). --weights is a torchvision weights enum (DEFAULT, IMAGENET1K_V1,
+...; downloaded by torchvision) or a state-dict file.
 """
 
 _EPILOG_INSPECT = """examples:
-  naflow inspect --model vgg11_bn --size 64
-  naflow inspect --model alexnet --no-code
+  naflow inspect --model shapes
+  naflow inspect --model resnet18 --size 64 --no-code
+  naflow inspect --model mypkg.models:build_net --size 128
 """
 
 
@@ -31,34 +53,133 @@ class CLIError(Exception):
     """A user-fixable problem: printed as one line, exit code 2."""
 
 
-def synthetic_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """Deterministic test images ``[n, 3, size, size]`` in [0, 1]: a disc and a square on a gradient.
+@dataclass
+class ModelSpec:
+    """A model ready to explain, with how to feed it.
 
-    Example:
-        >>> synthetic_images(2, 32).shape
-        torch.Size([2, 3, 32, 32])
+    Attributes:
+        model: the ``nn.Module`` in eval mode.
+        name: how to name it in outputs.
+        size: the default input side in pixels.
+        mean, std: per-channel input normalisation (after scaling pixels to [0, 1]).
+        class_names: class index → name, when known.
+        resize: ``"crop"`` (shorter side to size, centre crop; ImageNet style) or ``"stretch"``.
+        random_weights: a torchvision architecture built without weights.
     """
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    out = []
-    for _ in range(n):
-        c = torch.rand(3, 2, generator=gen)
-        img = c[:, :1, None] * xx + c[:, 1:, None] * yy
-        cx, cy, r = torch.rand(3, generator=gen) * torch.tensor([0.5, 0.5, 0.12]) + torch.tensor([0.25, 0.25, 0.1])
-        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < r**2
-        img[:, disc] = torch.rand(3, 1, generator=gen)
-        sx, sy = (torch.rand(2, generator=gen) * 0.6 + 0.1).tolist()
-        square = (xx > sx) & (xx < sx + 0.2) & (yy > sy) & (yy < sy + 0.2)
-        img[:, square] = torch.rand(3, 1, generator=gen)
-        out.append(img.clamp(0, 1))
-    return torch.stack(out)
+
+    model: nn.Module
+    name: str
+    size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    class_names: Sequence[str] | None = None
+    resize: str = "crop"
+    random_weights: bool = False
 
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# ---------------------------------------------------------------------------------------- models
+def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
+    if not os.path.isfile(path):
+        raise CLIError(f"weights file not found: {path}; pass an existing state-dict file or a torchvision enum")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise CLIError(
+            f"cannot read weights {path} ({type(exc).__name__}); save them with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CLIError(f"weights {path} hold a {type(state).__name__}, not a state dict; save model.state_dict()")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if missing or unexpected or shaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shaped)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise CLIError(
+            f"weights {path} do not match model {name}: {', '.join(parts)} keys; pass weights saved from this "
+            "architecture"
+        )
+    model.load_state_dict(state)
 
 
-def _torchvision_model(name: str) -> torch.nn.Module:
+def _as_module(obj: object, source: str) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj):
+        try:
+            obj = obj()
+        except Exception as exc:  # noqa: BLE001 - the user's factory failed
+            raise CLIError(
+                f"{source}() failed: {type(exc).__name__}: {exc}; it must build the model with no arguments"
+            ) from None
+        if isinstance(obj, nn.Module):
+            return obj
+    raise CLIError(f"{source} gives a {type(obj).__name__}, not a torch.nn.Module; point --model at a model or factory")
+
+
+def _shapes_spec(weights: str | None) -> ModelSpec:
+    from .data.shapes import CLASSES, MEAN, SIZE, STD
+    from .zoo.shapes import shapes_resnet
+
+    if weights is None:
+        model = shapes_resnet()
+    else:
+        model = shapes_resnet(pretrained=False)
+        _load_state_dict(model, weights, "shapes")
+    return ModelSpec(model.eval(), "shapes", SIZE, MEAN, STD, CLASSES, resize="stretch")
+
+
+def _callable_spec(spec: str, weights: str | None) -> ModelSpec:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CLIError(f"--model {spec}: write module:callable, e.g. mypkg.models:build_net")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - import errors of the user's code
+        raise CLIError(
+            f"--model {spec}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); run from the folder that "
+            "holds it or install its package"
+        ) from None
+    finally:
+        sys.path.pop(0)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"--model {spec}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    model = _as_module(obj, f"--model {spec}")
+    if weights is not None:
+        _load_state_dict(model, weights, spec)
+    return ModelSpec(model.eval(), attr)
+
+
+def _file_spec(path: str, weights: str | None) -> ModelSpec:
+    try:
+        # a whole pickled model needs full unpickling: only load files you trust
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(
+            f"cannot read model file {path} ({type(exc).__name__}); save it with torch.save(model, path)"
+        ) from None
+    if isinstance(obj, dict):
+        raise CLIError(
+            f"{path} holds a state dict, not a model: pass the architecture with --model NAME and this file with "
+            "--weights FILE"
+        )
+    model = _as_module(obj, path)
+    if weights is not None:
+        _load_state_dict(model, weights, path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return ModelSpec(model.eval(), name)
+
+
+def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
     try:
         import torchvision
     except ImportError:
@@ -67,44 +188,295 @@ def _torchvision_model(name: str) -> torch.nn.Module:
     if name not in available:
         close = [m for m in available if m.startswith(name[:3])][:8]
         raise CLIError(
-            f"unknown model {name!r}; torchvision classification models include: {', '.join(close or available[:8])}"
+            f"unknown model {name!r}: use a torchvision classification model ({', '.join(close or available[:8])}, "
+            "...), 'shapes', module:callable or a saved model file"
         )
-    torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    if weights is None or os.path.isfile(weights) or weights.endswith((".pt", ".pth")):
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None)
+        if weights is not None:
+            _load_state_dict(model, weights, name)
+        return ModelSpec(model.eval(), name, random_weights=weights is None)
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        chosen = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise CLIError(f"--weights {weights} is neither a file nor weights of {name}; choose one of: {names}") from None
+    try:
+        model = torchvision.models.get_model(name, weights=chosen)
+    except Exception as exc:  # noqa: BLE001 - network and cache errors
+        raise CLIError(
+            f"could not load {name} weights {chosen.name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "download them where there is internet, or pass a state-dict file with --weights"
+        ) from None
+    crop = chosen.transforms().crop_size
+    size = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+    return ModelSpec(model.eval(), name, size, class_names=chosen.meta.get("categories"))
+
+
+def load_model(spec: str, weights: str | None = None) -> ModelSpec:
+    """Resolve ``--model`` / ``--weights`` into a :class:`ModelSpec` (raises :class:`CLIError`).
+
+    Example:
+        >>> load_model("shapes").class_names[:3]
+        ('circle', 'square', 'triangle')
+    """
+    if spec == "shapes":
+        return _shapes_spec(weights)
+    if os.path.isfile(spec) or spec.endswith((".pt", ".pth")):
+        if not os.path.isfile(spec):
+            raise CLIError(f"model file not found: {spec}; pass an existing file saved with torch.save(model, path)")
+        return _file_spec(spec, weights)
+    if ":" in spec:
+        return _callable_spec(spec, weights)
+    return _torchvision_spec(spec, weights)
+
+
+# ---------------------------------------------------------------------------------------- images
+def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.Tensor:
+    """Read image files as ``float Tensor[N, 3, size, size]`` in [0, 1] (raises :class:`CLIError`).
+
+    ``resize="crop"``: shorter side to ``size``, then a centre crop (ImageNet style);
+    ``"stretch"``: straight to ``size × size``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise CLIError(f"image not found: {path}; check the path")
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CLIError(
+                f"cannot read image {path} ({type(exc).__name__}); pass a PNG, JPEG or other image file"
+            ) from None
+        if resize == "crop":
+            w, h = im.size
+            scale = size / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        elif im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        out.append(data.permute(2, 0, 1).float() / 255.0)
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------- running
+def _progress(total: int, quiet: bool, desc: str):
+    """A tqdm bar on stderr, shown only for runs longer than a second, on a terminal, without --quiet."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", delay=1.0, disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+def _class_name(spec: ModelSpec, c: int) -> str:
+    if spec.class_names is not None and 0 <= c < len(spec.class_names):
+        return f"{spec.class_names[c]!r} ({c})"
+    return f"class {c}"
+
+
+def _grid_layers(layers: list[str], limit: int) -> list[str]:
+    """At most ``limit`` columns: evenly spaced over the layers, always with the first and the last."""
+    if len(layers) <= limit:
+        return layers
+    idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
+    return [layers[i] for i in idx]
+
+
+def run_explain(
+    spec: ModelSpec,
+    images: torch.Tensor,
+    labels: Sequence[str],
+    out: str,
+    *,
+    target: int | None = None,
+    layers: object = "all",
+    compare: Sequence[str] = ("gradcam",),
+    device: str = "cpu",
+    quiet: bool = False,
+    max_columns: int = 24,
+    grid_layers: Callable[[list[str]], list[str]] | None = None,
+    dpi: int = 150,
+    gif_size: int = 192,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """Explain every image, write the grid, the GIF and the ``.npz``/JSON files; returns what was written.
+
+    ``grid_layers`` picks the grid's columns from the explained layers (default: at most
+    ``max_columns`` of them, evenly spaced); the GIF and the ``.npz`` files hold every layer.
+    ``dpi`` is the grid's resolution, ``gif_size`` the side of each image in the GIF.
+    """
+    from . import compile_naflow
+    from .export import save_maps
+    from .result import concat
+    from .viz import flow_gif, flow_grid
+
+    dev = torch.device(device)
+    model = spec.model.to(dev)
+    mean = torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=dev).view(1, -1, 1, 1)
+    x = (images.to(dev) - mean) / std
+    start = time.perf_counter()
+    nf = compile_naflow(model, x[:1], layers=layers)
+    say(f"{spec.name}: compiled in {time.perf_counter() - start:.1f}s, {len(nf.layers)} layers, last {nf.last_layer}")
+    with torch.no_grad():
+        logits = model(x)
+    if target is not None:
+        if logits.dim() != 2:
+            raise CLIError(f"--target needs a classifier; {spec.name} outputs shape {tuple(logits.shape)}")
+        if not 0 <= target < logits.shape[1]:
+            n = logits.shape[1]
+            raise CLIError(f"--target {target} is out of range: {spec.name} has {n} classes (0–{n - 1})")
+    flows, cams = [], {m: [] for m in compare}
+    start = time.perf_counter()
+    with _progress(len(labels) * nf.num_steps, quiet, "NAFlow") as bar:
+        for i in range(len(labels)):
+            bar.set_postfix_str(os.path.basename(labels[i]))
+            flows.append(nf(x[i : i + 1], target, progress=lambda _rec: bar.update()))
+            for m in compare:
+                cams[m].append(getattr(nf, m)(x[i : i + 1], target))
+    flow = concat(flows)
+    say(f"flow over {len(nf.layers)} layers for {len(labels)} image(s): {time.perf_counter() - start:.1f}s")
+    for i, label in enumerate(labels):
+        pred = int(flow.output[i].argmax()) if flow.output.dim() == 2 else None
+        prob = float(torch.softmax(flow.output[i], 0)[pred]) if pred is not None else None
+        explained = int(flow.classes[i]) if flow.classes is not None else None
+        line = f"  {label}: "
+        if pred is not None:
+            line += f"predicted {_class_name(spec, pred)} p={prob:.2f}; "
+        if explained is not None:
+            line += f"explained {_class_name(spec, explained)}, score {float(flow.scores[i]):.3g}"
+        say(line)
+    results = [flow] + [concat(cams[m]) for m in compare]
+    os.makedirs(out, exist_ok=True)
+    written = {}
+    columns = grid_layers(list(nf.layers)) if grid_layers is not None else _grid_layers(list(nf.layers), max_columns)
+    rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
+    written["grid"] = os.path.join(out, "flow_grid.png")
+    grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
+    flow_grid(images, results, written["grid"], **grid_args)
+    written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
+    names = [os.path.basename(p) for p in labels]
+    for res in results:
+        npz, _ = save_maps(
+            res, os.path.join(out, f"{res.method}.npz"), model=spec.name, class_names=spec.class_names, images=names
+        )
+        written[res.method] = npz
+    if len(columns) < len(nf.layers):
+        say(f"the grid shows {len(columns)} of the {len(nf.layers)} layers; the .npz files and the GIF hold all")
+    for key, path in written.items():
+        say(f"wrote {path}" + (" (+ .json)" if key not in ("grid", "gif") else ""))
+    return {"written": written, "flow": flow, "baselines": results[1:], "naflow": nf}
+
+
+# ---------------------------------------------------------------------------------------- commands
+def _parse_target(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target must be 'auto' or a class index, got {text!r}") from None
+
+
+def _parse_layers(text: str) -> object:
+    return text if text in ("all", "conv", "blocks") else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_compare(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    bad = [t for t in items if t not in ("gradcam", "layercam")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--compare takes gradcam, layercam or none, got {', '.join(bad)}")
+    return items
+
+
+def _check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    device = _check_device(args.device)
+    spec = load_model(args.model, args.weights)
+    size = args.size or spec.size
+    images = load_images(args.images, size, spec.resize)
+    say = (lambda s: None) if args.quiet else print
+    if spec.random_weights:
+        say(f"note: {spec.name} has random weights; pass --weights DEFAULT (or a file) for trained ones")
+    run_explain(
+        spec,
+        images,
+        args.images,
+        args.out,
+        target=args.target,
+        layers=args.layers,
+        compare=args.compare,
+        device=device,
+        quiet=args.quiet,
+        max_columns=args.max_columns,
+        say=say,
+    )
+    return 0
+
+
+def _activation_layers(layers: list[str]) -> list[str]:
+    """The demo grid's columns: every ReLU output and pooling layer (the layers a reader tracks)."""
+    keep = [n for n in layers if n.split(".")[-1].split("#")[0] in ("relu", "maxpool", "avgpool")]
+    return keep or layers
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import compile_naflow
-    from .viz import flow_grid
+    from .data.shapes import CLASSES, sample_paths, samples
+    from .zoo.shapes import weights_info
 
-    model = _torchvision_model(args.model)
-    images = synthetic_images(args.images, args.size)
-    x = (images - _MEAN) / _STD
-    start = time.perf_counter()
-    nf = compile_naflow(model, x[:1])
-    compile_s = time.perf_counter() - start
-    print(f"{args.model} (random weights), input {args.size}x{args.size}, compiled in {compile_s:.2f}s: {nf}")
-    print(nf.layer_table())
-    start = time.perf_counter()
-    flow = nf(x)
-    flow_s = time.perf_counter() - start
-    print(f"\nflow over {len(flow.layers)} layers, batch {x.shape[0]}: {flow_s:.1f}s. Solver diagnostics:")
-    print(flow.format_diagnostics())
-    cam = nf.gradcam(x, target=flow.classes)
-    path = f"{args.out}/flow_grid.png"
-    flow_grid(images, [flow, cam], path, row_labels=["NAFlow", "Grad-CAM"])
-    print(f"\nwrote {path}")
+    device = _check_device(args.device)
+    spec = load_model("shapes")
+    paths = sample_paths()[: args.images]
+    images = load_images(paths, spec.size, spec.resize)
+    say = (lambda s: None) if args.quiet else print
+    info = weights_info()
+    say(f"embedded model: shapes ResNet, held-out accuracy {info['held_out_accuracy']:.1%} ({', '.join(CLASSES)})")
+    result = run_explain(
+        spec,
+        images,
+        paths,
+        args.out,
+        layers=args.layers,
+        compare=["gradcam"],
+        device=device,
+        quiet=args.quiet,
+        max_columns=args.max_columns,
+        grid_layers=None if args.all_columns else _activation_layers,
+        dpi=100,  # the README figure: about 1.3k × 1k pixels, under 2 MB
+        gif_size=128,
+        say=say,
+    )
+    from .metrics import mask_energy
+
+    masks = samples().masks[: args.images].to(result["flow"].output.device)
+    table = mask_energy([result["flow"], *result["baselines"]], masks)
+    say("\nshare of each map's mass on the object (ground-truth mask), mean over the images:")
+    say(table)
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import compile_naflow
 
-    model = _torchvision_model(args.model)
-    nf = compile_naflow(model, (1, 3, args.size, args.size))
+    spec = load_model(args.model, args.weights)
+    size = args.size or spec.size
+    nf = compile_naflow(spec.model, (1, 3, size, size))
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
-    print(f"{args.model}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n")
+    print(f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n")
     print(f"{'stage':>5} {'kind':<7} {'input':<24} {'output':<24} inverse")
     for s in plan.stages:
         step = nodes[s.output].meta["naflow.inverse"]
@@ -120,28 +492,72 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        required=required,
+        help="torchvision model name, 'shapes' (embedded), module:callable, or a file saved with torch.save(model)",
+    )
+    p.add_argument("--weights", help="torchvision weights enum (DEFAULT, IMAGENET1K_V1, ...) or a state-dict file")
+    p.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's, 224 or 96)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--layers", type=_parse_layers, default="all", help="all, conv, blocks or comma-separated names")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--max-columns", type=int, default=24, help="layers shown in the grid at most (default 24)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="naflow", description="Layer-by-layer NAFlow explanations of CNNs.")
+    parser = argparse.ArgumentParser(
+        prog="naflow",
+        description="Layer-by-layer NAFlow explanations of CNNs.",
+        epilog="run 'naflow COMMAND --help' for each command's options and examples",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
     demo = sub.add_parser(
         "demo",
-        help="explain a torchvision CNN on synthetic images and write a figure",
+        help="explain the embedded shapes ResNet on bundled images (grid vs Grad-CAM, GIF, .npz)",
+        description="Explain the embedded shapes ResNet on bundled sample images: writes flow_grid.png "
+        "(NAFlow against Grad-CAM), flow.gif and the maps as .npz with JSON sidecars.",
         epilog=_EPILOG_DEMO,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=fmt,
     )
-    demo.add_argument("--model", default="vgg11_bn", help="torchvision model name (random weights)")
-    demo.add_argument("--size", type=int, default=128, help="input size in pixels (default 128)")
-    demo.add_argument("--images", type=int, default=2, help="number of synthetic images (default 2)")
-    demo.add_argument("--out", default="naflow-demo", help="output folder (default naflow-demo)")
+    demo.add_argument("--images", type=int, default=4, choices=range(1, 11), metavar="N", help="images, 1-10 (4)")
+    demo.add_argument(
+        "--all-columns",
+        action="store_true",
+        help="grid columns spread over all layers (--max-columns) instead of the ReLU and pooling outputs",
+    )
+    _add_run_args(demo, "naflow-demo")
     demo.set_defaults(func=_cmd_demo)
+    explain = sub.add_parser(
+        "explain",
+        help="explain image files with a model",
+        description="Explain image files: writes flow_grid.png, flow.gif and the maps as .npz with JSON sidecars.",
+        epilog=_EPILOG_EXPLAIN,
+        formatter_class=fmt,
+    )
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    _add_model_args(explain)
+    explain.add_argument("--target", type=_parse_target, default=None, help="auto (argmax, default) or a class index")
+    explain.add_argument(
+        "--compare", type=_parse_compare, default=["gradcam"], help="baselines: gradcam, layercam, none (gradcam)"
+    )
+    _add_run_args(explain, "naflow-out")
+    explain.set_defaults(func=_cmd_explain)
     insp = sub.add_parser(
         "inspect",
         help="print the stages, inverse rules and generated inverse network of a model",
+        description="Print the stage and region table, the inverse rule of every node, the layer table and the "
+        "generated inverse network's code.",
         epilog=_EPILOG_INSPECT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=fmt,
     )
-    insp.add_argument("--model", required=True, help="torchvision model name")
-    insp.add_argument("--size", type=int, default=64, help="input size used for shapes (default 64)")
+    _add_model_args(insp)
     insp.add_argument("--no-code", action="store_true", help="do not print the generated code")
     insp.set_defaults(func=_cmd_inspect)
     return parser

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .solvers import SolveRecord
 
-__all__ = ["LayerMaps", "FlowResult", "normalize_maps"]
+__all__ = ["LayerMaps", "FlowResult", "normalize_maps", "concat"]
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
@@ -84,3 +84,44 @@ class FlowResult(LayerMaps):
                 f"{r.damping:>10.2e} {r.seconds:>7.3f}" + ("" if r.converged else "  (not converged)")
             )
         return "\n".join(rows)
+
+
+def concat(results: list[LayerMaps]) -> LayerMaps:
+    """Join per-batch results of the same explainer along the batch dimension.
+
+    For flows, BPFMs and coefficients are joined too, and each step's diagnostics are merged:
+    iterations, residual and damping are the worst over the parts, seconds their sum.
+    """
+    if not results:
+        raise ValueError("concat needs at least one result")
+    first = results[0]
+    cat = lambda field_: torch.cat([getattr(r, field_) for r in results])  # noqa: E731
+    classes = None if first.classes is None else torch.cat([r.classes for r in results])
+    common = dict(
+        layers=list(first.layers),
+        maps={n: torch.cat([r.maps[n] for r in results]) for n in first.layers},
+        output=cat("output"),
+        scores=cat("scores"),
+        classes=classes,
+        input_size=first.input_size,
+        method=first.method,
+    )
+    if not isinstance(first, FlowResult):
+        return LayerMaps(**common)
+    diagnostics = {}
+    for key, rec in first.diagnostics.items():
+        parts = [r.diagnostics[key] for r in results]
+        diagnostics[key] = replace(
+            rec,
+            iterations=max(p.iterations for p in parts),
+            residual=max(p.residual for p in parts),
+            damping=max(p.damping for p in parts),
+            converged=all(p.converged for p in parts),
+            seconds=sum(p.seconds for p in parts),
+        )
+    return FlowResult(
+        **common,
+        bpfm={n: torch.cat([r.bpfm[n] for r in results]) for n in first.bpfm},
+        coefficients={n: torch.cat([r.coefficients[n] for r in results]) for n in first.coefficients},
+        diagnostics=diagnostics,
+    )

@@ -6,16 +6,16 @@ Requires the ``vision`` extra (matplotlib).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._io import atomic_write
 from .result import LayerMaps, normalize_maps
 
-__all__ = ["overlay", "flow_grid", "short_layer_name", "atomic_savefig"]
+__all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
 
 
 def short_layer_name(name: str, width: int = 14) -> str:
@@ -56,17 +56,7 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
     """Save a figure through a temporary file and an atomic rename (no half-written PNGs)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1] or ".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
 
 
 def flow_grid(
@@ -76,6 +66,7 @@ def flow_grid(
     *,
     layers: Sequence[str] | None = None,
     row_labels: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
     alpha: float = 0.55,
     cmap: str = "inferno",
     cell: float = 1.15,
@@ -90,6 +81,7 @@ def flow_grid(
         path: where to save the PNG (atomically); None to only return the figure.
         layers: the columns (default: every layer of the first result).
         row_labels: one label per result (default: the results' ``method``).
+        class_names: class index → name, to label each row with the explained class.
 
     Returns:
         The matplotlib figure.
@@ -110,7 +102,10 @@ def flow_grid(
             r = b * len(results) + k
             ax = axes[r, 0]
             ax.imshow(_image_to_numpy(images[b]))
-            cls = "" if res.classes is None else f" c={int(res.classes[b])}"
+            cls = ""
+            if res.classes is not None:
+                c = int(res.classes[b])
+                cls = f"\n{class_names[c]}" if class_names is not None and 0 <= c < len(class_names) else f" c={c}"
             ax.set_ylabel(f"{labels[k]}{cls}", fontsize=6)
             for j, name in enumerate(layers):
                 axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
@@ -126,3 +121,63 @@ def flow_grid(
         atomic_savefig(fig, path, dpi=dpi)
         plt.close(fig)
     return fig
+
+
+def flow_gif(
+    images: Tensor,
+    result: LayerMaps,
+    path: str | os.PathLike,
+    *,
+    layers: Sequence[str] | None = None,
+    size: int = 192,
+    alpha: float = 0.55,
+    cmap: str = "inferno",
+    duration: int = 350,
+) -> str:
+    """An animated GIF of the flow: one frame per layer (shallow → deep), the batch side by side.
+
+    Each frame shows every image with that layer's map overlaid and the layer's name on top.
+
+    Args:
+        images: ``Tensor[B, C, H, W]``.
+        result: the per-layer maps (a flow or a baseline).
+        path: the ``.gif`` to write (atomically).
+        layers: the frames (default: every layer of ``result``).
+        size: side of each image in the GIF, in pixels.
+        duration: milliseconds per frame (the last frame is held three times as long).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile
+        >>> from naflow_fx import LayerMaps
+        >>> res = LayerMaps(["a", "b"], {"a": torch.rand(2, 4, 4), "b": torch.rand(2, 2, 2)}, torch.zeros(2, 3),
+        ...                 torch.zeros(2), None, (16, 16), "naflow")
+        >>> from PIL import Image
+        >>> gif = flow_gif(torch.rand(2, 3, 16, 16), res, tempfile.mkdtemp() + "/flow.gif", size=32)
+        >>> Image.open(gif).n_frames, Image.open(gif).size
+        (2, (64, 46))
+    """
+    from PIL import Image, ImageDraw
+
+    layers = list(layers) if layers is not None else list(result.layers)
+    if not layers:
+        raise ValueError("flow_gif needs at least one layer")
+    batch = images.shape[0]
+    header = 14
+    frames = []
+    small = torch.nn.functional.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear")
+    for name in layers:
+        frame = Image.new("RGB", (size * batch, size + header), "white")
+        for b in range(batch):
+            rgb = overlay(small[b], result.maps[name][b].cpu(), alpha=alpha, cmap=cmap)
+            frame.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (b * size, header))
+        ImageDraw.Draw(frame).text((3, 1), f"{result.method}: {name}", fill="black")
+        frames.append(frame)
+    durations = [duration] * (len(frames) - 1) + [duration * 3]
+
+    def save(tmp: str) -> None:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+    return atomic_write(path, save)

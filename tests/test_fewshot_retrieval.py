@@ -275,15 +275,71 @@ def assert_pngs(paths, folder) -> None:
 
 
 def test_fewshot_example_runs(tmp_path, capsys):
+    """The random-weight set-up (conv4, synthetic coloured shapes) at a tiny size."""
     main = load_example("fewshot").main
-    paths = main(["--out", str(tmp_path), "--ways", "2", "--shots", "2", "--size", "16", "--plot", "1"])
+    args = ["--out", str(tmp_path), "--arch", "conv4", "--ways", "2", "--shots", "2", "--size", "16", "--plot", "1"]
+    paths = main(args)
     assert_pngs(paths, tmp_path)
-    assert f"wrote {paths[0]}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"wrote {paths[0]}" in out and "random-weight conv4" in out
 
 
 def test_retrieval_example_runs(tmp_path, capsys):
+    """The random-weight set-up (conv4, synthetic coloured shapes) at a tiny size."""
     main = load_example("retrieval").main
-    args = ["--out", str(tmp_path), "--classes", "2", "--per-class", "2", "--queries", "1", "--k", "2", "--size", "16"]
+    args = ["--out", str(tmp_path), "--arch", "conv4", "--classes", "2", "--per-class", "2", "--queries", "1"]
+    paths = main([*args, "--k", "2", "--size", "16"])
+    assert_pngs(paths, tmp_path)
+    out = capsys.readouterr().out
+    assert f"wrote {paths[0]}" in out and "random-weight conv4" in out
+
+
+def test_fewshot_example_with_the_trained_shapes_model(tmp_path, capsys):
+    """The default encoder is the embedded trained model on its dataset: its prediction is right."""
+    from naflow_fx.data.shapes import CLASSES
+
+    main = load_example("fewshot").main
+    paths = main(["--out", str(tmp_path), "--ways", "2", "--shots", "1", "--plot", "1"])
+    assert_pngs(paths, tmp_path)
+    out = capsys.readouterr().out
+    assert "trained shapes model" in out and "at 96 px" in out
+    line = next(row for row in out.splitlines() if row.startswith("query 0:"))
+    true, predicted = line.split("true ")[1].split(",")[0], line.split("predicted ")[1].split(",")[0]
+    assert true in CLASSES and predicted == true, line
+
+
+def test_retrieval_example_with_the_trained_shapes_model(tmp_path, capsys):
+    """The default encoder is the embedded trained model: the top matches are of the query's class."""
+    from naflow_fx.data.shapes import CLASSES
+
+    main = load_example("retrieval").main
+    args = ["--out", str(tmp_path), "--classes", "2", "--per-class", "3", "--queries", "1", "--k", "2"]
     paths = main(args)
     assert_pngs(paths, tmp_path)
-    assert f"wrote {paths[0]}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained shapes model" in out and "matches of the query's class: 2/2" in out
+    line = next(row for row in out.splitlines() if row.startswith("query 0 ("))
+    assert line.split("(")[1].split(")")[0] in CLASSES
+
+
+@pytest.mark.parametrize("name", ["fewshot", "retrieval"])
+def test_the_shapes_examples_need_the_model_size(name, capsys):
+    module = load_example(name)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--size", "48"])
+    assert "needs --size 96" in capsys.readouterr().err
+    assert module.parse_args([]).size == 96 and module.parse_args(["--arch", "conv4"]).size == 48
+
+
+def test_the_examples_pick_shapes_images_by_class_deterministically():
+    from naflow_fx.data.shapes import make_shapes
+
+    synthetic = load_example("_synthetic")
+    classes = synthetic.pick_classes(3, seed=5)
+    assert classes == synthetic.pick_classes(3, seed=5) and len(set(classes)) == 3
+    grid, indices = synthetic.shapes_by_class(classes, 2, seed=7, chunk=8)
+    assert grid.shape == (3, 2, 3, 96, 96) and grid.dtype == torch.uint8
+    for row, c, idx in zip(grid, classes, indices):
+        batch = make_shapes(1, seed=7, start=idx[1])
+        assert batch.labels.tolist() == [c] and bool((batch.images[0] == row[1]).all())
+        assert idx == sorted(idx) and len(idx) == 2

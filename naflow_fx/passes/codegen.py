@@ -36,6 +36,7 @@ class InverseProgram:
     module: fx.GraphModule
     activations: tuple[str, ...]  # forward node names fed as recorded values, in order
     coefficients: tuple[str, ...]  # forward node names whose Λ is fed as lam_<name>, in order
+    steps: int = 0  # inverse steps (solver.step calls) per run
 
 
 def emit_recorder(gm: fx.GraphModule, recorded_nodes: list[str]) -> fx.GraphModule:
@@ -166,4 +167,4 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str]) -> InverseProgram:
 
     graph.output({layer[r]: bpfm[r] for r in requested})
     module = fx.GraphModule(root, graph, class_name="NAFlowInverse")
-    return InverseProgram(module, act_order, lam_order)
+    return InverseProgram(module, act_order, lam_order, len(steps))

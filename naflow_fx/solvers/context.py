@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -93,6 +93,7 @@ class SolverContext:
     config: SolverConfig = field(default_factory=SolverConfig)
     sigma_cache: dict = field(default_factory=dict)
     records: list[SolveRecord] = field(default_factory=list)
+    progress: Callable[[SolveRecord], None] | None = None
     _current: SolveRecord | None = None
 
     @contextmanager
@@ -106,6 +107,8 @@ class SolverContext:
             record.seconds = time.perf_counter() - start
             self._current = None
             self.records.append(record)
+            if self.progress is not None:
+                self.progress(record)
 
     def _record(self) -> SolveRecord:
         return self._current if self._current is not None else SolveRecord(layer="?", rule="?")

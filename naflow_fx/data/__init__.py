@@ -1,0 +1,1 @@
+"""Datasets with ground truth, generated on the fly (nothing is downloaded)."""

@@ -1,0 +1,193 @@
+"""The ``naflow`` command line, through its entry function: outputs, and every error case (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from naflow_fx.cli import build_parser, main
+from naflow_fx.data.shapes import CLASSES, sample_paths
+from naflow_fx.export import load_maps
+from naflow_fx.zoo.shapes import shapes_resnet
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("naflow: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# ---------------------------------------------------------------------------------------- working runs
+
+
+def test_explain_with_the_embedded_model_writes_every_output(capsys, tmp_path):
+    star = sample_paths()[CLASSES.index("star")]
+    code, out, err = run(capsys, "explain", star, "--model", "shapes", "--out", str(tmp_path), "--layers", "blocks")
+    assert code == 0, err
+    assert "predicted 'star'" in out and "explained 'star'" in out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["flow.gif", "flow_grid.png", "gradcam.json", "gradcam.npz", "naflow.json", "naflow.npz"]
+    maps, meta = load_maps(tmp_path / "naflow.npz")
+    assert meta["model"] == "shapes" and meta["samples"][0]["image"] == "star.png"
+    assert meta["samples"][0]["target_name"] == "star"
+    assert list(maps)[-1] == "layer4.0.relu#2" and all(m.shape[0] == 1 for m in maps.values())
+    assert Image.open(tmp_path / "flow_grid.png").size[0] > 300
+
+
+def test_explain_with_a_torchvision_architecture_without_weights(capsys, tmp_path):
+    paths = sample_paths()[:2]
+    code, out, err = run(
+        capsys,
+        *("explain", *paths, "--model", "resnet18", "--size", "32", "--layers", "layer3.0.relu#2,layer4.1.relu#2"),
+        *("--compare", "gradcam,layercam", "--target", "3", "--out", str(tmp_path), "--quiet"),
+    )
+    assert code == 0, err
+    assert out == ""  # --quiet
+    _, meta = load_maps(tmp_path / "layercam.npz")
+    assert [s["target"] for s in meta["samples"]] == [3, 3]
+    _, meta = load_maps(tmp_path / "naflow.npz")
+    assert meta["model"] == "resnet18" and meta["input_size"] == [32, 32]
+    assert [layer["name"] for layer in meta["layers"]] == ["layer3.0.relu#2", "layer4.1.relu#2"]
+
+
+def test_explain_with_module_callable_and_saved_model(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(4, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    img = sample_paths()[0]
+    code, out, err = run(capsys, "explain", img, "--model", "mynets:build", "--size", "32", "--out", "a", "-q")
+    assert code == 0, err
+    assert (tmp_path / "a" / "naflow.npz").exists()
+    torch.save(shapes_resnet(), tmp_path / "whole.pt")
+    code, out, err = run(capsys, "explain", img, "--model", "whole.pt", "--size", "96", "--out", "b", "-q")
+    assert code == 0, err
+    torch.save(shapes_resnet().state_dict(), tmp_path / "shapes_state.pt")
+    code, out, err = run(capsys, "explain", img, "--model", "shapes", "--weights", "shapes_state.pt", "--out", "c")
+    assert code == 0, err and "predicted 'circle'" in out
+
+
+def test_inspect_prints_stages_rules_and_code(capsys):
+    code, out, err = run(capsys, "inspect", "--model", "shapes")
+    assert code == 0, err
+    assert "stage" in out and "region_inverse" in out and "conv2d_inverse" in out
+    assert "def forward" in out  # the generated inverse network
+    code, out, err = run(capsys, "inspect", "--model", "shapes", "--no-code")
+    assert code == 0 and "def forward" not in out
+
+
+def test_every_command_has_help_with_examples(capsys):
+    for command in ("demo", "explain", "inspect"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([command, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"naflow {command}" in out
+
+
+def test_console_script_entry_point_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "naflow_fx.cli", "explain", "nope.png", "--model", "shapes"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "naflow: error: image not found: nope.png; check the path"
+
+
+# ---------------------------------------------------------------------------------------- error cases
+
+
+def test_missing_image(capsys, tmp_path):
+    code, _, err = run(capsys, "explain", str(tmp_path / "nope.png"), "--model", "shapes")
+    assert_one_line_error(code, err, "image not found", "nope.png")
+
+
+def test_unreadable_image(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not a PNG")
+    code, _, err = run(capsys, "explain", str(bad), "--model", "shapes")
+    assert_one_line_error(code, err, "cannot read image", "bad.png", "pass a PNG")
+
+
+def test_unknown_model_name(capsys):
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "resnet19")
+    assert_one_line_error(code, err, "unknown model 'resnet19'", "resnet18")
+    code, _, err = run(capsys, "inspect", "--model", "resnet19")
+    assert_one_line_error(code, err, "unknown model")
+
+
+def test_module_callable_that_does_not_import(capsys):
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "no_such_package.models:build")
+    assert_one_line_error(code, err, "cannot import 'no_such_package.models'", "install its package")
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "naflow_fx.zoo.shapes:no_such_factory")
+    assert_one_line_error(code, err, "has no attribute 'no_such_factory'")
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "naflow_fx.data.shapes:CLASSES")
+    assert_one_line_error(code, err, "not a torch.nn.Module")
+
+
+def test_weights_that_do_not_match(capsys, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "head.weight": torch.zeros(2, 8)}, other)
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--weights", str(other))
+    assert_one_line_error(code, err, "do not match model shapes", "missing", "unexpected", "another shape")
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "resnet18", "--weights", "IMAGENET2K_V9")
+    assert_one_line_error(code, err, "IMAGENET2K_V9", "IMAGENET1K_V1")
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--weights", str(tmp_path / "x.pt"))
+    assert_one_line_error(code, err, "weights file not found")
+    state_as_model = tmp_path / "state.pt"
+    torch.save(shapes_resnet().state_dict(), state_as_model)
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", str(state_as_model))
+    assert_one_line_error(code, err, "holds a state dict", "--weights FILE")
+
+
+def test_out_of_range_target(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "explain", sample_paths()[0], "--model", "shapes", "--target", "10", "--out", str(tmp_path)
+    )
+    assert_one_line_error(code, err, "--target 10 is out of range", "10 classes (0–9)")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["explain", "x.png", "--model", "shapes", "--target", "star"])
+    assert exc.value.code == 2
+
+
+def test_other_user_errors(capsys):
+    img = sample_paths()[0]
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "explain", img, "--model", "shapes", "--device", "cuda")
+        assert_one_line_error(code, err, "CUDA is not available", "--device cpu")
+    code, _, err = run(capsys, "explain", img, "--model", "shapes", "--layers", "layer9.conv")
+    assert_one_line_error(code, err, "layer9.conv")
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["explain", img, "--model", "shapes", "--compare", "scorecam"])
+    assert exc.value.code == 2
+
+
+def test_demo_writes_grid_gif_npz_and_reports_mask_energy(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--images", "2", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "held-out accuracy" in out and "share of each map's mass on the object" in out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert {"flow_grid.png", "flow.gif", "naflow.npz", "naflow.json", "gradcam.npz", "gradcam.json"} <= set(names)
+    meta = json.loads((tmp_path / "naflow.json").read_text())
+    assert [s["image"] for s in meta["samples"]] == ["circle.png", "square.png"]
