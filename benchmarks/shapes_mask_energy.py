@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in nf.layers:
         cells = [f"{float(torch.cat(shares[m][name]).mean()):.2f}" for m in methods]
         print(f"| `{name}` | " + " | ".join(cells) + " |")
-    print(f"| uniform map (mask area) | " + " | ".join(f"{area:.2f}" for _ in methods) + " |")
+    print("| uniform map (mask area) | " + " | ".join(f"{area:.2f}" for _ in methods) + " |")
     return 0
 
 

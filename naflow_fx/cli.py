@@ -403,10 +403,16 @@ def _check_device(device: str) -> str:
     return device
 
 
+def _check_size(size: int) -> int:
+    if size < 16:
+        raise CLIError(f"--size {size} is too small: pass the input side in pixels, at least 16 (e.g. 224)")
+    return size
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     spec = load_model(args.model, args.weights)
-    size = args.size or spec.size
+    size = _check_size(args.size if args.size is not None else spec.size)
     images = load_images(args.images, size, spec.resize)
     say = (lambda s: None) if args.quiet else print
     if spec.random_weights:
@@ -472,7 +478,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import compile_naflow
 
     spec = load_model(args.model, args.weights)
-    size = args.size or spec.size
+    size = _check_size(args.size if args.size is not None else spec.size)
     nf = compile_naflow(spec.model, (1, 3, size, size))
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}

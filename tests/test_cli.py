@@ -176,6 +176,8 @@ def test_other_user_errors(capsys):
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "explain", img, "--model", "shapes", "--device", "cuda")
         assert_one_line_error(code, err, "CUDA is not available", "--device cpu")
+    code, _, err = run(capsys, "explain", img, "--model", "shapes", "--size", "0")
+    assert_one_line_error(code, err, "--size 0 is too small")
     code, _, err = run(capsys, "explain", img, "--model", "shapes", "--layers", "layer9.conv")
     assert_one_line_error(code, err, "layer9.conv")
     with pytest.raises(SystemExit) as exc:
