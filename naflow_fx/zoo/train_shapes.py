@@ -10,12 +10,14 @@ time, versions), both atomically. Copy them into ``naflow_fx/zoo/`` to ship new 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, record = train(train_size=args.train_size, epochs=args.epochs, seed=args.seed)
-    atomic_write(os.path.join(args.out, WEIGHTS_FILE), lambda p: torch.save(model.state_dict(), p))
+    buffer = io.BytesIO()  # saved from memory: the archive's inner name does not depend on the temporary file
+    torch.save(model.state_dict(), buffer)
+    atomic_write(os.path.join(args.out, WEIGHTS_FILE), lambda p: Path(p).write_bytes(buffer.getvalue()))
     atomic_write(os.path.join(args.out, INFO_FILE), lambda p: open(p, "w").write(json.dumps(record, indent=2) + "\n"))
     print(
         f"held-out accuracy {record['held_out_accuracy']:.2%} after {record['training_seconds']:.0f}s; wrote {args.out}"

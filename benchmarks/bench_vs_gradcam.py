@@ -1,0 +1,218 @@
+"""NAFlow against pytorch-grad-cam: time, accuracy and peak memory, side by side in one run.
+
+For each model (random weights, seed 0) and batch size, at one input size, it measures:
+
+- ``naflow``: NAFlow over every layer (``compile_naflow(model)``; compile time reported apart);
+- ``pgc``: pytorch-grad-cam ``GradCAM`` over every ``nn.Conv2d`` (``compute_cam_per_layer`` runs
+  inside its ``__call__``), the baseline of the ratios;
+- ``own_gradcam``: this project's on-device Grad-CAM on the same conv layers (``nf.gradcam``).
+
+Each measurement runs in its own subprocess, so that its peak memory (``ru_maxrss`` on the CPU,
+``max_memory_allocated`` on CUDA) is its own; the figure reported is the peak minus the memory in
+use right before the call (model and input built, compiled, one warm-up call done for the
+Grad-CAMs). Times are the median of ``--repeats`` calls (NAFlow: one call, it is long).
+
+Accuracy of the NAFlow run: every inverse step's relative residual (from the diagnostics) and,
+with ``--reference``, each layer map's Pearson r against a tightly converged solve of the same
+problem (``tol=1e-8``, ``max_iter=5000``; expensive: minutes per model).
+
+    python benchmarks/bench_vs_gradcam.py                                   # the full table (long)
+    python benchmarks/bench_vs_gradcam.py --models resnet18 --batches 1     # one row
+    python benchmarks/bench_vs_gradcam.py --reference --models resnet50 --batches 1
+
+Writes a Markdown table to stdout and to ``--out``.md, and every number to ``--out``.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ("pgc", "own_gradcam", "naflow")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build(name: str, batch: int, size: int, device: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval().to(device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    return model, x, convs
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(spec: dict) -> dict:
+    """One measurement in this process: ``spec`` = model, batch, size, device, method, repeats."""
+    from naflow_fx import compile_naflow
+
+    device, method = spec["device"], spec["method"]
+    model, x, convs = _build(spec["model"], spec["batch"], spec["size"], device)
+    out: dict = {"conv_layers": len(convs)}
+    if method == "pgc":
+        from pytorch_grad_cam import GradCAM
+
+        modules = dict(model.named_modules())
+        cam = GradCAM(model=model, target_layers=[modules[n] for n in convs])
+        cam(input_tensor=x, targets=None)  # warm-up
+        call = lambda: cam(input_tensor=x, targets=None)  # noqa: E731
+    elif method == "own_gradcam":
+        nf = compile_naflow(model, x[:1], layers="conv")
+        nf.gradcam(x)  # warm-up
+        call = lambda: nf.gradcam(x)  # noqa: E731
+    else:
+        start = time.perf_counter()
+        nf = compile_naflow(model, x[:1], **spec.get("options", {}))
+        out["compile_s"] = time.perf_counter() - start
+        out["layers"] = len(nf.layers)
+        call = lambda: nf(x)  # noqa: E731
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mib()
+    times, result = [], None
+    for _ in range(spec["repeats"] if method != "naflow" else 1):
+        _sync(device)
+        start = time.perf_counter()
+        result = call()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_mib()
+    out.update(seconds=statistics.median(times), peak_mib=max(peak - base, 0.0))
+    if method == "naflow":
+        out["residuals"] = {k: r.residual for k, r in result.diagnostics.items()}
+        out["iterations"] = sum(r.iterations for r in result.diagnostics.values())
+        out["converged"] = all(r.converged for r in result.diagnostics.values())
+        out["finite"] = all(bool(torch.isfinite(m).all()) for m in result.maps.values())
+        if spec.get("reference"):
+            ref_nf = compile_naflow(model, x[:1], tol=1e-8, max_iter=5000)
+            start = time.perf_counter()
+            ref = ref_nf(x)
+            out["reference_s"] = time.perf_counter() - start
+            out["pearson"] = {name: _pearson(result.maps[name], ref.maps[name]) for name in result.layers}
+    return out
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The smallest per-sample Pearson r of two ``[B, h, w]`` maps (1 when both are constant)."""
+    rs = []
+    for u, v in zip(a.flatten(1).double(), b.flatten(1).double()):
+        u, v = u - u.mean(), v - v.mean()
+        den = float(u.norm() * v.norm())
+        rs.append(1.0 if den == 0 and float(u.norm() + v.norm()) == 0 else (float(u @ v) / den if den else 0.0))
+    return min(rs)
+
+
+def run_one(spec: dict) -> dict:
+    """Run :func:`worker` in a fresh subprocess; returns its result (or the error)."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| model | batch | pgc s | own Grad-CAM s | NAFlow s | NAFlow / pgc | per image vs batch 1 (pgc · NAFlow) "
+        "| compile s | peak MiB (pgc · NAFlow) | max residual | min Pearson r | CGLS iterations |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    first: dict = {}
+    for r in rows:
+        p, o, n = r["pgc"], r["own_gradcam"], r["naflow"]
+        if "error" in n or "error" in p:
+            lines.append(f"| {r['model']} | {r['batch']} | error: {n.get('error') or p.get('error')} |")
+            continue
+        key = r["model"]
+        if r["batch"] == 1:
+            first[key] = (p["seconds"], n["seconds"])
+        scaling = "–"
+        if key in first and r["batch"] > 1:
+            f_p = p["seconds"] / r["batch"] / first[key][0]
+            f_n = n["seconds"] / r["batch"] / first[key][1]
+            scaling = f"{f_p:.2f} · {f_n:.2f}"
+        pearson = f"{min(n['pearson'].values()):.4f}" if n.get("pearson") else "–"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {p['seconds']:.3f} | {o['seconds']:.3f} | {n['seconds']:.2f} "
+            f"| {n['seconds'] / p['seconds']:.0f}× | {scaling} | {n['compile_s']:.1f} "
+            f"| {p['peak_mib']:.0f} · {n['peak_mib']:.0f} | {max(n['residuals'].values()):.2f} | {pearson} "
+            f"| {n['iterations']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="resnet18,resnet50,vgg16_bn", help="comma-separated torchvision names")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--size", type=int, default=224, help="input side (default 224)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of the Grad-CAMs (median; default 5)")
+    parser.add_argument("--reference", action="store_true", help="also solve tightly and report Pearson r")
+    parser.add_argument("--max-iter", type=int, default=None, help="NAFlow CGLS iteration cap (default: library's)")
+    parser.add_argument("--out", default="benchmarks/results/vs_gradcam", help="output stem for .md and .json")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    options = {} if args.max_iter is None else {"max_iter": args.max_iter}
+    rows = []
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = {"model": name, "batch": batch, "size": args.size}
+            for method in METHODS:
+                spec = dict(model=name, batch=batch, size=args.size, device=args.device, method=method)
+                spec.update(repeats=args.repeats, options=options, reference=args.reference and method == "naflow")
+                start = time.perf_counter()
+                row[method] = run_one(spec)
+                print(f"{name} batch {batch} {method}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+            rows.append(row)
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    text = f"{args.size}×{args.size}, {args.device}, {machine['threads']} threads, torch {torch.__version__}\n\n"
+    text += table(rows)
+    print(text)
+    from naflow_fx._io import atomic_write_text
+
+    atomic_write_text(args.out + ".md", text + "\n")
+    atomic_write_text(args.out + ".json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
