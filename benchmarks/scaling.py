@@ -1,0 +1,82 @@
+"""Time and peak memory of a full NAFlow flow against input size and batch size (pytorch-grad-cam beside it).
+
+Every point is measured in its own process by ``bench_vs_gradcam.worker`` (same conventions:
+random weights, every layer explained, peak RSS minus the RSS before the call). Writes a figure
+(time and memory against size, and against batch) and the numbers as JSON.
+
+    python benchmarks/scaling.py                                    # ResNet-50, sizes 64–448, batches 1–32 (hours)
+    python benchmarks/scaling.py --sizes 64,128,224 --batches 1,2,4  # a shorter sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vs_gradcam import run_one  # noqa: E402
+
+
+def measure(model: str, size: int, batch: int, device: str) -> dict:
+    out = {"size": size, "batch": batch}
+    for method in ("pgc", "naflow"):
+        spec = dict(model=model, batch=batch, size=size, device=device, method=method, repeats=3, options={})
+        out[method] = run_one(spec)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def plot(sizes: list[dict], batches: list[dict], model: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from naflow_fx.viz import atomic_savefig
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    for col, (points, key, label) in enumerate(((sizes, "size", "input side (px)"), (batches, "batch", "batch size"))):
+        ok = [p for p in points if "seconds" in p["naflow"] and "seconds" in p["pgc"]]
+        xs = [p[key] for p in ok]
+        for row, (field, unit) in enumerate((("seconds", "time (s)"), ("peak_mib", "peak memory (MiB)"))):
+            ax = axes[row, col]
+            ax.plot(xs, [p["naflow"][field] for p in ok], "o-", label="NAFlow (every layer)")
+            ax.plot(xs, [p["pgc"][field] for p in ok], "s--", label="pytorch-grad-cam (every conv)")
+            ax.set_xlabel(label)
+            ax.set_ylabel(unit)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set_title(f"{model}, batch 1")
+    axes[0, 1].set_title(f"{model}, 224×224")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--sizes", default="64,128,224,320,448", help="input sides at batch 1")
+    parser.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes at 224×224")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="docs/performance_scaling", help="stem of the .png and .json")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    sizes = [measure(args.model, int(s), 1, args.device) for s in args.sizes.split(",")]
+    batches = [measure(args.model, 224, int(b), args.device) for b in args.batches.split(",")]
+    plot(sizes, batches, args.model, args.out + ".png")
+    from naflow_fx._io import atomic_write_text
+
+    data = {"model": args.model, "device": args.device, "sizes": sizes, "batches": batches}
+    atomic_write_text(args.out + ".json", json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}.png and .json in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
