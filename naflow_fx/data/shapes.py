@@ -44,8 +44,8 @@ __all__ = [
 
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "heart", "arrow", "crescent", "pentagon")
 SIZE = 96
-# per-channel statistics of the generated images (measured on 2,000 images, seed 0); used by
-# :func:`normalize` and by the embedded model's preprocessing
+# the embedded model's fixed input standardisation (:func:`normalize`); the generated images
+# measure mean ≈ 0.49 and std ≈ 0.19 per channel (500 images of seed 0)
 MEAN = (0.486, 0.486, 0.486)
 STD = (0.214, 0.214, 0.214)
 
