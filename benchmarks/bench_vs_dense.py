@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -33,6 +34,9 @@ from naflow_fx import compile_naflow
 from naflow_fx._io import atomic_write_text
 from naflow_fx.solvers import SolverContext
 from naflow_fx.solvers.context import relative_residual
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vs_gradcam import _pearson  # noqa: E402
 
 
 class RowwiseDenseContext(SolverContext):
@@ -83,14 +87,8 @@ def largest_jacobian_gib(nf) -> float:
 
 
 def pearson_min(a, b) -> float:
-    out = []
-    for name in a.layers:
-        u, v = a.maps[name].flatten(1).double(), b.maps[name].flatten(1).double()
-        for s, t in zip(u, v):
-            s, t = s - s.mean(), t - t.mean()
-            den = float(s.norm() * t.norm())
-            out.append(1.0 if den == 0 else float(s @ t) / den)
-    return min(out)
+    """The smallest per-layer, per-sample Pearson r between two flows' maps."""
+    return min(_pearson(a.maps[name], b.maps[name]) for name in a.layers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,3 +128,25 @@ def resolve_arch_args(parser, args) -> int:
     if not shapes and (args.size < 16 or args.size % 16):
         parser.error(f"--size must be a positive multiple of 16 for --arch {args.arch}")
     return len(CLASSES) if shapes else len(SHAPES)
+
+
+def describe_source(args) -> str:
+    """One line saying where the images and the encoder come from."""
+    if args.arch == "shapes":
+        return f"shapes dataset (seed {args.seed}), trained shapes model (pooled 128-d features)"
+    return f"synthetic shapes (seed {args.seed}), random-weight {args.arch}"
+
+
+def save_relabelled(fig, path: str, relabel) -> None:
+    """Rewrite each row label of ``fig`` with ``relabel(label) -> str`` (empty labels kept), save and close."""
+    import matplotlib.pyplot as plt
+
+    from naflow_fx.viz import atomic_savefig
+
+    for ax in fig.axes:
+        label = ax.get_ylabel()
+        if label:
+            ax.set_ylabel(relabel(label), fontsize=6)
+    fig.tight_layout(pad=0.2)
+    atomic_savefig(fig, path, dpi=150)
+    plt.close(fig)

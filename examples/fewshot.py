@@ -42,7 +42,16 @@ from torch import Tensor, nn
 
 # the examples' shared images (examples/_synthetic.py), importable however the script is run
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _synthetic import SHAPES, SHAPES_SEED, make_images, pick_classes, resolve_arch_args, shapes_by_class  # noqa: E402
+from _synthetic import (  # noqa: E402
+    SHAPES,
+    SHAPES_SEED,
+    describe_source,
+    make_images,
+    pick_classes,
+    resolve_arch_args,
+    save_relabelled,
+    shapes_by_class,
+)
 
 from naflow_fx.data.shapes import CLASSES, SIZE, normalize  # noqa: E402
 
@@ -175,20 +184,13 @@ def make_episode(args: argparse.Namespace) -> tuple[nn.Module, Tensor, list[int]
 
 def plot_query(episode, q: int, path: str, names: list[str], true: int) -> None:
     """``episode.plot(q)`` with class names in the row labels, saved to ``path``."""
-    import matplotlib.pyplot as plt
-
-    from naflow_fx.viz import atomic_savefig
-
-    fig = episode.plot(q)
     pred = int(episode.prediction[q])
-    for ax in fig.axes:
-        label = ax.get_ylabel()
-        if label:
-            label = label.replace(f"query {q}→proto {pred}", f"query {q}: {names[true]}\n→proto {names[pred]}")
-            ax.set_ylabel(label.replace(f"(c={pred})", f"({names[pred]})"), fontsize=6)
-    fig.tight_layout(pad=0.2)
-    atomic_savefig(fig, path, dpi=150)
-    plt.close(fig)
+
+    def relabel(label: str) -> str:
+        label = label.replace(f"query {q}→proto {pred}", f"query {q}: {names[true]}\n→proto {names[pred]}")
+        return label.replace(f"(c={pred})", f"({names[pred]})")
+
+    save_relabelled(episode.plot(q), path, relabel)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -206,10 +208,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     # compile once (one column per block: 5 for shapes, 4 for conv4, 9 for resnet18), reuse for every episode
     nf = compile_naflow(encoder, support[:1], layers="blocks")
     classes = ", ".join(names[c] for c in sorted(set(support_labels)))
-    if args.arch == "shapes":
-        source = f"shapes dataset (seed {args.seed}), trained shapes model (pooled 128-d features)"
-    else:
-        source = f"synthetic shapes (seed {args.seed}), random-weight {args.arch}"
+    source = describe_source(args)
     print(f"{args.ways}-way {args.shots}-shot, {len(query_labels)} queries, {source} at {args.size} px")
     print(f"classes: {classes}")
     print(f"explained layers: {', '.join(nf.layers)}")

@@ -36,7 +36,16 @@ from torch import Tensor, nn
 
 # the examples' shared images (examples/_synthetic.py), importable however the script is run
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _synthetic import SHAPES, SHAPES_SEED, make_images, pick_classes, resolve_arch_args, shapes_by_class  # noqa: E402
+from _synthetic import (  # noqa: E402
+    SHAPES,
+    SHAPES_SEED,
+    describe_source,
+    make_images,
+    pick_classes,
+    resolve_arch_args,
+    save_relabelled,
+    shapes_by_class,
+)
 
 from naflow_fx.data.shapes import CLASSES, SIZE, normalize  # noqa: E402
 
@@ -143,22 +152,16 @@ def make_data(args: argparse.Namespace) -> tuple[nn.Module, Tensor, list[int], T
 
 def plot_query(match, q: int, path: str, names: list[str], query_label: int, gallery_labels: list[int]) -> None:
     """``match.plot(q)`` with class names in the row labels, saved to ``path``."""
-    import matplotlib.pyplot as plt
-
-    from naflow_fx.viz import atomic_savefig
-
-    fig = match.plot(q)
     rename = {}
     for r, i in enumerate(match.indices[q].tolist()):
         rename[f"query {q}→#{i}"] = f"query {q}: {names[query_label]}\n→#{i}"
         rename[f"match {r + 1}: #{i}"] = f"match {r + 1}: #{i} ({names[gallery_labels[i]]})"
-    for ax in fig.axes:
-        first, *rest = ax.get_ylabel().split("\n")
-        if first in rename:
-            ax.set_ylabel("\n".join([rename[first], *rest]), fontsize=6)
-    fig.tight_layout(pad=0.2)
-    atomic_savefig(fig, path, dpi=150)
-    plt.close(fig)
+
+    def relabel(label: str) -> str:
+        first, *rest = label.split("\n")
+        return "\n".join([rename.get(first, first), *rest])
+
+    save_relabelled(match.plot(q), path, relabel)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -175,10 +178,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     nf = compile_naflow(encoder, query[:1], layers="blocks")
     classes = ", ".join(names[c] for c in sorted(set(gallery_labels)))
-    if args.arch == "shapes":
-        source = f"shapes dataset (seed {args.seed}), trained shapes model (pooled 128-d features)"
-    else:
-        source = f"synthetic shapes (seed {args.seed}), random-weight conv4"
+    source = describe_source(args)
     print(f"gallery: {len(gallery_labels)} images of {args.classes} classes; {args.queries} queries; top-{args.k}")
     print(f"{source} at {args.size} px; classes: {classes}")
     print(f"explained layers: {', '.join(nf.layers)}")
