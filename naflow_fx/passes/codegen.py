@@ -24,6 +24,7 @@ from torch.func import jvp
 
 from ..rules import abandon
 from ..rules.generic import linearized_inverse, region_inverse
+from ..solvers.linearize import linearize_graph
 from .partition import Plan
 
 __all__ = ["InverseProgram", "emit_recorder", "emit_inverse", "extract_stage", "region_images"]
@@ -74,8 +75,12 @@ def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], 
 
 
 def region_images(inner: nn.Module, input: Tensor, bpfm_in: Tensor, *extras) -> tuple[Tensor, ...]:
-    """``B_v = J_{u→v} B_u + θ_{u→v}`` for the region's inner nodes, with one ``jvp``."""
-    primal, tangent = jvp(lambda x: inner(x, *extras), (input,), (bpfm_in - input,))
+    """``B_v = J_{u→v} B_u + θ_{u→v}`` for the region's inner nodes: one tangent pass from ``input``."""
+    if isinstance(inner, fx.GraphModule):
+        primal, jvp_fn = linearize_graph(inner, input, *extras)
+        tangent = jvp_fn(bpfm_in - input)
+    else:
+        primal, tangent = jvp(lambda x: inner(x, *extras), (input,), (bpfm_in - input,))
     if isinstance(primal, Tensor):
         primal, tangent = (primal,), (tangent,)
     return tuple(p + t for p, t in zip(primal, tangent))

@@ -7,8 +7,9 @@ It is the definition every closed-form rule must agree with (invariant I4), the 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from ..solvers.linearize import linearize_graph
 from ..solvers.operator import linearized_map
 from . import recorded
 
@@ -22,8 +23,12 @@ def _float64_call(stage: nn.Module, extras: tuple):
 
 
 def affine_piece(stage: nn.Module, input: Tensor, *extras):
-    """``(J, θ)`` of ``x ↦ stage(x, *extras)`` at ``input`` (see ``linearized_map``)."""
-    return linearized_map(lambda x: stage(x, *extras), input, _float64_call(stage, extras))
+    """``(J, θ)`` of ``x ↦ stage(x, *extras)`` at ``input`` (see ``linearized_map``).
+
+    Stages are graph modules: ``J`` is applied op by op (``linearize_graph``), not with ``jvp``.
+    """
+    tangent = linearize_graph(stage, input, *extras)[1] if isinstance(stage, fx.GraphModule) else None
+    return linearized_map(lambda x: stage(x, *extras), input, _float64_call(stage, extras), tangent)
 
 
 def _solve_affine_piece(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:

@@ -3,6 +3,7 @@
 from .context import SolverConfig, SolverContext, SolveRecord, relative_residual
 from .dense import dense_solve, svd_solve
 from .iterative import IterativeResult, cgls
+from .linearize import linearize_graph
 from .operator import LinearOperator, linear_map, linearized_map
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "LinearOperator",
     "linear_map",
     "linearized_map",
+    "linearize_graph",
 ]

@@ -83,18 +83,25 @@ def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
 
 
 def linearized_map(
-    fn: Callable[[Tensor], Tensor], point: Tensor, fn64: Callable[[Tensor], Tensor] | None = None
+    fn: Callable[[Tensor], Tensor],
+    point: Tensor,
+    fn64: Callable[[Tensor], Tensor] | None = None,
+    tangent: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[LinearOperator, Tensor]:
     """The affine piece of a sample-independent ``fn`` at ``point``: ``(J, θ)`` with θ = fn(a) − J a.
 
-    ``J`` is applied with ``jvp`` and its adjoint with ``vjp`` (matrix-free). ``fn`` must map a batch
-    to a batch with no mixing between samples (eval-mode layers do not mix). ``fn64`` is the same
-    function in float64, for the dense oracle (default: ``fn`` itself).
+    ``J`` is applied with ``tangent`` when given (``t ↦ J·t``, e.g. from
+    :func:`~naflow_fx.solvers.linearize.linearize_graph`), else with ``jvp``; its adjoint with
+    ``vjp`` (matrix-free). ``fn`` must map a batch to a batch with no mixing between samples
+    (eval-mode layers do not mix). ``fn64`` is the same function in float64, for the dense oracle
+    (default: ``fn`` itself).
     """
     point = point.detach()
     out, vjp_fn = vjp(fn, point)
 
     def matvec(t: Tensor) -> Tensor:
+        if tangent is not None:
+            return tangent(t.to(point.dtype))
         return jvp(fn, (point,), (t.to(point.dtype),))[1]
 
     def jacobian(b: int) -> Tensor:

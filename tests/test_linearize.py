@@ -1,0 +1,119 @@
+"""``linearize_graph``: its tangent map equals ``torch.func.jvp`` on every op family it handles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import fx, nn
+from torch.func import jvp
+
+import naflow_fx as nf
+from naflow_fx.rules import generic
+from naflow_fx.solvers.linearize import linearize_graph
+
+
+def _check(gm: fx.GraphModule, point: torch.Tensor, *extras) -> None:
+    t = torch.randn_like(point)
+    out, tangent = linearize_graph(gm, point, *extras)
+    ref_out, ref = jvp(lambda x: gm(x, *extras), (point,), (t,))
+    got = tangent(t)
+    if isinstance(ref, torch.Tensor):
+        ref, got, ref_out, out = (ref,), (got,), (ref_out,), (out,)
+    for r, g, ro, o in zip(ref, got, ref_out, out, strict=True):
+        torch.testing.assert_close(o, ro)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+class Mixed(nn.Module):
+    """Every rule family: affine, batch norm, pointwise (mask and smooth), sums, products, linear, pad,
+    and ops that fall back to ``jvp`` (max pool, layer norm, interpolate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4).eval()
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2)
+        self.prelu = nn.PReLU(4)
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x, extra):
+        y = self.bn(self.conv(x))
+        a = F.relu(y) + torch.sigmoid(y) * y  # product of two input-dependent values
+        b = torch.sub(a, extra, alpha=0.5) - 2.0 * F.silu(a)
+        c = torch.cat([b, extra, F.hardtanh(b, -0.5, 0.5)], dim=1)
+        d0, d1 = torch.split(c, [6, 6], dim=1)
+        e = F.pad(self.prelu(d0[:, :4]), (1, 1, 1, 1), value=3.0) + F.max_pool2d(F.pad(d1[:, :4], (1, 1, 1, 1)), 1)
+        f = F.interpolate(F.avg_pool2d(e, 2), scale_factor=2.0, mode="bilinear") * extra.mean()
+        g = F.layer_norm(f.permute(0, 2, 3, 1), (4,)).flatten(1, 2)
+        h = self.lin(torch.cat([g, g[..., :2]], dim=-1))
+        return h.reshape(h.shape[0], -1), extra + 1  # the second output does not depend on x
+
+
+def test_every_rule_family_matches_jvp():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Mixed().eval())
+    _check(gm, torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6))
+
+
+def test_constant_output_gets_zero_tangent():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Mixed().eval())
+    point, extra = torch.randn(1, 3, 6, 6), torch.randn(1, 4, 6, 6)
+    _, tangent = linearize_graph(gm, point, extra)
+    assert torch.count_nonzero(tangent(torch.randn_like(point))[1]) == 0
+
+
+def test_broadcast_against_constant_falls_back_to_jvp():
+    class Broadcast(nn.Module):
+        def forward(self, x, bias):
+            return x + bias  # x is [B, 1, H, W], bias [1, C, H, W]: the sum broadcasts x
+
+    gm = fx.symbolic_trace(Broadcast())
+    _check(gm, torch.randn(2, 1, 4, 4), torch.randn(1, 3, 4, 4))
+
+
+def test_rules_chosen_per_op():
+    """The cheap rules are the ones used; only ops without one fall back to ``jvp``."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Mixed().eval())
+    _, tangent = linearize_graph(gm, torch.randn(1, 3, 6, 6), torch.randn(1, 4, 6, 6))
+    kinds = tangent.kinds
+    assert kinds["conv"] == "affine" and kinds["lin"] == "affine"
+    assert kinds["bn"] == "scale"
+    assert kinds["relu"] == "mask" and kinds["hardtanh"] == "mask"
+    assert kinds["sigmoid"] == "derivative" and kinds["prelu"] == "derivative"
+    assert kinds["mul"] == "product" and kinds["sub"] == "sum" and kinds["cat"] == "linear"
+    assert {kinds[k] for k in ("max_pool2d", "layer_norm", "interpolate")} == {"jvp"}
+    assert sum(k == "jvp" for k in kinds.values()) == 3
+
+
+def test_normalised_resnet_block_needs_no_jvp():
+    """A compiled ResNet's residual stage is covered by the cheap rules (no ``jvp`` fallback)."""
+    model = torchvision.models.resnet18().eval()
+    flow = nf.compile_naflow(model, (1, 3, 32, 32), layers="blocks")
+    stage = flow.inverse.stage_layer1_0_add
+    _, tangent = linearize_graph(stage, torch.randn(1, 64, 8, 8))
+    assert "jvp" not in tangent.kinds.values()
+    assert {"affine", "scale", "mask", "sum"} <= set(tangent.kinds.values())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "convnext_tiny"])
+def test_region_stages_of_the_zoo_match_jvp(name, monkeypatch):
+    """Every region stage NAFlow solves on these models: op-by-op tangent = jvp."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    flow = nf.compile_naflow(model, (1, 3, 64, 64), layers="blocks", max_iter=2)
+    seen = []
+    original = generic.affine_piece
+
+    def checked(stage, input, *extras):
+        _check(stage, input, *extras)
+        seen.append(stage)
+        return original(stage, input, *extras)
+
+    monkeypatch.setattr(generic, "affine_piece", checked)
+    flow(torch.randn(2, 3, 64, 64))
+    assert seen, "no region was solved"
