@@ -2,15 +2,23 @@
 
 For each model (random weights, seed 0) and batch size, at one input size, it measures:
 
-- ``naflow``: NAFlow over every layer (``compile_naflow(model)``; compile time reported apart);
+- ``naflow``: NAFlow over every layer (``compile_naflow(model)``; compile time reported apart),
+  returning the maps only (``keep="maps"``), as pytorch-grad-cam does;
+- ``naflow_all``: peak memory only, of the same flow returning every layer's map, BPFM and
+  coefficients (``keep="all"``, the default).
 - ``pgc``: pytorch-grad-cam ``GradCAM`` over every ``nn.Conv2d`` (``compute_cam_per_layer`` runs
   inside its ``__call__``), the baseline of the ratios;
 - ``own_gradcam``: this project's on-device Grad-CAM on the same conv layers (``nf.gradcam``).
 
-Each measurement runs in its own subprocess, so that its peak memory (``ru_maxrss`` on the CPU,
-``max_memory_allocated`` on CUDA) is its own; the figure reported is the peak minus the memory in
-use right before the call (model and input built, compiled, one warm-up call done for the
-Grad-CAMs). Times are the median of ``--repeats`` calls (NAFlow: one call, it is long).
+Each measurement runs in its own subprocess. Times are the median of ``--repeats`` calls (NAFlow:
+one call, it is long). Peak memory is measured in separate processes, as the peak minus the
+memory in use right before the call (model and input built, compiled, one warm-up call done, so
+that one-time caches of torch and oneDNN are not counted): ``max_memory_allocated`` on CUDA; on
+the CPU ``ru_maxrss`` with glibc told to return every block of 64 KiB or more to the system when
+it is freed (``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536``), so that resident memory
+follows the tensors alive rather than what the allocator keeps from earlier calls. The NAFlow
+memory runs stop CGLS after 2 iterations: the iteration count changes time, not the buffers
+alive.
 
 Accuracy of the NAFlow run: every inverse step's relative residual (from the diagnostics) and,
 with ``--reference``, each layer map's Pearson r against a tightly converged solve of the same
@@ -37,7 +45,8 @@ import time
 
 import torch
 
-METHODS = ("pgc", "own_gradcam", "naflow")
+TIMED = ("pgc", "own_gradcam", "naflow")
+MEMORY = ("pgc", "naflow", "naflow_all")
 
 
 def _rss_mib() -> float:
@@ -87,14 +96,16 @@ def worker(spec: dict) -> dict:
         nf = compile_naflow(model, x[:1], **spec.get("options", {}))
         out["compile_s"] = time.perf_counter() - start
         out["layers"] = len(nf.layers)
-        call = lambda: nf(x)  # noqa: E731
+        call = lambda: nf(x, keep=spec.get("keep", "all"))  # noqa: E731
+        if spec.get("memory"):  # warm-up, as for the Grad-CAMs: one-time caches of torch and oneDNN
+            call()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = _rss_mib()
     times, result = [], None
-    for _ in range(spec["repeats"] if method != "naflow" else 1):
+    for _ in range(spec["repeats"] if not method.startswith("naflow") else 1):
         _sync(device)
         start = time.perf_counter()
         result = call()
@@ -127,11 +138,22 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_one(spec: dict) -> dict:
-    """Run :func:`worker` in a fresh subprocess; returns its result (or the error)."""
+    """Run :func:`worker` in a fresh subprocess; returns its result (or the error).
+
+    ``spec["memory"]``: a memory run (glibc returns freed blocks at once; NAFlow capped at 2
+    iterations; one call).
+    """
+    env = dict(os.environ)
+    if spec.get("memory"):
+        env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=65536"
+        spec = {**spec, "repeats": 1}
+        if spec["method"].startswith("naflow"):
+            spec["options"] = {**spec.get("options", {}), "max_iter": 2}
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
+        env=env,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -142,12 +164,13 @@ def run_one(spec: dict) -> dict:
 def table(rows: list[dict]) -> str:
     head = (
         "| model | batch | pgc s | own Grad-CAM s | NAFlow s | NAFlow / pgc | per image vs batch 1 (pgc · NAFlow) "
-        "| compile s | peak MiB (pgc · NAFlow) | max residual | min Pearson r | CGLS iterations |"
+        "| compile s | peak MiB (pgc · NAFlow maps · NAFlow all) | max residual | min Pearson r | CGLS iterations |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     first: dict = {}
     for r in rows:
         p, o, n = r["pgc"], r["own_gradcam"], r["naflow"]
+        mem = {m: r["memory"].get(m, {}).get("peak_mib", float("nan")) for m in MEMORY}
         if "error" in n or "error" in p:
             lines.append(f"| {r['model']} | {r['batch']} | error: {n.get('error') or p.get('error')} |")
             continue
@@ -163,7 +186,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['batch']} | {p['seconds']:.3f} | {o['seconds']:.3f} | {n['seconds']:.2f} "
             f"| {n['seconds'] / p['seconds']:.0f}× | {scaling} | {n['compile_s']:.1f} "
-            f"| {p['peak_mib']:.0f} · {n['peak_mib']:.0f} | {max(n['residuals'].values()):.2f} | {pearson} "
+            f"| {mem['pgc']:.0f} · {mem['naflow']:.0f} ({mem['naflow'] / mem['pgc']:.1f}×) · {mem['naflow_all']:.0f} "
+            f"| {max(n['residuals'].values()):.2f} | {pearson} "
             f"| {n['iterations']} |"
         )
     return "\n".join(lines)
@@ -189,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             row = {"model": name, "batch": batch, "size": args.size}
-            for method in METHODS:
-                spec = dict(model=name, batch=batch, size=args.size, device=args.device, method=method)
-                spec.update(repeats=args.repeats, options=options, reference=args.reference and method == "naflow")
-                start = time.perf_counter()
-                row[method] = run_one(spec)
-                print(f"{name} batch {batch} {method}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+            row["memory"] = {}
+            for memory, methods in ((False, TIMED), (True, MEMORY)):
+                for method in methods:
+                    spec = dict(model=name, batch=batch, size=args.size, device=args.device, method=method)
+                    spec.update(repeats=args.repeats, options=options, memory=memory)
+                    spec.update(keep="maps" if method == "naflow" else "all")
+                    spec.update(reference=args.reference and method == "naflow" and not memory)
+                    start = time.perf_counter()
+                    result = run_one(spec)
+                    (row["memory"] if memory else row)[method] = result
+                    kind = "memory" if memory else "time"
+                    took = time.perf_counter() - start
+                    print(f"{name} batch {batch} {method} ({kind}): {took:.0f}s", file=sys.stderr)
             rows.append(row)
     machine = {
         "cpu_count": os.cpu_count(),

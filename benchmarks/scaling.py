@@ -1,7 +1,8 @@
 """Time and peak memory of a full NAFlow flow against input size and batch size (pytorch-grad-cam beside it).
 
 Every point is measured in its own process by ``bench_vs_gradcam.worker`` (same conventions:
-random weights, every layer explained, peak RSS minus the RSS before the call). Writes a figure
+random weights, every layer explained, maps only (``keep="maps"``), peak RSS minus the RSS
+before the call). Writes a figure
 (time and memory against size, and against batch) and the numbers as JSON.
 
     python benchmarks/scaling.py                                    # ResNet-50, sizes 64–448, batches 1–32 (hours)
@@ -23,8 +24,9 @@ from bench_vs_gradcam import run_one  # noqa: E402
 def measure(model: str, size: int, batch: int, device: str) -> dict:
     out = {"size": size, "batch": batch}
     for method in ("pgc", "naflow"):
-        spec = dict(model=model, batch=batch, size=size, device=device, method=method, repeats=3, options={})
-        out[method] = run_one(spec)
+        spec = dict(model=model, batch=batch, size=size, device=device, method=method, repeats=3, keep="maps")
+        out[method] = run_one({**spec, "options": {}})
+        out[method]["peak_mib"] = run_one({**spec, "options": {}, "memory": True}).get("peak_mib", float("nan"))
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import passes
 from .errors import ConfigError, InputError, InputTypeError
+from .passes.codegen import layer_map
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps
@@ -33,6 +34,9 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
     raise InputTypeError(
         f"example_input must be a tensor or a shape such as (1, 3, 224, 224); got {type(example_input).__name__}"
     )
+
+
+_KEEP = ("all", "maps")
 
 
 class NAFlow:
@@ -65,6 +69,7 @@ class NAFlow:
         self.layers = list(layers)
         self.last_layer = self._layer_of[self.plan.last]
         self._program = passes.emit_inverse(graph_module, self._layer_nodes)
+        self._maps: passes.InverseProgram | None = None  # keep="maps" variant, emitted on first use
         self.inverse = self._program.module
         order = {n.name: i for i, n in enumerate(graph_module.graph.nodes)}
         needed = set(self._program.activations) | set(self._layer_nodes)
@@ -110,8 +115,12 @@ class NAFlow:
             raise InputError("the input contains NaN or Inf values")
         return x
 
-    def _record(self, x: Tensor, target: object):
-        """Recording forward and one backward: output, recorded values, Λ, scores, classes."""
+    def _record(self, x: Tensor, target: object, keep: Iterable[str]):
+        """Recording forward and one backward: output, recorded values in ``keep``, Λ, scores, classes.
+
+        Λ is caught by tensor hooks during one backward pass to the input, so the recorded values
+        the caller does not keep are released as soon as the forward pass is done (NOTE [memory]).
+        """
         x = self._check_input(x)
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)
@@ -123,10 +132,18 @@ class NAFlow:
                 ) from None
             values = dict(zip(self._recorded, values))
             scores, classes = resolve_target(target, output)
-            tensors = [values[n] for n in self._grad_nodes]
-            grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
-        lams = {n: (g if g is not None else torch.zeros_like(t)) for n, g, t in zip(self._grad_nodes, grads, tensors)}
-        values = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in values.items()}
+            grads: dict[str, Tensor] = {}
+            blank: dict[str, Tensor] = {}
+            for node in self._grad_nodes:
+                t = values[node]
+                if t.requires_grad:
+                    t.register_hook(lambda g, node=node: grads.__setitem__(node, g))
+                blank[node] = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+            keep = set(keep)
+            values = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in values.items() if k in keep}
+            if scores.requires_grad:
+                torch.autograd.backward(scores.sum(), inputs=[xin])
+        lams = {n: grads[n] if n in grads else blank[n].contiguous() for n in self._grad_nodes}
         return output.detach(), values, lams, scores.detach(), classes
 
     # ------------------------------------------------------------------ flows
@@ -136,30 +153,45 @@ class NAFlow:
         return self._program.steps
 
     def __call__(
-        self, x: Tensor, target: object = None, *, progress: Callable[[SolveRecord], None] | None = None
+        self,
+        x: Tensor,
+        target: object = None,
+        *,
+        keep: str = "all",
+        progress: Callable[[SolveRecord], None] | None = None,
     ) -> FlowResult:
         """Explain ``x`` (``Tensor[B, C, H, W]``) for ``target`` (None = argmax per sample).
 
         ``target``: int, list[int] (length B), LongTensor[B], :class:`~naflow_fx.ClassTarget`, or a
-        callable ``output -> Tensor[B]``. ``progress``, if given, is called with each inverse step's
-        :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps` calls), e.g. to
-        drive a progress bar.
+        callable ``output -> Tensor[B]``. ``keep="all"`` returns each layer's map, BPFM and
+        coefficients; ``keep="maps"`` returns the maps only (``bpfm`` and ``coefficients`` empty),
+        and frees each layer's BPFM and Λ as soon as its map is made, for a much lower peak
+        memory (NOTE [memory]). ``progress``, if given, is called with each inverse step's
+        :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps` calls), e.g.
+        to drive a progress bar.
         """
-        output, values, lams, scores, classes = self._record(x, target)
+        if keep not in _KEEP:
+            raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
+        program = self._program if keep == "all" else self._maps_program()
+        output, values, lams, scores, classes = self._record(x, target, program.activations)
+        # NOTE [memory]: the inverse network pops its inputs from `store` where it first uses them,
+        # and its generated code drops each after its last use. So nothing else may hold them:
+        # recorded values the network does not read go now, and with keep="maps" so does Λ.
+        store = {n: values[n] for n in program.activations}
+        store.update({f"lam_{n}": lams[n] for n in program.coefficients})
+        del values
+        coefficients = {}
+        if keep == "all":
+            coefficients = {name: self._nchw(node, lams[node]) for node, name in zip(self._layer_nodes, self.layers)}
+        del lams
         ctx = SolverContext(self.config, self._sigma_cache, progress=progress)
-        args = [values[n] for n in self._program.activations] + [lams[n] for n in self._program.coefficients]
         with torch.no_grad():
-            bpfm = self.inverse(ctx, *args)
-        maps, coefficients = {}, {}
-        bpfm = dict(bpfm)
-        for node, name in zip(self._layer_nodes, self.layers):
-            lam, b = self._nchw(node, lams[node]), self._nchw(node, bpfm[name])
-            prod = lam * b
-            coefficients[name], bpfm[name] = lam, b
-            if self.reduction == "sum_relu":
-                maps[name] = torch.relu(prod.sum(1))
-            else:
-                maps[name] = torch.relu(prod).sum(1)
+            out = dict(program.module(ctx, store))
+        if keep == "maps":
+            maps, bpfm = out, {}
+        else:
+            bpfm = {name: self._nchw(node, out[name]) for node, name in zip(self._layer_nodes, self.layers)}
+            maps = {n: layer_map(bpfm[n], coefficients[n], dims=None, reduction=self.reduction) for n in self.layers}
         return FlowResult(
             layers=list(self.layers),
             maps=maps,
@@ -173,8 +205,13 @@ class NAFlow:
             diagnostics={r.layer: r for r in ctx.records},
         )
 
+    def _maps_program(self) -> passes.InverseProgram:
+        if self._maps is None:
+            self._maps = passes.emit_inverse(self.graph_module, self._layer_nodes, maps=self.reduction)
+        return self._maps
+
     def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
-        output, values, lams, scores, classes = self._record(x, target)
+        output, values, lams, scores, classes = self._record(x, target, self._layer_nodes)
         maps = {}
         for node, name in zip(self._layer_nodes, self.layers):
             a, g = self._nchw(node, values[node]), self._nchw(node, lams[node])

@@ -486,6 +486,53 @@ def test_gradcam_and_layercam_baselines(nf):
         assert maps.upsample().shape == (2, len(nf.layers), SIZE, SIZE)
 
 
+def test_keep_maps_returns_the_same_maps_without_bpfm_or_coefficients(nf):
+    x = batch(3, seed=11)
+    full, lean = nf(x, [0, 1, 2]), nf(x, [0, 1, 2], keep="maps")
+    assert lean.layers == full.layers and lean.bpfm == {} and lean.coefficients == {}
+    for name in full.layers:
+        torch.testing.assert_close(lean.maps[name], full.maps[name], rtol=0, atol=0)
+    torch.testing.assert_close(lean.scores, full.scores)
+    assert list(lean.diagnostics) == list(full.diagnostics)
+    assert "store.pop(" in nf.inverse.code
+    with pytest.raises(ConfigError, match="keep must be one of"):
+        nf(x, keep="bpfm")
+
+
+def test_keep_maps_frees_bpfm_and_coefficients_as_it_goes():
+    """NOTE [memory]: with keep="maps", no layer's BPFM or Λ outlives its map."""
+    import weakref
+
+    import torchvision
+
+    from naflow_fx.rules import abandon
+
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    nf = compile_naflow(model, (1, 3, 32, 32), max_iter=3)
+    alive: list[weakref.ref] = []
+    peak = [0]
+
+    def spy(bpfm, coefficients):
+        out = abandon(bpfm, coefficients)
+        alive.append(weakref.ref(out))
+        peak[0] = max(peak[0], sum(r() is not None for r in alive))
+        return out
+
+    for program in (nf._maps_program(), nf._program):
+        for node in program.module.graph.nodes:
+            if node.target is abandon:
+                node.target = spy
+        program.module.recompile()
+
+    def most_alive(keep: str) -> int:
+        alive.clear()
+        peak[0] = 0
+        nf(batch(2, size=32), keep=keep)
+        return peak[0]
+
+    assert most_alive("maps") <= 4 < 40 < most_alive("all")  # a few BPFMs at a time, against all of them
+
+
 def test_build_once_call_many_times(model):
     nf = compile_naflow(model, batch(1), solver="iterative")
     x = batch(2, seed=9)

@@ -3,14 +3,19 @@
 The inverse network reads like hand-written PyTorch, one line per inverse op, named after the
 forward node it inverts::
 
-    def forward(self, solver, features_2, features_3, lam_features_2):
+    def forward(self, solver, store):
+        features_3 = store.pop('features_3')
+        features_2 = store.pop('features_2')
         inv_features_3 = naflow_fx_rules_linear_conv2d_inverse(solver, features_3, features_2, ...,
                                                                layer = 'features.3')
+        lam_features_2 = store.pop('lam_features_2')
         bpfm_features_2 = naflow_fx_rules_abandon(inv_features_3, lam_features_2)
         return {'features.2': bpfm_features_2, 'features.3': features_3}
 
-Its inputs are the solver context, the recorded forward values it needs (named after their
-nodes) and the importance coefficients of the layers it masks (``lam_<node>``).
+Its inputs are the solver context and a ``store`` dict holding the recorded forward values it
+needs (named after their nodes) and the importance coefficients of the layers it masks
+(``lam_<node>``). Each is popped where first used, so the generated code frees it after its
+last use (NOTE [memory] in ``api.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.func import jvp
@@ -26,8 +32,9 @@ from ..rules import abandon
 from ..rules.generic import linearized_inverse, region_inverse
 from ..solvers.linearize import linearize_graph
 from .partition import Plan
+from .shape_prop import layout
 
-__all__ = ["InverseProgram", "emit_recorder", "emit_inverse", "extract_stage", "region_images"]
+__all__ = ["InverseProgram", "emit_recorder", "emit_inverse", "extract_stage", "region_images", "layer_map"]
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,37 @@ def _attr_path(name: str) -> str:
     return "stage_" + name.replace(".", "_").replace("#", "_")
 
 
-def emit_inverse(gm: fx.GraphModule, requested: list[str]) -> InverseProgram:
-    """Emit the inverse network from N down to the shallowest requested layer (node names)."""
+class _Lazy(dict):
+    """``d[key]`` builds its value with ``make(key)`` on first access."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: str) -> fx.Node:
+        self[key] = self._make(key)
+        return self[key]
+
+
+def layer_map(bpfm: Tensor, coefficients: Tensor, *, dims: tuple[int, ...] | None, reduction: str) -> Tensor:
+    """A layer's attention map from its BPFM and Λ (spec §1): ``ReLU(Σ_c Λ ⊙ B)`` or ``Σ_c ReLU(Λ ⊙ B)``.
+
+    ``dims`` permutes a channels-last layer to NCHW first (NOTE [layouts]).
+    """
+    if dims is not None:
+        bpfm, coefficients = bpfm.permute(dims), coefficients.permute(dims)
+    prod = coefficients * bpfm
+    return torch.relu(prod.sum(1)) if reduction == "sum_relu" else torch.relu(prod).sum(1)
+
+
+def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = None) -> InverseProgram:
+    """Emit the inverse network from N down to the shallowest requested layer (node names).
+
+    It returns ``{layer: BPFM}``; with ``maps="sum_relu"`` or ``"relu_sum"`` it returns
+    ``{layer: map}`` instead, each map computed as soon as its BPFM exists so that BPFMs and
+    coefficients are freed as the network runs. Inputs come from one ``store`` dict (recorded
+    values by node name, coefficients as ``lam_<node>``), popped where first used.
+    """
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -125,13 +161,39 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str]) -> InverseProgram:
         lams.update(v.name for v in inner)
         calls[w.name] = (path, extras, inner, inner_extras)
 
+    if maps is not None:  # every requested layer's map reads its Λ
+        lams.update(r for r in requested if r != plan.input)
+
     graph = fx.Graph()
     solver = graph.placeholder("solver")
+    store = graph.placeholder("store")
     act_order = tuple(sorted(acts, key=order.__getitem__))
     lam_order = tuple(sorted(lams, key=order.__getitem__))
-    value = {name: graph.placeholder(name) for name in act_order}
-    lam = {name: graph.placeholder(f"lam_{name}") for name in lam_order}
-    bpfm: dict[str, fx.Node] = {plan.last: value[plan.last]}
+    popped: dict[str, fx.Node] = {}
+
+    def take(key: str) -> fx.Node:
+        """``store.pop(key)`` where it is first used, so the value is freed after its last use."""
+        if key not in popped:  # named after the key: ``add_7 = store.pop('add_7')``
+            popped[key] = graph.create_node("call_method", "pop", (store, key), name=key)
+        return popped[key]
+
+    value = _Lazy(take)
+    lam = _Lazy(lambda name: take(f"lam_{name}"))
+    bpfm: dict[str, fx.Node] = {}
+    out_maps: dict[str, fx.Node] = {}
+    wanted = set(requested)
+
+    def set_bpfm(name: str, node: fx.Node) -> None:
+        bpfm[name] = node
+        if maps is not None and name in wanted:
+            perm = layout(nodes[name])
+            dims = None if perm == (0, 1, 2, 3) else tuple(sorted(range(4), key=perm.__getitem__))
+            kwargs = {"dims": dims, "reduction": maps}
+            out_maps[name] = graph.create_node(
+                "call_function", layer_map, (node, lam[name]), kwargs, name=f"map_{name}"
+            )
+
+    set_bpfm(plan.last, value[plan.last])
 
     def arg(a: object) -> object:
         if isinstance(a, fx.Node):
@@ -164,12 +226,13 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str]) -> InverseProgram:
                 )
                 for i, v in enumerate(inner):
                     img = graph.call_function(operator.getitem, (images, i))
-                    bpfm[v.name] = graph.create_node(
-                        "call_function", abandon, (img, lam[v.name]), name=f"bpfm_{v.name}"
+                    set_bpfm(
+                        v.name,
+                        graph.create_node("call_function", abandon, (img, lam[v.name]), name=f"bpfm_{v.name}"),
                     )
         if u.name != plan.input:
-            bpfm[u.name] = graph.create_node("call_function", abandon, (solved, lam[u.name]), name=f"bpfm_{u.name}")
+            set_bpfm(u.name, graph.create_node("call_function", abandon, (solved, lam[u.name]), name=f"bpfm_{u.name}"))
 
-    graph.output({layer[r]: bpfm[r] for r in requested})
-    module = fx.GraphModule(root, graph, class_name="NAFlowInverse")
+    graph.output({layer[r]: (bpfm if maps is None else out_maps)[r] for r in requested})
+    module = fx.GraphModule(root, graph, class_name="NAFlowInverse" if maps is None else "NAFlowMaps")
     return InverseProgram(module, act_order, lam_order, len(steps))

@@ -57,6 +57,8 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
     """
     lam2 = torch.as_tensor(damping, dtype=b.dtype, device=b.device).pow(2).reshape(-1)
     lam2 = lam2.expand(b.shape[0]) if lam2.numel() == 1 else lam2
+    # Vectors are updated in place: on the CPU a fresh activation-sized tensor per operation
+    # costs page faults that add up to more than the vector arithmetic itself.
     r = b.clone()
     s = op.rmatvec(r)
     x = torch.zeros_like(s)
@@ -65,23 +67,28 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
     norm0 = gamma.sqrt()
     active = norm0 > 0
     rel = torch.zeros_like(norm0)
-    best_x, best_rel = x, torch.where(active, 1.0, 0.0).to(norm0.dtype)  # x = 0 has relative residual 1
+    best_x, best_rel = x.clone(), torch.where(active, 1.0, 0.0).to(norm0.dtype)  # x = 0: relative residual 1
+    lam2_x = _bcast(lam2, x)
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         q = op.matvec(p)
         delta = batch_norm2(q) + lam2 * batch_norm2(p)
         alpha = torch.where(active & (delta > 0), gamma / torch.where(delta > 0, delta, 1), 0)
-        x = x + _bcast(alpha, x) * p
-        r = r - _bcast(alpha, r) * q
-        s = op.rmatvec(r) - _bcast(lam2, x) * x
+        x.addcmul_(p, _bcast(alpha, x))
+        r.addcmul_(q, _bcast(alpha, r), value=-1)
+        s = op.rmatvec(r).addcmul_(x, lam2_x, value=-1)
         gamma_new = batch_norm2(s)
         rel = torch.where(norm0 > 0, gamma_new.sqrt() / torch.where(norm0 > 0, norm0, 1), 0)
         better = rel < best_rel
-        best_x, best_rel = torch.where(_bcast(better, x), x, best_x), torch.where(better, rel, best_rel)
+        if bool(better.all()):
+            best_x.copy_(x)
+        elif bool(better.any()):
+            best_x[better] = x[better]
+        best_rel = torch.where(better, rel, best_rel)
         active = active & (rel > tol)
         if not bool(active.any()):
             break
         beta = torch.where(active, gamma_new / torch.where(gamma > 0, gamma, 1), 0)
-        p = s + _bcast(beta, p) * p
+        p.mul_(_bcast(beta, p)).add_(s)
         gamma = gamma_new
     return IterativeResult(x=best_x, iterations=it, normal_residual=best_rel, converged=~active)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.func import jvp
+from torch.func import jvp, vjp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["linearize_graph"]
@@ -279,7 +279,9 @@ class _Linearizer(fx.Interpreter):
         rest = self._const(n.args[1:])
         kwargs = {k: v for k, v in self._const(dict(n.kwargs)).items() if k != "inplace"}
         a = self.env[n.args[0]].detach()
-        deriv = jvp(lambda z: fn(z, *rest, **kwargs), (a,), (torch.ones_like(a),))[1]
+        # The derivative of an elementwise op is its vjp with ones: reverse mode, as the adjoint
+        # (``vjp`` of the stage) uses, so J and Jᵀ agree at kinks too; and no forward-mode set-up.
+        deriv = vjp(lambda z: fn(z, *rest, **kwargs), a)[1](torch.ones_like(a))[0]
         if bool(((deriv == 0) | (deriv == 1)).all()):
             mask = deriv.to(torch.bool)  # 1 byte per element instead of 4
             return "mask", lambda t: t[x] * mask

@@ -19,7 +19,7 @@ __all__ = ["LinearOperator", "linear_map", "linearized_map", "batch_norm2", "bat
 
 def batch_norm2(t: Tensor) -> Tensor:
     """Per-sample squared Euclidean norm: ``Tensor[B]``."""
-    return t.reshape(t.shape[0], -1).pow(2).sum(1)
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
