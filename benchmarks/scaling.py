@@ -31,7 +31,7 @@ def measure(model: str, size: int, batch: int, device: str) -> dict:
     return out
 
 
-def plot(sizes: list[dict], batches: list[dict], model: str, path: str) -> None:
+def plot(sizes: list[dict], batches: list[dict], model: str, path: str, batch_side: int = 224) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +55,7 @@ def plot(sizes: list[dict], batches: list[dict], model: str, path: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     axes[0, 0].set_title(f"{model}, batch 1")
-    axes[0, 1].set_title(f"{model}, 224×224")
+    axes[0, 1].set_title(f"{model}, {batch_side}×{batch_side}")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)
 
@@ -64,17 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--sizes", default="64,128,224,320,448", help="input sides at batch 1")
-    parser.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes at 224×224")
+    parser.add_argument("--batches", default="1,2,4,8,16,32", help="batch sizes at --batch-side")
+    parser.add_argument("--batch-side", type=int, default=224, help="input side of the batch sweep (default 224)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="docs/performance_scaling", help="stem of the .png and .json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     sizes = [measure(args.model, int(s), 1, args.device) for s in args.sizes.split(",")]
-    batches = [measure(args.model, 224, int(b), args.device) for b in args.batches.split(",")]
-    plot(sizes, batches, args.model, args.out + ".png")
+    batches = [measure(args.model, args.batch_side, int(b), args.device) for b in args.batches.split(",")]
+    plot(sizes, batches, args.model, args.out + ".png", args.batch_side)
     from naflow_fx._io import atomic_write_text
 
-    data = {"model": args.model, "device": args.device, "sizes": sizes, "batches": batches}
+    data = {
+        "model": args.model,
+        "device": args.device,
+        "batch_side": args.batch_side,
+        "sizes": sizes,
+        "batches": batches,
+    }
     atomic_write_text(args.out + ".json", json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.out}.png and .json in {time.perf_counter() - start:.0f}s")
     return 0
