@@ -1,9 +1,9 @@
 """Time and peak memory of a full NAFlow flow against input size and batch size (pytorch-grad-cam beside it).
 
-Every point is measured in its own process by ``bench_vs_gradcam.worker`` (same conventions:
-random weights, every layer explained, maps only (``keep="maps"``), peak RSS minus the RSS
-before the call). Writes a figure
-(time and memory against size, and against batch) and the numbers as JSON.
+Every point is measured by ``bench_vs_gradcam.run_one`` with the same conventions: random
+weights, every layer explained, maps only (``keep="maps"``), time and peak memory from separate
+processes. Writes a figure (time and memory against size, and against batch) and the numbers as
+JSON.
 
     python benchmarks/scaling.py                                    # ResNet-50, sizes 64–448, batches 1–32 (hours)
     python benchmarks/scaling.py --sizes 64,128,224 --batches 1,2,4  # a shorter sweep

@@ -169,14 +169,13 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     store = graph.placeholder("store")
     act_order = tuple(sorted(acts, key=order.__getitem__))
     lam_order = tuple(sorted(lams, key=order.__getitem__))
-    popped: dict[str, fx.Node] = {}
 
     def take(key: str) -> fx.Node:
-        """``store.pop(key)`` where it is first used, so the value is freed after its last use."""
-        if key not in popped:  # named after the key: ``add_7 = store.pop('add_7')``
-            popped[key] = graph.create_node("call_method", "pop", (store, key), name=key)
-        return popped[key]
+        """``store.pop(key)``, named after the key (``add_7 = store.pop('add_7')``)."""
+        return graph.create_node("call_method", "pop", (store, key), name=key)
 
+    # Each input is popped where it is first used (``_Lazy`` emits it once), so the generated
+    # code frees it after its last use.
     value = _Lazy(take)
     lam = _Lazy(lambda name: take(f"lam_{name}"))
     bpfm: dict[str, fx.Node] = {}

@@ -115,7 +115,7 @@ _LINEAR_MODULES = (
     nn.PixelUnshuffle,
     nn.modules.dropout._DropoutNd,
 )
-_AFFINE_WEIGHTED = {torch.conv2d: "weight", F.conv2d: "weight", F.linear: "weight"}
+_AFFINE = {torch.conv2d, F.conv2d, F.linear}  # weight applied to the feature, bias dropped
 
 Rule = Callable[[dict[str, Any]], Any]
 
@@ -142,6 +142,14 @@ def _is_tensor_tree(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_is_tensor_tree(v) for v in value)
     return False
+
+
+def _batch_norm_scale(running_var: Tensor, weight: Tensor | None, eps: float, like: Tensor) -> Tensor:
+    """Eval batch norm's Jacobian, ``γ / √(var + ε)`` per channel, shaped to broadcast over ``like``."""
+    scale = torch.rsqrt(running_var.to(like.dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(like.dtype)
+    return scale.reshape([1, -1] + [1] * (like.dim() - 2))
 
 
 class _Ref:
@@ -216,7 +224,7 @@ class _Linearizer(fx.Interpreter):
             found = self._module_rule(n, self.fetch_attr(n.target))
             if found is not None:
                 return found
-        if func and fn in _AFFINE_WEIGHTED and feature_only:
+        if func and fn in _AFFINE and feature_only:
             return "affine", self._affine_rule(n)
         if func and fn is F.batch_norm and feature_only and not self._const(kwargs).get("training", False):
             return "scale", self._batch_norm_rule(n)
@@ -242,11 +250,7 @@ class _Linearizer(fx.Interpreter):
         if isinstance(mod, nn.Linear) and len(n.args) == 1:
             return "affine", lambda t: F.linear(t[x], mod.weight)
         if isinstance(mod, _BatchNorm) and not mod.training and mod.running_var is not None:
-            like = self.env[n.args[0]]
-            scale = torch.rsqrt(mod.running_var.to(like.dtype) + mod.eps)
-            if mod.weight is not None:
-                scale = scale * mod.weight.to(like.dtype)
-            scale = scale.reshape([1, -1] + [1] * (like.dim() - 2))
+            scale = _batch_norm_scale(mod.running_var, mod.weight, mod.eps, self.env[n.args[0]])
             return "scale", lambda t: t[x] * scale
         if isinstance(mod, _POINTWISE_MODULES):
             return self._pointwise_rule(n, mod)
@@ -267,11 +271,7 @@ class _Linearizer(fx.Interpreter):
         x = n.args[0]
         bound = dict(zip(("running_mean", "running_var", "weight", "bias"), self._const(n.args[1:])))
         bound.update(self._const(dict(n.kwargs)))
-        like = self.env[x]
-        scale = torch.rsqrt(bound["running_var"].to(like.dtype) + bound.get("eps", 1e-5))
-        if bound.get("weight") is not None:
-            scale = scale * bound["weight"].to(like.dtype)
-        scale = scale.reshape([1, -1] + [1] * (like.dim() - 2))
+        scale = _batch_norm_scale(bound["running_var"], bound.get("weight"), bound.get("eps", 1e-5), self.env[x])
         return lambda t: t[x.name] * scale
 
     def _pointwise_rule(self, n: fx.Node, fn: Callable[..., Any]) -> tuple[str, Rule]:
