@@ -74,7 +74,7 @@ class NAFlow:
         order = {n.name: i for i, n in enumerate(graph_module.graph.nodes)}
         needed = set(self._program.activations) | set(self._layer_nodes)
         self._recorded = sorted(needed, key=order.__getitem__)
-        self._grad_nodes = sorted(set(self._layer_nodes) | set(self._program.coefficients), key=order.__getitem__)
+        self._order = order
         self._recorder = passes.emit_recorder(graph_module, self._recorded)
         self._sigma_cache: dict = {}
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
@@ -115,12 +115,13 @@ class NAFlow:
             raise InputError("the input contains NaN or Inf values")
         return x
 
-    def _record(self, x: Tensor, target: object, keep: Iterable[str]):
-        """Recording forward and one backward: output, recorded values in ``keep``, Λ, scores, classes.
+    def _record(self, x: Tensor, target: object, keep: Iterable[str], grad_nodes: Iterable[str]):
+        """Recording forward and a backward: output, recorded values in ``keep``, Λ of ``grad_nodes``, scores, classes.
 
-        Λ is caught by tensor hooks during one backward pass to the input, so the recorded values
-        the caller does not keep are released as soon as the forward pass is done (NOTE [memory]).
+        The backward pass runs only as deep as the shallowest node in ``grad_nodes``, and the
+        recorded values the caller does not keep are released before it (NOTE [memory]).
         """
+        grad_nodes = sorted(set(grad_nodes), key=self._order.__getitem__)
         x = self._check_input(x)
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)
@@ -132,18 +133,16 @@ class NAFlow:
                 ) from None
             values = dict(zip(self._recorded, values))
             scores, classes = resolve_target(target, output)
-            grads: dict[str, Tensor] = {}
-            blank: dict[str, Tensor] = {}
-            for node in self._grad_nodes:
-                t = values[node]
-                if t.requires_grad:
-                    t.register_hook(lambda g, node=node: grads.__setitem__(node, g))
-                blank[node] = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+            points = {n: values[n] for n in grad_nodes}
             keep = set(keep)
             values = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in values.items() if k in keep}
-            if scores.requires_grad:
-                torch.autograd.backward(scores.sum(), inputs=[xin])
-        lams = {n: grads[n] if n in grads else blank[n].contiguous() for n in self._grad_nodes}
+            wanted = [n for n, t in points.items() if t.requires_grad]
+            grads: dict[str, Tensor | None] = {}
+            if scores.requires_grad and wanted:
+                found = torch.autograd.grad(scores.sum(), [points[n] for n in wanted], allow_unused=True)
+                grads = dict(zip(wanted, found))
+        lams = {n: torch.zeros_like(t) if grads.get(n) is None else grads[n] for n, t in points.items()}
+        del points
         return output.detach(), values, lams, scores.detach(), classes
 
     # ------------------------------------------------------------------ flows
@@ -173,24 +172,25 @@ class NAFlow:
         if keep not in _KEEP:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
         program = self._program if keep == "all" else self._maps_program()
-        output, values, lams, scores, classes = self._record(x, target, program.activations)
+        # Only Λ_N is recorded: the inverse network chains every other Λ from it (NOTE [chained Λ]).
+        output, values, lams, scores, classes = self._record(x, target, program.activations, program.coefficients)
         # NOTE [memory]: the inverse network pops its inputs from `store` where it first uses them,
         # and its generated code drops each after its last use. So nothing else may hold them:
-        # recorded values the network does not read go now, and with keep="maps" so does Λ.
+        # recorded values the network does not read go now. Each Λ the network chains lives from
+        # its stage to its layer's map (keep="maps") or to the result (keep="all").
         store = {n: values[n] for n in program.activations}
         store.update({f"lam_{n}": lams[n] for n in program.coefficients})
-        del values
-        coefficients = {}
-        if keep == "all":
-            coefficients = {name: self._nchw(node, lams[node]) for node, name in zip(self._layer_nodes, self.layers)}
-        del lams
+        del values, lams
         ctx = SolverContext(self.config, self._sigma_cache, progress=progress)
         with torch.no_grad():
-            out = dict(program.module(ctx, store))
+            out = program.module(ctx, store)
         if keep == "maps":
-            maps, bpfm = out, {}
+            maps, bpfm, coefficients = dict(out), {}, {}
         else:
-            bpfm = {name: self._nchw(node, out[name]) for node, name in zip(self._layer_nodes, self.layers)}
+            bpfms, lams = out
+            pairs = list(zip(self._layer_nodes, self.layers))
+            bpfm = {name: self._nchw(node, bpfms[name]) for node, name in pairs}
+            coefficients = {name: self._nchw(node, lams[name]) for node, name in pairs}
             maps = {n: layer_map(bpfm[n], coefficients[n], dims=None, reduction=self.reduction) for n in self.layers}
         return FlowResult(
             layers=list(self.layers),
@@ -211,7 +211,7 @@ class NAFlow:
         return self._maps
 
     def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
-        output, values, lams, scores, classes = self._record(x, target, self._layer_nodes)
+        output, values, lams, scores, classes = self._record(x, target, self._layer_nodes, self._layer_nodes)
         maps = {}
         for node, name in zip(self._layer_nodes, self.layers):
             a, g = self._nchw(node, values[node]), self._nchw(node, lams[node])

@@ -505,6 +505,7 @@ def test_keep_maps_frees_bpfm_and_coefficients_as_it_goes():
 
     import torchvision
 
+    from naflow_fx.passes.codegen import stage_coefficients
     from naflow_fx.rules import abandon
 
     model = torchvision.models.resnet18(num_classes=4).eval()
@@ -512,25 +513,55 @@ def test_keep_maps_frees_bpfm_and_coefficients_as_it_goes():
     alive: list[weakref.ref] = []
     peak = [0]
 
+    lams: list[weakref.ref] = []
+    lam_peak = [0]
+
     def spy(bpfm, coefficients):
         out = abandon(bpfm, coefficients)
         alive.append(weakref.ref(out))
         peak[0] = max(peak[0], sum(r() is not None for r in alive))
         return out
 
+    def chain_spy(*args):
+        out = stage_coefficients(*args)
+        lams.extend(weakref.ref(t) for t in out)
+        lam_peak[0] = max(lam_peak[0], sum(r() is not None for r in lams))
+        return out
+
     for program in (nf._maps_program(), nf._program):
         for node in program.module.graph.nodes:
             if node.target is abandon:
                 node.target = spy
+            if node.target is stage_coefficients:
+                node.target = chain_spy
         program.module.recompile()
 
-    def most_alive(keep: str) -> int:
+    def most_alive(keep: str) -> tuple[int, int]:
         alive.clear()
-        peak[0] = 0
+        lams.clear()
+        peak[0] = lam_peak[0] = 0
         nf(batch(2, size=32), keep=keep)
-        return peak[0]
+        return peak[0], lam_peak[0]
 
-    assert most_alive("maps") <= 4 < 40 < most_alive("all")  # a few BPFMs at a time, against all of them
+    (bpfm_maps, lam_maps), (bpfm_all, lam_all) = most_alive("maps"), most_alive("all")
+    assert bpfm_maps <= 4 < 40 < bpfm_all  # a few BPFMs at a time, against all of them
+    assert lam_maps <= 12 < 40 < lam_all  # Λ too: NOTE [chained Λ]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_chained_coefficients_equal_one_global_backward(name):
+    """NOTE [chained Λ]: Λ chained stage by stage from Λ_N is the global backward's, bit for bit."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, num_classes=4).eval()
+    nf = compile_naflow(model, (1, 3, 32, 32), max_iter=3)
+    assert nf._program.coefficients == (nf.plan.last,)  # only Λ_N is recorded
+    x = batch(2, size=32)
+    flow = nf(x, [1, 3])
+    *_, lams, _, _ = nf._record(x, [1, 3], (), nf._layer_nodes)  # Grad-CAM's path: one backward
+    assert len(flow.layers) > 40
+    for node, layer in zip(nf._layer_nodes, nf.layers):
+        torch.testing.assert_close(flow.coefficients[layer], nf._nchw(node, lams[node]), rtol=0, atol=0)
 
 
 def test_build_once_call_many_times(model):

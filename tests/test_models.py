@@ -386,7 +386,8 @@ def test_inverse_code_names_the_forward_nodes_it_inverts(capsys):
     assert "def forward(self, solver," in code
     for name in nf.layers[:-1]:
         assert f"bpfm_{name.replace('.', '_')} = " in code, name
-    assert "return {" in code and f"'{nf.last_layer}'" in code
+    assert "return ({" in code and f"'{nf.last_layer}'" in code
+    assert "lam_features_2 = chain_features_3[0]" in code  # Λ chained stage by stage from Λ_N
 
 
 # ------------------------------------------------------------------------- reduction and abandoning

@@ -4,18 +4,23 @@ The inverse network reads like hand-written PyTorch, one line per inverse op, na
 forward node it inverts::
 
     def forward(self, solver, store):
+        lam_features_3 = store.pop('lam_features_3')
         features_3 = store.pop('features_3')
         features_2 = store.pop('features_2')
         inv_features_3 = naflow_fx_rules_linear_conv2d_inverse(solver, features_3, features_2, ...,
                                                                layer = 'features.3')
-        lam_features_2 = store.pop('lam_features_2')
+        chain_features_3 = naflow_fx_passes_codegen_stage_coefficients(
+            stage_features_3_coefficients, features_2, lam_features_3)
+        lam_features_2 = chain_features_3[0]
         bpfm_features_2 = naflow_fx_rules_abandon(inv_features_3, lam_features_2)
-        return {'features.2': bpfm_features_2, 'features.3': features_3}
+        return ({'features.2': bpfm_features_2, 'features.3': features_3},
+                {'features.2': lam_features_2, 'features.3': lam_features_3})
 
 Its inputs are the solver context and a ``store`` dict holding the recorded forward values it
-needs (named after their nodes) and the importance coefficients of the layers it masks
-(``lam_<node>``). Each is popped where first used, so the generated code frees it after its
-last use (NOTE [memory] in ``api.py``).
+needs (named after their nodes) and the importance coefficients of the last feature layer N
+(``lam_<N>``); every other Λ is chained from it stage by stage (NOTE [chained Λ]). Each input
+is popped where first used, so the generated code frees it after its last use (NOTE [memory]
+in ``api.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from ..solvers.linearize import linearize_graph
 from .partition import Plan
 from .shape_prop import layout
 
-__all__ = ["InverseProgram", "emit_recorder", "emit_inverse", "extract_stage", "region_images", "layer_map"]
+__all__ = [
+    "InverseProgram",
+    "emit_recorder",
+    "emit_inverse",
+    "extract_stage",
+    "stage_coefficients",
+    "region_images",
+    "layer_map",
+]
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,7 @@ class InverseProgram:
 
     module: fx.GraphModule
     activations: tuple[str, ...]  # forward node names fed as recorded values, in order
-    coefficients: tuple[str, ...]  # forward node names whose Λ is fed as lam_<name>, in order
+    coefficients: tuple[str, ...]  # forward node names whose Λ is fed as lam_<name>: N only
     steps: int = 0  # inverse steps (solver.step calls) per run
 
 
@@ -79,6 +92,37 @@ def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], 
         env[n] = graph.node_copy(n, lookup)
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
     return fx.GraphModule(gm, graph, class_name="Stage"), extras
+
+
+# NOTE [chained Λ]
+# The recording pass hands the inverse network Λ_N only. Each inverse step takes Λ_w of its
+# stage's output and gets Λ_u of the stage input, and Λ_v of the requested nodes inside a region,
+# from one forward and one backward through the stage at the recorded input:
+# Λ_v = (∂a_w/∂a_v)ᵀ Λ_w. That is the chain rule, not an approximation: w is an articulation node,
+# so every path from v or u to the score runs through w, and a stage's other inputs (extras) do
+# not depend on the model input. The kernels and their inputs are those of one global backward, so
+# the values are the same bit for bit (tested). Each Λ is made when the inverse reaches its stage
+# and freed after its map and its abandoning mask, so a maps-only flow holds a few Λ at a time
+# instead of one per layer (docs/naflow.md, decision 30).
+
+
+def stage_coefficients(stage: nn.Module, input: Tensor, coefficients_out: Tensor, *extras) -> tuple[Tensor, ...]:
+    """``(Λ_u, Λ_v1, …)`` of a stage's input and inner nodes from its output's Λ_w (NOTE [chained Λ]).
+
+    ``stage`` maps ``input`` to ``a_w`` or ``(a_w, a_v1, …)``; one forward and one backward.
+    """
+    with torch.enable_grad():
+        x = input.detach().requires_grad_(True)
+        out = stage(x, *extras)
+        out, inner = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
+        points = [x, *inner]
+        wanted = [i for i, t in enumerate(points) if isinstance(t, Tensor) and t.requires_grad]
+        grads: list[Tensor | None] = [None] * len(points)
+        if isinstance(out, Tensor) and out.requires_grad and wanted:
+            found = torch.autograd.grad(out, [points[i] for i in wanted], coefficients_out, allow_unused=True)
+            for i, g in zip(wanted, found):
+                grads[i] = g
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(points, grads))
 
 
 def region_images(inner: nn.Module, input: Tensor, bpfm_in: Tensor, *extras) -> tuple[Tensor, ...]:
@@ -123,10 +167,11 @@ def layer_map(bpfm: Tensor, coefficients: Tensor, *, dims: tuple[int, ...] | Non
 def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = None) -> InverseProgram:
     """Emit the inverse network from N down to the shallowest requested layer (node names).
 
-    It returns ``{layer: BPFM}``; with ``maps="sum_relu"`` or ``"relu_sum"`` it returns
-    ``{layer: map}`` instead, each map computed as soon as its BPFM exists so that BPFMs and
-    coefficients are freed as the network runs. Inputs come from one ``store`` dict (recorded
-    values by node name, coefficients as ``lam_<node>``), popped where first used.
+    It returns ``({layer: BPFM}, {layer: Λ})``, every Λ chained from Λ_N stage by stage (NOTE
+    [chained Λ]); with ``maps="sum_relu"`` or ``"relu_sum"`` it returns ``{layer: map}`` instead,
+    each map computed as soon as its BPFM exists so that BPFMs and coefficients are freed as the
+    network runs. Inputs come from one ``store`` dict (recorded values by node name, Λ_N as
+    ``lam_<N>``), popped where first used.
     """
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -136,39 +181,35 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     shallowest = order[requested[0]] if requested else order[plan.last]
     root: dict[str, object] = {}
 
-    # 1. Plan: which stages run, and which recorded values and coefficients they read.
+    # 1. Plan: which stages run, and which recorded values they read. Only Λ_N is fed; every
+    # other Λ is chained stage by stage from it (NOTE [chained Λ]).
     steps = [nodes[s.output].meta["naflow.inverse"] for s in reversed(plan.stages) if order[s.output] > shallowest]
     acts: set[str] = {plan.last}
-    lams: set[str] = set()
-    calls: dict[str, tuple] = {}  # stage output -> (stage attr, extras, inner nodes, inner attr, inner extras)
+    calls: dict[str, tuple] = {}  # stage output -> (stage attr, extras, inner nodes, inner extras, Λ extras)
     for step in steps:
         s = step.stage
         w, u = nodes[s.output], nodes[s.input]
-        acts.add(u.name)
-        if u.name != plan.input:
-            lams.add(u.name)
-        if step.kind == "rule":
-            acts.update(a.name for a in w.all_input_nodes if a.op != "get_attr")
-            continue
         body = [nodes[b] for b in s.body]
         path = _attr_path(layer[w.name])
-        root[path], extras = extract_stage(gm, u, body, [w])
         inner = [nodes[b] for b in s.body[:-1] if b in requested]
+        root[path + "_coefficients"], lam_extras = extract_stage(gm, u, body, [w, *inner])
+        acts.add(u.name)
+        acts.update(e.name for e in lam_extras)
+        if step.kind == "rule":
+            acts.update(a.name for a in w.all_input_nodes if a.op != "get_attr")
+            calls[w.name] = (path, [], inner, [], lam_extras)
+            continue
+        root[path], extras = extract_stage(gm, u, body, [w])
         inner_extras: list[fx.Node] = []
         if inner:
             root[path + "_inner"], inner_extras = extract_stage(gm, u, body, inner)
         acts.update(e.name for e in extras + inner_extras)
-        lams.update(v.name for v in inner)
-        calls[w.name] = (path, extras, inner, inner_extras)
-
-    if maps is not None:  # every requested layer's map reads its Λ
-        lams.update(r for r in requested if r != plan.input)
+        calls[w.name] = (path, extras, inner, inner_extras, lam_extras)
 
     graph = fx.Graph()
     solver = graph.placeholder("solver")
     store = graph.placeholder("store")
     act_order = tuple(sorted(acts, key=order.__getitem__))
-    lam_order = tuple(sorted(lams, key=order.__getitem__))
 
     def take(key: str) -> fx.Node:
         """``store.pop(key)``, named after the key (``add_7 = store.pop('add_7')``)."""
@@ -177,7 +218,7 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     # Each input is popped where it is first used (``_Lazy`` emits it once), so the generated
     # code frees it after its last use.
     value = _Lazy(take)
-    lam = _Lazy(lambda name: take(f"lam_{name}"))
+    lam = {plan.last: take(f"lam_{plan.last}")}
     bpfm: dict[str, fx.Node] = {}
     out_maps: dict[str, fx.Node] = {}
     wanted = set(requested)
@@ -204,34 +245,47 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
             return type(a)(arg(x) for x in a)
         return a
 
-    # 2. Emit, deep to shallow: solve the stage, then abandon at its input.
+    # 2. Emit, deep to shallow: solve the stage, chain Λ through it, then abandon at its input.
     for step in steps:
         s = step.stage
         w, u = nodes[s.output], nodes[s.input]
         tag = {"layer": layer[w.name]}
+        path, extras, inner, inner_extras, lam_extras = calls[w.name]
         if step.kind == "rule":
             args = (solver, bpfm[w.name], value[u.name])
             kwargs = {k: arg(v) for k, v in w.kwargs.items()} | tag
             solved = graph.create_node("call_function", step.rule, args, kwargs, name=f"inv_{w.name}")
         else:
-            path, extras, inner, inner_extras = calls[w.name]
             fn = region_inverse if step.kind == "region" else linearized_inverse
             args = (solver, bpfm[w.name], graph.get_attr(path), value[u.name], *(value[e.name] for e in extras))
             solved = graph.create_node("call_function", fn, args, tag, name=f"inv_{w.name}")
-            if inner:
-                inner_mod = graph.get_attr(path + "_inner")
-                images = graph.call_function(
-                    region_images, (inner_mod, value[u.name], solved, *(value[e.name] for e in inner_extras))
+        # After the solve, so that the solve holds only Λ_w, not Λ_u and the inner Λ.
+        chained = graph.create_node(
+            "call_function",
+            stage_coefficients,
+            (graph.get_attr(path + "_coefficients"), value[u.name], lam[w.name])
+            + tuple(value[e.name] for e in lam_extras),
+            name=f"chain_{w.name}",
+        )
+        for i, v in enumerate([u, *inner]):
+            lam[v.name] = graph.create_node("call_function", operator.getitem, (chained, i), name=f"lam_{v.name}")
+        if inner:
+            images = graph.call_function(
+                region_images,
+                (graph.get_attr(path + "_inner"), value[u.name], solved, *(value[e.name] for e in inner_extras)),
+            )
+            for i, v in enumerate(inner):
+                img = graph.call_function(operator.getitem, (images, i))
+                set_bpfm(
+                    v.name,
+                    graph.create_node("call_function", abandon, (img, lam[v.name]), name=f"bpfm_{v.name}"),
                 )
-                for i, v in enumerate(inner):
-                    img = graph.call_function(operator.getitem, (images, i))
-                    set_bpfm(
-                        v.name,
-                        graph.create_node("call_function", abandon, (img, lam[v.name]), name=f"bpfm_{v.name}"),
-                    )
         if u.name != plan.input:
             set_bpfm(u.name, graph.create_node("call_function", abandon, (solved, lam[u.name]), name=f"bpfm_{u.name}"))
 
-    graph.output({layer[r]: (bpfm if maps is None else out_maps)[r] for r in requested})
+    if maps is None:
+        graph.output(({layer[r]: bpfm[r] for r in requested}, {layer[r]: lam[r] for r in requested}))
+    else:
+        graph.output({layer[r]: out_maps[r] for r in requested})
     module = fx.GraphModule(root, graph, class_name="NAFlowInverse" if maps is None else "NAFlowMaps")
-    return InverseProgram(module, act_order, lam_order, len(steps))
+    return InverseProgram(module, act_order, (plan.last,), len(steps))
