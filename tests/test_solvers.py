@@ -388,10 +388,10 @@ def test_dense_solve_with_per_sample_damping(mat: Tensor, batch: int, seed: int)
 @SETTINGS
 @given(data=st.data())
 def test_sigma_max_estimate(name: str, data):
-    """A lower bound (power iteration) within 1 % of σ_max when the top of the spectrum is not clustered.
+    """A lower bound (Lanczos) within 1 % of σ_max when the top of the spectrum is not clustered.
 
     λ = damping·σ_max only sets the regularisation strength, so the estimate stops at a 1e-3
-    relative change of σ² (docs/naflow.md, decision 6): twice as fast as 1e-5 on EfficientNet-B0.
+    relative change of the top Ritz value of JᵀJ (docs/naflow.md, decision 6).
     """
     fn, x = data.draw(ALL_CASES[name])
     op, _ = make_operator(name, fn, x)
@@ -413,8 +413,8 @@ def test_sigma_max_estimate(name: str, data):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known limitation: power iteration (≤ 100 steps, stopping at a 1e-3 relative change of σ²) "
-    "stalls on clustered top singular values and misses σ_max of a random 4→4 3×3 conv on 6×6 by more than 1e-3",
+    reason="known limitation: Lanczos stopping at a 1e-3 relative change of the top Ritz value of JᵀJ "
+    "can stop early on clustered top singular values: σ_max of a random 4→4 3×3 conv on 6×6 is 0.6 % short",
 )
 def test_sigma_max_estimate_of_a_square_conv():
     weight = rand((4, 4, 3, 3), 3)

@@ -3,7 +3,7 @@
 # NOTE [damping]
 # Solver-based rules (conv, linear, the generic linearised rule) solve the Tikhonov problem
 # min ||J x − b||² + λ²||x||² with λ = damping · σ_max(J) (spec §4, "Conditioning"). σ_max is
-# estimated once per layer and input shape by power iteration on JᵀJ from a fixed seed, and the
+# estimated once per layer and input shape by Lanczos on JᵀJ from a fixed seed, and the
 # same λ is given to the dense and the iterative solver, so both target the same problem.
 # Closed-form rules (BatchNorm, pointwise activations, pooling selections, reshapes) are exact
 # pseudo-inverses and are never damped; see docs/naflow.md.
@@ -22,11 +22,16 @@ from torch import Tensor
 from ..errors import ConfigError
 from .dense import dense_solve
 from .iterative import cgls
-from .operator import LinearOperator, batch_norm2
+from .operator import LinearOperator, batch_dot, batch_norm2
 
 __all__ = ["SolverConfig", "SolveRecord", "SolverContext", "relative_residual"]
 
 _SOLVERS = ("auto", "dense", "iterative")
+
+
+def _rows(values: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Per-row scalars (float64) as a broadcastable tensor in ``like``'s dtype."""
+    return values.to(like.dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,10 @@ class SolverContext:
         rec.method, rec.residual = "closed form", relative_residual(jx, rhs)
 
     def sigma_max(self, op: LinearOperator, like: Tensor, key: object | None = None, iters: int = 100) -> Tensor:
-        """σ_max(J) per sample (``Tensor[B]``, B from ``like``) by power iteration on JᵀJ.
+        """σ_max(J) per sample (``Tensor[B]``, B from ``like``) by Lanczos on JᵀJ (NOTE [damping]).
 
-        Starts from a fixed seed; cached per ``(key, input shape)`` for shared operators.
+        Starts from a fixed seed and stops when the top Ritz value changes by at most 1e-3
+        (relative); cached per ``(key, input shape)`` for shared operators.
         """
         batch = like.shape[0]
         cache_key = (key, op.in_shape) if (key is not None and op.shared) else None
@@ -133,19 +139,33 @@ class SolverContext:
         # Every row starts from the same vector and stops on its own test, so a sample's estimate
         # does not depend on its position in the batch or on the other samples (I5).
         v = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
-        v = (v / batch_norm2(v).sqrt().reshape(shape)).expand(rows, *op.in_shape)
-        sigma2 = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        v = (v / batch_norm2(v).sqrt().reshape(shape)).expand(rows, *op.in_shape).contiguous()
+        v_prev = torch.zeros_like(v)
+        beta = torch.zeros(rows, dtype=torch.float64, device=like.device)
+        alphas: list[Tensor] = []
+        betas: list[Tensor] = []
+        sigma2 = torch.zeros(rows, dtype=torch.float64, device=like.device)
         active = torch.ones(rows, dtype=torch.bool, device=like.device)
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
-            norm = torch.where(active, batch_norm2(w).sqrt(), sigma2)
-            settled = (norm - sigma2).abs() <= 1e-3 * norm
-            sigma2 = norm
-            active = active & ~settled & (norm > 0)
+            alpha = batch_dot(w, v).double()
+            w = w - _rows(alpha, shape, w) * v - _rows(beta, shape, w) * v_prev
+            alphas.append(alpha)
+            tri = torch.diag_embed(torch.stack(alphas, 1))
+            if betas:
+                off = torch.diag_embed(torch.stack(betas, 1), offset=1)
+                tri = tri + off + off.transpose(1, 2)
+            ritz = torch.linalg.eigvalsh(tri.cpu())[:, -1].to(sigma2.device)
+            settled = (ritz - sigma2).abs() <= 1e-3 * ritz.abs()
+            sigma2 = torch.where(active, ritz, sigma2)
+            beta = batch_norm2(w).sqrt().double()
+            # a vanishing β means the Krylov space is exhausted: the Ritz value is exact
+            active = active & ~settled & (beta > 1e-12 * ritz.abs())
             if not bool(active.any()):
                 break
-            v = torch.where(active.reshape(shape), w / torch.where(norm > 0, norm, 1).reshape(shape), v)
-        sigma = sigma2.sqrt()
+            betas.append(beta)
+            v_prev, v = v, torch.where(active.reshape(shape), w / _rows(torch.where(active, beta, 1), shape, w), v)
+        sigma = sigma2.clamp_min(0).sqrt().to(like.dtype)
         if cache_key is not None:
             self.sigma_cache[cache_key] = sigma
         return sigma.expand(batch)
