@@ -30,8 +30,8 @@ _SOLVERS = ("auto", "dense", "iterative")
 
 
 def _rows(values: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Per-row scalars (float64) as a broadcastable tensor in ``like``'s dtype."""
-    return values.to(like.dtype).reshape(shape)
+    """Per-row scalars (float64, on the CPU) as a tensor that broadcasts against ``like``."""
+    return values.to(like.device, like.dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -141,31 +141,33 @@ class SolverContext:
         v = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
         v = (v / batch_norm2(v).sqrt().reshape(shape)).expand(rows, *op.in_shape).contiguous()
         v_prev = torch.zeros_like(v)
-        beta = torch.zeros(rows, dtype=torch.float64, device=like.device)
+        # The Lanczos coefficients and the tridiagonal matrix live on the CPU in float64 (small).
+        beta = torch.zeros(rows, dtype=torch.float64)
         alphas: list[Tensor] = []
         betas: list[Tensor] = []
-        sigma2 = torch.zeros(rows, dtype=torch.float64, device=like.device)
-        active = torch.ones(rows, dtype=torch.bool, device=like.device)
+        sigma2 = torch.zeros(rows, dtype=torch.float64)
+        active = torch.ones(rows, dtype=torch.bool)
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
-            alpha = batch_dot(w, v).double()
+            alpha = batch_dot(w, v).double().cpu()
             w = w - _rows(alpha, shape, w) * v - _rows(beta, shape, w) * v_prev
             alphas.append(alpha)
             tri = torch.diag_embed(torch.stack(alphas, 1))
             if betas:
                 off = torch.diag_embed(torch.stack(betas, 1), offset=1)
                 tri = tri + off + off.transpose(1, 2)
-            ritz = torch.linalg.eigvalsh(tri.cpu())[:, -1].to(sigma2.device)
+            ritz = torch.linalg.eigvalsh(tri)[:, -1]
             settled = (ritz - sigma2).abs() <= 1e-3 * ritz.abs()
             sigma2 = torch.where(active, ritz, sigma2)
-            beta = batch_norm2(w).sqrt().double()
+            beta = batch_norm2(w).sqrt().double().cpu()
             # a vanishing β means the Krylov space is exhausted: the Ritz value is exact
             active = active & ~settled & (beta > 1e-12 * ritz.abs())
             if not bool(active.any()):
                 break
             betas.append(beta)
-            v_prev, v = v, torch.where(active.reshape(shape), w / _rows(torch.where(active, beta, 1), shape, w), v)
-        sigma = sigma2.clamp_min(0).sqrt().to(like.dtype)
+            keep = _rows(active.to(torch.float64), shape, w).bool()
+            v_prev, v = v, torch.where(keep, w / _rows(torch.where(active, beta, 1), shape, w), v)
+        sigma = sigma2.clamp_min(0).sqrt().to(like.device, like.dtype)
         if cache_key is not None:
             self.sigma_cache[cache_key] = sigma
         return sigma.expand(batch)
