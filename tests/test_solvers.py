@@ -363,6 +363,31 @@ def test_svd_solve_matches_pinv_and_tikhonov(mat: Tensor, k: int, seed: int):
     assert_rel_close(svd_solve(mat, b, lam).T, tikhonov(mat, b, lam).T, 1e-10, "svd_solve(λ) vs Tikhonov")
 
 
+@pytest.mark.parametrize("failures", [1, 2])
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7)])
+def test_svd_solve_survives_lapack_failing_to_converge(monkeypatch, failures: int, shape: tuple[int, int]):
+    """gesdd can fail to converge; svd_solve then uses the SVD of Jᵀ, then the Gram matrix."""
+    mat = rand(shape, 5)
+    mat[:, 0] = 0  # rank-deficient: the pinv cut-off must still hold
+    b = rand((shape[0], 2), 6)
+    expected = (torch.linalg.pinv(mat) @ b, tikhonov(mat, b, 0.3))
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky_svd(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    calls.clear()
+    assert_rel_close(svd_solve(mat, b), expected[0], 1e-6, f"pinv after {failures} failures")
+    calls.clear()
+    assert_rel_close(svd_solve(mat, b, 0.3), expected[1], 1e-6, f"Tikhonov after {failures} failures")
+    assert len(calls) == 2  # J, then Jᵀ; with 2 failures the Gram matrix, which needs no SVD
+
+
 def test_svd_solve_cuts_singular_values_like_pinv():
     mat = torch.diag(torch.tensor([1.0, 1e-17, 0.0], dtype=F64))
     b = torch.ones(3, 1, dtype=F64)

@@ -10,6 +10,36 @@ from .operator import LinearOperator
 __all__ = ["dense_solve", "svd_solve"]
 
 
+def _svd(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(jac, full_matrices=False)``, with fallbacks where LAPACK fails to converge.
+
+    LAPACK's divide-and-conquer SVD (gesdd) occasionally fails to converge on matrices with many
+    repeated singular values (seen on a MobileNet-V3 squeeze-excitation region's Jacobian). Then
+    the SVD of ``Jᵀ`` is tried, and last the eigen-decomposition of the smaller Gram matrix. That
+    resolves singular values only down to about √eps·σ_max, so smaller ones are returned as 0.
+    """
+    try:
+        return torch.linalg.svd(jac, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(jac.mT, full_matrices=False)
+        return vh.mT, s, u.mT
+    except torch.linalg.LinAlgError:
+        pass
+    wide = jac.shape[-2] < jac.shape[-1]
+    gram = jac @ jac.mT if wide else jac.mT @ jac
+    evals, vecs = torch.linalg.eigh(gram)
+    evals, vecs = evals.flip(-1), vecs.flip(-1)  # descending, as the SVD
+    s = evals.clamp_min(0).sqrt()
+    cut = (max(jac.shape[-2:]) * torch.finfo(jac.dtype).eps) ** 0.5 * (s[..., :1] if s.numel() else 0)
+    s = torch.where(s > cut, s, 0)
+    inv = torch.where(s > 0, 1 / torch.where(s > 0, s, 1), 0)
+    if wide:  # J = U S Vᵀ with U from J Jᵀ, V = Jᵀ U / σ
+        return vecs, s, ((jac.mT @ vecs) * inv.unsqueeze(-2)).mT
+    return (jac @ vecs) * inv.unsqueeze(-2), s, vecs.mT
+
+
 def svd_solve(jac: Tensor, b: Tensor, damping: float = 0.0, rcond: float | None = None) -> Tensor:
     """``x = V diag(f) Uᵀ b`` with Tikhonov filter ``f = σ/(σ² + λ²)``; ``λ = 0`` gives ``J⁺ b``.
 
@@ -21,7 +51,7 @@ def svd_solve(jac: Tensor, b: Tensor, damping: float = 0.0, rcond: float | None 
         >>> svd_solve(J, torch.tensor([[2.0], [3.0]], dtype=torch.float64)).flatten().tolist()
         [2.0, 0.0]
     """
-    u, s, vh = torch.linalg.svd(jac, full_matrices=False)
+    u, s, vh = _svd(jac)
     if damping > 0:
         f = s / (s * s + damping * damping)
     else:
