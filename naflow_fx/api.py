@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import passes
 from .errors import ConfigError, InputError, InputTypeError
-from .passes.codegen import layer_map
+from .passes.codegen import gradients, layer_map
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps
@@ -74,7 +74,6 @@ class NAFlow:
         order = {n.name: i for i, n in enumerate(graph_module.graph.nodes)}
         needed = set(self._program.activations) | set(self._layer_nodes)
         self._recorded = sorted(needed, key=order.__getitem__)
-        self._order = order
         self._recorder = passes.emit_recorder(graph_module, self._recorded)
         self._sigma_cache: dict = {}
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
@@ -121,7 +120,6 @@ class NAFlow:
         The backward pass runs only as deep as the shallowest node in ``grad_nodes``, and the
         recorded values the caller does not keep are released before it (NOTE [memory]).
         """
-        grad_nodes = sorted(set(grad_nodes), key=self._order.__getitem__)
         x = self._check_input(x)
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)
@@ -136,12 +134,7 @@ class NAFlow:
             points = {n: values[n] for n in grad_nodes}
             keep = set(keep)
             values = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in values.items() if k in keep}
-            wanted = [n for n, t in points.items() if t.requires_grad]
-            grads: dict[str, Tensor | None] = {}
-            if scores.requires_grad and wanted:
-                found = torch.autograd.grad(scores.sum(), [points[n] for n in wanted], allow_unused=True)
-                grads = dict(zip(wanted, found))
-        lams = {n: torch.zeros_like(t) if grads.get(n) is None else grads[n] for n, t in points.items()}
+            lams = dict(zip(points, gradients(scores.sum(), list(points.values()))))
         del points
         return output.detach(), values, lams, scores.detach(), classes
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from naflow_fx.solvers.iterative import _bcast, cgls
-from naflow_fx.solvers.operator import batch_dot, batch_norm2, linear_map
+from naflow_fx.solvers.iterative import cgls
+from naflow_fx.solvers.operator import batch_dot, batch_norm2, linear_map, per_sample
 
 
 def circulant_factor(kernel: torch.Tensor, h: int, w: int, lam: float):
@@ -54,13 +54,13 @@ def pcg_normal(op, b, lam, precondition, tol=1e-4, max_iter=500):
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         ap = op.rmatvec(op.matvec(p)) + lam**2 * p
         alpha = rz / batch_dot(p, ap)
-        x, r = x + _bcast(alpha, x) * p, r - _bcast(alpha, r) * ap
+        x, r = x + per_sample(alpha, x) * p, r - per_sample(alpha, r) * ap
         rel = batch_norm2(r).sqrt() / norm0
         if bool((rel <= tol).all()):
             break
         z = precondition(r)
         rz_new = batch_dot(r, z)
-        p, rz = z + _bcast(rz_new / rz, p) * p, rz_new
+        p, rz = z + per_sample(rz_new / rz, p) * p, rz_new
     return x, it, float(rel.max())
 
 

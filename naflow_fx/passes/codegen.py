@@ -44,6 +44,7 @@ __all__ = [
     "emit_recorder",
     "emit_inverse",
     "extract_stage",
+    "gradients",
     "stage_coefficients",
     "region_images",
     "layer_map",
@@ -106,6 +107,19 @@ def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], 
 # instead of one per layer (docs/naflow.md, decision 30).
 
 
+def gradients(out: Tensor, points: list[Tensor], grad_out: Tensor | None = None) -> list[Tensor]:
+    """``(∂out/∂p)ᵀ grad_out`` for each tensor ``p`` of the graph that made ``out``; zeros where ``out``
+    does not depend on ``p`` (or ``p`` needs no gradient). One backward pass, down to ``points`` only.
+    """
+    wanted = [i for i, t in enumerate(points) if t.requires_grad]
+    grads: list[Tensor | None] = [None] * len(points)
+    if out.requires_grad and wanted:
+        found = torch.autograd.grad(out, [points[i] for i in wanted], grad_out, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(points, grads)]
+
+
 def stage_coefficients(stage: nn.Module, input: Tensor, coefficients_out: Tensor, *extras) -> tuple[Tensor, ...]:
     """``(Λ_u, Λ_v1, …)`` of a stage's input and inner nodes from its output's Λ_w (NOTE [chained Λ]).
 
@@ -115,14 +129,7 @@ def stage_coefficients(stage: nn.Module, input: Tensor, coefficients_out: Tensor
         x = input.detach().requires_grad_(True)
         out = stage(x, *extras)
         out, inner = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
-        points = [x, *inner]
-        wanted = [i for i, t in enumerate(points) if isinstance(t, Tensor) and t.requires_grad]
-        grads: list[Tensor | None] = [None] * len(points)
-        if isinstance(out, Tensor) and out.requires_grad and wanted:
-            found = torch.autograd.grad(out, [points[i] for i in wanted], coefficients_out, allow_unused=True)
-            for i, g in zip(wanted, found):
-                grads[i] = g
-    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(points, grads))
+        return tuple(gradients(out, [x, *inner], coefficients_out))
 
 
 def region_images(inner: nn.Module, input: Tensor, bpfm_in: Tensor, *extras) -> tuple[Tensor, ...]:

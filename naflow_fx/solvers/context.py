@@ -22,16 +22,11 @@ from torch import Tensor
 from ..errors import ConfigError
 from .dense import dense_solve
 from .iterative import cgls
-from .operator import LinearOperator, batch_dot, batch_norm2
+from .operator import LinearOperator, batch_dot, batch_norm2, per_sample
 
 __all__ = ["SolverConfig", "SolveRecord", "SolverContext", "relative_residual"]
 
 _SOLVERS = ("auto", "dense", "iterative")
-
-
-def _rows(values: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Per-row scalars (float64, on the CPU) as a tensor that broadcasts against ``like``."""
-    return values.to(like.device, like.dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -150,7 +145,7 @@ class SolverContext:
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
             alpha = batch_dot(w, v).double().cpu()
-            w = w - _rows(alpha, shape, w) * v - _rows(beta, shape, w) * v_prev
+            w = w - per_sample(alpha, w) * v - per_sample(beta, w) * v_prev
             alphas.append(alpha)
             tri = torch.diag_embed(torch.stack(alphas, 1))
             if betas:
@@ -165,8 +160,8 @@ class SolverContext:
             if not bool(active.any()):
                 break
             betas.append(beta)
-            keep = _rows(active.to(torch.float64), shape, w).bool()
-            v_prev, v = v, torch.where(keep, w / _rows(torch.where(active, beta, 1), shape, w), v)
+            keep = active.to(w.device).reshape(shape)
+            v_prev, v = v, torch.where(keep, w / per_sample(torch.where(active, beta, 1), w), v)
         sigma = sigma2.clamp_min(0).sqrt().to(like.device, like.dtype)
         if cache_key is not None:
             self.sigma_cache[cache_key] = sigma

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator, batch_norm2
+from .operator import LinearOperator, batch_norm2, per_sample
 
 __all__ = ["cgls", "IterativeResult"]
 
@@ -30,10 +30,6 @@ class IterativeResult:
     iterations: int
     normal_residual: Tensor  # per sample: ||Jᵀ(b − Jx) − λ²x|| / ||Jᵀb||
     converged: Tensor  # per sample, bool
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: float = 1e-4, max_iter: int = 500):
@@ -68,14 +64,14 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
     active = norm0 > 0
     rel = torch.zeros_like(norm0)
     best_x, best_rel = x.clone(), torch.where(active, 1.0, 0.0).to(norm0.dtype)  # x = 0: relative residual 1
-    lam2_x = _bcast(lam2, x)
+    lam2_x = per_sample(lam2, x)
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         q = op.matvec(p)
         delta = batch_norm2(q) + lam2 * batch_norm2(p)
         alpha = torch.where(active & (delta > 0), gamma / torch.where(delta > 0, delta, 1), 0)
-        x.addcmul_(p, _bcast(alpha, x))
-        r.addcmul_(q, _bcast(alpha, r), value=-1)
+        x.addcmul_(p, per_sample(alpha, x))
+        r.addcmul_(q, per_sample(alpha, r), value=-1)
         s = op.rmatvec(r).addcmul_(x, lam2_x, value=-1)
         gamma_new = batch_norm2(s)
         rel = torch.where(norm0 > 0, gamma_new.sqrt() / torch.where(norm0 > 0, norm0, 1), 0)
@@ -89,6 +85,6 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
         if not bool(active.any()):
             break
         beta = torch.where(active, gamma_new / torch.where(gamma > 0, gamma, 1), 0)
-        p.mul_(_bcast(beta, p)).add_(s)
+        p.mul_(per_sample(beta, p)).add_(s)
         gamma = gamma_new
     return IterativeResult(x=best_x, iterations=it, normal_residual=best_rel, converged=~active)

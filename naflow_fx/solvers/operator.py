@@ -14,7 +14,7 @@ from torch.func import jacrev, jvp, vjp
 # torch.jit.script is deprecated: an internal detail of torch, not something users can act on.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-__all__ = ["LinearOperator", "linear_map", "linearized_map", "batch_norm2", "batch_dot"]
+__all__ = ["LinearOperator", "linear_map", "linearized_map", "batch_norm2", "batch_dot", "per_sample"]
 
 
 def batch_norm2(t: Tensor) -> Tensor:
@@ -25,6 +25,11 @@ def batch_norm2(t: Tensor) -> Tensor:
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product: ``Tensor[B]``."""
     return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(1)
+
+
+def per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """Per-sample scalars ``Tensor[B]`` on ``like``'s device and dtype, shaped to broadcast over it."""
+    return v.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass
