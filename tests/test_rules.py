@@ -44,6 +44,7 @@ from naflow_fx.canonical import CANONICAL_SIGNATURES
 from naflow_fx.rules import INVERSE_RULES, abandon, get_inverse_rule, register_inverse
 from naflow_fx.rules.generic import affine_piece, linearized_inverse, region_inverse
 from naflow_fx.solvers import SolverConfig, SolverContext
+from naflow_fx.solvers.dense import svd_solve
 
 F64 = torch.float64
 
@@ -485,6 +486,14 @@ SOLVED = {
 }
 
 
+def _pointwise(spec: OpSpec, sample: Sample) -> bool:
+    """A 1×1 convolution without padding: solved in closed form (NOTE [1×1 convolutions])."""
+    if spec.op is not torch.conv2d:
+        return False
+    pad = sample.kwargs["padding"]
+    return sample.kwargs["weight"].shape[-2:] == (1, 1) and (isinstance(pad, str) or pad in (0, (0, 0)))
+
+
 def _solver_ctx(solver: str) -> SolverContext:
     if solver == "dense":
         return exact_ctx("dense")
@@ -521,7 +530,7 @@ def test_solved_rules_left_and_right_inverse(case: str, solver: str, data):
         expected = oracle_inverse(spec.sample_fn(sample.kwargs), sample.input, y)
         assert_rel_close(got, expected, tol, f"{case}/{solver}: minimum norm")
     rec = ctx.records[-1]
-    assert rec.method == ("dense" if solver == "dense" else "cgls")
+    assert rec.method == ("closed form" if _pointwise(spec, sample) else "dense" if solver == "dense" else "cgls")
     assert rec.residual <= tol and rec.converged
 
 
@@ -565,6 +574,42 @@ def test_conv_iterative_equals_dense_oracle_for_random_rhs(case: str, data):
     got = call_rule(spec, _solver_ctx("iterative"), bpfm_out, sample)
     expected = oracle_inverse(spec.sample_fn(sample.kwargs), sample.input, bpfm_out)
     assert_rel_close(got, expected, ITER_TOL, case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("cin", "cout", "groups", "stride", "padding", "damping"),
+    [
+        (6, 4, 1, 1, 0, 1e-2),  # wide: minimum norm
+        (3, 7, 1, 2, "valid", 1e-2),  # tall and strided: the unread pixels get 0
+        (6, 6, 3, (2, 3), (0, 0), 1e-1),  # grouped: a block-diagonal channel matrix
+        (4, 4, 1, 1, "same", 0.0),  # undamped: the pseudo-inverse
+    ],
+)
+def test_pointwise_conv_is_solved_exactly_in_closed_form(cin, cout, groups, stride, padding, damping, dtype):
+    """NOTE [1×1 convolutions]: the per-pixel filter is the damped solution of the whole J, with λ exact."""
+    w = rand((cout, cin // groups, 1, 1), 1, dtype=dtype)
+    bias = rand((cout,), 2, dtype=dtype)
+    x = rand((2, cin, 7, 8), 3, dtype=dtype)
+
+    def conv(t: Tensor) -> Tensor:
+        return torch.conv2d(t, w.to(t.dtype), None, stride, padding, 1, groups)
+
+    y = rand(conv(x).shape, 4, dtype=dtype)
+    ctx = SolverContext(SolverConfig(solver="iterative", damping=damping))
+    kwargs = dict(weight=w, bias=bias, stride=stride, padding=padding, dilation=2, groups=groups)
+    rule = get_inverse_rule(torch.conv2d)
+    got = rule(ctx, y, x, layer="conv", **kwargs)
+    jac = torch.func.jacrev(conv)(x[:1].to(F64)).reshape(y[0].numel(), x[0].numel())
+    lam = damping * float(torch.linalg.matrix_norm(jac, ord=2))
+    rhs = (y - bias.reshape(1, -1, 1, 1)).to(F64).reshape(2, -1)
+    expected = svd_solve(jac, rhs.T, lam).T.reshape(x.shape)
+    assert_rel_close(got, expected, 1e-10 if dtype == F64 else 1e-5, "closed form against the dense solve")
+    (rec,) = ctx.records
+    assert (rec.method, rec.iterations) == ("closed form", 0)
+    assert rec.damping == pytest.approx(lam, rel=1e-12)
+    again = rule(ctx, y, x, layer="conv", **kwargs)  # the filter is cached per layer
+    assert torch.equal(again, got) and len([k for k in ctx.sigma_cache if k[0] == "filter"]) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,7 +795,7 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
     assert rec.rule == f"{spec.name}_inverse"
     assert rec.seconds >= 0 and rec.converged
     solved = spec.name in ("conv2d", "linear", "layer_norm", "avg_pool2d", "adaptive_avg_pool2d")
-    assert rec.method == ("dense" if solved else "closed form")
+    assert rec.method == ("dense" if solved and not _pointwise(spec, sample) else "closed form")
     assert rec.iterations == 0
     ps = pieces(spec, sample)
     # only solver-based rules are damped, with λ = damping · σ_max(J) (0 when J is 0, e.g. a conv reading padding only)

@@ -18,14 +18,51 @@ def _channel_view(v: Tensor, like: Tensor, dim: int = 1) -> Tensor:
     return v.to(like.dtype).reshape(shape)
 
 
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pointwise(weight: Tensor, padding) -> bool:
+    """A 1×1 convolution without padding: the same channel matrix at every (strided) pixel."""
+    return tuple(weight.shape[-2:]) == (1, 1) and (isinstance(padding, str) or _pair(padding) == (0, 0))
+
+
+def _channel_matrix(weight: Tensor, groups: int) -> Tensor:
+    """A 1×1 conv's weight ``[C_out, C_in/groups, 1, 1]`` as its ``[C_out, C_in]`` (block-diagonal) matrix."""
+    w = weight[..., 0, 0]
+    if groups == 1:
+        return w
+    cout_g = w.shape[0] // groups
+    return torch.block_diag(*(w[g * cout_g : (g + 1) * cout_g] for g in range(groups)))
+
+
 @register_inverse(torch.conv2d)
 def conv2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, weight, bias, stride, padding, dilation, groups):
-    """Damped min-norm least squares of ``conv2d(B_u) = B_w − bias``, matrix-free or dense."""
+    """Damped min-norm least squares of ``conv2d(B_u) = B_w − bias``, matrix-free or dense.
+
+    A 1×1 convolution without padding is solved in closed form (NOTE [1×1 convolutions]).
+    """
 
     def conv(x: Tensor) -> Tensor:
         return torch.conv2d(x, weight.to(x.dtype), None, stride, padding, dilation, groups)
 
     rhs = bpfm_out if bias is None else bpfm_out - _channel_view(bias, bpfm_out)
+    if _pointwise(weight, padding):
+        # NOTE [1×1 convolutions]
+        # A 1×1 convolution with stride s and no padding reads the pixels (s·i, s·j) and applies
+        # the same [C_out, C_in] matrix M at each: J = (I ⊗ M) S with S that selection. So
+        # σ_max(J) = σ_max(M), and the Tikhonov solution of NOTE [damping] is exact position by
+        # position: B_u = M_λ⁺ (B_w − b) at the pixels read, where M_λ⁺ = V diag(σ/(σ²+λ²)) Uᵀ,
+        # and 0 at the pixels no output reads (the minimum-norm choice). One small SVD per layer,
+        # cached, replaces an iterative solve over the whole feature map, whatever `solver` says.
+        matrix = _channel_matrix(weight.to(rhs.dtype), groups)
+        q, p = int(rhs[0].numel()), int(input[0].numel())
+        filt = solver.position_filter(matrix, (q, p))
+        x = torch.zeros(input.shape, dtype=rhs.dtype, device=rhs.device)
+        sh, sw = _pair(stride)
+        x[..., ::sh, ::sw] = torch.einsum("pq,bqhw->bphw", filt, rhs)
+        solver.closed_form(conv(x), rhs)
+        return x
     return solver.solve(linear_map(conv, input), rhs)
 
 

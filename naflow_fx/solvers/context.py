@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .dense import dense_solve
+from .dense import dense_solve, svd_solve
 from .iterative import cgls
 from .operator import LinearOperator, batch_dot, batch_norm2, per_sample
 
@@ -166,6 +166,33 @@ class SolverContext:
         if cache_key is not None:
             self.sigma_cache[cache_key] = sigma
         return sigma.expand(batch)
+
+    def position_filter(self, matrix: Tensor, size: tuple[int, int], key: object | None = None) -> Tensor:
+        """The damped pseudo-inverse ``V diag(σ/(σ² + λ²)) Uᵀ`` (``[p, q]``) of a ``[q, p]`` matrix.
+
+        For a ``J`` that applies the same ``matrix`` at every position (a 1×1 convolution:
+        ``J = I ⊗ matrix`` after a selection of positions), ``σ_max(J) = σ_max(matrix)``, so the
+        Tikhonov problem of NOTE [damping] is solved exactly, position by position, by this
+        filter, with λ = damping · σ_max(matrix) from the SVD rather than an estimate.
+        ``size = (q, p)`` of the whole ``J`` sets the zero cut-off when damping is 0, as for the
+        dense solver. Computed in float64, cached per ``key`` (the layer) and dtype, and λ is
+        recorded on the current step.
+        """
+        if key is None and self._current is not None:
+            key = self._current.layer
+        cache_key = ("filter", key, tuple(matrix.shape), matrix.dtype, matrix.device)
+        entry = self.sigma_cache.get(cache_key) if key is not None else None
+        if entry is None:
+            m64 = matrix.detach().to(torch.float64)
+            sigma = float(torch.linalg.matrix_norm(m64, ord=2)) if m64.numel() else 0.0
+            lam = self.config.damping * sigma
+            eye = torch.eye(m64.shape[0], dtype=torch.float64, device=m64.device)
+            rcond = max(size) * torch.finfo(torch.float64).eps
+            entry = (svd_solve(m64, eye, lam, rcond=rcond).to(matrix.dtype), lam)
+            if key is not None:
+                self.sigma_cache[cache_key] = entry
+        self._record().damping = entry[1]
+        return entry[0]
 
     def solve(self, op: LinearOperator, rhs: Tensor, *, damped: bool = True, key: object | None = None) -> Tensor:
         """Damped min-norm least squares ``J x ≈ rhs`` per sample (NOTE [damping]); records diagnostics."""
