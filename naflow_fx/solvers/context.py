@@ -175,20 +175,20 @@ class SolverContext:
         Tikhonov problem of NOTE [damping] is solved exactly, position by position, by this
         filter, with λ = damping · σ_max(matrix) from the SVD rather than an estimate.
         ``size = (q, p)`` of the whole ``J`` sets the zero cut-off when damping is 0, as for the
-        dense solver. Computed in float64, cached per ``key`` (the layer) and dtype, and λ is
-        recorded on the current step.
+        dense solver. Computed on the CPU in float64 (so no device needs float64 support), cached
+        per ``key`` (the layer), dtype and device, and λ is recorded on the current step.
         """
         if key is None and self._current is not None:
             key = self._current.layer
         cache_key = ("filter", key, tuple(matrix.shape), matrix.dtype, matrix.device)
         entry = self.sigma_cache.get(cache_key) if key is not None else None
         if entry is None:
-            m64 = matrix.detach().to(torch.float64)
-            sigma = float(torch.linalg.matrix_norm(m64, ord=2)) if m64.numel() else 0.0
+            m64 = matrix.detach().to("cpu", torch.float64)
+            sigma = float(torch.linalg.svdvals(m64)[0]) if m64.numel() else 0.0
             lam = self.config.damping * sigma
-            eye = torch.eye(m64.shape[0], dtype=torch.float64, device=m64.device)
+            eye = torch.eye(m64.shape[0], dtype=torch.float64)
             rcond = max(size) * torch.finfo(torch.float64).eps
-            entry = (svd_solve(m64, eye, lam, rcond=rcond).to(matrix.dtype), lam)
+            entry = (svd_solve(m64, eye, lam, rcond=rcond).to(matrix.device, matrix.dtype), lam)
             if key is not None:
                 self.sigma_cache[cache_key] = entry
         self._record().damping = entry[1]
