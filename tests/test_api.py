@@ -356,6 +356,22 @@ def test_layers_blocks_are_block_outputs_at_stage_boundaries(name, size, expecte
     assert [n for n in every if n in expected] == expected  # a subset of "all", in the same order
 
 
+def test_a_layer_selection_gives_the_same_maps_and_compiles_each_stage_once():
+    """Regions with no requested inner layer chain Λ through their solve's own stage module."""
+    model = _tv("resnet18")
+    x = batch(2, 32, seed=3)
+    blocks = compile_naflow(model, x, layers="blocks")
+    every = compile_naflow(model, x)
+    children = dict(blocks.inverse.named_children())
+    doubled = [n for n in children if n.endswith("_coefficients") and n.removesuffix("_coefficients") in children]
+    assert not doubled, doubled
+    assert "stage_layer1_0_add" in children and "stage_layer1_0_add_coefficients" not in children
+    a, b = blocks(x, keep="all"), every(x, keep="all")
+    for name in blocks.layers:
+        assert torch.equal(a.maps[name], b.maps[name]), name
+        assert torch.equal(a.coefficients[name], b.coefficients[name]), name
+
+
 def test_layers_blocks_ignore_a_wrapping_module():
     """An embedding model wraps its trunk: the trunk's blocks are still the blocks."""
 

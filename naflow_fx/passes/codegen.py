@@ -192,26 +192,34 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     # other Λ is chained stage by stage from it (NOTE [chained Λ]).
     steps = [nodes[s.output].meta["naflow.inverse"] for s in reversed(plan.stages) if order[s.output] > shallowest]
     acts: set[str] = {plan.last}
-    calls: dict[str, tuple] = {}  # stage output -> (stage attr, extras, inner nodes, inner extras, Λ extras)
+    calls: dict[str, tuple] = {}  # stage output -> (stage attr, extras, inner nodes, inner extras, Λ attr, Λ extras)
     for step in steps:
         s = step.stage
         w, u = nodes[s.output], nodes[s.input]
         body = [nodes[b] for b in s.body]
         path = _attr_path(layer[w.name])
         inner = [nodes[b] for b in s.body[:-1] if b in requested]
-        root[path + "_coefficients"], lam_extras = extract_stage(gm, u, body, [w, *inner])
         acts.add(u.name)
+        if step.kind != "rule":
+            root[path], extras = extract_stage(gm, u, body, [w])
+        # The stage module that gives Λ_u (and the inner Λ) by one backward: without inner nodes
+        # it computes exactly what the solve's module does, so that one is reused.
+        lam_path, lam_extras = path, []
+        if step.kind == "rule" or inner:
+            lam_path = path + "_coefficients"
+            root[lam_path], lam_extras = extract_stage(gm, u, body, [w, *inner])
+        else:
+            lam_extras = extras
         acts.update(e.name for e in lam_extras)
         if step.kind == "rule":
             acts.update(a.name for a in w.all_input_nodes if a.op != "get_attr")
-            calls[w.name] = (path, [], inner, [], lam_extras)
+            calls[w.name] = (path, [], inner, [], lam_path, lam_extras)
             continue
-        root[path], extras = extract_stage(gm, u, body, [w])
         inner_extras: list[fx.Node] = []
         if inner:
             root[path + "_inner"], inner_extras = extract_stage(gm, u, body, inner)
         acts.update(e.name for e in extras + inner_extras)
-        calls[w.name] = (path, extras, inner, inner_extras, lam_extras)
+        calls[w.name] = (path, extras, inner, inner_extras, lam_path, lam_extras)
 
     graph = fx.Graph()
     solver = graph.placeholder("solver")
@@ -257,7 +265,7 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
         s = step.stage
         w, u = nodes[s.output], nodes[s.input]
         tag = {"layer": layer[w.name]}
-        path, extras, inner, inner_extras, lam_extras = calls[w.name]
+        path, extras, inner, inner_extras, lam_path, lam_extras = calls[w.name]
         if step.kind == "rule":
             args = (solver, bpfm[w.name], value[u.name])
             kwargs = {k: arg(v) for k, v in w.kwargs.items()} | tag
@@ -270,8 +278,7 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
         chained = graph.create_node(
             "call_function",
             stage_coefficients,
-            (graph.get_attr(path + "_coefficients"), value[u.name], lam[w.name])
-            + tuple(value[e.name] for e in lam_extras),
+            (graph.get_attr(lam_path), value[u.name], lam[w.name]) + tuple(value[e.name] for e in lam_extras),
             name=f"chain_{w.name}",
         )
         for i, v in enumerate([u, *inner]):
