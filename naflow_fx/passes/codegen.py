@@ -200,16 +200,16 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
         path = _attr_path(layer[w.name])
         inner = [nodes[b] for b in s.body[:-1] if b in requested]
         acts.add(u.name)
+        extras: list[fx.Node] = []
         if step.kind != "rule":
             root[path], extras = extract_stage(gm, u, body, [w])
         # The stage module that gives Λ_u (and the inner Λ) by one backward: without inner nodes
         # it computes exactly what the solve's module does, so that one is reused.
-        lam_path, lam_extras = path, []
         if step.kind == "rule" or inner:
             lam_path = path + "_coefficients"
             root[lam_path], lam_extras = extract_stage(gm, u, body, [w, *inner])
         else:
-            lam_extras = extras
+            lam_path, lam_extras = path, extras
         acts.update(e.name for e in lam_extras)
         if step.kind == "rule":
             acts.update(a.name for a in w.all_input_nodes if a.op != "get_attr")
