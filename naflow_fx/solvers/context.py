@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .dense import dense_solve, svd_solve
+from .dense import dense_solve, relative_pinv
 from .iterative import cgls
 from .operator import LinearOperator, batch_dot, batch_norm2, per_sample
 
@@ -183,12 +183,9 @@ class SolverContext:
         cache_key = ("filter", key, tuple(matrix.shape), matrix.dtype, matrix.device)
         entry = self.sigma_cache.get(cache_key) if key is not None else None
         if entry is None:
-            m64 = matrix.detach().to("cpu", torch.float64)
-            sigma = float(torch.linalg.svdvals(m64)[0]) if m64.numel() else 0.0
-            lam = self.config.damping * sigma
-            eye = torch.eye(m64.shape[0], dtype=torch.float64)
             rcond = max(size) * torch.finfo(torch.float64).eps
-            entry = (svd_solve(m64, eye, lam, rcond=rcond).to(matrix.device, matrix.dtype), lam)
+            pinv, lam = relative_pinv(matrix.detach().to("cpu", torch.float64), self.config.damping, rcond)
+            entry = (pinv.to(matrix.device, matrix.dtype), lam)
             if key is not None:
                 self.sigma_cache[cache_key] = entry
         self._record().damping = entry[1]

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .operator import LinearOperator
 
-__all__ = ["dense_solve", "svd_solve"]
+__all__ = ["dense_solve", "svd_solve", "relative_pinv"]
 
 
 def _svd(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -52,14 +52,33 @@ def svd_solve(jac: Tensor, b: Tensor, damping: float = 0.0, rcond: float | None 
         [2.0, 0.0]
     """
     u, s, vh = _svd(jac)
+    return vh.mT @ (_filter(s, damping, rcond, jac).unsqueeze(-1) * (u.mT @ b))
+
+
+def relative_pinv(jac: Tensor, damping: float, rcond: float | None = None) -> tuple[Tensor, float]:
+    """``(V diag(f) Uᵀ, λ)``: the Tikhonov pseudo-inverse ``[p, q]`` with ``λ = damping · σ_max(jac)``.
+
+    One SVD gives both σ_max and the filter ``f`` of :func:`svd_solve` (same ``rcond`` convention).
+
+    Example:
+        >>> J = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+        >>> pinv, lam = relative_pinv(J, 0.5)
+        >>> lam, pinv[0, 0].item()
+        (1.0, 0.4)
+    """
+    u, s, vh = _svd(jac)
+    lam = damping * float(s[0]) if s.numel() else 0.0
+    return vh.mT @ (_filter(s, lam, rcond, jac).unsqueeze(-1) * u.mT), lam
+
+
+def _filter(s: Tensor, damping: float, rcond: float | None, jac: Tensor) -> Tensor:
+    """Tikhonov ``σ/(σ² + λ²)``; with ``λ = 0``, ``1/σ`` above the ``pinv`` cut-off ``rcond · σ_max``."""
     if damping > 0:
-        f = s / (s * s + damping * damping)
-    else:
-        if rcond is None:
-            rcond = max(jac.shape) * torch.finfo(jac.dtype).eps
-        cut = rcond * (s[0] if s.numel() else 0)
-        f = torch.where(s > cut, 1 / torch.where(s > cut, s, 1), 0)
-    return vh.mT @ (f.unsqueeze(-1) * (u.mT @ b))
+        return s / (s * s + damping * damping)
+    if rcond is None:
+        rcond = max(jac.shape) * torch.finfo(jac.dtype).eps
+    cut = rcond * (s[0] if s.numel() else 0)
+    return torch.where(s > cut, 1 / torch.where(s > cut, s, 1), 0)
 
 
 def dense_solve(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0) -> Tensor:
