@@ -12,12 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .errors import NAFlowError
+from .errors import ConfigError, NAFlowError
+from .solvers import SolverConfig
 
 __all__ = ["main", "build_parser", "load_model", "load_images", "ModelSpec", "CLIError"]
 
@@ -35,6 +36,7 @@ _EPILOG_EXPLAIN = """examples:
   naflow explain img.png --model resnet18 --weights my_resnet18.pt --target 281 --compare gradcam,layercam
   naflow explain img.png --model mypkg.models:build_net --size 128 --out explained/
   naflow explain img.png --model whole_model.pt --device cuda
+  naflow explain star.png --model shapes --damping 3e-2 --tol 1e-3     # solver options (docs/naflow.md)
 
 --model is a torchvision model name (random weights unless --weights), "shapes" (the embedded
 model), module:callable (a function returning an nn.Module, or a module instance) or a file
@@ -301,6 +303,7 @@ def run_explain(
     device: str = "cpu",
     quiet: bool = False,
     max_columns: int = 24,
+    solver_options: dict | None = None,
     grid_layers: Callable[[list[str]], list[str]] | None = None,
     dpi: int = 150,
     gif_size: int = 192,
@@ -311,6 +314,8 @@ def run_explain(
     ``grid_layers`` picks the grid's columns from the explained layers (default: at most
     ``max_columns`` of them, evenly spaced); the GIF and the ``.npz`` files hold every layer.
     ``dpi`` is the grid's resolution, ``gif_size`` the side of each image in the GIF.
+    ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``) go to ``compile_naflow``
+    and into the NAFlow sidecar as ``"options"``.
     """
     from . import compile_naflow
     from .export import save_maps
@@ -323,7 +328,8 @@ def run_explain(
     std = torch.tensor(spec.std, device=dev).view(1, -1, 1, 1)
     x = (images.to(dev) - mean) / std
     start = time.perf_counter()
-    nf = compile_naflow(model, x[:1], layers=layers)
+    options = dict(solver_options or {})
+    nf = compile_naflow(model, x[:1], layers=layers, **options)
     say(f"{spec.name}: compiled in {time.perf_counter() - start:.1f}s, {len(nf.layers)} layers, last {nf.last_layer}")
     with torch.no_grad():
         logits = model(x)
@@ -364,8 +370,14 @@ def run_explain(
     written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
     names = [os.path.basename(p) for p in labels]
     for res in results:
+        extra = {"options": asdict(nf.config)} if res.method == "naflow" else None
         npz, _ = save_maps(
-            res, os.path.join(out, f"{res.method}.npz"), model=spec.name, class_names=spec.class_names, images=names
+            res,
+            os.path.join(out, f"{res.method}.npz"),
+            model=spec.name,
+            class_names=spec.class_names,
+            images=names,
+            extra=extra,
         )
         written[res.method] = npz
     if len(columns) < len(nf.layers):
@@ -411,6 +423,7 @@ def _check_size(size: int) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
+    options = _solver_options(args)
     spec = load_model(args.model, args.weights)
     size = _check_size(args.size if args.size is not None else spec.size)
     images = load_images(args.images, size, spec.resize)
@@ -428,6 +441,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         device=device,
         quiet=args.quiet,
         max_columns=args.max_columns,
+        solver_options=options,
         say=say,
     )
     return 0
@@ -444,6 +458,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .zoo.shapes import weights_info
 
     device = _check_device(args.device)
+    options = _solver_options(args)
     spec = load_model("shapes")
     paths = sample_paths()[: args.images]
     images = load_images(paths, spec.size, spec.resize)
@@ -460,6 +475,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         device=device,
         quiet=args.quiet,
         max_columns=args.max_columns,
+        solver_options=options,
         grid_layers=None if args.all_columns else _activation_layers,
         dpi=100,  # the README figure: about 1.3k × 1k pixels, under 2 MB
         gif_size=128,
@@ -514,6 +530,35 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument("--max-columns", type=int, default=24, help="layers shown in the grid at most (default 24)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no messages")
+    solve = p.add_argument_group("solver options (compile_naflow's; see docs/naflow.md, decisions 6 and 7)")
+    defaults = SolverConfig()
+    solve.add_argument(
+        "--damping",
+        type=float,
+        default=defaults.damping,
+        help=f"Tikhonov damping relative to σ_max(J), 0 = exact pseudo-inverse (default {defaults.damping:g}); "
+        "it changes the shallow layers' maps",
+    )
+    solve.add_argument(
+        "--solver",
+        choices=("auto", "dense", "iterative"),
+        default=defaults.solver,
+        help=f"dense SVD, CGLS, or auto: dense for small Jacobians (default {defaults.solver})",
+    )
+    solve.add_argument("--tol", type=float, default=defaults.tol, help=f"CGLS tolerance (default {defaults.tol:g})")
+    solve.add_argument(
+        "--max-iter", type=int, default=defaults.max_iter, help=f"CGLS iteration cap (default {defaults.max_iter})"
+    )
+
+
+def _solver_options(args: argparse.Namespace) -> dict:
+    """The solver options of ``args`` as ``compile_naflow`` keywords, checked before any work is done."""
+    options = {"solver": args.solver, "damping": args.damping, "tol": args.tol, "max_iter": args.max_iter}
+    try:
+        SolverConfig(**options)
+    except ConfigError as exc:
+        raise CLIError(f"{exc} (--{str(exc).split()[0].replace('_', '-')})") from None
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 from PIL import Image
 
+from naflow_fx import compile_naflow
 from naflow_fx.cli import build_parser, main
 from naflow_fx.data.shapes import CLASSES, sample_paths
 from naflow_fx.export import load_maps
+from naflow_fx.solvers import SolverConfig
 from naflow_fx.zoo.shapes import shapes_resnet
 
 
@@ -47,6 +51,33 @@ def test_explain_with_the_embedded_model_writes_every_output(capsys, tmp_path):
     assert meta["samples"][0]["target_name"] == "star"
     assert list(maps)[-1] == "layer4.0.relu#2" and all(m.shape[0] == 1 for m in maps.values())
     assert Image.open(tmp_path / "flow_grid.png").size[0] > 300
+
+
+def test_solver_options_reach_the_flow_and_its_sidecar(capsys, tmp_path):
+    star = sample_paths()[CLASSES.index("star")]
+    base = ("explain", star, "--model", "shapes", "--layers", "blocks", "--compare", "none", "--quiet")
+    code, _, err = run(capsys, *base, "--out", str(tmp_path / "default"))
+    assert code == 0, err
+    code, _, err = run(capsys, *base, "--out", str(tmp_path / "damped"), "--damping", "0.1", "--tol", "1e-3")
+    assert code == 0, err
+    maps_default, meta_default = load_maps(tmp_path / "default" / "naflow.npz")
+    maps_damped, meta_damped = load_maps(tmp_path / "damped" / "naflow.npz")
+    assert meta_default["options"] == {**asdict(SolverConfig())}
+    assert meta_damped["options"] == {**asdict(SolverConfig()), "damping": 0.1, "tol": 1e-3}
+    # λ = damping · σ_max of the same Jacobian: ten times larger, and the shallow maps change
+    lam = {d["inverse_of"]: d["damping"] for d in meta_default["diagnostics"] if d["method"] == "cgls"}
+    lam_damped = {d["inverse_of"]: d["damping"] for d in meta_damped["diagnostics"] if d["method"] == "cgls"}
+    assert lam and lam.keys() == lam_damped.keys()
+    for layer in lam:
+        assert lam_damped[layer] == pytest.approx(10 * lam[layer], rel=0.05)
+    assert not torch.allclose(torch.as_tensor(maps_default["maxpool"]), torch.as_tensor(maps_damped["maxpool"]))
+
+
+def test_cli_solver_defaults_are_compile_naflows():
+    signature = inspect.signature(compile_naflow).parameters
+    args = build_parser().parse_args(["explain", "x.png", "--model", "shapes"])
+    for field in ("solver", "damping", "tol", "max_iter"):
+        assert getattr(args, field) == getattr(SolverConfig(), field) == signature[field].default, field
 
 
 def test_explain_with_a_torchvision_architecture_without_weights(capsys, tmp_path):
@@ -180,6 +211,9 @@ def test_other_user_errors(capsys):
     assert_one_line_error(code, err, "--size 0 is too small")
     code, _, err = run(capsys, "explain", img, "--model", "shapes", "--layers", "layer9.conv")
     assert_one_line_error(code, err, "layer9.conv")
+    for flag, value in (("--damping", "-1"), ("--damping", "nan"), ("--tol", "0"), ("--max-iter", "0")):
+        code, _, err = run(capsys, "explain", img, "--model", "shapes", flag, value)
+        assert_one_line_error(code, err, flag, value if value != "-1" else "-1.0")
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["explain", img, "--model", "shapes", "--compare", "scorecam"])
     assert exc.value.code == 2

@@ -170,6 +170,20 @@ def test_deep_naflow_maps_concentrate_on_the_object(shapes_flow):
     assert min(float(shares[n].mean()) for n in deep) > 2 * area
 
 
+def test_the_default_damping_is_solved_reliably_in_float32(shapes_flow):
+    """docs/naflow.md, "Choosing the damping": at the default damping and tolerance, float32 CGLS
+    gives every layer the map of the float64, tightly converged solve of the same problem (at
+    damping 1e-3 it does not: mean r 0.915 at ``layer1.0.conv2`` over 40 held-out images)."""
+    nf, x, s, flow, cam = shapes_flow
+    ref = compile_naflow(shapes_resnet().double(), x[:1].double(), tol=1e-9, max_iter=5000)(x.double(), keep="maps")
+    assert all(r.converged for r in ref.diagnostics.values())
+    for name in flow.layers:
+        a, b = flow.maps[name].flatten(1).double(), ref.maps[name].flatten(1)
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        r = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        assert float(r.min()) > 0.99, (name, r)
+
+
 def test_concat_matches_a_batched_call(shapes_flow):
     nf, x, s, flow, cam = shapes_flow
     parts = concat([nf(x[:1]), nf(x[1:])])
