@@ -40,11 +40,14 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import naflow_fx.rules.linear as linear_rules
+import naflow_fx.solvers.context as solver_context
 from naflow_fx.canonical import CANONICAL_SIGNATURES
 from naflow_fx.rules import INVERSE_RULES, abandon, get_inverse_rule, register_inverse
 from naflow_fx.rules.generic import affine_piece, linearized_inverse, region_inverse
 from naflow_fx.solvers import SolverConfig, SolverContext
 from naflow_fx.solvers.dense import svd_solve
+from naflow_fx.solvers.iterative import cgls
 
 F64 = torch.float64
 
@@ -610,6 +613,43 @@ def test_pointwise_conv_is_solved_exactly_in_closed_form(cin, cout, groups, stri
     assert rec.damping == pytest.approx(lam, rel=1e-12)
     again = rule(ctx, y, x, layer="conv", **kwargs)  # the filter is cached per layer
     assert torch.equal(again, got) and len([k for k in ctx.sigma_cache if k[0] == "filter"]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_depthwise_conv_is_solved_in_channels_last(dtype, monkeypatch):
+    """NOTE [depthwise layout]: the dense solution, the NCHW solve's iterations, the usual layout back."""
+    c = 5
+    w = rand((c, 1, 3, 3), 1, dtype=dtype)
+    x = rand((2, c, 9, 8), 3, dtype=dtype)
+    kwargs = dict(weight=w, bias=None, stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=c)
+
+    def conv(t: Tensor) -> Tensor:
+        return torch.conv2d(t, w.to(t.dtype), None, (2, 1), 1, 1, c)
+
+    y = rand(conv(x).shape, 4, dtype=dtype)
+    rule = get_inverse_rule(torch.conv2d)
+    config = SolverConfig(solver="iterative", damping=1e-2, tol=1e-10 if dtype == F64 else 1e-5, max_iter=2000)
+    layouts = []
+
+    def spy(op, b, *args, **kw):  # the layout CGLS works in: its right-hand side and Jᵀ's results
+        cl = torch.channels_last
+        layouts.append((b.is_contiguous(memory_format=cl), op.rmatvec(b).is_contiguous(memory_format=cl)))
+        return cgls(op, b, *args, **kw)
+
+    monkeypatch.setattr(solver_context, "cgls", spy)
+    ctx = SolverContext(config)
+    got = rule(ctx, y, x, layer="dw", **kwargs)
+    assert layouts == [(True, True)]
+    assert got.is_contiguous() and ctx.records[0].method == "cgls"
+    jac = torch.func.jacrev(conv)(x[:1].to(F64)).reshape(y[0].numel(), x[0].numel())
+    lam = ctx.records[0].damping  # the Lanczos estimate of 1e-2·σ_max, which both solves use
+    expected = svd_solve(jac, y.to(F64).reshape(2, -1).T, lam).T.reshape(x.shape)
+    assert_rel_close(got, expected, 1e-8 if dtype == F64 else 1e-3, "channels-last CGLS against the dense solve")
+    monkeypatch.setattr(linear_rules, "_depthwise", lambda weight, groups: False)
+    ctx_nchw = SolverContext(config)
+    nchw = rule(ctx_nchw, y, x, layer="dw", **kwargs)
+    assert abs(ctx_nchw.records[0].iterations - ctx.records[0].iterations) <= 2
+    assert_rel_close(got, nchw, 1e-8 if dtype == F64 else 1e-4, "channels-last against NCHW")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ def _channel_matrix(weight: Tensor, groups: int) -> Tensor:
     return torch.block_diag(*(w[g * cout_g : (g + 1) * cout_g] for g in range(groups)))
 
 
+def _depthwise(weight: Tensor, groups: int) -> bool:
+    """A grouped convolution with one input channel per group (MobileNet's depthwise convs)."""
+    return groups > 1 and weight.shape[1] == 1 and weight.dim() == 4
+
+
 @register_inverse(torch.conv2d)
 def conv2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, weight, bias, stride, padding, dilation, groups):
     """Damped min-norm least squares of ``conv2d(B_u) = B_w − bias``, matrix-free or dense.
@@ -63,6 +68,16 @@ def conv2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, weight, bias, str
         x[..., ::sh, ::sw] = torch.einsum("pq,bqhw->bphw", filt, rhs)
         solver.closed_form(conv(x), rhs)
         return x
+    if _depthwise(weight, groups):
+        # NOTE [depthwise layout]
+        # oneDNN's depthwise kernels are 1.5–4× faster in channels-last on the CPU, and their
+        # NCHW adjoint at stride 2 allocates large temporaries on every call (thousands of
+        # page faults per call at 112×112; benchmarks/experiments/depthwise_layout.py). So the
+        # solve runs in channels-last: CGLS keeps the layout of its right-hand side and of the
+        # adjoint's results, which follow `like`. The solution goes back to the usual layout.
+        cl = torch.channels_last
+        x = solver.solve(linear_map(conv, input.contiguous(memory_format=cl)), rhs.contiguous(memory_format=cl))
+        return x.contiguous()
     return solver.solve(linear_map(conv, input), rhs)
 
 

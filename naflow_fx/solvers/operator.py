@@ -17,14 +17,28 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 __all__ = ["LinearOperator", "linear_map", "linearized_map", "batch_norm2", "batch_dot", "per_sample"]
 
 
+def _sample_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.dim()))
+
+
 def batch_norm2(t: Tensor) -> Tensor:
-    """Per-sample squared Euclidean norm: ``Tensor[B]``."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+    """Per-sample squared Euclidean norm: ``Tensor[B]`` (any memory layout, without a copy)."""
+    return torch.linalg.vector_norm(t, dim=_sample_dims(t)).square() if t.dim() > 1 else t.square()
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product: ``Tensor[B]``."""
-    return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(1)
+    return (a * b).sum(_sample_dims(a)) if a.dim() > 1 else a * b
+
+
+def _zeros(batch: int, like: Tensor) -> Tensor:
+    """Zeros of ``like``'s per-sample shape for ``batch`` samples, in ``like``'s memory layout."""
+    fmt = torch.channels_last if _is_channels_last(like) else torch.contiguous_format
+    return torch.zeros((batch, *like.shape[1:]), dtype=like.dtype, device=like.device).contiguous(memory_format=fmt)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def per_sample(v: Tensor, like: Tensor) -> Tensor:
@@ -58,7 +72,8 @@ def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
     """The operator of a *linear*, sample-independent ``fn`` (conv without bias, pooling, …).
 
     ``fn`` must accept float64 input too (cast parameters to ``x.dtype`` inside) so the dense
-    oracle can build its Jacobian in float64. ``like`` gives batch size, dtype and device.
+    oracle can build its Jacobian in float64. ``like`` gives batch size, dtype, device and the
+    memory layout (contiguous or channels-last) of the adjoint's results.
     """
     out = fn(torch.zeros_like(like[:1]))
     in_shape, out_shape = tuple(like.shape[1:]), tuple(out.shape[1:])
@@ -67,7 +82,7 @@ def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
     def rmatvec(y: Tensor) -> Tensor:
         key = (y.shape[0], y.dtype)
         if key not in adjoints:  # fn is linear: its vjp at 0 is the adjoint, for this batch size
-            adjoints[key] = vjp(fn, torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device))[1]
+            adjoints[key] = vjp(fn, _zeros(y.shape[0], like.to(y.dtype)))[1]
         return adjoints[key](y)[0]
 
     def jacobian(_: int) -> Tensor:
