@@ -70,11 +70,11 @@ def conv2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, weight, bias, str
         return x
     if _depthwise(weight, groups):
         # NOTE [depthwise layout]
-        # oneDNN's depthwise kernels are 1.5–4× faster in channels-last on the CPU, and their
-        # NCHW adjoint at stride 2 allocates large temporaries on every call (thousands of
-        # page faults per call at 112×112; benchmarks/experiments/depthwise_layout.py). So the
-        # solve runs in channels-last: CGLS keeps the layout of its right-hand side and of the
-        # adjoint's results, which follow `like`. The solution goes back to the usual layout.
+        # On the CPU oneDNN's depthwise forward is 1.4–3× and its adjoint 1.3–6× faster in
+        # channels-last, and the NCHW adjoint can allocate large temporaries on each call (up to
+        # 2,400 page faults per call at 112×112; benchmarks/experiments/depthwise_layout.py). So
+        # the solve runs in channels-last: CGLS keeps the layout of its right-hand side and of
+        # the adjoint's results, which follow `like`. The solution goes back to the usual layout.
         cl = torch.channels_last
         x = solver.solve(linear_map(conv, input.contiguous(memory_format=cl)), rhs.contiguous(memory_format=cl))
         return x.contiguous()
