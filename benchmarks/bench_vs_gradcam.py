@@ -137,6 +137,52 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return min(rs)
 
 
+def min_pearson(a: dict, b: dict) -> float:
+    """The smallest :func:`_pearson` over the layers of two flows' maps (by name) that have more than one pixel."""
+    return min(_pearson(a[k], b[k]) for k in a if a[k][0].numel() > 1)
+
+
+def timed_flow(model, x: torch.Tensor, **options):
+    """``(flow, seconds)``: compile on ``x[:1]``, one warm-up call (σ_max caches, allocator), then one
+    timed flow over every layer with ``keep="maps"``."""
+    from naflow_fx import compile_naflow
+
+    nf = compile_naflow(model, x[:1], **options)
+    nf(x, keep="maps")
+    start = time.perf_counter()
+    flow = nf(x, keep="maps")
+    return flow, time.perf_counter() - start
+
+
+def flows_with_rule_replaced(model, x: torch.Tensor, module, name: str, replacement):
+    """``(flow, seconds, flow_before, seconds_before)``: :func:`timed_flow` as the library is, then
+    with ``module.name`` (a rule's predicate) replaced, restored afterwards."""
+    flow, seconds = timed_flow(model, x)
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        before, before_s = timed_flow(model, x)
+    finally:
+        setattr(module, name, original)
+    return flow, seconds, before, before_s
+
+
+def run_worker(script: str, spec: dict, env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run ``python script --worker JSON(spec)`` in a fresh process: the last JSON line it prints,
+    or ``{"error": its last line on stderr}``."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
 def run_one(spec: dict) -> dict:
     """Run :func:`worker` in a fresh subprocess; returns its result (or the error).
 
@@ -149,16 +195,7 @@ def run_one(spec: dict) -> dict:
         spec = {**spec, "repeats": 1}
         if spec["method"].startswith("naflow"):
             spec["options"] = {**spec.get("options", {}), "max_iter": 2}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return run_worker(__file__, spec, env)
 
 
 def table(rows: list[dict]) -> str:

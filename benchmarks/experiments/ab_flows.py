@@ -20,51 +20,28 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from bench_vs_gradcam import _build, min_pearson, run_worker, timed_flow  # noqa: E402
 
 
 def worker(spec: dict) -> dict:
     """One flow in this process (``naflow_fx`` from ``sys.path``); saves its maps to ``spec["maps"]``."""
     import torch
 
-    sys.path.insert(0, os.path.dirname(HERE))
-    from bench_vs_gradcam import _build
-
-    from naflow_fx import compile_naflow
-
     model, x, _ = _build(spec["model"], spec["batch"], spec["size"], "cpu")
-    nf = compile_naflow(model, x[:1])
-    nf(x, keep="maps")  # warm-up: σ_max caches, allocator
-    start = time.perf_counter()
-    flow = nf(x, keep="maps")
-    seconds = time.perf_counter() - start
+    flow, seconds = timed_flow(model, x)
     torch.save({k: flow.maps[k] for k in flow.layers}, spec["maps"])
     return {"seconds": seconds, "iterations": sum(r.iterations for r in flow.diagnostics.values())}
 
 
 def _run(tree: str, spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": tree}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tree,
-    )
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"worker failed in {tree}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-
-
-def _min_r(a: dict, b: dict) -> float:
-    sys.path.insert(0, os.path.dirname(HERE))
-    from bench_vs_gradcam import _pearson
-
-    return min(_pearson(a[k], b[k]) for k in a if a[k][0].numel() > 1)
+    out = run_worker(__file__, spec, {**os.environ, "PYTHONPATH": tree}, cwd=tree)
+    if "error" in out:
+        raise RuntimeError(f"worker failed in {tree}: {out['error']}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 base_s, new_s = statistics.median(times["base"]), statistics.median(times["new"])
                 print(
                     f"| {name} | {batch} | {base_s:.2f} | {new_s:.2f} | {base_s / new_s:.2f}× "
-                    f"| {its['base']} · {its['new']} | {_min_r(maps['base'], maps['new']):.5f} |",
+                    f"| {its['base']} · {its['new']} | {min_pearson(maps['base'], maps['new']):.5f} |",
                     flush=True,
                 )
         finally:

@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, worker  # noqa: E402
+from bench_vs_gradcam import _build, timed_flow, worker  # noqa: E402
 
 from naflow_fx import compile_naflow  # noqa: E402
 from naflow_fx.data.shapes import make_shapes, normalize  # noqa: E402
@@ -192,11 +192,7 @@ def speed_part(name: str, size: int, dampings: list[float]) -> list[dict]:
     print(f"  pytorch-grad-cam over the {pgc['conv_layers']} convs: {pgc['seconds']:.3f} s", flush=True)
     rows = []
     for d in dampings:
-        nf = compile_naflow(model, x, damping=d)
-        nf(x, keep="maps")  # warm-up: σ_max caches, allocator
-        start = time.perf_counter()
-        flow = nf(x, keep="maps")
-        secs = time.perf_counter() - start
+        flow, secs = timed_flow(model, x, damping=d)
         its = sum(r.iterations for r in flow.diagnostics.values())
         rows.append({"damping": d, "seconds": secs, "iterations": its, "pgc_seconds": pgc["seconds"]})
         print(f"  {name} damping {d:g}: {its} CGLS iterations, {secs:.1f} s", flush=True)

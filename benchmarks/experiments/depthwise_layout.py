@@ -28,10 +28,9 @@ import torch
 from torch.func import vjp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, _pearson  # noqa: E402
+from bench_vs_gradcam import _build, flows_with_rule_replaced, min_pearson  # noqa: E402
 
 import naflow_fx.rules.linear as linear_rules  # noqa: E402
-from naflow_fx import compile_naflow  # noqa: E402
 
 MODELS = "mobilenet_v2,mnasnet1_0,mobilenet_v3_large,efficientnet_b0"
 # MobileNet-V2's depthwise convs at 224: (channels, input side, stride)
@@ -72,14 +71,6 @@ def conv_part(batch: int) -> None:
     print()
 
 
-def _flow(model, x):
-    nf = compile_naflow(model, x[:1])
-    nf(x, keep="maps")  # warm-up: σ_max caches, allocator
-    start = time.perf_counter()
-    flow = nf(x, keep="maps")
-    return flow, time.perf_counter() - start
-
-
 def flow_part(models: list[str], batches: list[int], size: int) -> None:
     print(f"whole flows, {size}×{size}, every layer, maps only\n")
     print(
@@ -87,24 +78,20 @@ def flow_part(models: list[str], batches: list[int], size: int) -> None:
         "| flow s (NCHW · channels-last) | speed-up | min r |"
     )
     print("|---|---|---|---|---|---|---|")
-    depthwise = linear_rules._depthwise
     for name in models:
         for batch in batches:
             model, x, _ = _build(name, batch, size, "cpu")
-            fast, fast_s = _flow(model, x)
-            linear_rules._depthwise = lambda weight, groups: False  # the rule as it was: NCHW solves
-            try:
-                slow, slow_s = _flow(model, x)
-            finally:
-                linear_rules._depthwise = depthwise
+            # the rule as it was: NCHW solves
+            fast, fast_s, slow, slow_s = flows_with_rule_replaced(
+                model, x, linear_rules, "_depthwise", lambda w, g: False
+            )
             steps = 0
             for node in fast.diagnostics.values():
                 steps += node.rule == "conv2d_inverse" and node.method == "cgls"
             its = [sum(r.iterations for r in f.diagnostics.values() if r.method == "cgls") for f in (slow, fast)]
-            rs = [_pearson(slow.maps[k], fast.maps[k]) for k in fast.layers if fast.maps[k][0].numel() > 1]
             print(
                 f"| {name} | {batch} | {steps} | {its[0]} · {its[1]} | {slow_s:.2f} · {fast_s:.2f} "
-                f"| {slow_s / fast_s:.2f}× | {min(rs):.5f} |",
+                f"| {slow_s / fast_s:.2f}× | {min_pearson(slow.maps, fast.maps):.5f} |",
                 flush=True,
             )
 

@@ -20,25 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, _pearson  # noqa: E402
+from bench_vs_gradcam import _build, flows_with_rule_replaced, min_pearson  # noqa: E402
 
 import naflow_fx.rules.linear as linear_rules  # noqa: E402
-from naflow_fx import compile_naflow  # noqa: E402
 
 MODELS = "mobilenet_v2,efficientnet_b0,mnasnet1_0,squeezenet1_1,densenet121,shufflenet_v2_x1_0"
-
-
-def _flow(model, x):
-    nf = compile_naflow(model, x)
-    nf(x, keep="maps")  # warm-up
-    start = time.perf_counter()
-    flow = nf(x, keep="maps")
-    return flow, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,22 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     head = ["model", "conv steps in closed form", "CGLS iterations (CGLS · closed form)", "flow s (CGLS · closed form)"]
     print("| " + " | ".join([*head, "min r"]) + " |")
     print("|---|---|---|---|---|")
-    pointwise = linear_rules._pointwise
     for name in args.models.split(","):
         model, x, _ = _build(name, 1, args.size, "cpu")
-        fast, fast_s = _flow(model, x)
-        linear_rules._pointwise = lambda weight, padding: False  # the rule as it was: CGLS for every conv
-        try:
-            slow, slow_s = _flow(model, x)
-        finally:
-            linear_rules._pointwise = pointwise
+        # the rule as it was: CGLS for every conv
+        fast, fast_s, slow, slow_s = flows_with_rule_replaced(model, x, linear_rules, "_pointwise", lambda w, p: False)
         convs = [r for r in fast.diagnostics.values() if r.rule == "conv2d_inverse"]
         closed = sum(r.method == "closed form" for r in convs)
         its = [sum(r.iterations for r in f.diagnostics.values() if r.method == "cgls") for f in (slow, fast)]
-        rs = [_pearson(slow.maps[k], fast.maps[k]) for k in fast.layers if fast.maps[k][0].numel() > 1]
         print(
             f"| {name} | {closed} of {len(convs)} | {its[0]} · {its[1]} | {slow_s:.2f} · {fast_s:.2f} "
-            f"| {min(rs):.5f} |",
+            f"| {min_pearson(slow.maps, fast.maps):.5f} |",
             flush=True,
         )
     return 0
