@@ -16,14 +16,23 @@ from naflow_fx.solvers.linearize import linearize_graph
 
 def _check(gm: fx.GraphModule, point: torch.Tensor, *extras) -> None:
     t = torch.randn_like(point)
+    t_before = t.clone()
     out, tangent = linearize_graph(gm, point, *extras)
     ref_out, ref = jvp(lambda x: gm(x, *extras), (point,), (t,))
     got = tangent(t)
+    again = tangent(t)  # in-place steps touch temporaries only: not t, not the program's constants
+    torch.testing.assert_close(t, t_before, rtol=0, atol=0)
     if isinstance(ref, torch.Tensor):
-        ref, got, ref_out, out = (ref,), (got,), (ref_out,), (out,)
-    for r, g, ro, o in zip(ref, got, ref_out, out, strict=True):
+        ref, got, again, ref_out, out = (ref,), (got,), (again,), (ref_out,), (out,)
+    for r, g, g2, ro, o in zip(ref, got, again, ref_out, out, strict=True):
         torch.testing.assert_close(o, ro)
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g2, g, rtol=0, atol=0)
+    if tangent.transposable and len(out) == 1:  # the program's vjp is the adjoint (NOTE [tangent program])
+        y = torch.randn_like(out[0])
+        adjoint = torch.func.vjp(tangent, torch.zeros_like(point))[1](y)[0]
+        expected = torch.func.vjp(lambda x: gm(x, *extras), point)[1](y)[0]
+        torch.testing.assert_close(adjoint, expected, rtol=1e-5, atol=1e-5)
 
 
 class Mixed(nn.Module):
@@ -36,6 +45,8 @@ class Mixed(nn.Module):
         self.bn = nn.BatchNorm2d(4).eval()
         self.bn.running_mean.normal_()
         self.bn.running_var.uniform_(0.5, 2)
+        self.bn2 = nn.BatchNorm2d(4).eval()  # after a sum: a per-channel scale, not folded
+        self.bn2.running_var.uniform_(0.5, 2)
         self.prelu = nn.PReLU(4)
         self.lin = nn.Linear(6, 5)
 
@@ -46,7 +57,7 @@ class Mixed(nn.Module):
         c = torch.cat([b, extra, F.hardtanh(b, -0.5, 0.5)], dim=1)
         d0, d1 = torch.split(c, [6, 6], dim=1)
         e = F.pad(self.prelu(d0[:, :4]), (1, 1, 1, 1), value=3.0) + F.max_pool2d(F.pad(d1[:, :4], (1, 1, 1, 1)), 1)
-        f = F.interpolate(F.avg_pool2d(e, 2), scale_factor=2.0, mode="bilinear") * extra.mean()
+        f = F.interpolate(F.avg_pool2d(self.bn2(e), 2), scale_factor=2.0, mode="bilinear") * extra.mean()
         g = F.layer_norm(f.permute(0, 2, 3, 1), (4,)).flatten(1, 2)
         h = self.lin(torch.cat([g, g[..., :2]], dim=-1))
         return h.reshape(h.shape[0], -1), extra + 1  # the second output does not depend on x
@@ -56,6 +67,39 @@ def test_every_rule_family_matches_jvp():
     torch.manual_seed(0)
     gm = fx.symbolic_trace(Mixed().eval())
     _check(gm, torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6))
+
+
+class InPlace(nn.Module):
+    """Batch norms folded into the conv and linear layers before them, and the in-place steps of the
+    tangent program (masks, derivatives, sums, negation, scales), with no ``jvp`` fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1, groups=2)
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.lin, self.bn4 = nn.Linear(4, 5), nn.BatchNorm1d(5)
+        for bn in (self.bn1, self.bn2, self.bn3, self.bn4):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.normal_()
+        self.register_buffer("shift", torch.randn(1, 4, 6, 6))
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = torch.sub(self.bn2(self.conv2(a)), a, alpha=0.5)  # a has two readers: b is summed into
+        c = torch.sub(self.shift, -F.silu(b))
+        d = self.bn3(c)  # not after a conv: a scale
+        return self.bn4(self.lin(d.mean((2, 3))))
+
+
+def test_batch_norms_fold_and_the_program_is_its_own_adjoints_source():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(InPlace().eval())
+    _check(gm, torch.randn(3, 3, 6, 6))
+    _, tangent = linearize_graph(gm, torch.randn(3, 3, 6, 6))
+    kinds = tangent.kinds
+    assert [kinds[k] for k in ("bn1", "bn2", "bn4")] == ["folded"] * 3 and kinds["bn3"] == "scale"
+    assert tangent.transposable
 
 
 def test_constant_output_gets_zero_tangent():
@@ -82,7 +126,7 @@ def test_rules_chosen_per_op():
     _, tangent = linearize_graph(gm, torch.randn(1, 3, 6, 6), torch.randn(1, 4, 6, 6))
     kinds = tangent.kinds
     assert kinds["conv"] == "affine" and kinds["lin"] == "affine"
-    assert kinds["bn"] == "scale"
+    assert kinds["bn"] == "folded" and kinds["bn2"] == "scale"
     assert kinds["relu"] == "mask" and kinds["hardtanh"] == "mask"
     assert kinds["sigmoid"] == "derivative" and kinds["prelu"] == "derivative"
     assert kinds["mul"] == "product" and kinds["sub"] == "sum" and kinds["cat"] == "linear"
@@ -96,8 +140,8 @@ def test_normalised_resnet_block_needs_no_jvp():
     flow = nf.compile_naflow(model, (1, 3, 32, 32), layers="blocks")
     stage = flow.inverse.stage_layer1_0_add
     _, tangent = linearize_graph(stage, torch.randn(1, 64, 8, 8))
-    assert "jvp" not in tangent.kinds.values()
-    assert {"affine", "scale", "mask", "sum"} <= set(tangent.kinds.values())
+    assert "jvp" not in tangent.kinds.values() and tangent.transposable
+    assert {"affine", "folded", "mask", "sum"} <= set(tangent.kinds.values())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "convnext_tiny"])

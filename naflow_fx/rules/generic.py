@@ -27,8 +27,8 @@ def affine_piece(stage: nn.Module, input: Tensor, *extras):
 
     Stages are graph modules: ``J`` is applied op by op (``linearize_graph``), not with ``jvp``.
     """
-    tangent = linearize_graph(stage, input, *extras)[1] if isinstance(stage, fx.GraphModule) else None
-    return linearized_map(lambda x: stage(x, *extras), input, _float64_call(stage, extras), tangent)
+    value, tangent = linearize_graph(stage, input, *extras) if isinstance(stage, fx.GraphModule) else (None, None)
+    return linearized_map(lambda x: stage(x, *extras), input, _float64_call(stage, extras), tangent, value)
 
 
 def _solve_affine_piece(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:

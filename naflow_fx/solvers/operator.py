@@ -107,17 +107,25 @@ def linearized_map(
     point: Tensor,
     fn64: Callable[[Tensor], Tensor] | None = None,
     tangent: Callable[[Tensor], Tensor] | None = None,
+    value: Tensor | None = None,
 ) -> tuple[LinearOperator, Tensor]:
     """The affine piece of a sample-independent ``fn`` at ``point``: ``(J, θ)`` with θ = fn(a) − J a.
 
     ``J`` is applied with ``tangent`` when given (``t ↦ J·t``, e.g. from
-    :func:`~naflow_fx.solvers.linearize.linearize_graph`), else with ``jvp``; its adjoint with
-    ``vjp`` (matrix-free). ``fn`` must map a batch to a batch with no mixing between samples
-    (eval-mode layers do not mix). ``fn64`` is the same function in float64, for the dense oracle
-    (default: ``fn`` itself).
+    :func:`~naflow_fx.solvers.linearize.linearize_graph`), else with ``jvp``. Its adjoint is the
+    ``vjp`` of ``tangent`` when ``tangent.transposable`` (NOTE [tangent program]), else the
+    ``vjp`` of ``fn`` at ``point`` (matrix-free either way). ``value`` is ``fn(point)`` when the
+    caller has it. ``fn`` must map a batch to a batch with no mixing between samples (eval-mode
+    layers do not mix). ``fn64`` is the same function in float64, for the dense oracle (default:
+    ``fn`` itself).
     """
     point = point.detach()
-    out, vjp_fn = vjp(fn, point)
+    if tangent is not None and getattr(tangent, "transposable", False):
+        out = fn(point).detach() if value is None else value.detach()
+        # the program is linear: its vjp at zero is the adjoint, the same for every cotangent
+        vjp_fn = vjp(tangent, torch.zeros_like(point))[1]
+    else:
+        out, vjp_fn = vjp(fn, point)
 
     def matvec(t: Tensor) -> Tensor:
         if tangent is not None:
