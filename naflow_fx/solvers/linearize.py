@@ -24,7 +24,9 @@ depends on the input, a tangent rule with its constants precomputed:
 # ResNet-50's layer1.1 at 56×56, batch 8: 42 ms per J, of which 19 ms convolutions, 13 ms
 # multiplications and 6 ms converting boolean masks to float). So the program is built to
 # make few passes over memory:
-# - a batch norm's scale is folded into the preceding conv's weight (one multiplication less);
+# - a batch norm's scale is folded into the preceding conv's weight (one multiplication less),
+#   unless the weight has more entries than the conv's output: the folded copy is alive while
+#   the stage is solved, and at a small batch a late conv's weight is larger than its output;
 # - masks and derivatives are kept in the feature's dtype (a boolean mask is converted on every
 #   use) and applied in place when the value they multiply is a temporary that only this
 #   step reads; sums are accumulated in place the same way;
@@ -239,6 +241,10 @@ class _Linearizer(fx.Interpreter):
         if x.name not in self.foldable or len(x.users) != 1 or not isinstance(value, Tensor):
             return None
         weight, rebuild, is_linear = self.foldable[x.name]
+        if weight.numel() > value.numel():
+            # The folded copy would outweigh the pass over the output it saves (late convs at a
+            # small batch: ResNet-18's layer4 weights are 19 MB, its output at batch 1 0.1 MB).
+            return None
         channels = scale.reshape(-1)
         if channels.numel() != weight.shape[0] or (is_linear and value.dim() != 2):
             return None  # a linear layer's features are its last dim: only then are they BN's dim 1
