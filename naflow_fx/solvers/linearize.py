@@ -10,7 +10,8 @@ depends on the input, a tangent rule with its constants precomputed:
 
 - convolution and linear layers apply their weight with the bias dropped;
 - eval-mode batch norm multiplies by its per-channel scale, folded into the weight of the conv
-  or linear layer before it when nothing else reads that layer's output;
+  or linear layer before it when nothing else reads that layer's output and the weight is no
+  larger than the output;
 - pointwise activations multiply by their derivative at the recorded input (a 0/1 mask for ReLU,
   ReLU6, hard tanh);
 - sums, differences, products, concatenations, reshapes, pads and average pools follow their
