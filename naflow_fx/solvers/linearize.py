@@ -232,9 +232,21 @@ class _Linearizer(fx.Interpreter):
     def _isdep(self, a: Any) -> bool:
         return isinstance(a, fx.Node) and a.name in self.dep
 
-    def _owned(self, a: Any) -> bool:
-        """``a``'s tangent is a temporary that only the node being built reads: it may be overwritten."""
-        return isinstance(a, fx.Node) and a.name in self.fresh and len(a.users) == 1
+    def _owned(self, a: Any, value: Any) -> bool:
+        """``a``'s tangent is a temporary that only the node being built reads, already of the shape
+        of that node's ``value``: the node's result may be written into it."""
+        return (
+            isinstance(a, fx.Node)
+            and a.name in self.fresh
+            and len(a.users) == 1
+            and isinstance(value, Tensor)
+            and self.env[a].shape == value.shape
+        )
+
+    def _foldable(self, n: fx.Node, weight: Tensor, build: Callable[[Tensor], Rule], is_linear: bool) -> Rule:
+        """The rule ``build(weight)`` of an affine node, recorded so a batch norm after it can fold."""
+        self.foldable[n.name] = (weight, build, is_linear)
+        return build(weight)
 
     def _fold(self, n: fx.Node, scale: Tensor, value: Any) -> Rule | None:
         """Fold ``n``'s per-channel ``scale`` into the weight of the affine node before it, if it may."""
@@ -282,7 +294,7 @@ class _Linearizer(fx.Interpreter):
             scale = _batch_norm_scale(bound["running_var"], bound.get("weight"), bound.get("eps", 1e-5), like)
             return self._scale_rule(n, scale, value)
         if func and fn in _POINTWISE and feature_only:
-            return self._pointwise_rule(n, self._call(n))
+            return self._pointwise_rule(n, self._call(n), value)
         if func and fn in _SUMS and isinstance(value, Tensor):
             found = self._sum_rule(n, value)
             if found is not None:
@@ -300,17 +312,15 @@ class _Linearizer(fx.Interpreter):
         x = n.args[0].name
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros" and len(n.args) == 1:
             conv = lambda w: lambda t: mod._conv_forward(t[x], w, None)  # noqa: E731
-            self.foldable[n.name] = (mod.weight.detach(), conv, False)
-            return "affine", conv(mod.weight.detach()), True
+            return "affine", self._foldable(n, mod.weight.detach(), conv, False), True
         if isinstance(mod, nn.Linear) and len(n.args) == 1:
             linear = lambda w: lambda t: F.linear(t[x], w)  # noqa: E731
-            self.foldable[n.name] = (mod.weight.detach(), linear, True)
-            return "affine", linear(mod.weight.detach()), True
+            return "affine", self._foldable(n, mod.weight.detach(), linear, True), True
         if isinstance(mod, _BatchNorm) and not mod.training and mod.running_var is not None:
             scale = _batch_norm_scale(mod.running_var, mod.weight, mod.eps, self.env[n.args[0]])
             return self._scale_rule(n, scale, value)
         if isinstance(mod, _POINTWISE_MODULES):
-            return self._pointwise_rule(n, mod)
+            return self._pointwise_rule(n, mod, value)
         if isinstance(mod, _LINEAR_MODULES) and not (isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training):
             return "linear", lambda t: mod(t[x]), False
         return None
@@ -335,7 +345,7 @@ class _Linearizer(fx.Interpreter):
 
         weight = rest[0] if rest else kwargs.get("weight")
         if isinstance(weight, Tensor) and weight.dim() >= 2:
-            self.foldable[n.name] = (weight, rebuild, fn is F.linear)
+            return self._foldable(n, weight, rebuild, fn is F.linear)
         return lambda t: fn(t[x], *rest, **kwargs)
 
     def _scale_rule(self, n: fx.Node, scale: Tensor, value: Any) -> tuple[str, Rule, bool]:
@@ -344,11 +354,11 @@ class _Linearizer(fx.Interpreter):
         if folded is not None:
             return "folded", folded, True
         x = n.args[0]
-        if self._owned(x) and isinstance(value, Tensor) and self.env[x].shape == value.shape:
+        if self._owned(x, value):
             return "scale", lambda t: t[x.name].mul_(scale), True
         return "scale", lambda t: t[x.name] * scale, True
 
-    def _pointwise_rule(self, n: fx.Node, fn: Callable[..., Any]) -> tuple[str, Rule, bool]:
+    def _pointwise_rule(self, n: fx.Node, fn: Callable[..., Any], value: Any) -> tuple[str, Rule, bool]:
         x = n.args[0].name
         rest = self._const(n.args[1:])
         kwargs = {k: v for k, v in self._const(dict(n.kwargs)).items() if k != "inplace"}
@@ -358,7 +368,7 @@ class _Linearizer(fx.Interpreter):
         # dtype even when it is a 0/1 mask (NOTE [tangent program]).
         deriv = vjp(lambda z: fn(z, *rest, **kwargs), a)[1](torch.ones_like(a))[0]
         kind = "mask" if bool(((deriv == 0) | (deriv == 1)).all()) else "derivative"
-        if self._owned(n.args[0]) and deriv.shape == a.shape:
+        if self._owned(n.args[0], value):
             return kind, lambda t: t[x].mul_(deriv), True
         return kind, lambda t: t[x] * deriv, True
 
@@ -366,7 +376,7 @@ class _Linearizer(fx.Interpreter):
         """``(rule, fresh)`` for sums, differences and negation, in place where the operand is a temporary."""
         fn, (lhs, *more) = n.target, n.args
         if fn in (operator.neg, torch.neg):
-            if self._owned(lhs):
+            if self._owned(lhs, value):
                 return (lambda t: t[lhs.name].neg_()), True
             return (lambda t: -t[lhs.name]), True
         rhs = more[0] if more else n.kwargs.get("other")
@@ -377,9 +387,9 @@ class _Linearizer(fx.Interpreter):
             return None
         ldep, rdep = self._isdep(lhs), self._isdep(rhs)
         if ldep and rdep:
-            if self._owned(lhs) and self.env[lhs].shape == value.shape:
+            if self._owned(lhs, value):
                 return (lambda t: t[lhs.name].add_(t[rhs.name], alpha=scale)), True
-            if self._owned(rhs) and scale == 1 and self.env[rhs].shape == value.shape:
+            if self._owned(rhs, value) and scale == 1:
                 return (lambda t: t[rhs.name].add_(t[lhs.name])), True
             return (lambda t: t[lhs.name] + scale * t[rhs.name]), True
         only = lhs if ldep else rhs
@@ -387,7 +397,7 @@ class _Linearizer(fx.Interpreter):
             return None
         if ldep:
             return (lambda t: t[lhs.name]), False  # the operand itself
-        if self._owned(rhs):
+        if self._owned(rhs, value):
             return (lambda t: t[rhs.name].mul_(scale)), True
         return (lambda t: scale * t[rhs.name]), True
 
