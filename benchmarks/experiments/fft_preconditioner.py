@@ -19,10 +19,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from regions_common import capture_regions, pcg_normal
 from torch.func import vmap
 
 from naflow_fx.solvers.iterative import cgls
-from naflow_fx.solvers.operator import batch_dot, batch_norm2, linear_map, per_sample
+from naflow_fx.solvers.operator import linear_map
 
 
 def circulant_factor(kernel: torch.Tensor, h: int, w: int, lam: float):
@@ -41,27 +42,6 @@ def circulant_factor(kernel: torch.Tensor, h: int, w: int, lam: float):
         return torch.fft.irfft2(torch.cholesky_solve(zh, chol).permute(3, 2, 0, 1), s=(h, w)).to(z.dtype)
 
     return apply
-
-
-def pcg_normal(op, b, lam, precondition, tol=1e-4, max_iter=500):
-    """PCG on ``(JᵀJ + λ²I) x = Jᵀb``; stops on cgls's relative normal residual."""
-    r = op.rmatvec(b)
-    x, norm0 = torch.zeros_like(r), batch_norm2(r).sqrt()
-    z = precondition(r)
-    p, rz = z.clone(), batch_dot(r, z)
-    rel = torch.ones_like(norm0)
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        ap = op.rmatvec(op.matvec(p)) + lam**2 * p
-        alpha = rz / batch_dot(p, ap)
-        x, r = x + per_sample(alpha, x) * p, r - per_sample(alpha, r) * ap
-        rel = batch_norm2(r).sqrt() / norm0
-        if bool((rel <= tol).all()):
-            break
-        z = precondition(r)
-        rz_new = batch_dot(r, z)
-        p, rz = z + per_sample(rz_new / rz, p) * p, rz_new
-    return x, it, float(rel.max())
 
 
 def sigma_max(op, like, iters=50):
@@ -104,24 +84,10 @@ def lone_conv() -> None:
 def regions() -> None:
     import torchvision
 
-    from naflow_fx import compile_naflow
-    from naflow_fx.solvers import context
-
-    captured = {}
-    solve = context.SolverContext.solve
-
-    def capture(self, op, rhs, *, damped=True, key=None):
-        captured[self._current.layer] = (op, rhs.clone(), self.config.damping * float(self.sigma_max(op, rhs)[0]))
-        return solve(self, op, rhs, damped=damped, key=key)
-
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    context.SolverContext.solve = capture
-    try:
-        compile_naflow(model, x)(x)
-    finally:
-        context.SolverContext.solve = solve
+    captured = capture_regions(model, x)
     for layer, (op, rhs, lam) in captured.items():
         if op.in_shape != op.out_shape:
             continue  # projection blocks change the resolution: no circulant model

@@ -25,7 +25,8 @@ It also prints the share of ``J``'s ``min(q, p)`` singular values below ``0.1·�
 of the spectrum that sets how many iterations CG needs at this damping.
 
 ``--zoo NAME`` tests the one candidate the dense table leaves, matrix-free on a torchvision
-model at full size (random weights): CGLS in float32 on every region, plain and preconditioned
+model at full size (random weights): PCG on the normal equations in float32 on every region
+(``regions_common.pcg_normal``, the library's stopping rule), plain and preconditioned
 with the mean pixel block of ``JᵀJ`` plus ``λ²I``, made at this image or at another one (what a
 compile-time cache would hold). The block is estimated from ``C`` probes of ``J``: with one
 random ±1 pattern ``s`` over the pixels, ``E[(s⊗e_c)ᵀ JᵀJ (s⊗e_d)] = Σ_p (JᵀJ)_(p,c),(p,d)``.
@@ -38,37 +39,22 @@ random ±1 pattern ``s`` over the pixels, ``E[(s⊗e_c)ᵀ JᵀJ (s⊗e_d)] = Σ
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torchvision
+from regions_common import capture_regions, pcg_normal
 from torch import Tensor
 from torch.func import vmap
 
-from naflow_fx import compile_naflow
-from naflow_fx.data.shapes import make_shapes, normalize
-from naflow_fx.solvers import context
-from naflow_fx.zoo.shapes import shapes_resnet
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_vs_gradcam import _build  # noqa: E402
 
-
-def capture_regions(model: torch.nn.Module, x: Tensor) -> dict[str, tuple]:
-    """Every region solve of one flow: ``{layer: (operator, right-hand side, λ)}``."""
-    captured: dict[str, tuple] = {}
-    solve = context.SolverContext.solve
-
-    def capture(self, op, rhs, *, damped=True, key=None):
-        if self._current is not None and self._current.rule == "region_inverse":
-            lam = self.config.damping * float(self.sigma_max(op, rhs, key)[0])
-            captured[self._current.layer] = (op, rhs.clone(), lam)
-        return solve(self, op, rhs, damped=damped, key=key)
-
-    context.SolverContext.solve = capture
-    try:
-        compile_naflow(model, x)(x, keep="maps")
-    finally:
-        context.SolverContext.solve = solve
-    return captured
+from naflow_fx.data.shapes import make_shapes, normalize  # noqa: E402
+from naflow_fx.zoo.shapes import shapes_resnet  # noqa: E402
 
 
 def dense(op, p: int) -> Tensor:
@@ -134,43 +120,18 @@ def mean_block(op, seed: int = 0) -> Tensor:
     return (y @ y.T) / (h * w)
 
 
-def pcgls(op, b: Tensor, lam: float, m_inv: Tensor | None, tol: float, max_iter: int) -> tuple[int, Tensor]:
-    """CGLS on ``min ||J x − b||² + λ²||x||²`` (batch 1), preconditioned per pixel by ``m_inv``."""
-
-    def dot(u: Tensor, v: Tensor) -> float:
-        return float((u * v).sum())
-
-    def precondition(s: Tensor) -> Tensor:
-        return s if m_inv is None else torch.einsum("cd,bdhw->bchw", m_inv, s)
-
-    r = b.clone()
-    s = op.rmatvec(r)
-    x = torch.zeros_like(s)
-    z = precondition(s)
-    p, gamma, norm0 = z.clone(), dot(s, z), dot(s, s) ** 0.5
-    for it in range(1, max_iter + 1):
-        q = op.matvec(p)
-        alpha = gamma / (dot(q, q) + lam**2 * dot(p, p))
-        x += alpha * p
-        r -= alpha * q
-        s = op.rmatvec(r) - lam**2 * x
-        if dot(s, s) ** 0.5 <= tol * norm0:  # the library's stopping rule, on the unpreconditioned residual
-            return it, x
-        z = precondition(s)
-        gamma_new = dot(s, z)
-        p = z + (gamma_new / gamma) * p
-        gamma = gamma_new
-    return max_iter + 1, x
+def per_pixel(m_inv: Tensor) -> Callable[[Tensor], Tensor]:
+    """The preconditioner that applies the C×C matrix ``m_inv`` at every pixel."""
+    return lambda z: torch.einsum("cd,bdhw->bchw", m_inv, z)
 
 
 def matrix_free(name: str, size: int, tol: float, max_iter: int) -> None:
     """The mean-block candidate on a torchvision model's regions, matrix-free, in float32."""
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
-    x, x_other = torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)
+    model, x, _ = _build(name, 1, size, "cpu")
+    x_other = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     first, other = capture_regions(model, x), capture_regions(model, x_other)
-    print(f"{name} (random weights), random input, {size}×{size}; tol {tol:g}, float32 CGLS")
-    print("iterations and seconds; the probes that make this image's block are timed separately")
+    print(f"{name} (random weights), random input, {size}×{size}; tol {tol:g}, float32 PCG on the normal equations")
+    print(f"iterations and seconds ({max_iter} = the cap); the probes that make this image's block are timed apart")
     print()
     head = "none | s | mean block, this image | s | probes s | another image's | s"
     print(f"| region | input | {head} | x's largest relative difference from none's |")
@@ -178,17 +139,16 @@ def matrix_free(name: str, size: int, tol: float, max_iter: int) -> None:
     for layer, (op, rhs, lam) in first.items():
         eye = torch.eye(op.in_shape[0])
         start = time.perf_counter()
-        plain, x_plain = pcgls(op, rhs, lam, None, tol, max_iter)
+        x_plain, plain, _ = pcg_normal(op, rhs, lam, lambda z: z, tol, max_iter)
         t_plain = time.perf_counter() - start
         start = time.perf_counter()
         block = mean_block(op)
         t_probe = time.perf_counter() - start
-        this, x_this = pcgls(op, rhs, lam, torch.linalg.inv(block + lam**2 * eye), tol, max_iter)
+        x_this, this, _ = pcg_normal(op, rhs, lam, per_pixel(torch.linalg.inv(block + lam**2 * eye)), tol, max_iter)
         t_this = time.perf_counter() - start - t_probe
-        op2 = other[layer][0]
-        m_other = torch.linalg.inv(mean_block(op2) + lam**2 * eye)
+        m_other = per_pixel(torch.linalg.inv(mean_block(other[layer][0]) + lam**2 * eye))
         start = time.perf_counter()
-        cached, x_cached = pcgls(op, rhs, lam, m_other, tol, max_iter)
+        x_cached, cached, _ = pcg_normal(op, rhs, lam, m_other, tol, max_iter)
         t_cached = time.perf_counter() - start
         diff = max(float((v - x_plain).norm() / x_plain.norm()) for v in (x_this, x_cached))
         shape = "×".join(map(str, op.in_shape))
@@ -207,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.zoo:
-        if not callable(getattr(torchvision.models, args.zoo, None)):
+        if args.zoo not in torchvision.models.list_models():
             parser.error(f"--zoo {args.zoo!r} is not a torchvision model builder (try resnet18 or resnet34)")
         matrix_free(args.zoo, args.size, args.tol, args.max_iter)
         return 0
