@@ -284,13 +284,17 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
     names = [nodes[n].meta.get("naflow.name", n) for n in plan.layers]
-    if isinstance(layers, str):
+    if isinstance(layers, str) and layers in LAYER_SELECTIONS:
         if layers == "all":
-            return names
-        if layers == "conv":
-            return [names[i] for i, n in enumerate(plan.layers) if nodes[n].target is torch.conv2d]
-        if layers == "blocks":
-            return [nodes[n].meta.get("naflow.name", n) for n in block_layers(gm, model)]
+            selected = names
+        elif layers == "conv":
+            selected = [names[i] for i, n in enumerate(plan.layers) if nodes[n].target is torch.conv2d]
+        else:
+            selected = [nodes[n].meta.get("naflow.name", n) for n in block_layers(gm, model)]
+        if not selected:
+            raise InputError(f"layers={layers!r} selects no layer of this model; pass 'all' or layer names")
+        return selected
+    if isinstance(layers, str):
         if layers not in names:
             raise InputError(
                 f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer name. "
@@ -317,6 +321,9 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
                 f"between the input and the last layer. Available: {', '.join(names)}"
             )
         chosen.extend(m for m in match if m not in chosen)
+    if not chosen:
+        example = f" such as {names[-1]!r}" if names else ""
+        raise InputError(f"layers is empty: pass 'all', 'conv', 'blocks' or at least one layer name{example}")
     return [n for n in names if n in chosen]  # shallow → deep
 
 

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -291,6 +292,32 @@ def _grid_layers(layers: list[str], limit: int) -> list[str]:
     return [layers[i] for i in idx]
 
 
+def check_out_dir(out: str) -> None:
+    """Fail before any work is done when ``out`` cannot become a folder to write into.
+
+    ``out`` may not exist yet; then its nearest existing ancestor must be a writable folder.
+    Nothing is created: a temporary file is made in that folder and removed at once.
+
+    Example:
+        >>> check_out_dir(tempfile.gettempdir())
+        >>> check_out_dir(__file__)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        naflow_fx.cli.CLIError: --out ...cli.py is a file, not a folder; pass a folder to write the results into
+    """
+    probe = os.path.abspath(out)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = f"--out {out} is" if probe == os.path.abspath(out) else f"--out {out}: {probe} is"
+        raise CLIError(f"{what} a file, not a folder; pass a folder to write the results into")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write in {probe} ({exc.strerror}); pass a writable folder") from None
+
+
 def run_explain(
     spec: ModelSpec,
     images: torch.Tensor,
@@ -322,6 +349,7 @@ def run_explain(
     from .result import concat
     from .viz import flow_gif, flow_grid
 
+    check_out_dir(out)  # before the work, for callers other than the commands below
     dev = torch.device(device)
     model = spec.model.to(dev)
     mean = torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1)
@@ -360,26 +388,32 @@ def run_explain(
             line += f"explained {_class_name(spec, explained)}, score {float(flow.scores[i]):.3g}"
         say(line)
     results = [flow] + [concat(cams[m]) for m in compare]
-    os.makedirs(out, exist_ok=True)
     written = {}
     columns = grid_layers(list(nf.layers)) if grid_layers is not None else _grid_layers(list(nf.layers), max_columns)
     rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
-    written["grid"] = os.path.join(out, "flow_grid.png")
-    grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
-    flow_grid(images, results, written["grid"], **grid_args)
-    written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
-    names = [os.path.basename(p) for p in labels]
-    for res in results:
-        extra = {"options": asdict(nf.config)} if res.method == "naflow" else None
-        npz, _ = save_maps(
-            res,
-            os.path.join(out, f"{res.method}.npz"),
-            model=spec.name,
-            class_names=spec.class_names,
-            images=names,
-            extra=extra,
-        )
-        written[res.method] = npz
+    # Each file is written atomically, so a failure here leaves no half-written file.
+    try:
+        os.makedirs(out, exist_ok=True)
+        written["grid"] = os.path.join(out, "flow_grid.png")
+        grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
+        flow_grid(images, results, written["grid"], **grid_args)
+        written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
+        names = [os.path.basename(p) for p in labels]
+        for res in results:
+            extra = {"options": asdict(nf.config)} if res.method == "naflow" else None
+            npz, _ = save_maps(
+                res,
+                os.path.join(out, f"{res.method}.npz"),
+                model=spec.name,
+                class_names=spec.class_names,
+                images=names,
+                extra=extra,
+            )
+            written[res.method] = npz
+    except OSError as exc:
+        raise CLIError(
+            f"--out {out}: writing the results failed ({exc.strerror or exc}); free some space or pass another folder"
+        ) from None
     if len(columns) < len(nf.layers):
         say(f"the grid shows {len(columns)} of the {len(nf.layers)} layers; the .npz files and the GIF hold all")
     for key, path in written.items():
@@ -424,6 +458,7 @@ def _check_size(size: int) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     options = _solver_options(args)
+    check_out_dir(args.out)
     spec = load_model(args.model, args.weights)
     size = _check_size(args.size if args.size is not None else spec.size)
     images = load_images(args.images, size, spec.resize)
@@ -459,6 +494,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     device = _check_device(args.device)
     options = _solver_options(args)
+    check_out_dir(args.out)
     spec = load_model("shapes")
     paths = sample_paths()[: args.images]
     images = load_images(paths, spec.size, spec.resize)

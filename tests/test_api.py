@@ -202,6 +202,11 @@ def test_unknown_layer_and_invalid_last_layer():
         compile_naflow(model, x, layers=[model.head])  # after the last layer
     with pytest.raises(InputTypeError, match="layers must be 'all', 'conv', 'blocks' or a list"):
         compile_naflow(model, x, layers=3)
+    with pytest.raises(InputError, match="layers is empty: pass 'all', 'conv', 'blocks' or at least one layer name"):
+        compile_naflow(model, x, layers=[])  # an empty selection is a mistake, not a flow with no maps
+    no_conv = nn.Sequential(nn.AvgPool2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+    with pytest.raises(InputError, match="layers='conv' selects no layer of this model"):
+        compile_naflow(no_conv.eval(), torch.randn(1, 3, SIZE, SIZE), layers="conv")
     with pytest.raises(UnsupportedModelError, match=r"last_layer='nope'.*Choose one of: .*features\.14"):
         compile_naflow(model, x, last_layer="nope")
     with pytest.raises(UnsupportedModelError, match="last_layer='head'"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -211,6 +213,8 @@ def test_other_user_errors(capsys):
     assert_one_line_error(code, err, "--size 0 is too small")
     code, _, err = run(capsys, "explain", img, "--model", "shapes", "--layers", "layer9.conv")
     assert_one_line_error(code, err, "layer9.conv")
+    code, _, err = run(capsys, "explain", img, "--model", "shapes", "--layers", " , ")
+    assert_one_line_error(code, err, "layers is empty", "'layer4.0.relu#2'")
     for flag, value in (("--damping", "-1"), ("--damping", "nan"), ("--tol", "0"), ("--max-iter", "0")):
         code, _, err = run(capsys, "explain", img, "--model", "shapes", flag, value)
         assert_one_line_error(code, err, flag, value if value != "-1" else "-1.0")
@@ -227,3 +231,32 @@ def test_demo_writes_grid_gif_npz_and_reports_mask_energy(capsys, tmp_path):
     assert {"flow_grid.png", "flow.gif", "naflow.npz", "naflow.json", "gradcam.npz", "gradcam.json"} <= set(names)
     meta = json.loads((tmp_path / "naflow.json").read_text())
     assert [s["image"] for s in meta["samples"]] == ["circle.png", "square.png"]
+
+
+def test_unusable_out_folder_fails_before_the_flow(capsys, tmp_path):
+    img = sample_paths()[0]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = [(a_file, "is a file, not a folder"), (a_file / "sub", f"{a_file} is a file")]
+    if os.path.isdir("/proc"):  # Linux: nobody, root included, can create files there
+        cases.append(("/proc/naflow-out", "cannot write in /proc"))
+    for out, expected in cases:
+        code, out_text, err = run(capsys, "explain", img, "--model", "shapes", "--out", str(out))
+        assert_one_line_error(code, err, f"--out {out}", expected)
+        assert "compiled" not in out_text  # refused before any work was done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    code, _, err = run(capsys, "explain", img, "--model", "shapes", "--out", str(tmp_path / "new" / "deeper"), "-q")
+    assert code == 0, err
+    assert (tmp_path / "new" / "deeper" / "flow_grid.png").is_file()
+
+
+def test_a_failed_write_is_one_line(capsys, tmp_path, monkeypatch):
+    import naflow_fx.export
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(naflow_fx.export, "save_maps", full_disk)
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path), "-q")
+    assert_one_line_error(code, err, "writing the results failed", "No space left on device", "another folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.gif", "flow_grid.png"]  # no temporary left
