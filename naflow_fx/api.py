@@ -75,7 +75,10 @@ class NAFlow:
         needed = set(self._program.activations) | set(self._layer_nodes)
         self._recorded = sorted(needed, key=order.__getitem__)
         self._recorder = passes.emit_recorder(graph_module, self._recorded)
+        # σ_max of shared operators and the 1×1 filters depend on the weights alone, so they are
+        # cached across calls, and dropped whenever a weight changes (NOTE [weight cache]).
         self._sigma_cache: dict = {}
+        self._weights_seen: tuple = ()
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
         nodes = {n.name: n for n in graph_module.graph.nodes}
         self._to_nchw = {}
@@ -83,6 +86,24 @@ class NAFlow:
             perm = layout(nodes[node])
             if perm != (0, 1, 2, 3):
                 self._to_nchw[node] = tuple(sorted(range(4), key=perm.__getitem__))
+
+    def _weight_cache(self) -> dict:
+        """The cache of weight-only quantities, emptied if any parameter or buffer changed.
+
+        NOTE [weight cache]: the traced module shares the user's parameters, so loading other
+        weights into the model (``load_state_dict``, an optimiser step, ``.to(device)``) changes
+        the flow. An in-place change bumps a tensor's version counter and a replaced tensor has
+        a new storage, but a write through ``.data`` does neither, so each tensor's sum is
+        compared too (one pass over the weights, milliseconds against a flow's seconds).
+        """
+        tensors = [t.detach() for t in (*self.graph_module.parameters(), *self.graph_module.buffers())]
+        ids = tuple((t.data_ptr(), t._version) for t in tensors)
+        sums = [t.sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()]
+        seen = (ids, torch.stack(sums).cpu() if sums else None)
+        if not self._weights_seen or ids != self._weights_seen[0] or not _same(seen[1], self._weights_seen[1]):
+            self._sigma_cache.clear()
+        self._weights_seen = seen
+        return self._sigma_cache
 
     def _nchw(self, node: str, t: Tensor) -> Tensor:
         dims = self._to_nchw.get(node)
@@ -174,7 +195,7 @@ class NAFlow:
         store = {n: values[n] for n in program.activations}
         store.update({f"lam_{n}": lams[n] for n in program.coefficients})
         del values, lams
-        ctx = SolverContext(self.config, self._sigma_cache, progress=progress)
+        ctx = SolverContext(self.config, self._weight_cache(), progress=progress)
         with torch.no_grad():
             out = program.module(ctx, store)
         if keep == "maps":
@@ -250,6 +271,13 @@ class NAFlow:
 
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """Equal fingerprints (NaN equal to NaN, so a model with NaN weights does not recompute)."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
 
 
 def block_layers(gm: fx.GraphModule, model: nn.Module) -> list[str]:

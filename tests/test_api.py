@@ -598,6 +598,34 @@ def test_build_once_call_many_times(model):
     assert [r.iterations for r in first.diagnostics.values()] == [r.iterations for r in second.diagnostics.values()]
 
 
+def test_new_weights_in_the_model_are_used_by_a_compiled_flow():
+    """NOTE [weight cache]: σ_max of lone convs and the 1×1 filters are cached per weights, not per compile."""
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            *(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU()),
+            *(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)),
+        ).eval()
+
+    model, x = net(1), torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    nf = compile_naflow(model, x)
+    nf(x, 0)
+    cached = dict(nf._sigma_cache)
+    assert cached  # lone convs' σ_max and the 1×1 filter
+    nf(x, 0)
+    assert all(nf._sigma_cache[k] is v for k, v in cached.items())  # unchanged weights: reused
+    for change in ("load_state_dict", "through .data"):
+        other = net(2 if change == "load_state_dict" else 4)
+        if change == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        else:
+            for mine, theirs in zip(model.parameters(), other.parameters()):
+                mine.data.copy_(theirs.data)  # no version bump: the content check sees it
+        fresh = compile_naflow(model, x)(x, 0)
+        assert_same_flow(nf(x, 0), fresh)
+
+
 def test_other_spatial_sizes_than_the_example(nf, model):
     for h, w in [(24, 24), (20, 28), (8, 8)]:
         x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
