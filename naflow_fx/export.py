@@ -3,7 +3,12 @@
 ``save_maps(result, "out/maps.npz", ...)`` writes ``out/maps.npz`` (one ``float32 [B, h, w]``
 array per layer, at the layer's own resolution) and ``out/maps.json`` (model, method, target,
 predicted class and score per sample, layers with their shapes, and for NAFlow the solver
-diagnostics of every inverse step). Both files are written atomically. ``load_maps`` reads them back.
+diagnostics of every inverse step). ``load_maps`` reads them back.
+
+Everything is checked and the sidecar is serialised before anything is written; then both files
+are written atomically, so a bad argument or a failed write leaves no file and no temporary
+behind. The sidecar is strict JSON: a non-finite number (NaN, ±inf, e.g. the score of a sample
+whose output was NaN) is written as ``null`` and read back as ``None``.
 
 Example:
     >>> import tempfile, torch
@@ -22,22 +27,75 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ._io import atomic_write, atomic_write_text
+from .errors import InputError, InputTypeError
 from .result import FlowResult, LayerMaps
 
 __all__ = ["save_maps", "load_maps", "sidecar_path", "summary"]
 
+FORMAT = "naflow_fx maps v1"
+_WRITTEN_BY = "was it written by naflow_fx.export.save_maps?"
+
 
 def sidecar_path(npz_path: str | os.PathLike) -> str:
-    """``out/maps.npz`` → ``out/maps.json``."""
-    root, _ = os.path.splitext(os.fspath(npz_path))
+    """``out/maps.npz`` → ``out/maps.json`` (any other name: its extension replaced by ``.json``)."""
+    path = os.fspath(npz_path)
+    root = path[: -len(".npz")] if path.endswith(".npz") else os.path.splitext(path)[0]
     return root + ".json"
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, in dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_text(value, what: str) -> str:
+    """Strict JSON (no NaN) for ``value``, or an :class:`InputTypeError` naming ``what`` is not serialisable."""
+    try:
+        return json.dumps(_finite_or_none(value), indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise InputTypeError(
+            f"save_maps: {what} is not JSON-serialisable ({exc}); use plain str, int, float, bool, None, "
+            "lists and dicts with str keys (e.g. float(x) or array.tolist() for numpy and torch values)"
+        ) from None
+
+
+def _check_result(result, caller: str) -> None:
+    if not isinstance(result, LayerMaps):
+        raise InputTypeError(
+            f"{caller}: result must be a FlowResult or LayerMaps (what nf(x), nf.gradcam(x) or nf.layercam(x) "
+            f"return), got {type(result).__name__}"
+        )
+
+
+def _check_images(images, batch: int, caller: str) -> list | None:
+    if images is None:
+        return None
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise InputTypeError(
+            f"{caller}: images must be a list with one label per sample (e.g. the image file names), "
+            f"got {type(images).__name__}"
+        )
+    if len(images) != batch:
+        raise InputError(
+            f"{caller}: images has {len(images)} label(s) but the result has {batch} sample(s); "
+            "pass one label per sample, in batch order"
+        )
+    return list(images)
 
 
 def summary(
@@ -48,8 +106,21 @@ def summary(
     images: Sequence[str] | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """The JSON-ready description of ``result`` that :func:`save_maps` writes as the sidecar."""
+    """The JSON-ready description of ``result`` that :func:`save_maps` writes as the sidecar.
+
+    Raises :class:`~naflow_fx.errors.InputTypeError` if ``result`` is not a result, ``images`` is
+    not a list or ``extra`` not a dict, and :class:`~naflow_fx.errors.InputError` if ``images``
+    does not have one label per sample or ``extra`` reuses a field this function writes.
+    """
+    return _summary(result, model, class_names, images, extra, "summary")
+
+
+def _summary(result, model, class_names, images, extra, caller: str) -> dict:
+    _check_result(result, caller)
     output = result.output.detach().float().cpu()
+    images = _check_images(images, output.shape[0], caller)
+    if extra is not None and not isinstance(extra, Mapping):
+        raise InputTypeError(f"{caller}: extra must be a dict of more sidecar fields, got {type(extra).__name__}")
     samples = []
     for b in range(output.shape[0]):
         row: dict = {"index": b}
@@ -71,7 +142,7 @@ def summary(
             row["predicted_probability"] = float(probs[p])
         samples.append(row)
     meta = {
-        "format": "naflow_fx maps v1",
+        "format": FORMAT,
         "model": model,
         "method": result.method,
         "input_size": list(result.input_size),
@@ -96,8 +167,38 @@ def summary(
 
     meta["naflow_fx"] = __version__
     if extra:
+        clash = sorted(str(k) for k in extra if k in meta)
+        if clash:
+            raise InputError(
+                f"{caller}: extra field(s) {clash} would overwrite what the sidecar records itself "
+                f"({', '.join(meta)}); rename them"
+            )
         meta.update(extra)
     return meta
+
+
+def _npz_path(path) -> str:
+    """The ``.npz`` path ``save_maps`` writes for ``path``, after checking it can be a file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"save_maps: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fsdecode(path)
+    if not path.endswith(".npz"):
+        path += ".npz"
+    if not os.path.basename(path[: -len(".npz")]):
+        raise InputError(
+            f"save_maps: path {path!r} has no file name, only the extension; pass a file path such as "
+            f"{os.path.join(os.path.dirname(path) or '.', 'maps.npz')!r}"
+        )
+    if os.path.isdir(path):
+        raise InputError(f"save_maps: {path} is a folder; pass a file path such as {os.path.join(path, 'maps.npz')}")
+    if os.path.isdir(sidecar_path(path)):
+        raise InputError(f"save_maps: the sidecar {sidecar_path(path)} of {path} is a folder; choose another name")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise InputError(f"save_maps: cannot write {path}: {folder} is a file, not a folder; choose another path")
+    return path
 
 
 def save_maps(
@@ -113,32 +214,159 @@ def save_maps(
 
     Args:
         result: a flow (:class:`~naflow_fx.FlowResult`) or a baseline (:class:`~naflow_fx.LayerMaps`).
-        path: the ``.npz`` file; the sidecar is the same path with ``.json``.
+        path: the ``.npz`` file (``.npz`` is appended if missing); the sidecar is the same path with
+            ``.json``. Missing folders are created.
         model: the model's name, recorded in the sidecar.
         class_names: class index → name, to name the target and predicted classes.
         images: one label per sample (e.g. the image files), recorded in the sidecar.
-        extra: more JSON-serialisable fields for the sidecar.
+        extra: more JSON-serialisable fields for the sidecar (not the names of the fields it
+            records itself). Non-finite floats in it are written as ``null``, like the rest.
 
     Returns:
         ``(npz_path, json_path)``.
+
+    Raises:
+        InputTypeError: ``result`` is not a result, ``path`` not a path, ``images`` not a list,
+            ``extra`` not a dict or not JSON-serialisable.
+        InputError: ``images`` has the wrong length, ``extra`` reuses a recorded field, or ``path``
+            has no file name, is a folder or lies under a file.
+        OSError: the files could not be written (e.g. no permission, disk full); the error names
+            the file, and neither file is left half-written.
+
+    All checks run and the sidecar is serialised before anything is written, so a bad argument
+    leaves no file behind. Both files are fully written to temporaries before either replaces an
+    old one (sidecar first, then the ``.npz``), and no temporary file is ever left.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from naflow_fx import LayerMaps
+        >>> cam = LayerMaps(["conv"], {"conv": torch.ones(1, 2, 2)}, torch.tensor([[0.0, float("nan")]]),
+        ...                 torch.tensor([float("nan")]), None, (8, 8), "gradcam")
+        >>> npz, sidecar = save_maps(cam, tempfile.mkdtemp() + "/cam")  # ".npz" is appended
+        >>> npz.endswith("cam.npz"), sidecar.endswith("cam.json"), load_maps(npz)[1]["samples"][0]["score"]
+        (True, True, None)
+        >>> save_maps(cam, npz, extra={"when": object()})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        naflow_fx.errors.InputTypeError: save_maps: extra['when'] is not JSON-serialisable (...
     """
-    path = os.fspath(path)
-    if not path.endswith(".npz"):
-        path += ".npz"
-    arrays = {name: result.maps[name].detach().float().cpu().numpy() for name in result.layers}
-    meta = summary(result, model=model, class_names=class_names, images=images, extra=extra)
-    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))  # tmp ends in .npz: numpy keeps the name
+    meta = _summary(result, model, class_names, images, extra, "save_maps")
+    for key, value in (extra or {}).items():  # name the culprit before serialising the whole sidecar
+        _json_text({key: value}, f"extra[{key!r}]")
+    text = _json_text(meta, "the sidecar (model, class_names or images)")
+    path = _npz_path(path)
     side = sidecar_path(path)
-    atomic_write_text(side, json.dumps(meta, indent=2) + "\n")
+    arrays = {name: result.maps[name].detach().float().cpu().numpy() for name in result.layers}
+
+    writing = path
+
+    def write_npz(tmp: str) -> None:
+        nonlocal writing
+        with open(tmp, "wb") as fh:  # a file object: numpy does not append ".npz" to the name
+            np.savez_compressed(fh, **arrays)
+        writing = side
+        atomic_write_text(side, text)  # the npz is complete before the sidecar replaces the old one
+        writing = path
+
+    try:
+        atomic_write(path, write_npz)
+    except OSError as exc:  # name the user's file, not the hidden temporary one
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, writing) from exc
     return path, side
 
 
+def _bad_file(path: str, problem: str, todo: str = _WRITTEN_BY) -> InputError:
+    return InputError(f"load_maps: {path} {problem}; {todo}")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.exists(path):
+        raise _bad_file(path, "does not exist", "check the path (save_maps writes NAME.npz and NAME.json)")
+    if os.path.isdir(path):
+        raise _bad_file(path, "is a folder", "pass the .npz file that save_maps wrote in it")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise _bad_file(path, f"cannot be read ({exc.strerror or exc})", "check its permissions") from None
+    if head.startswith(b"\x93NUMPY"):
+        raise _bad_file(path, "is a single .npy array, not the .npz archive of maps save_maps writes")
+    if not head.startswith(b"PK"):
+        raise _bad_file(path, "is empty, not an .npz archive" if not head else "is not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise _bad_file(path, f"is a damaged or foreign .npz archive ({type(exc).__name__}: {exc})") from None
+
+
+def _read_sidecar(path: str, side: str) -> dict:
+    if not os.path.exists(side):
+        raise InputError(
+            f"load_maps: {path} has no sidecar {side}; save_maps writes both files side by side - "
+            "keep or copy the .json together with the .npz"
+        )
+    try:
+        with open(side, encoding="utf-8") as fh:
+            meta = json.load(fh, parse_constant=lambda _name: None)  # NaN / Infinity of older files → None
+    except json.JSONDecodeError as exc:
+        raise _bad_file(side, f"is not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise _bad_file(side, "is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise _bad_file(side, f"cannot be read ({exc.strerror or exc})", "check the path and its permissions") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT:
+        if isinstance(found, str) and found.startswith("naflow_fx maps"):
+            raise _bad_file(side, f"has format {found!r}, not {FORMAT!r}", "read it with the naflow_fx that wrote it")
+        raise _bad_file(side, f'is not a naflow_fx maps sidecar (no "format": {FORMAT!r})')
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not all(
+        isinstance(la, dict) and isinstance(la.get("name"), str) for la in layers
+    ):
+        raise _bad_file(side, 'has no valid "layers" list (one {"name": ..., "shape": ...} per layer)')
+    return meta
+
+
 def load_maps(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Read what :func:`save_maps` wrote: ``(maps by layer name, sidecar dict)``."""
-    path = os.fspath(path)
-    with np.load(path) as data:
-        maps = {k: data[k] for k in data.files}
-    with open(sidecar_path(path)) as fh:
-        meta = json.load(fh)
+    """Read what :func:`save_maps` wrote: ``(maps by layer name, sidecar dict)``.
+
+    The maps come in the sidecar's layer order; a number that was not finite when saved is ``None``
+    in the sidecar dict (the same for sidecars of older versions, which wrote a bare ``NaN``).
+
+    Raises:
+        InputTypeError: ``path`` is not a str or os.PathLike.
+        InputError: the ``.npz`` or its ``.json`` sidecar is missing, unreadable, not what
+            save_maps writes, or the two do not match (a layer of the sidecar is missing from the
+            ``.npz`` or has another shape); the message names the file and what to do.
+
+    Example:
+        >>> import tempfile
+        >>> load_maps(tempfile.mkdtemp() + "/none.npz")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        naflow_fx.errors.InputError: load_maps: .../none.npz does not exist; check the path (...)
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"load_maps: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fsdecode(path)
+    maps = _read_npz(path)
+    side = sidecar_path(path)
+    meta = _read_sidecar(path, side)
     order = [layer["name"] for layer in meta["layers"]]
+    missing = [k for k in order if k not in maps]
+    if missing:
+        raise InputError(
+            f"load_maps: {side} lists layer(s) {missing} that {path} does not hold (it has {sorted(maps)}); "
+            "the two files do not belong together - use the .npz and .json of one save_maps call"
+        )
+    for layer in meta["layers"]:
+        shape, array = layer.get("shape"), maps[layer["name"]]
+        if isinstance(shape, list) and list(array.shape[1:]) != shape:
+            raise InputError(
+                f"load_maps: layer {layer['name']!r} has shape {list(array.shape[1:])} in {path} but {shape} in "
+                f"{side}; the two files do not belong together - use the .npz and .json of one save_maps call"
+            )
     return {k: maps[k] for k in order}, meta

@@ -1,0 +1,249 @@
+"""save_maps / load_maps on bad input: one clear naflow_fx error, and never a stray or half-written file."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import naflow_fx.export
+from naflow_fx import compile_naflow
+from naflow_fx.errors import InputError, InputTypeError
+from naflow_fx.export import load_maps, save_maps, sidecar_path
+from naflow_fx.result import LayerMaps
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)).eval()
+    nf = compile_naflow(model, (1, 3, 8, 8), last_layer="1")
+    return nf(torch.rand(2, 3, 8, 8))
+
+
+def files(folder) -> list[str]:
+    """Every file and folder under ``folder``, hidden temporaries included."""
+    return sorted(
+        os.path.relpath(os.path.join(root, n), folder) for root, dirs, fs in os.walk(folder) for n in dirs + fs
+    )
+
+
+def saved(flow, tmp_path, name="maps.npz"):
+    npz, side = save_maps(flow, tmp_path / name)
+    return npz, side
+
+
+# --- save_maps ----------------------------------------------------------------------------------
+
+
+def test_unserialisable_extra_is_refused_before_anything_is_written(flow, tmp_path):
+    out = tmp_path / "d" / "x.npz"
+    with pytest.raises(InputTypeError, match=r"save_maps: extra\['o'\] is not JSON-serialisable.*plain str"):
+        save_maps(flow, out, extra={"o": object()})
+    with pytest.raises(InputTypeError, match=r"extra\[\(1, 2\)\] is not JSON-serialisable"):
+        save_maps(flow, out, extra={(1, 2): 3})
+    with pytest.raises(InputTypeError, match="save_maps: extra must be a dict.*got list"):
+        save_maps(flow, out, extra=[("a", 1)])
+    with pytest.raises(InputTypeError, match=r"save_maps: the sidecar \(model, class_names or images\)"):
+        save_maps(flow, out, model=object())
+    assert files(tmp_path) == []  # not even the folder
+
+
+def test_extra_cannot_overwrite_the_recorded_fields(flow, tmp_path):
+    with pytest.raises(InputError, match=r"extra field\(s\) \['format', 'layers'\] would overwrite.*rename"):
+        save_maps(flow, tmp_path / "x.npz", extra={"layers": 3, "format": "mine", "fine": 1})
+    assert files(tmp_path) == []
+    npz, _ = save_maps(flow, tmp_path / "x.npz", extra={"fine": 1, "options": {"damping": 0.0}})
+    assert load_maps(npz)[1]["fine"] == 1
+
+
+@pytest.mark.parametrize("name", [".npz", "", "sub/", "sub/.npz"])
+def test_a_path_without_a_file_name_is_refused(flow, tmp_path, name):
+    with pytest.raises(InputError, match=r"has no file name, only the extension; pass a file path such as .*maps\.npz"):
+        save_maps(flow, str(tmp_path / "d") + "/" + name)
+    assert files(tmp_path) == []  # no empty file, no stranded temporary
+
+
+def test_odd_but_valid_names_round_trip_without_temporaries(flow, tmp_path):
+    for name in ["..npz", "a.b.npz", "noext"]:
+        npz, side = save_maps(flow, os.path.join(tmp_path, name))
+        assert side == npz[: -len(".npz")] + ".json" == sidecar_path(npz)
+        assert list(load_maps(npz)[0]) == flow.layers
+    assert files(tmp_path) == ["..json", "..npz", "a.b.json", "a.b.npz", "noext.json", "noext.npz"]
+
+
+def test_a_folder_as_path_or_a_path_through_a_file_is_a_clear_error(flow, tmp_path):
+    (tmp_path / "maps.npz").mkdir()
+    with pytest.raises(InputError, match=f"save_maps: {tmp_path / 'maps.npz'} is a folder; pass a file path such as"):
+        save_maps(flow, tmp_path / "maps.npz")
+    (tmp_path / "other.json").mkdir()
+    with pytest.raises(InputError, match=f"the sidecar {tmp_path / 'other.json'} of .* is a folder"):
+        save_maps(flow, tmp_path / "other.npz")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match=f"cannot write .*: {tmp_path / 'afile'} is a file, not a folder"):
+        save_maps(flow, tmp_path / "afile" / "deeper" / "maps.npz")
+    assert files(tmp_path) == ["afile", "maps.npz", "other.json"]
+
+
+def test_a_failed_write_names_the_users_file_and_leaves_nothing(flow, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/somewhere/.maps.npz.tmp")
+
+    with monkeypatch.context() as m:
+        m.setattr(naflow_fx.export, "atomic_write_text", full_disk)  # the sidecar fails after the npz
+        with pytest.raises(OSError) as info:
+            save_maps(flow, tmp_path / "maps.npz")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "maps.json")
+    assert files(tmp_path) == []  # no .npz without its sidecar
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez_compressed", full_disk)
+        with pytest.raises(OSError) as info:
+            save_maps(flow, tmp_path / "maps.npz")
+    assert info.value.filename == str(tmp_path / "maps.npz")
+    assert files(tmp_path) == []
+
+
+def test_an_old_pair_stays_whole_when_rewriting_it_fails(flow, tmp_path, monkeypatch):
+    npz, side = save_maps(flow, tmp_path / "maps.npz", model="old")
+    doubled = dataclasses.replace(flow, maps={k: 2 * v for k, v in flow.maps.items()})
+    with monkeypatch.context() as m:
+        m.setattr(naflow_fx.export, "atomic_write_text", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        with pytest.raises(OSError):
+            save_maps(doubled, npz, model="new")
+    maps, meta = load_maps(npz)
+    assert meta["model"] == "old" and files(tmp_path) == ["maps.json", "maps.npz"]
+    np.testing.assert_array_equal(maps["0"], flow.maps["0"].numpy())  # not the new maps under the old sidecar
+
+
+def test_images_and_result_are_checked_up_front(flow, tmp_path):
+    out = tmp_path / "x.npz"
+    with pytest.raises(InputError, match=r"images has 3 label\(s\) but the result has 2 sample\(s\)"):
+        save_maps(flow, out, images=["a", "b", "c"])
+    with pytest.raises(InputError, match=r"images has 1 label\(s\)"):
+        save_maps(flow, out, images=["a"])
+    with pytest.raises(InputTypeError, match="images must be a list with one label per sample.*got str"):
+        save_maps(flow, out, images="ab")
+    for bad in (None, {"0": flow.maps["0"]}):
+        with pytest.raises(
+            InputTypeError, match=f"save_maps: result must be a FlowResult or LayerMaps.*{type(bad).__name__}"
+        ):
+            save_maps(bad, out)
+    with pytest.raises(InputTypeError, match="summary: result must be"):
+        naflow_fx.export.summary(None)
+    with pytest.raises(InputTypeError, match="save_maps: path must be a str or os.PathLike, got int"):
+        save_maps(flow, 3)
+    assert files(tmp_path) == []
+
+
+def test_non_finite_numbers_are_written_as_null_and_read_back_as_none(flow, tmp_path):
+    nan = float("nan")
+    cam = LayerMaps(
+        layers=["a"],
+        maps={"a": torch.tensor([[[nan, 1.0]], [[0.0, 1.0]]])},
+        output=torch.tensor([[nan, 0.0], [1.0, 2.0]]),
+        scores=torch.tensor([nan, float("inf")]),
+        classes=torch.tensor([0, 1]),
+        input_size=(8, 8),
+        method="gradcam",
+    )
+    npz, side = save_maps(cam, tmp_path / "cam.npz", extra={"worst": [float("-inf"), 1.5]})
+    text = open(side).read()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not valid JSON"))  # strict JSON
+    maps, meta = load_maps(npz)
+    assert meta["samples"][0]["score"] is None and meta["samples"][1]["score"] is None
+    assert meta["samples"][0]["predicted_logit"] is None and meta["samples"][0]["predicted_probability"] is None
+    assert meta["samples"][1]["predicted_logit"] == 2.0 and meta["worst"] == [None, 1.5]
+    assert np.isnan(maps["a"][0, 0, 0])  # the maps themselves keep their NaN
+    rec = next(iter(flow.diagnostics))
+    bad_flow = dataclasses.replace(flow, diagnostics={rec: dataclasses.replace(flow.diagnostics[rec], residual=nan)})
+    _, meta = load_maps(save_maps(bad_flow, tmp_path / "flow.npz")[0])
+    assert meta["diagnostics"][0]["residual"] is None
+
+
+def test_a_sidecar_of_an_older_version_with_bare_nan_reads_the_same(flow, tmp_path):
+    npz, side = saved(flow, tmp_path)
+    meta = json.load(open(side))
+    meta["samples"][0]["score"] = float("nan")
+    open(side, "w").write(json.dumps(meta))  # json.dumps writes a bare NaN, as save_maps once did
+    assert load_maps(npz)[1]["samples"][0]["score"] is None
+
+
+# --- load_maps ----------------------------------------------------------------------------------
+
+
+def test_load_a_missing_file_or_sidecar(flow, tmp_path):
+    with pytest.raises(InputError, match=f"load_maps: {tmp_path / 'nope.npz'} does not exist; check the path"):
+        load_maps(tmp_path / "nope.npz")
+    with pytest.raises(InputError, match=f"load_maps: {tmp_path} is a folder"):
+        load_maps(tmp_path)
+    npz, side = saved(flow, tmp_path)
+    os.remove(side)
+    with pytest.raises(InputError, match=f"{npz} has no sidecar {side}; .*keep or copy the .json together"):
+        load_maps(npz)
+    with pytest.raises(InputTypeError, match="load_maps: path must be a str or os.PathLike, got NoneType"):
+        load_maps(None)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"just some text\n", "is not an .npz archive"),
+        (b"", "is empty, not an .npz archive"),
+        (b"PK\x03\x04 truncated zip", "is a damaged or foreign .npz archive"),
+    ],
+)
+def test_load_a_file_that_is_not_an_npz(tmp_path, content, problem):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(content)
+    with pytest.raises(InputError, match=f"load_maps: {bad} {problem}.*written by naflow_fx.export.save_maps") as info:
+        load_maps(bad)
+    assert "pickle" not in str(info.value)
+
+
+def test_load_an_npy_or_an_npz_of_objects(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros((2, 3, 3)))
+    with pytest.raises(InputError, match=r"one.npy is a single .npy array, not the .npz archive"):
+        load_maps(tmp_path / "one.npy")
+    np.savez(tmp_path / "obj.npz", a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(InputError, match="obj.npz is a damaged or foreign .npz archive") as info:
+        load_maps(tmp_path / "obj.npz")
+    assert "allow_pickle=True" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "sidecar, problem",
+    [
+        ("{not json", r"is not valid JSON \(Expecting property name"),
+        ("[1, 2]", "is not a naflow_fx maps sidecar"),
+        ("{}", "is not a naflow_fx maps sidecar"),
+        (
+            '{"format": "naflow_fx maps v9", "layers": []}',
+            "has format 'naflow_fx maps v9'.*the naflow_fx that wrote it",
+        ),
+        ('{"format": "naflow_fx maps v1", "layers": [{"shape": [6, 6]}]}', 'has no valid "layers" list'),
+    ],
+)
+def test_load_a_bad_sidecar(flow, tmp_path, sidecar, problem):
+    npz, side = saved(flow, tmp_path)
+    open(side, "w").write(sidecar)
+    with pytest.raises(InputError, match=f"load_maps: {side} {problem}"):
+        load_maps(npz)
+
+
+def test_load_a_sidecar_of_other_maps(flow, tmp_path):
+    npz, side = saved(flow, tmp_path)
+    meta = json.load(open(side))
+    meta["layers"].append({"name": "ghost", "shape": [1, 1]})
+    open(side, "w").write(json.dumps(meta))
+    with pytest.raises(InputError, match=r"lists layer\(s\) \['ghost'\] that .* does not hold.*do not belong together"):
+        load_maps(npz)
+    meta["layers"] = [{"name": "0", "shape": [5, 5]}]
+    open(side, "w").write(json.dumps(meta))
+    with pytest.raises(InputError, match=r"layer '0' has shape \[6, 6\] in .* but \[5, 5\] in"):
+        load_maps(npz)
