@@ -176,8 +176,10 @@ def _labelled_grid(
     if path is not None:
         import matplotlib.pyplot as plt
 
-        atomic_savefig(fig, path, dpi=dpi)
-        plt.close(fig)
+        try:
+            atomic_savefig(fig, path, dpi=dpi)
+        finally:
+            plt.close(fig)
     return fig
 
 

@@ -5,6 +5,8 @@ Requires the ``vision`` extra (matplotlib).
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write
+from .errors import InputError, InputTypeError
 from .result import LayerMaps, normalize_maps
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
@@ -22,6 +25,169 @@ def short_layer_name(name: str, width: int = 14) -> str:
     """A compact column title: ``"features.10"`` stays, ``"layer1.0.conv1"`` → ``"l1.0.conv1"``."""
     short = name.replace("features.", "f.").replace("layer", "l").replace("classifier.", "c.")
     return short if len(short) <= width else "…" + short[-(width - 1) :]
+
+
+# ------------------------------------------------------------------ argument checks
+# Every public function checks its arguments up front, before any figure or frame is made, so bad
+# input is one InputError / InputTypeError saying what was passed and what is expected.
+
+
+def _check_number(
+    value: object, name: str, fn: str, *, low: float, high: float = math.inf, low_open: bool = False
+) -> None:
+    """``value`` is a real number (not a bool) in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{fn}: {name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        lo = f"> {low:g}" if low_open else f">= {low:g}"
+        hi = "" if high == math.inf else f" and <= {high:g}"
+        raise InputError(f"{fn}: {name} must be {lo}{hi}, got {value!r}")
+
+
+def _check_cmap(cmap: object, fn: str) -> None:
+    import matplotlib
+
+    if not isinstance(cmap, str):
+        raise InputTypeError(f"{fn}: cmap must be a matplotlib colormap name (a str), got {type(cmap).__name__}")
+    if cmap not in matplotlib.colormaps:
+        raise InputError(
+            f"{fn}: unknown cmap {cmap!r}: use a matplotlib colormap name such as 'inferno', 'viridis', 'magma' or "
+            "'jet' (the full list is matplotlib.colormaps)"
+        )
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if t.is_floating_point() or t.is_complex():
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"{what} contains NaN or Inf values")
+
+
+def _check_images(images: object, fn: str) -> Tensor:
+    """A displayable batch ``[B, C, H, W]`` with C = 1 or 3, B, H, W > 0, finite."""
+    if not isinstance(images, Tensor):
+        raise InputTypeError(f"{fn}: images must be a torch.Tensor [B, C, H, W], got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.dim() != 4:
+        hint = " (for one image add a batch dimension with image.unsqueeze(0))" if images.dim() == 3 else ""
+        raise InputError(f"{fn}: images must be a batch [B, C, H, W], got shape {shape}{hint}")
+    if images.shape[1] not in (1, 3):
+        hint = "; for RGBA drop the alpha channel with images[:, :3]" if images.shape[1] == 4 else ""
+        raise InputError(f"{fn}: images must have 1 (grey) or 3 (RGB) channels, got shape {shape}{hint}")
+    if 0 in shape:
+        raise InputError(f"{fn}: images is empty, shape {shape}")
+    if images.is_complex():
+        raise InputError(f"{fn}: images must be real, got {images.dtype}")
+    _check_finite(images, f"{fn}: images")
+    return images
+
+
+def _check_result(result: object, fn: str, what: str = "result") -> LayerMaps:
+    if not isinstance(result, LayerMaps):
+        raise InputTypeError(
+            f"{fn}: {what} must be a LayerMaps (a flow or a baseline such as nf(x) or nf.gradcam(x)), "
+            f"got {type(result).__name__}"
+        )
+    return result
+
+
+def _check_layers(layers: object, results: Sequence[LayerMaps], fn: str) -> list[str]:
+    """The column / frame names: every one must be a layer of every result."""
+    if isinstance(layers, str):
+        raise InputTypeError(f"{fn}: layers must be a list of layer names, got the str {layers!r}; use [{layers!r}]")
+    if layers is None:
+        layers = list(results[0].layers)
+    else:
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise InputTypeError(f"{fn}: layers must be a list of layer names, got {type(layers).__name__}") from None
+    for i, res in enumerate(results):
+        missing = [name for name in layers if name not in res.maps]
+        if missing:
+            which = "the result" if len(results) == 1 else f"results[{i}] ({res.method})"
+            raise InputError(f"{fn}: unknown layer(s) {missing} for {which}; its layers are {list(res.layers)}")
+    return layers
+
+
+def _check_maps(res: LayerMaps, layers: Sequence[str], batch: int, fn: str, what: str = "the result") -> None:
+    """Each map is a finite ``Tensor[batch, h, w]`` (one map per image)."""
+    for name in layers:
+        m = res.maps[name]
+        if not isinstance(m, Tensor) or m.dim() != 3 or 0 in m.shape[1:] or m.is_complex():
+            got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise InputError(f"{fn}: the map of layer {name!r} in {what} must be a Tensor [B, h, w], got {got}")
+        if m.shape[0] != batch:
+            raise InputError(
+                f"{fn}: there are {batch} images but {what} has {m.shape[0]} maps for layer {name!r}; "
+                "pass the images the result was computed for (same batch, same order)"
+            )
+        _check_finite(m, f"{fn}: the map of layer {name!r} in {what}")
+    if res.classes is not None and (not isinstance(res.classes, Tensor) or res.classes.numel() != batch):
+        n = res.classes.numel() if isinstance(res.classes, Tensor) else type(res.classes).__name__
+        raise InputError(f"{fn}: {what} has {n} classes for {batch} images; pass the images it was computed for")
+
+
+def _check_path(path: object, fn: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"{fn}: path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise InputError(f"{fn}: path must be a non-empty file path, got {path!r}")
+    if os.path.isdir(path):
+        raise InputError(f"{fn}: path {path!r} is a folder; pass a file inside it, e.g. {os.path.join(path, 'x')!r}")
+    return path
+
+
+def _figure_format(path: str | os.PathLike, fn: str = "atomic_savefig") -> str:
+    """The matplotlib format of ``path``: its extension, or ``rcParams["savefig.format"]`` (PNG) if it has none.
+
+    Example:
+        >>> _figure_format("out/grid.PDF"), _figure_format("out/grid")
+        ('pdf', 'png')
+    """
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = _check_path(path, fn)
+    ext = os.path.splitext(path)[1][1:].lower()
+    if not ext:
+        return str(matplotlib.rcParams["savefig.format"])
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if ext not in supported:
+        raise InputError(
+            f"{fn}: cannot save a figure as {path!r}: '.{ext}' is not a supported format; "
+            f"use one of {', '.join('.' + e for e in sorted(supported))} (e.g. .png)"
+        )
+    return ext
+
+
+def _check_image(image: object) -> Tensor:
+    """One displayable image: ``[C, H, W]`` or ``[H, W, C]`` with C = 1 or 3, or ``[H, W]``."""
+    if not isinstance(image, Tensor):
+        raise InputTypeError(f"overlay: image must be a torch.Tensor [C, H, W], got {type(image).__name__}")
+    shape = tuple(image.shape)
+    ok = image.dim() == 2 or image.dim() == 3 and (shape[0] in (1, 3) or shape[-1] in (1, 3))
+    if not ok:
+        hint = ""
+        if image.dim() == 4:
+            hint = "; pass one image of the batch, e.g. images[0]"
+        elif image.dim() == 3 and shape[0] == 4:
+            hint = "; for RGBA drop the alpha channel with image[:3]"
+        raise InputError(f"overlay: image must be [C, H, W] with 1 or 3 channels (or [H, W]), got shape {shape}{hint}")
+    if 0 in shape or image.is_complex():
+        raise InputError(f"overlay: image must be a non-empty real tensor, got shape {shape} {image.dtype}")
+    _check_finite(image, "overlay: image")
+    return image
+
+
+def _check_heatmap(heatmap: object) -> Tensor:
+    if not isinstance(heatmap, Tensor):
+        raise InputTypeError(f"overlay: heatmap must be a torch.Tensor [h, w], got {type(heatmap).__name__}")
+    if heatmap.dim() != 2 or 0 in heatmap.shape or heatmap.is_complex():
+        hint = "; pass one map, e.g. result.maps[name][0]" if heatmap.dim() == 3 else ""
+        raise InputError(f"overlay: heatmap must be one real map [h, w], got shape {tuple(heatmap.shape)}{hint}")
+    _check_finite(heatmap, "overlay: heatmap")
+    return heatmap
 
 
 def _image_to_numpy(image: Tensor) -> np.ndarray:
@@ -39,12 +205,23 @@ def _image_to_numpy(image: Tensor) -> np.ndarray:
 def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
     """Blend a map (any resolution, any range) onto an image: ``[H, W, 3]`` float array in [0, 1].
 
+    ``image`` is ``[C, H, W]`` (C = 1 or 3) or ``[H, W]``; ``heatmap`` is one map ``[h, w]``;
+    ``alpha`` in [0, 1] is the map's weight. Bad arguments raise :class:`~naflow_fx.InputError`.
+
     Example:
         >>> overlay(torch.rand(3, 8, 8), torch.rand(4, 4)).shape
         (8, 8, 3)
+        >>> overlay(torch.rand(4, 8, 8), torch.rand(4, 4))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        naflow_fx.errors.InputError: overlay: image must be [C, H, W] with 1 or 3 channels ...; for RGBA drop ...
     """
     import matplotlib
 
+    _check_image(image)
+    _check_heatmap(heatmap)
+    _check_number(alpha, "alpha", "overlay", low=0.0, high=1.0)
+    _check_cmap(cmap, "overlay")
     img = _image_to_numpy(image)
     h, w = img.shape[:2]
     m = heatmap.detach().float()
@@ -55,7 +232,14 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
-    """Save a figure through a temporary file and an atomic rename (no half-written PNGs)."""
+    """Save a figure through a temporary file and an atomic rename (no half-written PNGs).
+
+    The format is ``kwargs["format"]`` if given, else the path's extension (a path without one
+    gets a PNG, written to exactly that path); an unsupported extension is an
+    :class:`~naflow_fx.InputError` naming the path and the supported formats.
+    """
+    if kwargs.get("format") is None:
+        kwargs["format"] = _figure_format(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
 
 
@@ -78,25 +262,91 @@ def flow_grid(
         images: ``Tensor[B, C, H, W]`` (displayed min-max scaled).
         results: one :class:`~naflow_fx.LayerMaps` (e.g. a flow) or several (e.g. NAFlow and
             Grad-CAM on the same layers); each image gets one row per result.
-        path: where to save the PNG (atomically); None to only return the figure.
+        path: where to save the PNG (atomically); None to only return the figure. Another
+            extension matplotlib can write (``.pdf``, ``.svg``, ``.jpg`` ...) picks that format;
+            a path without an extension gets a PNG.
         layers: the columns (default: every layer of the first result).
         row_labels: one label per result (default: the results' ``method``).
         class_names: class index → name, to label each row with the explained class.
+        alpha: the maps' weight in [0, 1]; cmap: a matplotlib colormap name; cell: inches per
+            image; dpi: the saved figure's resolution.
+
+    Every argument is checked before any drawing: bad input raises
+    :class:`~naflow_fx.InputError` or :class:`~naflow_fx.InputTypeError`, and no figure is
+    left open when anything fails.
 
     Returns:
-        The matplotlib figure.
+        The matplotlib figure (already closed when ``path`` is given).
+
+    Example:
+        >>> import tempfile
+        >>> from naflow_fx import LayerMaps
+        >>> res = LayerMaps(["a", "b"], {"a": torch.rand(2, 4, 4), "b": torch.rand(2, 2, 2)}, torch.zeros(2, 3),
+        ...                 torch.zeros(2), None, (16, 16), "naflow")
+        >>> fig = flow_grid(torch.rand(2, 3, 16, 16), res, tempfile.mkdtemp() + "/grid.png", dpi=50)
+        >>> len(fig.axes)
+        6
+        >>> flow_grid(torch.rand(2, 3, 16, 16), res, layers=["c"])
+        Traceback (most recent call last):
+        ...
+        naflow_fx.errors.InputError: flow_grid: unknown layer(s) ['c'] for the result; its layers are ['a', 'b']
     """
+    fn = "flow_grid"
+    images = _check_images(images, fn)
+    batch = images.shape[0]
+    if isinstance(results, LayerMaps):
+        results = [results]
+    elif isinstance(results, (str, bytes)) or not isinstance(results, Sequence):
+        raise InputTypeError(f"{fn}: results must be a LayerMaps or a list of them, got {type(results).__name__}")
+    results = [_check_result(r, fn, f"results[{i}]") for i, r in enumerate(results)]
+    if not results:
+        raise InputError(f"{fn}: results is empty; pass a LayerMaps (e.g. nf(x)) or a list of them")
+    layers = _check_layers(layers, results, fn)
+    for i, res in enumerate(results):
+        _check_maps(res, layers, batch, fn, "the result" if len(results) == 1 else f"results[{i}] ({res.method})")
+    if row_labels is None:
+        labels = [r.method for r in results]
+    else:
+        if isinstance(row_labels, str) or not isinstance(row_labels, Sequence):
+            got = f"{type(row_labels).__name__} {row_labels!r}"
+            raise InputTypeError(f"{fn}: row_labels must be a list of str, one per result, got {got}")
+        labels = list(row_labels)
+        if len(labels) != len(results):
+            raise InputError(
+                f"{fn}: row_labels has {len(labels)} label(s) for {len(results)} result(s); pass one label per result"
+            )
+    if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
+        raise InputTypeError(
+            f"{fn}: class_names must be a list of str (index → name), got {type(class_names).__name__}"
+        )
+    _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
+    _check_cmap(cmap, fn)
+    _check_number(cell, "cell", fn, low=0.0, low_open=True)
+    _check_number(dpi, "dpi", fn, low=0.0, low_open=True)
+    fmt = _figure_format(path, fn) if path is not None else None
+
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    results = [results] if isinstance(results, LayerMaps) else list(results)
-    layers = list(layers) if layers is not None else list(results[0].layers)
-    labels = list(row_labels) if row_labels is not None else [r.method for r in results]
-    batch = images.shape[0]
     rows, cols = batch * len(results), len(layers) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.3), squeeze=False)
+    fig = plt.figure(figsize=(cell * cols, cell * rows + 0.3))
+    try:
+        axes = fig.subplots(rows, cols, squeeze=False)
+        _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap)
+        if path is not None:
+            atomic_savefig(fig, path, dpi=dpi, format=fmt)
+    except BaseException:
+        plt.close(fig)  # the caller never gets this figure: do not leak it
+        raise
+    if path is not None:
+        plt.close(fig)
+    return fig
+
+
+def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap) -> None:
+    batch = images.shape[0]
     for b in range(batch):
         for k, res in enumerate(results):
             r = b * len(results) + k
@@ -117,10 +367,6 @@ def flow_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout(pad=0.2)
-    if path is not None:
-        atomic_savefig(fig, path, dpi=dpi)
-        plt.close(fig)
-    return fig
 
 
 def flow_gif(
@@ -143,8 +389,11 @@ def flow_gif(
         result: the per-layer maps (a flow or a baseline).
         path: the ``.gif`` to write (atomically).
         layers: the frames (default: every layer of ``result``).
-        size: side of each image in the GIF, in pixels.
+        size: side of each image in the GIF, in pixels (a positive int).
         duration: milliseconds per frame (the last frame is held three times as long).
+
+    Every argument is checked before any frame is drawn (:class:`~naflow_fx.InputError`,
+    :class:`~naflow_fx.InputTypeError`). The GIF is written to ``path`` whatever its extension.
 
     Returns:
         The path written.
@@ -161,10 +410,23 @@ def flow_gif(
     """
     from PIL import Image, ImageDraw
 
-    layers = list(layers) if layers is not None else list(result.layers)
-    if not layers:
-        raise ValueError("flow_gif needs at least one layer")
+    fn = "flow_gif"
+    images = _check_images(images, fn)
     batch = images.shape[0]
+    result = _check_result(result, fn)
+    layers = _check_layers(layers, [result], fn)
+    if not layers:
+        raise InputError(f"{fn}: needs at least one layer (one frame per layer), got none")
+    _check_maps(result, layers, batch, fn)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise InputTypeError(f"{fn}: size must be an int (pixels per image side), got {type(size).__name__} {size!r}")
+    if size < 1:
+        raise InputError(f"{fn}: size must be a positive number of pixels, e.g. 192, got {size}")
+    size = int(size)
+    _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
+    _check_cmap(cmap, fn)
+    _check_number(duration, "duration", fn, low=0.0)
+    path = _check_path(path, fn)
     header = 14
     frames = []
     small = torch.nn.functional.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear")
