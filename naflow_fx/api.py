@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -30,7 +31,19 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
             raise InputError(f"example_input must be a batch like [B, C, H, W]; got shape {tuple(example_input.shape)}")
         return example_input.detach()[:1].to(device=device, dtype=dtype)
     if isinstance(example_input, Sequence) and all(isinstance(s, int) and s > 0 for s in example_input):
-        return torch.zeros(tuple(example_input), device=device, dtype=dtype)[:1]
+        shape = (1, *example_input[1:])  # one sample is enough for the shapes
+        if len(shape) == 3:
+            raise InputError(
+                f"example_input={tuple(example_input)} has 3 dims; pass a batch shape such as {(1, *example_input)}"
+            )
+        try:
+            return torch.zeros(shape, device=device, dtype=dtype)
+        except (RuntimeError, MemoryError):
+            gib = math.prod(shape) * torch.finfo(dtype).bits / 8 / 2**30
+            raise InputError(
+                f"cannot allocate an example input of shape {shape} ({gib:.3g} GiB); pass a smaller size "
+                "(the compiled flow also accepts other spatial sizes)"
+            ) from None
     raise InputTypeError(
         f"example_input must be a tensor or a shape such as (1, 3, 224, 224); got {type(example_input).__name__}"
     )
@@ -152,6 +165,12 @@ class NAFlow:
                 ) from None
             values = dict(zip(self._recorded, values))
             scores, classes = resolve_target(target, output)
+            bad = ~torch.isfinite(scores.detach())
+            if bool(bad.any()):
+                raise InputError(
+                    f"the explained score is NaN or Inf for sample(s) {bad.nonzero()[:, 0].tolist()}: check the "
+                    "model's weights and the input's scale (normalised images are about -2.5 to 2.5)"
+                )
             points = {n: values[n] for n in grad_nodes}
             keep = set(keep)
             values = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in values.items() if k in keep}
@@ -185,6 +204,8 @@ class NAFlow:
         """
         if keep not in _KEEP:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
+        if progress is not None and not callable(progress):
+            raise InputTypeError(f"progress must be a function of one SolveRecord, got {type(progress).__name__}")
         program = self._program if keep == "all" else self._maps_program()
         # Only Λ_N is recorded: the inverse network chains every other Λ from it (NOTE [chained Λ]).
         output, values, lams, scores, classes = self._record(x, target, program.activations, program.coefficients)
@@ -331,7 +352,7 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         layers = [layers]
     if isinstance(layers, (nn.Module,)):
         layers = [layers]
-    if not isinstance(layers, Iterable):
+    if not isinstance(layers, Iterable) or isinstance(layers, (bytes, bytearray)):
         raise InputTypeError(
             f"layers must be 'all', 'conv', 'blocks' or a list of layer names / modules, got {layers!r}"
         )
@@ -410,7 +431,7 @@ def compile_naflow(
         raise InputTypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    config = SolverConfig(solver=solver, damping=float(damping), tol=float(tol), max_iter=int(max_iter))
+    config = SolverConfig(solver=solver, damping=damping, tol=tol, max_iter=max_iter)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

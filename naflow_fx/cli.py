@@ -1,7 +1,8 @@
 """The ``naflow`` command line: ``naflow demo``, ``naflow explain`` and ``naflow inspect``.
 
 Every error the user can fix (a missing image, an unknown model, weights that do not match, a
-target out of range, ...) is one line on stderr that says what to do, with exit code 2.
+target out of range, ...) is a message on stderr that says what to do, with exit code 2: one
+line, plus indented detail lines for the errors that list things (unsupported ops, say).
 """
 
 from __future__ import annotations
@@ -240,9 +241,18 @@ def load_model(spec: str, weights: str | None = None) -> ModelSpec:
 def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.Tensor:
     """Read image files as ``float Tensor[N, 3, size, size]`` in [0, 1] (raises :class:`CLIError`).
 
-    ``resize="crop"``: shorter side to ``size``, then a centre crop (ImageNet style);
-    ``"stretch"``: straight to ``size × size``.
+    ``resize="crop"``: the central square (ImageNet style: the shorter side scaled to ``size``);
+    ``"stretch"``: the whole image to ``size × size``. Only that square is resampled, so a very
+    long, thin image costs no more than a square one. 16-bit and 32-bit greyscale images are
+    scaled from their full range (65535, or 255 when no value exceeds it; float images from
+    [0, 1] when they fit in it), not clipped at 255.
+
+    Example:
+        >>> from naflow_fx.data.shapes import sample_paths
+        >>> load_images(sample_paths()[:2], 64).shape
+        torch.Size([2, 3, 64, 64])
     """
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     out = []
@@ -251,22 +261,33 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
             raise CLIError(f"image not found: {path}; check the path")
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
+                im.load()
+                w, h = im.size
+                box = (0, 0, w, h)
+                if resize == "crop":
+                    side = min(w, h)
+                    left, top = (w - side) // 2, (h - side) // 2
+                    box = (left, top, left + side, top + side)
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                    array = np.asarray(im.convert("F").resize((size, size), Image.BILINEAR, box=box), np.float32)
+                    peak = float(np.asarray(im.convert("F")).max(initial=0.0))
+                    scale = 1.0 if im.mode == "F" and peak <= 1 else 255.0 if peak <= 255 else 65535.0
+                    if im.mode.startswith("I;16"):
+                        scale = 65535.0
+                    array = np.repeat((array / scale).clip(0, 1)[:, :, None], 3, axis=2)
+                else:
+                    rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+                    array = np.asarray(rgb, np.float32) / 255.0
+        except Image.DecompressionBombError:
+            raise CLIError(
+                f"cannot read image {path}: it has more pixels than PIL's safety limit "
+                f"({Image.MAX_IMAGE_PIXELS:,}); downscale it first"
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise CLIError(
                 f"cannot read image {path} ({type(exc).__name__}); pass a PNG, JPEG or other image file"
             ) from None
-        if resize == "crop":
-            w, h = im.size
-            scale = size / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        elif im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
-        out.append(data.permute(2, 0, 1).float() / 255.0)
+        out.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
     return torch.stack(out)
 
 
@@ -341,8 +362,8 @@ def run_explain(
     ``grid_layers`` picks the grid's columns from the explained layers (default: at most
     ``max_columns`` of them, evenly spaced); the GIF and the ``.npz`` files hold every layer.
     ``dpi`` is the grid's resolution, ``gif_size`` the side of each image in the GIF.
-    ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``) go to ``compile_naflow``
-    and into the NAFlow sidecar as ``"options"``.
+    ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``, and ``fallback`` if set)
+    go to ``compile_naflow`` and into the NAFlow sidecar as ``"options"``.
     """
     from . import compile_naflow
     from .export import save_maps
@@ -400,7 +421,8 @@ def run_explain(
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
         names = [os.path.basename(p) for p in labels]
         for res in results:
-            extra = {"options": asdict(nf.config)} if res.method == "naflow" else None
+            fallback = {"fallback": options["fallback"]} if options.get("fallback") else {}
+            extra = {"options": asdict(nf.config) | fallback} if res.method == "naflow" else None
             npz, _ = save_maps(
                 res,
                 os.path.join(out, f"{res.method}.npz"),
@@ -435,8 +457,19 @@ def _parse_layers(text: str) -> object:
     return text if text in ("all", "conv", "blocks") else [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _parse_columns(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"need a whole number ≥ 2 (the first and the last layer), got {text!r}")
+    return value
+
+
 def _parse_compare(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    items = list(dict.fromkeys(items))  # each baseline once
     bad = [t for t in items if t not in ("gradcam", "layercam")]
     if bad:
         raise argparse.ArgumentTypeError(f"--compare takes gradcam, layercam or none, got {', '.join(bad)}")
@@ -444,20 +477,39 @@ def _parse_compare(text: str) -> list[str]:
 
 
 def _check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CLIError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "meta":
+        raise CLIError("--device meta holds no data, so nothing can be explained on it; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    available = getattr(getattr(torch, dev.type, None), "is_available", None)
+    if dev.type not in ("cpu", "cuda") and not (callable(available) and available()):
+        raise CLIError(f"--device {device}: {dev.type} is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+MAX_SIZE = 2048
 
 
 def _check_size(size: int) -> int:
     if size < 16:
         raise CLIError(f"--size {size} is too small: pass the input side in pixels, at least 16 (e.g. 224)")
+    if size > MAX_SIZE:
+        raise CLIError(
+            f"--size {size} is too large: at most {MAX_SIZE} (memory grows with the square of the side; "
+            "ImageNet models use 224)"
+        )
     return size
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
-    options = _solver_options(args)
+    options = _solver_options(args) | ({"fallback": args.fallback} if args.fallback else {})
     check_out_dir(args.out)
     spec = load_model(args.model, args.weights)
     size = _check_size(args.size if args.size is not None else spec.size)
@@ -531,7 +583,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     spec = load_model(args.model, args.weights)
     size = _check_size(args.size if args.size is not None else spec.size)
-    nf = compile_naflow(spec.model, (1, 3, size, size))
+    nf = compile_naflow(spec.model, (1, 3, size, size), fallback=args.fallback)
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
     print(f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n")
@@ -558,13 +610,21 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
     p.add_argument("--weights", help="torchvision weights enum (DEFAULT, IMAGENET1K_V1, ...) or a state-dict file")
     p.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's, 224 or 96)")
+    p.add_argument(
+        "--fallback",
+        choices=("linearize",),
+        default=None,
+        help="invert ops without an inverse rule through their linearisation (slower; see docs/naflow.md)",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--layers", type=_parse_layers, default="all", help="all, conv, blocks or comma-separated names")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
-    p.add_argument("--max-columns", type=int, default=24, help="layers shown in the grid at most (default 24)")
+    p.add_argument(
+        "--max-columns", type=_parse_columns, default=24, help="layers shown in the grid at most, ≥ 2 (default 24)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no messages")
     solve = p.add_argument_group("solver options (compile_naflow's; see docs/naflow.md, decisions 6 and 7)")
     defaults = SolverConfig()
@@ -656,8 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, NAFlowError) as exc:
-        first = str(exc).splitlines()[0]
-        print(f"naflow: error: {first}", file=sys.stderr)
+        first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        print("\n".join([f"naflow: error: {first}", *(f"  {line}" for line in rest if line.strip())]), file=sys.stderr)
         return 2
 
 

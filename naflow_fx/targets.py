@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ class ClassTarget:
                 f"{tuple(output.shape)}. Pass a callable target(output) -> Tensor[B] instead."
             )
         batch, classes = output.shape
+        if classes == 0:
+            raise TargetError("the model outputs 0 classes (shape [B, 0]): there is no class score to explain")
         cat = self.category
         if isinstance(cat, Tensor):
             idx = cat.to(device=output.device).reshape(-1)
@@ -43,12 +46,12 @@ class ClassTarget:
                 raise TargetError(f"class targets must be integers, got a {idx.dtype} tensor")
         elif isinstance(cat, bool):
             raise TargetError("class targets must be integers, got a bool")
-        elif isinstance(cat, int):
-            idx = torch.full((batch,), int(cat), device=output.device)
-        elif isinstance(cat, Sequence) and not isinstance(cat, str):
-            if not all(isinstance(c, int) and not isinstance(c, bool) for c in cat):
+        elif isinstance(cat, numbers.Integral):  # int, numpy integers
+            idx = torch.full((batch,), _in_range(int(cat), classes), device=output.device)
+        elif isinstance(cat, Sequence) and not isinstance(cat, (str, bytes)):
+            if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in cat):
                 raise TargetError(f"class targets must be integers, got {list(cat)!r}")
-            idx = torch.tensor(list(cat), device=output.device, dtype=torch.long)
+            idx = torch.tensor([_in_range(int(c), classes) for c in cat], device=output.device, dtype=torch.long)
         else:
             raise TargetError(f"cannot use {cat!r} as a class target: pass an int, a list of ints or a LongTensor")
         if idx.numel() == 1 and batch != 1:
@@ -69,6 +72,13 @@ class ClassTarget:
         return output.gather(1, idx[:, None])[:, 0]
 
 
+def _in_range(c: int, classes: int) -> int:
+    """``c`` if it is a class index of a model with ``classes`` outputs (also before it becomes a tensor)."""
+    if not 0 <= c < classes:
+        raise TargetError(f"class target {c} is out of range: the model has {classes} classes (0–{classes - 1})")
+    return c
+
+
 def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | None]:
     """Scores ``Tensor[B]`` for ``target`` on ``output``, and the class indices when it is a class target."""
     if target is None:
@@ -77,6 +87,8 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
                 f"target=None means the argmax class, which needs logits of shape [B, classes]; the model "
                 f"outputs {tuple(output.shape)}. Pass a callable target, e.g. target=lambda out: out.flatten(1).sum(1)."
             )
+        if output.shape[1] == 0:
+            raise TargetError("the model outputs 0 classes (shape [B, 0]): there is no class score to explain")
         target = ClassTarget(output.detach().argmax(1))
     elif not isinstance(target, ClassTarget) and not callable(target):
         target = ClassTarget(target)
@@ -88,4 +100,10 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
     if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise TargetError(f"a callable target must return a Tensor of shape [B] = [{output.shape[0]}], got {shape}")
+    if not scores.is_floating_point() or (output.requires_grad and not scores.requires_grad):
+        raise TargetError(
+            "a callable target must return a differentiable score of the output (a float Tensor[B] that "
+            f"depends on it), got a {scores.dtype} tensor{'' if scores.requires_grad else ' without gradient'}; "
+            "argmax, comparisons and .detach() give nothing to explain (use a logit, e.g. out[:, k])"
+        )
     return scores, None

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import InputTypeError, UnsupportedModelError
 
 __all__ = ["NAFlowTracer", "trace"]
 
@@ -34,7 +34,16 @@ class NAFlowTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
+        if isinstance(leaf_modules, (type, str)):
+            leaf_modules = [leaf_modules]  # one type or name, as a list of one
+        if not isinstance(leaf_modules, Iterable):
+            raise InputTypeError(
+                f"leaf_modules must be a list of module types or qualified names, got {type(leaf_modules).__name__}"
+            )
         leaves = list(leaf_modules)
+        odd = [t for t in leaves if not isinstance(t, (type, str))]
+        if odd:
+            raise InputTypeError(f"leaf_modules holds module types or qualified names, not {odd[0]!r}")
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
 

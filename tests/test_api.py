@@ -116,6 +116,34 @@ def test_target_errors(nf):
         nf(x, True)
     with pytest.raises(TargetError, match="cannot use"):
         nf(x, 1.5)
+    with pytest.raises(TargetError, match="class target 1000000000000000000000000000000 is out of range"):
+        nf(x, 10**30)  # checked before it becomes a tensor
+    for not_a_score in (lambda out: out.argmax(1), lambda out: out[:, 0].detach()):
+        with pytest.raises(TargetError, match="differentiable score of the output.*argmax"):
+            nf(x, not_a_score)
+    with pytest.raises(InputTypeError, match="progress must be a function"):
+        nf(x, progress=5)
+
+
+def test_numpy_integer_targets_are_class_targets(nf):
+    np = pytest.importorskip("numpy")
+    x = batch(2, seed=5)
+    assert nf(x, np.int64(2)).classes.tolist() == [2, 2]
+    assert nf(x, [np.int64(1), 3]).classes.tolist() == [1, 3]
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_model_without_classes_or_with_a_nan_score_is_refused():
+    empty = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 0))
+    x = batch(1)
+    with pytest.raises(TargetError, match="outputs 0 classes"):
+        compile_naflow(empty.eval(), x)(x)
+    model = conv4(num_classes=5)
+    nf = compile_naflow(model, x)
+    with torch.no_grad():
+        model.head.bias.fill_(math.nan)
+    with pytest.raises(InputError, match=r"score is NaN or Inf for sample\(s\) \[0\].*input's scale"):
+        nf(x)
 
 
 def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
@@ -172,13 +200,29 @@ def test_argument_errors():
     x = batch(1)
     with pytest.raises(ConfigError, match="solver must be one of.*got 'lsqr'"):
         compile_naflow(model, x, solver="lsqr")
-    for damping in (-1e-3, math.nan):
-        with pytest.raises(ConfigError, match="damping must be a number ≥ 0"):
+    for damping in (-1e-3, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="damping must be a finite number ≥ 0"):
             compile_naflow(model, x, damping=damping)
-    with pytest.raises(ConfigError, match="tol must be > 0"):
+    for name, value in (("damping", None), ("damping", "abc"), ("tol", None), ("max_iter", "x"), ("max_iter", True)):
+        with pytest.raises(ConfigError, match=f"{name} must be a number, got {value!r}"):
+            compile_naflow(model, x, **{name: value})
+    with pytest.raises(ConfigError, match="tol must be a finite number > 0"):
         compile_naflow(model, x, tol=0)
-    with pytest.raises(ConfigError, match="max_iter must be ≥ 1"):
-        compile_naflow(model, x, max_iter=0)
+    for max_iter in (0, 2.5):
+        with pytest.raises(ConfigError, match="max_iter must be a whole number ≥ 1"):
+            compile_naflow(model, x, max_iter=max_iter)
+    assert compile_naflow(model, x, max_iter=300.0, tol="1e-3").config.max_iter == 300
+    with pytest.raises(InputError, match=r"has 3 dims; pass a batch shape such as \(1, 3, 16, 16\)"):
+        compile_naflow(model, (3, SIZE, SIZE))
+    with pytest.raises(InputError, match="cannot allocate an example input of shape .* GiB"):
+        compile_naflow(model, (1, 3, 10**6, 10**6))
+    with pytest.raises(InputTypeError, match="leaf_modules must be a list"):
+        compile_naflow(model, x, leaf_modules=3)
+    with pytest.raises(InputTypeError, match="leaf_modules holds module types or qualified names, not 3"):
+        compile_naflow(model, x, leaf_modules=[3])
+    assert compile_naflow(model, x, leaf_modules=nn.ReLU).layers  # one type is a list of one
+    with pytest.raises(InputTypeError, match="layers must be 'all', 'conv', 'blocks' or a list"):
+        compile_naflow(model, x, layers=b"0")
     with pytest.raises(ConfigError, match=r"reduction must be one of \('sum_relu', 'relu_sum'\), got 'mean'"):
         compile_naflow(model, x, reduction="mean")
     with pytest.raises(ConfigError, match="fallback must be None or 'linearize'"):

@@ -260,3 +260,56 @@ def test_a_failed_write_is_one_line(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path), "-q")
     assert_one_line_error(code, err, "writing the results failed", "No space left on device", "another folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.gif", "flow_grid.png"]  # no temporary left
+
+
+def test_errors_that_list_things_keep_their_detail_lines(capsys):
+    code, _, err = run(capsys, "inspect", "--model", "models:TwoUnsupportedOps", "--size", "16")
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err
+    assert lines[0] == "naflow: error: 2 node(s) between the input and the last layer have no inverse rule:"
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert "torch.cumsum" in err and "torch.flip" in err and "What to do" in err
+    code, out, err = run(
+        capsys, "inspect", "--model", "models:TwoUnsupportedOps", "--size", "16", "--fallback", "linearize"
+    )
+    assert code == 0, err
+    assert "linearize" in out
+
+
+def test_example_input_the_model_rejects_names_the_layer_and_the_cause(capsys):
+    code, _, err = run(capsys, "inspect", "--model", "alexnet", "--size", "16")
+    assert_one_line_error(code, err, "at features.5 (MaxPool2d)", "Output size is too small", "large enough")
+
+
+def test_cli_argument_checks(capsys):
+    img = sample_paths()[0]
+    for flag in ("1", "0", "x"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["explain", img, "--model", "shapes", "--max-columns", flag])
+        assert exc.value.code == 2
+    capsys.readouterr()  # argparse's usage messages
+    args = build_parser().parse_args(["explain", img, "--model", "shapes", "--compare", "gradcam,gradcam,layercam"])
+    assert args.compare == ["gradcam", "layercam"]  # each baseline once
+    for device, needle in (("foo", "is not a device"), ("meta", "holds no data")):
+        code, _, err = run(capsys, "explain", img, "--model", "shapes", "--device", device)
+        assert_one_line_error(code, err, f"--device {device}" if device == "meta" else "--device 'foo'", needle)
+    code, _, err = run(capsys, "explain", img, "--model", "shapes", "--size", "100000")
+    assert_one_line_error(code, err, "--size 100000 is too large", "at most 2048")
+
+
+def test_load_images_crops_before_resampling_and_reads_high_bit_depths(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from naflow_fx.cli import CLIError, load_images
+
+    thin = tmp_path / "thin.png"
+    Image.new("L", (1, 20000), 200).save(thin)  # once scaled whole to 224 on its short side: 4.5 GB
+    x = load_images([str(thin)], 224)
+    assert x.shape == (1, 3, 224, 224) and torch.allclose(x, torch.full_like(x, 200 / 255))
+    deep = tmp_path / "deep.png"
+    Image.fromarray(torch.full((8, 8), 30000, dtype=torch.int32).numpy().astype("uint16")).save(deep)
+    assert Image.open(deep).mode.startswith("I;16")
+    torch.testing.assert_close(load_images([str(deep)], 16), torch.full((1, 3, 16, 16), 30000 / 65535))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(CLIError, match="more pixels than PIL's safety limit.*downscale it first"):
+        load_images(sample_paths()[:1], 64)

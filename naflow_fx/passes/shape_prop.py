@@ -14,16 +14,37 @@ from ..errors import UnsupportedModelError
 __all__ = ["propagate_shapes", "tensor_meta", "is_feature_node", "layout"]
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it failed on."""
+
+    failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+
+
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
     """Run ``gm`` once on ``example_input`` and store ``node.meta["tensor_meta"]``."""
+    prop = _ShapeProp(gm)
     try:
         # ShapeProp prints the failing node's traceback itself; the error below says it in one line.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(example_input)
+            prop.propagate(example_input)
     except Exception as exc:  # noqa: BLE001 - the user's model failed on the example input
+        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error with a dump of the node
+        where = ""
+        if prop.failed is not None:
+            module = prop.failed.meta.get("naflow.module_type")
+            where = f" at {prop.failed.meta.get('naflow.name', prop.failed.name)}" + (f" ({module})" if module else "")
+        message = " ".join(str(cause).split())
         raise UnsupportedModelError(
-            f"the model failed on the example input of shape {tuple(example_input.shape)}: "
-            f"{type(exc).__name__}: {exc}\nPass an example input the model accepts."
+            f"the model failed on the example input of shape {tuple(example_input.shape)}{where}: "
+            f"{type(cause).__name__}: {message}. Pass an example input the model accepts "
+            "(its channels, and a size large enough for its downsampling)."
         ) from None
     _propagate_layouts(gm)
     return gm

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,12 +52,26 @@ class SolverConfig:
     def __post_init__(self) -> None:
         if self.solver not in _SOLVERS:
             raise ConfigError(f"solver must be one of {_SOLVERS}, got {self.solver!r}")
-        if not (self.damping >= 0 and self.damping == self.damping):
-            raise ConfigError(f"damping must be a number ≥ 0 (0 = exact min-norm), got {self.damping!r}")
-        if not self.tol > 0:
-            raise ConfigError(f"tol must be > 0, got {self.tol!r}")
-        if int(self.max_iter) < 1:
-            raise ConfigError(f"max_iter must be ≥ 1, got {self.max_iter!r}")
+        damping, tol, max_iter = (_convert(name, getattr(self, name)) for name in ("damping", "tol", "max_iter"))
+        if not (math.isfinite(damping) and damping >= 0):
+            raise ConfigError(f"damping must be a finite number ≥ 0 (0 = exact min-norm), got {self.damping!r}")
+        if not (math.isfinite(tol) and tol > 0):
+            raise ConfigError(f"tol must be a finite number > 0, got {self.tol!r}")
+        if not (max_iter >= 1 and float(max_iter).is_integer()):
+            raise ConfigError(f"max_iter must be a whole number ≥ 1, got {self.max_iter!r}")
+        object.__setattr__(self, "damping", damping)  # frozen: the normalised values, set once
+        object.__setattr__(self, "tol", tol)
+        object.__setattr__(self, "max_iter", int(max_iter))
+
+
+def _convert(name: str, value: object) -> float:
+    """``float(value)`` for an option of :class:`SolverConfig`, or a :class:`ConfigError` naming it."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
 @dataclass
