@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import InputError, InputTypeError
-from .result import LayerMaps
+from .result import LayerMaps, check_maps
 
 __all__ = ["energy_on_mask", "mask_energy"]
 
@@ -53,20 +53,8 @@ def _check_masks(masks: object, fn: str) -> Tensor:
 def _check_result_maps(result: object, batch: int, fn: str, what: str = "result") -> LayerMaps:
     if not isinstance(result, LayerMaps):
         raise InputTypeError(f"{fn}: {what} must be a LayerMaps (a flow or a baseline), got {type(result).__name__}")
-    for name in result.layers:
-        if name not in result.maps:
-            raise InputError(f"{fn}: {what} lists layer {name!r} but has no map for it")
-        t = result.maps[name]
-        if not isinstance(t, Tensor) or t.dim() != 3 or 0 in t.shape[1:] or t.is_complex():
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise InputError(f"{fn}: the map of layer {name!r} in {what} must be a Tensor [B, h, w], got {got}")
-        if t.shape[0] != batch:
-            raise InputError(
-                f"{fn}: there are {batch} masks but {what} has {t.shape[0]} maps for layer {name!r}; "
-                "pass one mask per image, in the order of the batch the result was computed for"
-            )
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise InputError(f"{fn}: the map of layer {name!r} in {what} contains NaN or Inf values")
+    hint = "pass one mask per image, in the order of the batch the result was computed for"
+    check_maps(result, result.layers, batch, fn, what, "masks", hint)
     return result
 
 

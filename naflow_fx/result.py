@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import InputError
 from .solvers import SolveRecord
 
 __all__ = ["LayerMaps", "FlowResult", "normalize_maps", "concat"]
@@ -125,3 +126,23 @@ def concat(results: list[LayerMaps]) -> LayerMaps:
         coefficients={n: torch.cat([r.coefficients[n] for r in results]) for n in first.coefficients},
         diagnostics=diagnostics,
     )
+
+
+def check_maps(res: LayerMaps, layers, batch: int, fn: str, what: str, per: str, hint: str) -> None:
+    """Each of ``layers``' maps in ``res`` is a finite real ``Tensor[batch, h, w]``, else an :class:`InputError`.
+
+    ``per`` names what there is one of per map (``"images"``, ``"masks"``); ``hint`` says what to pass.
+    """
+    for name in layers:
+        if name not in res.maps:
+            raise InputError(f"{fn}: {what} lists layer {name!r} but has no map for it")
+        m = res.maps[name]
+        if not isinstance(m, Tensor) or m.dim() != 3 or 0 in m.shape[1:] or m.is_complex():
+            got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise InputError(f"{fn}: the map of layer {name!r} in {what} must be a Tensor [B, h, w], got {got}")
+        if m.shape[0] != batch:
+            raise InputError(
+                f"{fn}: there are {batch} {per} but {what} has {m.shape[0]} maps for layer {name!r}; {hint}"
+            )
+        if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+            raise InputError(f"{fn}: the map of layer {name!r} in {what} contains NaN or Inf values")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._io import atomic_write
 from .errors import InputError, InputTypeError
-from .result import LayerMaps, normalize_maps
+from .result import LayerMaps, check_maps, normalize_maps
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
 
@@ -111,17 +111,8 @@ def _check_layers(layers: object, results: Sequence[LayerMaps], fn: str) -> list
 
 def _check_maps(res: LayerMaps, layers: Sequence[str], batch: int, fn: str, what: str = "the result") -> None:
     """Each map is a finite ``Tensor[batch, h, w]`` (one map per image)."""
-    for name in layers:
-        m = res.maps[name]
-        if not isinstance(m, Tensor) or m.dim() != 3 or 0 in m.shape[1:] or m.is_complex():
-            got = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
-            raise InputError(f"{fn}: the map of layer {name!r} in {what} must be a Tensor [B, h, w], got {got}")
-        if m.shape[0] != batch:
-            raise InputError(
-                f"{fn}: there are {batch} images but {what} has {m.shape[0]} maps for layer {name!r}; "
-                "pass the images the result was computed for (same batch, same order)"
-            )
-        _check_finite(m, f"{fn}: the map of layer {name!r} in {what}")
+    hint = "pass the images the result was computed for (same batch, same order)"
+    check_maps(res, layers, batch, fn, what, "images", hint)
     if res.classes is not None and (not isinstance(res.classes, Tensor) or res.classes.numel() != batch):
         n = res.classes.numel() if isinstance(res.classes, Tensor) else type(res.classes).__name__
         raise InputError(f"{fn}: {what} has {n} classes for {batch} images; pass the images it was computed for")
