@@ -269,11 +269,15 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
                     left, top = (w - side) // 2, (h - side) // 2
                     box = (left, top, left + side, top + side)
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    array = np.asarray(im.convert("F").resize((size, size), Image.BILINEAR, box=box), np.float32)
-                    peak = float(np.asarray(im.convert("F")).max(initial=0.0))
-                    scale = 1.0 if im.mode == "F" and peak <= 1 else 255.0 if peak <= 255 else 65535.0
+                    grey = im.convert("F")
+                    array = np.asarray(grey.resize((size, size), Image.BILINEAR, box=box), np.float32)
+                    peak = grey.getextrema()[1]
                     if im.mode.startswith("I;16"):
                         scale = 65535.0
+                    elif im.mode == "F" and peak <= 1:
+                        scale = 1.0
+                    else:
+                        scale = 255.0 if peak <= 255 else 65535.0
                     array = np.repeat((array / scale).clip(0, 1)[:, :, None], 3, axis=2)
                 else:
                     rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
@@ -370,7 +374,6 @@ def run_explain(
     from .result import concat
     from .viz import flow_gif, flow_grid
 
-    check_out_dir(out)  # before the work, for callers other than the commands below
     dev = torch.device(device)
     model = spec.model.to(dev)
     mean = torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1)
@@ -420,9 +423,9 @@ def run_explain(
         flow_grid(images, results, written["grid"], **grid_args)
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
         names = [os.path.basename(p) for p in labels]
+        recorded = asdict(nf.config) | ({"fallback": options["fallback"]} if options.get("fallback") else {})
         for res in results:
-            fallback = {"fallback": options["fallback"]} if options.get("fallback") else {}
-            extra = {"options": asdict(nf.config) | fallback} if res.method == "naflow" else None
+            extra = {"options": recorded} if res.method == "naflow" else None
             npz, _ = save_maps(
                 res,
                 os.path.join(out, f"{res.method}.npz"),

@@ -37,7 +37,7 @@ import torch
 
 from ._io import atomic_write, atomic_write_text
 from .errors import InputError, InputTypeError
-from .result import FlowResult, LayerMaps
+from .result import FlowResult, LayerMaps, check_layer_maps
 
 __all__ = ["save_maps", "load_maps", "sidecar_path", "summary"]
 
@@ -74,14 +74,6 @@ def _json_text(value, what: str) -> str:
         ) from None
 
 
-def _check_result(result, caller: str) -> None:
-    if not isinstance(result, LayerMaps):
-        raise InputTypeError(
-            f"{caller}: result must be a FlowResult or LayerMaps (what nf(x), nf.gradcam(x) or nf.layercam(x) "
-            f"return), got {type(result).__name__}"
-        )
-
-
 def _check_images(images, batch: int, caller: str) -> list | None:
     if images is None:
         return None
@@ -116,7 +108,7 @@ def summary(
 
 
 def _summary(result, model, class_names, images, extra, caller: str) -> dict:
-    _check_result(result, caller)
+    check_layer_maps(result, caller)
     output = result.output.detach().float().cpu()
     images = _check_images(images, output.shape[0], caller)
     if extra is not None and not isinstance(extra, Mapping):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import InputError, InputTypeError
-from .result import LayerMaps, check_maps
+from .result import LayerMaps, check_layer_maps, check_maps
 
 __all__ = ["energy_on_mask", "mask_energy"]
 
@@ -51,8 +51,7 @@ def _check_masks(masks: object, fn: str) -> Tensor:
 
 
 def _check_result_maps(result: object, batch: int, fn: str, what: str = "result") -> LayerMaps:
-    if not isinstance(result, LayerMaps):
-        raise InputTypeError(f"{fn}: {what} must be a LayerMaps (a flow or a baseline), got {type(result).__name__}")
+    check_layer_maps(result, fn, what)
     hint = "pass one mask per image, in the order of the batch the result was computed for"
     check_maps(result, result.layers, batch, fn, what, "masks", hint)
     return result

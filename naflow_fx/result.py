@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, InputTypeError
 from .solvers import SolveRecord
 
 __all__ = ["LayerMaps", "FlowResult", "normalize_maps", "concat"]
@@ -126,6 +126,16 @@ def concat(results: list[LayerMaps]) -> LayerMaps:
         coefficients={n: torch.cat([r.coefficients[n] for r in results]) for n in first.coefficients},
         diagnostics=diagnostics,
     )
+
+
+def check_layer_maps(result: object, fn: str, what: str = "result") -> LayerMaps:
+    """``result`` if it is a :class:`LayerMaps` (a :class:`FlowResult` is one), else an :class:`InputTypeError`."""
+    if not isinstance(result, LayerMaps):
+        raise InputTypeError(
+            f"{fn}: {what} must be a LayerMaps (a FlowResult is one: what nf(x), nf.gradcam(x) or "
+            f"nf.layercam(x) return), got {type(result).__name__}"
+        )
+    return result
 
 
 def check_maps(res: LayerMaps, layers, batch: int, fn: str, what: str, per: str, hint: str) -> None:

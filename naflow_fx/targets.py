@@ -36,9 +36,7 @@ class ClassTarget:
                 f"a class target needs the model to output logits of shape [B, classes]; got "
                 f"{tuple(output.shape)}. Pass a callable target(output) -> Tensor[B] instead."
             )
-        batch, classes = output.shape
-        if classes == 0:
-            raise TargetError("the model outputs 0 classes (shape [B, 0]): there is no class score to explain")
+        batch, classes = _classes(output)
         cat = self.category
         if isinstance(cat, Tensor):
             idx = cat.to(device=output.device).reshape(-1)
@@ -62,14 +60,20 @@ class ClassTarget:
             )
         bad = (idx < 0) | (idx >= classes)
         if bool(bad.any()):
-            raise TargetError(
-                f"class target {int(idx[bad][0])} is out of range: the model has {classes} classes (0–{classes - 1})"
-            )
+            _in_range(int(idx[bad][0]), classes)
         return idx.long()
 
     def __call__(self, output: Tensor) -> Tensor:
         idx = self.indices(output)
         return output.gather(1, idx[:, None])[:, 0]
+
+
+def _classes(output: Tensor) -> tuple[int, int]:
+    """``(batch, classes)`` of logits ``[B, classes]`` with at least one class."""
+    batch, classes = output.shape
+    if classes == 0:
+        raise TargetError("the model outputs 0 classes (shape [B, 0]): there is no class score to explain")
+    return batch, classes
 
 
 def _in_range(c: int, classes: int) -> int:
@@ -87,8 +91,7 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
                 f"target=None means the argmax class, which needs logits of shape [B, classes]; the model "
                 f"outputs {tuple(output.shape)}. Pass a callable target, e.g. target=lambda out: out.flatten(1).sum(1)."
             )
-        if output.shape[1] == 0:
-            raise TargetError("the model outputs 0 classes (shape [B, 0]): there is no class score to explain")
+        _classes(output)
         target = ClassTarget(output.detach().argmax(1))
     elif not isinstance(target, ClassTarget) and not callable(target):
         target = ClassTarget(target)

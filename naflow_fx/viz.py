@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._io import atomic_write
 from .errors import InputError, InputTypeError
-from .result import LayerMaps, check_maps, normalize_maps
+from .result import LayerMaps, check_layer_maps, check_maps, normalize_maps
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
 
@@ -79,15 +79,6 @@ def _check_images(images: object, fn: str) -> Tensor:
         raise InputError(f"{fn}: images must be real, got {images.dtype}")
     _check_finite(images, f"{fn}: images")
     return images
-
-
-def _check_result(result: object, fn: str, what: str = "result") -> LayerMaps:
-    if not isinstance(result, LayerMaps):
-        raise InputTypeError(
-            f"{fn}: {what} must be a LayerMaps (a flow or a baseline such as nf(x) or nf.gradcam(x)), "
-            f"got {type(result).__name__}"
-        )
-    return result
 
 
 def _check_layers(layers: object, results: Sequence[LayerMaps], fn: str) -> list[str]:
@@ -289,7 +280,7 @@ def flow_grid(
         results = [results]
     elif isinstance(results, (str, bytes)) or not isinstance(results, Sequence):
         raise InputTypeError(f"{fn}: results must be a LayerMaps or a list of them, got {type(results).__name__}")
-    results = [_check_result(r, fn, f"results[{i}]") for i, r in enumerate(results)]
+    results = [check_layer_maps(r, fn, f"results[{i}]") for i, r in enumerate(results)]
     if not results:
         raise InputError(f"{fn}: results is empty; pass a LayerMaps (e.g. nf(x)) or a list of them")
     layers = _check_layers(layers, results, fn)
@@ -404,7 +395,7 @@ def flow_gif(
     fn = "flow_gif"
     images = _check_images(images, fn)
     batch = images.shape[0]
-    result = _check_result(result, fn)
+    result = check_layer_maps(result, fn)
     layers = _check_layers(layers, [result], fn)
     if not layers:
         raise InputError(f"{fn}: needs at least one layer (one frame per layer), got none")

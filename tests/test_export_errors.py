@@ -131,7 +131,7 @@ def test_images_and_result_are_checked_up_front(flow, tmp_path):
         save_maps(flow, out, images="ab")
     for bad in (None, {"0": flow.maps["0"]}):
         with pytest.raises(
-            InputTypeError, match=f"save_maps: result must be a FlowResult or LayerMaps.*{type(bad).__name__}"
+            InputTypeError, match=f"save_maps: result must be a LayerMaps \\(a FlowResult is one.*{type(bad).__name__}"
         ):
             save_maps(bad, out)
     with pytest.raises(InputTypeError, match="summary: result must be"):
