@@ -198,6 +198,37 @@ def test_last_layer_override_and_its_error():
         compile_naflow(model, (1, 3, 8, 8), last_layer="a")  # inside the residual region
 
 
+def test_a_complex_intermediate_is_named_and_its_leaf_module_route_works():
+    class Spectrum(nn.Module):
+        def forward(self, y):
+            return torch.fft.fft2(y).abs()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.spectrum, self.fc = nn.Conv2d(3, 4, 3, padding=1), Spectrum(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.spectrum(self.conv(x)).mean((2, 3)))
+
+    model = M().eval()
+    with pytest.raises(UnsupportedModelError, match=r"through 'spectrum.fft_fft2'.*complex64.*leaf_modules"):
+        compile_naflow(model, (1, 3, 8, 8))
+    flow = compile_naflow(model, (1, 3, 8, 8), leaf_modules=[Spectrum], fallback="linearize")  # what it advises
+    assert flow.layers == ["conv", "spectrum"]
+
+    class Constant(nn.Module):  # no path at all keeps the plain message
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.ones(1, 2))
+
+        def forward(self, x):
+            return self.bias * 1.0
+
+    with pytest.raises(UnsupportedModelError, match="the model's output does not depend on its input$"):
+        compile_naflow(Constant(), (1, 3, 8, 8))
+
+
 def test_assign_rules_reports_every_unsupported_node_at_once():
     class M(nn.Module):
         def __init__(self):

@@ -64,6 +64,33 @@ def feature_subgraph(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> list[fx
     return [n for n in graph.nodes if n in forward and n in backward]
 
 
+def _no_feature_path_message(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> str:
+    """Why no floating-point path joins ``source`` to ``sink``: a non-real tensor on the way, or none at all."""
+    reach = {source}
+    for n in graph.nodes:
+        if n is not source and any(a in reach for a in n.all_input_nodes):
+            reach.add(n)
+    back = {sink}
+    for n in reversed(list(graph.nodes)):
+        if n in back:
+            back.update(a for a in n.all_input_nodes if a in reach)
+    blocking = [
+        n for n in graph.nodes if n in reach and n in back and tensor_meta(n) is not None and not is_feature_node(n)
+    ]
+    if not blocking or source not in back:
+        return "the model's output does not depend on its input"
+    n = blocking[0]
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return (
+        f"the model's output depends on its input only through {n.meta.get('naflow.name', n.name)!r} "
+        f"({n.op} {target}), which gives a {tensor_meta(n).dtype} tensor. NAFlow inverts layers "
+        "between real floating-point feature maps; complex (torch.fft), integer and boolean "
+        "intermediates have no inverse. Wrap the part that makes and consumes them in a module "
+        "that takes and returns real tensors, and pass compile_naflow(..., leaf_modules=[ThatModule], "
+        "fallback='linearize')."
+    )
+
+
 def articulation_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
     """The single-tensor nodes of a source→sink feature subgraph that every path passes through.
 
@@ -130,7 +157,7 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
         )
     whole = feature_subgraph(graph, source, result)
     if source not in whole:
-        raise UnsupportedModelError("the model's output does not depend on its input")
+        raise UnsupportedModelError(_no_feature_path_message(graph, source, result))
     candidates = articulation_nodes(whole)
 
     if last_layer is None:
