@@ -38,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,7 +67,10 @@ def _as_batch(x: object, name: str) -> Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
-        raise InputError(f"{name} must be images [B, C, H, W] (or one image [C, H, W]); got {tuple(x.shape)}")
+        hint = ""
+        if x.dim() == 5:
+            hint = f"; to use a [N, K, C, H, W] stack as one batch, pass {name}.flatten(0, 1) (and its labels, if any)"
+        raise InputError(f"{name} must be images [B, C, H, W] (or one image [C, H, W]); got {tuple(x.shape)}{hint}")
     if x.shape[0] == 0:
         raise InputError(f"{name} is empty: it needs at least one image")
     return x
@@ -103,15 +108,60 @@ def _resolve_naflow(
     return compile_naflow(model, example[:1], layers="all" if layers is None else layers, **options)
 
 
+def _first(index: Tensor, n: int = 5) -> str:
+    """The first ``n`` entries of a 1-D index tensor, for error messages: ``[0, 3, 4, ...]``."""
+    shown = index[:n].tolist()
+    return str(shown) if index.numel() <= n else str(shown)[:-1] + ", ...]"
+
+
+def _count(value: object, message: str, hint: str, error: type[Exception], *, high: int | None = None) -> int:
+    """``value`` as an int in ``1..high`` (any integer type such as numpy's, but not bool), else
+    ``error(f"{message}, got {value!r}{hint}")``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if 1 <= int(value) and (high is None or int(value) <= high):
+            return int(value)
+    raise error(f"{message}, got {value!r}{hint}")
+
+
+def _index(i: object, n: int, message: str) -> int:
+    """``i`` as an index in ``0..n-1`` (an int, a numpy integer or a one-element integer tensor), else a
+    :class:`TargetError` with ``message``."""
+    if isinstance(i, Tensor) and i.numel() == 1 and not (i.is_floating_point() or i.is_complex()):
+        i = int(i) if i.dtype != torch.bool else i
+    if isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= int(i) < n:
+        return int(i)
+    raise TargetError(message)
+
+
+def _nonzero_rows(emb: Tensor, what: str) -> None:
+    """A :class:`TargetError` if the model embeds any of ``what`` to the zero vector (cosine undefined)."""
+    zero = ~emb.any(1)
+    if bool(zero.any()):
+        raise TargetError(
+            f"the model embeds {what} {_first(zero.nonzero()[:, 0])} to the zero vector, so their cosine similarity "
+            "to anything is undefined; check those images (e.g. blank or wrongly normalised), or explain a model "
+            "whose embedding is not zero"
+        )
+
+
 def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "images") -> Tensor:
     """The model's output for ``x`` (eval semantics, no grad, in chunks of ``batch_size``): ``[B, D]``."""
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
+    ):
         raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
     outs = []
     with torch.no_grad():
-        for chunk in x.split(batch_size) if batch_size else (x,):
+        for chunk in x.split(int(batch_size)) if batch_size else (x,):
             chunk = nf._check_input(chunk)
-            out = nf.graph_module(chunk)
+            try:
+                out = nf.graph_module(chunk)
+            except Exception as exc:  # noqa: BLE001 - the model itself rejected these images
+                first_line = str(exc).partition("\n")[0]  # torch.fx appends the generated code
+                raise InputError(
+                    f"the model failed on the {what} (shape {tuple(chunk.shape)}; it was compiled for "
+                    f"{tuple(nf._example_shape)}): {type(exc).__name__}: {first_line}"
+                ) from None
             if not isinstance(out, Tensor) or out.dim() != 2:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise TargetError(
@@ -119,7 +169,14 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
                     "Explain the embedding network (e.g. the encoder up to its pooled, flattened features)"
                 )
             outs.append(out.detach())
-    return torch.cat(outs)
+    emb = torch.cat(outs)
+    bad = ~torch.isfinite(emb).all(1) if emb.is_floating_point() else torch.zeros(0, dtype=torch.bool)
+    if bool(bad.any()):
+        raise InputError(
+            f"the model's embedding of the {what} {_first(bad.nonzero()[:, 0])} contains NaN or Inf values: "
+            "check the model's weights and the images' scale (normalised images are about -2.5 to 2.5)"
+        )
+    return emb
 
 
 def _take(flow: FlowResult, index: Tensor) -> FlowResult:
@@ -157,6 +214,26 @@ def _stack_rows(flows: Sequence[LayerMaps]) -> LayerMaps:
     )
 
 
+def _check_figure(path: object, layers: object, flow: LayerMaps, fn: str) -> tuple[str | None, list[str]]:
+    """Check a plot's ``path`` and ``layers`` before any flow is computed or anything drawn.
+
+    Returns the figure format (None without a path) and the layer names; a bad path (not a path, a
+    folder, an unknown extension, a parent that is a file) is an :class:`InputError` naming ``fn``.
+    """
+    from .viz import _check_layers, _figure_format
+
+    names = _check_layers(layers, [flow], fn)
+    if path is None:
+        return None, names
+    fmt = _figure_format(path, fn)
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise InputError(f"{fn}: cannot write {os.fspath(path)}: {folder} is a file, not a folder; choose another path")
+    return fmt, names
+
+
 def _labelled_grid(
     images: Tensor,
     flows: Sequence[LayerMaps],
@@ -164,22 +241,35 @@ def _labelled_grid(
     path: str | os.PathLike | None,
     layers: Sequence[str] | None,
     dpi: int = 150,
+    fmt: str | None = None,
 ):
-    """:func:`naflow_fx.viz.flow_grid` with one row per (image, flow) pair and one label per row."""
+    """:func:`naflow_fx.viz.flow_grid` with one row per (image, flow) pair and one label per row.
+
+    ``path`` and ``layers`` should have been checked by :func:`_check_figure` (which gives ``fmt``).
+    A failed write (no permission, disk full) is an ``OSError`` naming ``path``, and leaves no file.
+    """
+    import matplotlib.pyplot as plt
+
     from .viz import atomic_savefig, flow_grid
 
     fig = flow_grid(images, _stack_rows(flows), None, layers=layers)
-    cols = len(fig.axes) // images.shape[0]
-    for r, label in enumerate(labels):
-        fig.axes[r * cols].set_ylabel(label, fontsize=6)
-    fig.tight_layout(pad=0.2)
+    try:
+        cols = len(fig.axes) // images.shape[0]
+        for r, label in enumerate(labels):
+            fig.axes[r * cols].set_ylabel(label, fontsize=6)
+        fig.tight_layout(pad=0.2)
+        if path is not None:
+            try:
+                atomic_savefig(fig, path, dpi=dpi, format=fmt)
+            except OSError as exc:  # name the user's file, not the hidden temporary one
+                if exc.errno is None:
+                    raise
+                raise OSError(exc.errno, f"cannot write the figure: {exc.strerror}", os.fspath(path)) from exc
+    except BaseException:
+        plt.close(fig)  # the caller never gets this figure: do not leak it
+        raise
     if path is not None:
-        import matplotlib.pyplot as plt
-
-        try:
-            atomic_savefig(fig, path, dpi=dpi)
-        finally:
-            plt.close(fig)
+        plt.close(fig)
     return fig
 
 
@@ -187,16 +277,25 @@ def _labels_tensor(labels: object, n: int, device: torch.device, what: str, imag
     if isinstance(labels, Tensor):
         t = labels.detach()
     elif isinstance(labels, Sequence) and not isinstance(labels, str):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        if any(isinstance(v, (Sequence, Tensor)) and not isinstance(v, str) for v in labels):
+            raise InputError(
+                f"{what} must be a flat list of class labels, one per image, got nested lists; flatten them "
+                f"(e.g. torch.tensor({what}).reshape(-1))"
+            )
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in labels):
             raise InputError(f"{what} must be integer class labels, got {list(labels)!r}")
-        t = torch.tensor(list(labels), dtype=torch.long)
+        t = torch.tensor([int(v) for v in labels], dtype=torch.long)
     else:
-        raise InputTypeError(f"{what} must be a LongTensor [{n}] or a list of ints, got {type(labels).__name__}")
+        raise InputTypeError(
+            f"{what} must be a LongTensor [{n}] or a list of ints, got {type(labels).__name__}; "
+            "convert it with torch.as_tensor(labels)"
+        )
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise InputError(f"{what} must be integer class labels, got a {t.dtype} tensor; use labels.long()")
     if t.dim() != 1 or t.shape[0] != n:
+        hint = f" (flatten them with {what}.reshape(-1), in the images' order)" if t.numel() == n else ""
         raise InputError(
-            f"{what} has shape {tuple(t.shape)} but there are {n} {images}: pass one label per image, shape [{n}]"
+            f"{what} has shape {tuple(t.shape)} but there are {n} {images}: pass one label per image, shape [{n}]{hint}"
         )
     return t.long().to(device)
 
@@ -245,10 +344,11 @@ class EpisodeExplanation:
     _support_cache: dict[tuple[int, int], FlowResult] = field(default_factory=dict, repr=False)
 
     def _column(self, c: object) -> int:
-        if isinstance(c, Tensor) and c.numel() == 1 and not c.is_floating_point():
-            c = int(c)
-        if not isinstance(c, int) or isinstance(c, bool):
+        if isinstance(c, Tensor) and c.numel() == 1 and not (c.is_floating_point() or c.is_complex()):
+            c = int(c) if c.dtype != torch.bool else c
+        if not isinstance(c, numbers.Integral) or isinstance(c, bool):
             raise TargetError(f"a class must be an int label, got {c!r}")
+        c = int(c)
         hits = (self.classes == c).nonzero()
         if hits.numel() == 0:
             raise TargetError(f"class {c} is not in this episode; its classes are {self.classes.tolist()}")
@@ -273,8 +373,12 @@ class EpisodeExplanation:
         Rows are the supports ``(support_labels == c).nonzero()`` in order (for the predicted
         class: :attr:`support_indices` ``[q]``).
         """
-        if not isinstance(q, int) or not 0 <= q < self.query.shape[0]:
-            raise TargetError(f"query index {q!r} is out of range: the episode has {self.query.shape[0]} queries")
+        q = _index(
+            q,
+            self.query.shape[0],
+            f"query index {q!r} is out of range: the episode has "
+            f"{self.query.shape[0]} queries (0..{self.query.shape[0] - 1})",
+        )
         label = int(self.prediction[q]) if c is None else int(self.classes[self._column(c)])
         if label == int(self.prediction[q]) and self.support_flows:
             return self.support_flows[q]
@@ -288,15 +392,20 @@ class EpisodeExplanation:
         """Query ``q`` (w.r.t. its predicted prototype) above the supports of the predicted class
         (each w.r.t. the query): one row per image, one column per layer. Saves a PNG when
         ``path`` is given; returns the matplotlib figure. Needs matplotlib (``vision`` extra)."""
-        if not isinstance(q, int) or not 0 <= q < self.query.shape[0]:
-            raise TargetError(f"query index {q!r} is out of range: the episode has {self.query.shape[0]} queries")
+        q = _index(
+            q,
+            self.query.shape[0],
+            f"query index {q!r} is out of range: the episode has "
+            f"{self.query.shape[0]} queries (0..{self.query.shape[0] - 1})",
+        )
+        fmt, layers = _check_figure(path, layers, self.flow, "EpisodeExplanation.plot")
         pred, col = int(self.prediction[q]), self._column(int(self.prediction[q]))
         idx = self.support_indices[q]
         images = torch.cat([self.query[q : q + 1], self.support[idx]])
         flows = [_take(self.flow, torch.tensor([q])), self.support_flow(q)]
         labels = [f"query {q}→proto {pred}\nlogit {float(self.logits[q, col]):.2f}"]
         labels += [f"support {int(i)} (c={pred})\n→query {q}" for i in idx]
-        return _labelled_grid(images, flows, labels, path, layers)
+        return _labelled_grid(images, flows, labels, path, layers, fmt=fmt)
 
 
 def explain_episode(
@@ -334,24 +443,44 @@ def explain_episode(
         an :class:`EpisodeExplanation`.
 
     Raises:
-        InputError: malformed images, a label count that differs from the support count, or
-            query and support images of different shapes.
-        TargetError: the encoder does not output ``[B, D]`` embeddings, or a requested class is
-            not in the episode.
-        ConfigError: ``temperature <= 0``, or compile options given with a compiled NAFlow.
+        InputError: malformed images, a label count that differs from the support count, query
+            and support images of different shapes, images the encoder fails on, or NaN / Inf
+            embeddings.
+        TargetError: the encoder does not output ``[B, D]`` embeddings, a requested class is
+            not in the episode (checked before any work), or a query or a class prototype embeds
+            to the zero vector (its cosine similarity is undefined).
+        ConfigError: ``temperature`` not a positive finite number, or compile options given with
+            a compiled NAFlow.
+
+    Labels, ``classes`` and the indices of :meth:`EpisodeExplanation.plot` may be numpy integers.
+    ``plot`` checks its ``path`` and ``layers`` before computing or drawing anything.
     """
     support = _as_batch(support, "support")
     query = _as_batch(query, "query")
     _same_images(query, support, "query", "support")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not temperature > 0
+        or not math.isfinite(temperature)
+    ):
+        raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
     labels = _labels_tensor(support_labels, support.shape[0], support.device, "support_labels", "support images")
+    episode_classes = torch.unique(labels)  # sorted
+    classes = _requested_classes(classes, episode_classes)
     nf = _resolve_naflow(encoder, support, layers, compile_options, "explain_episode")
 
     sup_emb = _embed(nf, support, what="support images")
     qry_emb = _embed(nf, query, what="query images")
-    episode_classes = torch.unique(labels)  # sorted
+    _nonzero_rows(qry_emb, "query images")
     protos = torch.stack([sup_emb[labels == c].mean(0) for c in episode_classes])
+    zero = ~protos.any(1)
+    if bool(zero.any()):
+        raise TargetError(
+            f"the prototype of class(es) {episode_classes[zero].tolist()} (the mean of their support embeddings) "
+            "is the zero vector, so the cosine classifier is undefined for them; check those support images "
+            "(e.g. blank or wrongly normalised)"
+        )
     logits = float(temperature) * F.normalize(qry_emb, dim=1) @ F.normalize(protos, dim=1).T
     cols = logits.argmax(1)
     prediction = episode_classes[cols]
@@ -388,13 +517,35 @@ def explain_episode(
         support_labels=labels,
         temperature=float(temperature),
     )
-    if classes is not None:
-        if isinstance(classes, str):
-            if classes != "all":
-                raise TargetError(f"classes must be 'all' or a list of class labels, got {classes!r}")
-            classes = episode_classes.tolist()
-        elif isinstance(classes, (int, Tensor)):
-            classes = [int(c) for c in torch.as_tensor(classes).reshape(-1)]
-        for c in classes:
-            result.query_flow(c)
+    for c in classes:
+        result.query_flow(c)
     return result
+
+
+def _requested_classes(classes: object, episode_classes: Tensor) -> list[int]:
+    """``explain_episode``'s ``classes=`` as a list of class labels of the episode (checked before any work)."""
+    if classes is None:
+        return []
+    if isinstance(classes, str):
+        if classes != "all":
+            raise TargetError(f"classes must be 'all' or a list of class labels, got {classes!r}")
+        return episode_classes.tolist()
+    if isinstance(classes, Tensor):
+        if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+            raise TargetError(f"classes must be integer class labels, got a {classes.dtype} tensor")
+        classes = classes.reshape(-1).tolist()
+    elif isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
+        classes = [classes]
+    elif not isinstance(classes, Sequence):
+        raise TargetError(
+            f"classes must be 'all', a class label or a list of class labels, got {type(classes).__name__} {classes!r}"
+        )
+    known = episode_classes.tolist()
+    out = []
+    for c in classes:
+        if not isinstance(c, numbers.Integral) or isinstance(c, bool):
+            raise TargetError(f"a class must be an int label, got {c!r}")
+        if int(c) not in known:
+            raise TargetError(f"class {int(c)} is not in this episode; its classes are {known}")
+        out.append(int(c))
+    return out

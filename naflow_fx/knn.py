@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from .api import NAFlow
 from .errors import ConfigError, InputError, InputTypeError, TargetError
-from .fewshot import _as_batch, _embed, _labels_tensor, _resolve_naflow
+from .fewshot import _as_batch, _count, _embed, _first, _labels_tensor, _nonzero_rows, _resolve_naflow
 from .result import FlowResult
 from .similarity import SimilarityTarget
 
@@ -78,6 +79,13 @@ class KNNTarget(SimilarityTarget):
         if not isinstance(weights, Tensor) or weights.shape != neighbours.shape[:2]:
             shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
             raise TargetError(f"weights must be a Tensor [B, K] = {list(neighbours.shape[:2])}, got {shape}")
+        if not neighbours.is_floating_point():
+            raise TargetError(f"neighbours must be floating-point embeddings, got {neighbours.dtype}")
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise TargetError(f"weights must be real numbers, got {weights.dtype}")
+        for name, t in (("neighbours", neighbours), ("weights", weights)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TargetError(f"the {name} of a KNNTarget contain NaN or Inf values")
         weights = weights.detach().to(neighbours.dtype)
         reference = (weights[..., None] * F.normalize(neighbours.detach(), dim=-1)).sum(1)
         super().__init__(reference, metric="dot")
@@ -91,6 +99,11 @@ class KNNTarget(SimilarityTarget):
     def contributions(self, output: Tensor) -> Tensor:
         query, ref = self._pair(output)
         return F.normalize(query, dim=1) * ref
+
+    def _zero_reason(self, output: Tensor, i: int) -> str:
+        if not bool(self.neighbour_weights[i].any()):
+            return "all its neighbour weights are 0: give at least one neighbour a non-zero weight"
+        return super()._zero_reason(output, i)
 
 
 @dataclass
@@ -155,11 +168,14 @@ def explain_knn(
     :class:`~naflow_fx.SimilarityTarget` (:class:`KNNTarget`).
 
     Raises:
-        InputError: empty / malformed images or bank, labels that do not match the bank, or a
-            bank whose dimension differs from the model's embedding.
-        TargetError: ``k`` not in ``1..M``, labels outside ``0..num_classes-1``, or a model that
-            does not output ``[B, D]``.
-        ConfigError: ``tau <= 0``.
+        InputError: empty / malformed images or bank, a bank with NaN / Inf or all-zero rows (or
+            one that overflows the model's dtype), labels that do not match the bank, a bank whose
+            dimension differs from the model's embedding, or images the model fails on.
+        TargetError: ``k`` not in ``1..M``, ``num_classes`` not a positive int, labels outside
+            ``0..num_classes-1``, a model that does not output ``[B, D]``, or an image it embeds
+            to the zero vector.
+        ConfigError: ``tau <= 0``, or a ``tau`` so small that the votes ``exp(s_j/τ)`` overflow
+            or underflow float64.
     """
     x = _as_batch(x, "x")
     if not isinstance(bank, Tensor):
@@ -168,15 +184,26 @@ def explain_knn(
         raise InputError(f"bank must be a non-empty Tensor of embeddings [M, D], got shape {tuple(bank.shape)}")
     if not bank.is_floating_point():
         raise InputError(f"bank must be floating point, got {bank.dtype}")
+    if not bool(torch.isfinite(bank).all()):
+        rows = (~torch.isfinite(bank).all(1)).nonzero()[:, 0]
+        raise InputError(f"the bank contains NaN or Inf values (row(s) {_first(rows)}): fill it with finite embeddings")
     size = bank.shape[0]
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= size:
-        raise TargetError(f"k must be an int between 1 and the bank size {size}, got {k!r}; lower k")
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
+    zero = ~bank.detach().any(1)
+    if bool(zero.any()):
+        raise InputError(
+            f"bank row(s) {_first(zero.nonzero()[:, 0])} are all zeros: their cosine similarity to anything is "
+            "undefined; fill them with embeddings or drop them (with their labels) from the bank"
+        )
+    k = _count(k, f"k must be an int between 1 and the bank size {size}", "; lower k", TargetError, high=size)
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
         raise ConfigError(f"tau must be a positive number, got {tau!r}")
+    if num_classes is not None:
+        num_classes = _count(num_classes, "num_classes must be a positive int (or None)", "", TargetError)
     labels = _labels_tensor(bank_labels, size, bank.device, "bank_labels", "bank entries")
     nf = _resolve_naflow(model, x, layers, compile_options, "explain_knn")
 
     emb = _embed(nf, x, what="images")
+    _nonzero_rows(emb, "images")
     labels = labels.to(emb.device)
     if bank.shape[1] != emb.shape[1]:
         raise InputError(
@@ -184,12 +211,18 @@ def explain_knn(
             "fill the bank with this model's outputs"
         )
     n_cls = int(labels.max()) + 1 if num_classes is None else num_classes
-    if not isinstance(n_cls, int) or n_cls < 1 or int(labels.min()) < 0 or int(labels.max()) >= n_cls:
+    if n_cls < 1 or int(labels.min()) < 0 or int(labels.max()) >= n_cls:
         raise TargetError(
             f"bank_labels must lie in 0..num_classes-1 (num_classes={n_cls!r}); got labels "
             f"{int(labels.min())}..{int(labels.max())}"
         )
+    given = bank
     bank = bank.detach().to(device=emb.device, dtype=emb.dtype)
+    if not bool(torch.isfinite(bank).all()):
+        raise InputError(
+            f"the bank overflows the model's {emb.dtype} (largest magnitude {float(given.abs().max()):.3g}): fill it "
+            "with this model's embeddings"
+        )
     bank_n = F.normalize(bank, dim=1)
 
     sims = F.normalize(emb, dim=1) @ bank_n.T  # [B, M]
@@ -198,6 +231,13 @@ def explain_knn(
     votes = torch.exp(top_sims.double() / float(tau))
     class_scores = torch.zeros(emb.shape[0], n_cls, dtype=torch.float64, device=emb.device)
     class_scores.scatter_add_(1, top_labels, votes)
+    if not bool(torch.isfinite(class_scores).all()) or not bool((class_scores.amax(1) > 0).all()):
+        top = float(top_sims.abs().max())
+        raise ConfigError(
+            f"tau={tau!r} is too small for these similarities (|s_j| up to {top:.3g}): the votes exp(s_j/τ) "
+            f"{'overflow' if not bool(torch.isfinite(class_scores).all()) else 'underflow'} float64, so the vote "
+            f"is undefined; use tau >= {top / 700:.3g}"
+        )
     prediction = class_scores.argmax(1)
 
     # weights exp((s_j - s_max)/τ) ∝ exp(s_j/τ) (the scale cancels in ω), s_max = the class's largest

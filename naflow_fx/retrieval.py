@@ -33,8 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import NAFlow
-from .errors import InputError, TargetError
-from .fewshot import _as_batch, _embed, _labelled_grid, _resolve_naflow, _same_images, _take
+from .errors import InputError, InputTypeError, TargetError
+from .fewshot import (
+    _as_batch,
+    _check_figure,
+    _count,
+    _embed,
+    _first,
+    _index,
+    _labelled_grid,
+    _nonzero_rows,
+    _resolve_naflow,
+    _same_images,
+    _take,
+)
 from .result import FlowResult
 from .similarity import SimilarityTarget
 
@@ -76,8 +88,8 @@ class MatchExplanation:
     def pair(self, q: int = 0, r: int = 0) -> tuple[FlowResult, FlowResult | None]:
         """``(query flow, match flow)`` (batch 1 each) of query ``q`` and its ``r``-th match."""
         nq, k = self.indices.shape
-        if not (isinstance(q, int) and 0 <= q < nq and isinstance(r, int) and 0 <= r < k):
-            raise TargetError(f"pair({q!r}, {r!r}) is out of range: there are {nq} queries and k = {k} matches each")
+        message = f"pair({q!r}, {r!r}) is out of range: there are {nq} queries and k = {k} matches each"
+        q, r = _index(q, nq, message), _index(r, k, message)
         row = torch.tensor([q * k + r])
         return _take(self.query_flow, row), None if self.match_flow is None else _take(self.match_flow, row)
 
@@ -85,6 +97,9 @@ class MatchExplanation:
         """For each of query ``q``'s matches: a row of the query (w.r.t. the match) and a row of the
         match (w.r.t. the query); one column per layer. Saves a PNG when ``path`` is given; returns
         the figure. Needs matplotlib (``vision`` extra)."""
+        nq = self.indices.shape[0]
+        q = _index(q, nq, f"query index {q!r} is out of range: there are {nq} queries (0..{nq - 1})")
+        fmt, layers = _check_figure(path, layers, self.query_flow, "MatchExplanation.plot")
         images, flows, labels = [], [], []
         for r in range(self.k):
             qf, mf = self.pair(q, r)
@@ -96,7 +111,7 @@ class MatchExplanation:
                 images.append(self.gallery[i : i + 1])
                 flows.append(mf)
                 labels.append(f"match {r + 1}: #{i}\n→query {q}")
-        return _labelled_grid(torch.cat(images), flows, labels, path, layers)
+        return _labelled_grid(torch.cat(images), flows, labels, path, layers, fmt=fmt)
 
 
 def explain_match(
@@ -131,9 +146,12 @@ def explain_match(
     ``nf(gallery[j], SimilarityTarget(e_query))``; all pairs go in one call each.
 
     Raises:
-        InputError: empty or malformed query / gallery, images of different shapes, or gallery
-            embeddings of the wrong shape.
-        TargetError: ``k`` not in ``1..G``, or a model that does not output ``[B, D]``.
+        InputError: empty or malformed query / gallery, images of different shapes, images the
+            model fails on, NaN / Inf embeddings, or ``gallery_embeddings`` of the wrong shape,
+            not floating point, not finite or with all-zero rows.
+        InputTypeError: ``gallery_embeddings`` is not a tensor.
+        TargetError: ``k`` not in ``1..G``, a model that does not output ``[B, D]``, or a query
+            or one of its top-k matches that the model embeds to the zero vector.
     """
     query = _as_batch(query, "query")
     if isinstance(gallery, Tensor) and gallery.dim() >= 1 and gallery.shape[0] == 0:
@@ -141,19 +159,26 @@ def explain_match(
     gallery = _as_batch(gallery, "gallery")
     _same_images(query, gallery, "query", "gallery")
     size = gallery.shape[0]
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= size:
-        raise TargetError(f"k must be an int between 1 and the gallery size {size}, got {k!r}")
+    k = _count(k, f"k must be an int between 1 and the gallery size {size}", "", TargetError, high=size)
+    if gallery_embeddings is not None:
+        _check_given_embeddings(gallery_embeddings)
     nf = _resolve_naflow(model, query, layers, compile_options, "explain_match")
 
     q_emb = _embed(nf, query, what="query images")
+    _nonzero_rows(q_emb, "query images")
     if gallery_embeddings is None:
         g_emb = _embed(nf, gallery, batch_size, what="gallery images")
     else:
-        g_emb = gallery_embeddings.detach().to(device=q_emb.device, dtype=q_emb.dtype)
-        if g_emb.shape != (size, q_emb.shape[1]):
+        if gallery_embeddings.shape != (size, q_emb.shape[1]):
             raise InputError(
-                f"gallery_embeddings has shape {tuple(g_emb.shape)} but the gallery has {size} images and the "
-                f"model embeds into {q_emb.shape[1]} dimensions: pass Tensor[{size}, {q_emb.shape[1]}] or None"
+                f"gallery_embeddings has shape {tuple(gallery_embeddings.shape)} but the gallery has {size} images "
+                f"and the model embeds into {q_emb.shape[1]} dimensions: pass Tensor[{size}, {q_emb.shape[1]}] or None"
+            )
+        g_emb = gallery_embeddings.detach().to(device=q_emb.device, dtype=q_emb.dtype)
+        if not bool(torch.isfinite(g_emb).all()):
+            raise InputError(
+                f"gallery_embeddings overflow the model's {q_emb.dtype} (largest magnitude "
+                f"{float(gallery_embeddings.abs().max()):.3g}): pass this model's own embeddings"
             )
     sims = F.normalize(q_emb, dim=1) @ F.normalize(g_emb, dim=1).T  # [Q, G]
     # stable sort: equal similarities keep gallery order
@@ -161,6 +186,14 @@ def explain_match(
     top = sims.gather(1, order)
 
     flat = order.reshape(-1)  # [Q·k], query-major
+    zero = ~g_emb[flat].any(1)
+    if bool(zero.any()):
+        picked = torch.unique(flat[zero])
+        raise TargetError(
+            f"the model embeds gallery image(s) {_first(picked)} to the zero vector, so their cosine similarity to "
+            f"the query is undefined, yet they are among the top {k} matches; lower k, or check or remove "
+            "those images (e.g. blank or wrongly normalised)"
+        )
     queries = query.repeat_interleave(k, dim=0)
     query_flow = nf(queries, SimilarityTarget(g_emb[flat]))
     match_flow = None
@@ -177,3 +210,25 @@ def explain_match(
         query=query,
         gallery=gallery,
     )
+
+
+def _check_given_embeddings(emb: object) -> None:
+    """Precomputed ``gallery_embeddings``: a real, finite tensor without all-zero rows (shape checked later)."""
+    if not isinstance(emb, Tensor):
+        raise InputTypeError(
+            f"gallery_embeddings must be a Tensor [G, D] of the model's embeddings (or None), got {type(emb).__name__}"
+        )
+    if not emb.is_floating_point():
+        raise InputError(
+            f"gallery_embeddings must be floating-point embeddings, got {emb.dtype}; pass the model's own outputs"
+        )
+    if emb.dim() == 2 and not bool(torch.isfinite(emb).all()):
+        rows = (~torch.isfinite(emb).all(1)).nonzero()[:, 0]
+        raise InputError(f"gallery_embeddings row(s) {_first(rows)} contain NaN or Inf values")
+    if emb.dim() == 2 and emb.shape[1] > 0:
+        zero = ~emb.detach().any(1)
+        if bool(zero.any()):
+            raise InputError(
+                f"gallery_embeddings row(s) {_first(zero.nonzero()[:, 0])} are all zeros: their cosine similarity "
+                "to anything is undefined; pass the model's embeddings of those images (or None to compute them)"
+            )

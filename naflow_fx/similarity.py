@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, InputTypeError, TargetError
 
 __all__ = ["SimilarityTarget", "METRICS", "register_metric"]
 
@@ -49,6 +49,15 @@ METRICS: dict[str, Metric] = {}
 def register_metric(name: str, contributions: Metric) -> Metric:
     """Register ``contributions(query [B, D], reference [B, D]) -> Tensor[B, D]``: the per-channel
     terms ``c_d`` whose sum is the similarity. Gradients must flow through ``query``."""
+    if not isinstance(name, str):
+        raise InputTypeError(f"register_metric: the metric name must be a str, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ConfigError("register_metric: the metric name is empty; give the metric a name")
+    if not callable(contributions):
+        raise InputTypeError(
+            f"register_metric: contributions must be a function (query [B, D], reference [B, D]) -> Tensor[B, D], "
+            f"got {type(contributions).__name__}"
+        )
     if name in METRICS:
         raise ConfigError(f"a similarity metric named {name!r} is already registered")
     METRICS[name] = contributions
@@ -66,7 +75,8 @@ class SimilarityTarget:
     Args:
         reference: ``Tensor[D]`` (one reference for every sample) or ``Tensor[B, D]`` (one per
             sample). It is detached and moved to the output's device and dtype.
-        metric: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or a registered name.
+        metric: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or a registered name (a str;
+            register your own function with :func:`register_metric` first).
 
     Use it as a flow target: ``nf(x, SimilarityTarget(v_s))``. ``flow.scores`` is ``Σ_d ω_d``
     (``±1``); :meth:`similarity` gives the similarity itself and :meth:`weights` the ω.
@@ -83,6 +93,12 @@ class SimilarityTarget:
             raise TargetError(f"the reference must be a floating-point tensor, got {reference.dtype}")
         if not bool(torch.isfinite(reference).all()):
             raise TargetError("the reference embedding contains NaN or Inf values")
+        if not isinstance(metric, str):
+            raise InputTypeError(
+                f"metric must be the name (a str) of a similarity metric, one of {sorted(METRICS)}, got "
+                f"{type(metric).__name__}; to use your own function, register it first with "
+                "naflow_fx.similarity.register_metric(name, contributions) and pass the name"
+            )
         if metric not in METRICS:
             raise ConfigError(f"unknown similarity metric {metric!r}; choose one of {sorted(METRICS)}")
         self.reference = reference.detach()
@@ -98,8 +114,17 @@ class SimilarityTarget:
                 f"a similarity target needs the model to output embeddings of shape [B, D]; got {shape}. "
                 "Explain the embedding model (e.g. the network up to its pooled features)."
             )
+        if not output.is_floating_point():
+            raise TargetError(
+                f"a similarity target needs floating-point embeddings, but the model's output is {output.dtype}"
+            )
         batch, dim = output.shape
         ref = self.reference.to(device=output.device, dtype=output.dtype)
+        if not bool(torch.isfinite(ref).all()):
+            raise TargetError(
+                f"the reference embedding overflows the model's {output.dtype} (its largest magnitude is "
+                f"{float(self.reference.abs().max()):.3g}): rescale it"
+            )
         if ref.shape[-1] != dim:
             raise TargetError(f"the reference has {ref.shape[-1]} dimensions but the model's embedding has {dim}")
         if ref.dim() == 1:
@@ -113,7 +138,14 @@ class SimilarityTarget:
     def contributions(self, output: Tensor) -> Tensor:
         """``c_d`` per sample (``Tensor[B, D]``), with gradients through ``output``."""
         query, ref = self._pair(output)
-        return METRICS[self.metric](query, ref)
+        c = METRICS[self.metric](query, ref)
+        if not isinstance(c, Tensor) or c.shape != query.shape:
+            got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+            raise TargetError(
+                f"the similarity metric {self.metric!r} returned {got}; a metric must return the per-channel "
+                f"contributions c_d as a Tensor [B, D] = {list(query.shape)} (see register_metric)"
+            )
+        return c
 
     def similarity(self, output: Tensor) -> Tensor:
         """``sim(v^Q, v^S) = Σ_d c_d`` per sample (``Tensor[B]``, detached)."""
@@ -132,9 +164,24 @@ class SimilarityTarget:
             i = int(zero.reshape(-1).nonzero()[0])
             raise TargetError(
                 f"the {self.metric} similarity of sample {i} to its reference is 0, so the channel contribution "
-                "weights ω = c / |Σ c| are undefined; choose another reference"
+                f"weights ω = c / |Σ c| are undefined; {self._zero_reason(output, i)}"
             )
         return c / sim.abs()
+
+    def _zero_reason(self, output: Tensor, i: int) -> str:
+        """Why sample ``i``'s similarity is 0, and what to do (for the error message)."""
+        query, ref = self._pair(output)
+        q, r = query[i].detach(), ref[i]
+        if self.metric in ("cosine", "dot") and not bool(r.any()):
+            return "the reference embedding is all zeros: pass a non-zero reference"
+        if self.metric in ("cosine", "dot") and not bool(q.any()):
+            return (
+                "the model embeds this input to the zero vector, so it is not similar or dissimilar to anything: "
+                "check the input, or explain an embedding that is not zero"
+            )
+        if self.metric == "euclidean" and bool((q == r).all()):
+            return "the query embedding equals the reference (distance 0): choose another reference"
+        return "choose another reference"
 
     def __call__(self, output: Tensor) -> Tensor:
         """The explained score ``Σ_d ω_d`` per sample (``Tensor[B]``), denominator detached."""
