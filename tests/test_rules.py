@@ -380,6 +380,7 @@ SPECS = [
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 parametrize_specs = pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+SMOOTH = ("elu", "sigmoid", "tanh", "silu", "gelu", "hardswish", "mish", "softplus")  # damped (decision 11)
 
 
 def call_rule(spec: OpSpec, ctx: SolverContext, bpfm_out: Tensor, sample: Sample, layer: str = "layer") -> Tensor:
@@ -838,8 +839,9 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
     assert rec.method == ("dense" if solved and not _pointwise(spec, sample) else "closed form")
     assert rec.iterations == 0
     ps = pieces(spec, sample)
-    # only solver-based rules are damped, with λ = damping · σ_max(J) (0 when J is 0, e.g. a conv reading padding only)
-    damped = spec.name in ("conv2d", "linear", "layer_norm")
+    # solver-based rules and smooth activations are damped, with λ = damping · σ_max(J) (0 when J
+    # is 0, e.g. a conv reading padding only); the ReLU family, BN and selections are exact
+    damped = spec.name in ("conv2d", "linear", "layer_norm", *SMOOTH)
     assert (rec.damping > 0) == (damped and bool(ps[0].jac.abs().max() > 0))
     # the recorded residual is ||J B_u − (B_w − θ)|| / ||B_w − θ||, largest over the batch
     worst = 0.0
@@ -848,6 +850,35 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
         res = (pc.jac @ got[b].reshape(-1) - rhs).norm()
         worst = max(worst, float(res / rhs.norm()) if rhs.norm() > 0 else float(res))
     assert rec.residual == pytest.approx(worst, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("damping", [1e-2, 0.3])
+@pytest.mark.parametrize("spec", [SPEC_BY_NAME[n] for n in SMOOTH], ids=SMOOTH)
+@SETTINGS
+@given(data=st.data())
+def test_smooth_activations_are_the_damped_pseudo_inverse(spec: OpSpec, damping: float, data):
+    """Decision 11: ``(JᵀJ + λ²I)⁻¹Jᵀ (B_w − θ)`` with ``λ = damping · σ_max(J)`` per sample (float64 oracle)."""
+    sample = data.draw(spec.samples)
+    bpfm_out = rand(spec.forward(sample).shape, data.draw(SEEDS))
+    got = call_rule(spec, SolverContext(SolverConfig(damping=damping)), bpfm_out, sample)
+    for b, pc in enumerate(pieces(spec, sample)):
+        lam = damping * torch.linalg.matrix_norm(pc.jac, 2)
+        normal = pc.jac.T @ pc.jac + lam**2 * torch.eye(pc.jac.shape[1], dtype=pc.jac.dtype)
+        rhs = bpfm_out[b].reshape(-1).to(pc.jac.dtype) - pc.theta
+        expected = torch.linalg.lstsq(normal, pc.jac.T @ rhs).solution if lam > 0 else torch.zeros_like(rhs)
+        assert rel_err(got[b : b + 1], expected.reshape(1, *got.shape[1:])) <= TOL, spec.name
+
+
+def test_a_smooth_activation_near_its_zero_slope_stays_bounded():
+    """SiLU' vanishes at a ≈ −1.2785: undamped, B_u = 1/g'(a) blew up (1e26, then NaN, in a deep
+    EfficientNet); damped, |B_u| ≤ |B_w − θ| / (2λ)."""
+    a = torch.tensor([[[[-1.2785]], [[2.0]]]])
+    silu = get_inverse_rule(F.silu)
+    exact = silu(SolverContext(SolverConfig(damping=0.0)), F.silu(a) + 1.0, a, layer="silu")
+    damped = silu(SolverContext(SolverConfig(damping=1e-2)), F.silu(a) + 1.0, a, layer="silu")
+    assert exact[0, 0].abs() > 1e3
+    lam = 1e-2 * float(torch.autograd.functional.jacobian(F.silu, a).abs().max())
+    assert damped[0, 0].abs() <= 1 / (2 * lam) and damped[0, 1] == pytest.approx(exact[0, 1], rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 For piecewise-linear ops θ = 0 on the linear pieces (ReLU, LeakyReLU, PReLU) or the clamp value
 where the derivative is 0 (ReLU6, hardtanh), so the same formula is the spec's mask / slope rule.
+Their slopes are fixed, and they are exact. Smooth ops (SiLU, GELU, sigmoid, tanh…), whose
+derivative comes arbitrarily close to 0, use the damped form ``g'·(B_w − θ) / (g'² + λ²)`` with
+λ = damping · max |g'| (NOTE [damping] in ``naflow_fx/solvers/context.py``).
 """
 
 from __future__ import annotations
@@ -30,20 +33,19 @@ def pointwise_derivative(target: Callable, input: Tensor, **kwargs) -> Tensor:
     return jvp(lambda t: target(t, **kwargs), (input,), (torch.ones_like(input),))[1]
 
 
-def register_pointwise(target: Callable, derivative: Derivative | None = None) -> Callable:
+def register_pointwise(target: Callable, derivative: Derivative | None = None, *, damped: bool = True) -> Callable:
     """Register the inverse of an elementwise op ``target(input, **kwargs)``.
 
     ``derivative(input, **kwargs)`` gives ``g'(a)``; None uses ``jvp`` (exact for elementwise ops).
+    ``damped=False`` is for ops whose derivative takes a few fixed values (the ReLU family): their
+    inverse is then exact, ``(B_w − θ) / g'(a)``, whatever the damping.
     """
     _DERIVATIVES[target] = derivative
 
     def rule(solver, bpfm_out: Tensor, input: Tensor, **kwargs) -> Tensor:
         d = pointwise_derivative(target, input, **kwargs)
         theta = target(input, **kwargs) - d * input
-        rhs = bpfm_out - theta
-        x = torch.where(d != 0, rhs / torch.where(d != 0, d, 1), 0)
-        solver.closed_form(d * x, rhs)
-        return x
+        return solver.diagonal_inverse(d, bpfm_out - theta, damped=damped)
 
     name = f"{short_op_name(target)}_inverse"
     rule.__name__ = rule.__qualname__ = name
@@ -63,10 +65,15 @@ def _prelu_slope(input: Tensor, weight: Tensor) -> Tensor:
     return torch.where(input > 0, torch.ones_like(input), w)
 
 
-register_pointwise(torch.relu, lambda a: a > 0)
-register_pointwise(F.hardtanh, lambda a, min_val, max_val: (a > min_val) & (a < max_val))
-register_pointwise(F.leaky_relu, lambda a, negative_slope: torch.where(a > 0, torch.ones_like(a), negative_slope))
-register_pointwise(F.prelu, _prelu_slope)
+# piecewise linear, fixed slopes: exact
+register_pointwise(torch.relu, lambda a: a > 0, damped=False)
+register_pointwise(F.hardtanh, lambda a, min_val, max_val: (a > min_val) & (a < max_val), damped=False)
+register_pointwise(
+    F.leaky_relu, lambda a, negative_slope: torch.where(a > 0, torch.ones_like(a), negative_slope), damped=False
+)
+register_pointwise(F.prelu, _prelu_slope, damped=False)
+register_pointwise(F.hardsigmoid, damped=False)  # slope 1/6 or 0
+# derivative arbitrarily close to 0: damped
 register_pointwise(F.elu, lambda a, alpha: torch.where(a > 0, 1.0, alpha * torch.exp(a)))
-for _op in (torch.sigmoid, torch.tanh, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, F.softplus):
+for _op in (torch.sigmoid, torch.tanh, F.silu, F.gelu, F.hardswish, F.mish, F.softplus):
     register_pointwise(_op)

@@ -5,8 +5,12 @@
 # min ||J x − b||² + λ²||x||² with λ = damping · σ_max(J) (spec §4, "Conditioning"). σ_max is
 # estimated once per layer and input shape by Lanczos on JᵀJ from a fixed seed, and the
 # same λ is given to the dense and the iterative solver, so both target the same problem.
-# Closed-form rules (BatchNorm, pointwise activations, pooling selections, reshapes) are exact
-# pseudo-inverses and are never damped; see docs/naflow.md.
+# Smooth activations (SiLU, GELU, sigmoid, tanh…) are diagonal, J = diag(g'(a)), and are damped
+# the same way with σ_max(J) = max |g'(a)| per sample (`diagonal_inverse`): their derivative comes
+# arbitrarily close to 0, and the undamped 1/g'(a) amplified a random EfficientNet-V2-L's maps
+# to 1e26 and then to NaN (docs/naflow.md, decision 11). Other closed-form rules (BatchNorm, the
+# ReLU family, whose slopes are fixed, pooling selections, reshapes) are exact pseudo-inverses and
+# are never damped.
 """
 
 from __future__ import annotations
@@ -132,6 +136,29 @@ class SolverContext:
         """Record a closed-form step whose result maps to ``jx`` against right-hand side ``rhs``."""
         rec = self._record()
         rec.method, rec.residual = "closed form", relative_residual(jx, rhs)
+
+    def diagonal_inverse(self, d: Tensor, rhs: Tensor, *, damped: bool = True) -> Tensor:
+        """``J⁺ rhs`` for the diagonal ``J = diag(d)`` (elementwise ops), recorded as a closed-form step.
+
+        Undamped (``damped=False`` or ``damping=0``): ``rhs / d``, and 0 where ``d = 0``. Damped:
+        the Tikhonov solution ``d·rhs / (d² + λ²)`` with ``λ = damping · max |d|`` per sample
+        (NOTE [damping]), computed on ``d / max |d|`` so that tiny derivatives do not underflow.
+
+        >>> ctx = SolverContext(SolverConfig(damping=0.1))
+        >>> ctx.diagonal_inverse(torch.tensor([[1.0, 0.1, 0.0]]), torch.tensor([[1.0, 1.0, 1.0]]))
+        tensor([[0.9901, 5.0000, 0.0000]])
+        """
+        damping = self.config.damping if damped else 0.0
+        if damping == 0:
+            x = torch.where(d != 0, rhs / torch.where(d != 0, d, 1), 0)
+        else:
+            scale = d.abs().amax(dim=tuple(range(1, d.dim())), keepdim=True)  # σ_max(diag(d)) per sample
+            scale = torch.where(scale > 0, scale, 1)
+            u = d / scale
+            x = rhs * u / (scale * (u * u + damping**2))
+            self._record().damping = float(damping * scale.max())
+        self.closed_form(d * x, rhs)
+        return x
 
     def sigma_max(self, op: LinearOperator, like: Tensor, key: object | None = None, iters: int = 100) -> Tensor:
         """σ_max(J) per sample (``Tensor[B]``, B from ``like``) by Lanczos on JᵀJ (NOTE [damping]).
