@@ -9,6 +9,7 @@ from .errors import (
     InputError,
     InputTypeError,
     NAFlowError,
+    NumericalWarning,
     TargetError,
     UnsupportedModelError,
     UnsupportedOpError,
@@ -36,4 +37,5 @@ __all__ = [
     "InputTypeError",
     "TargetError",
     "ConfigError",
+    "NumericalWarning",
 ]

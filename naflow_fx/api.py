@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -11,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import passes
-from .errors import ConfigError, InputError, InputTypeError
+from .errors import ConfigError, InputError, InputTypeError, NumericalWarning
 from .passes.codegen import gradients, layer_map
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
-from .result import FlowResult, LayerMaps
+from .result import FlowResult, LayerMaps, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .targets import resolve_target
 from .tracing import trace
@@ -227,6 +228,7 @@ class NAFlow:
             bpfm = {name: self._nchw(node, bpfms[name]) for node, name in pairs}
             coefficients = {name: self._nchw(node, lams[name]) for node, name in pairs}
             maps = {n: layer_map(bpfm[n], coefficients[n], dims=None, reduction=self.reduction) for n in self.layers}
+        _warn_non_finite(maps, self.layers, x.dtype)
         return FlowResult(
             layers=list(self.layers),
             maps=maps,
@@ -374,6 +376,21 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         example = f" such as {names[-1]!r}" if names else ""
         raise InputError(f"layers is empty: pass 'all', 'conv', 'blocks' or at least one layer name{example}")
     return [n for n in names if n in chosen]  # shallow → deep
+
+
+def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torch.dtype) -> None:
+    """A :class:`NumericalWarning` naming the deepest layer whose map has NaN/Inf (one device sync)."""
+    bad = non_finite_layers(maps, list(layers))
+    if bad:
+        warnings.warn(
+            NumericalWarning(
+                f"the maps of {len(bad)} of {len(layers)} layers contain NaN or Inf, from {bad[-1]!r} down: the "
+                f"back-propagated feature maps grew beyond the range of {dtype} (flow.bpfm and "
+                "flow.format_diagnostics() show where). Explain the model and input in float64 (model.double(), "
+                "x.double()), or try a larger damping (e.g. damping=3e-2)."
+            ),
+            stacklevel=3,
+        )
 
 
 def compile_naflow(

@@ -13,13 +13,14 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, NAFlowError
+from .errors import ConfigError, NAFlowError, NumericalWarning
 from .solvers import SolverConfig
 
 __all__ = ["main", "build_parser", "load_model", "load_images", "ModelSpec", "CLIError"]
@@ -371,7 +372,7 @@ def run_explain(
     """
     from . import compile_naflow
     from .export import save_maps
-    from .result import concat
+    from .result import concat, non_finite_layers
     from .viz import flow_gif, flow_grid
 
     dev = torch.device(device)
@@ -400,6 +401,13 @@ def run_explain(
             for m in compare:
                 cams[m].append(getattr(nf, m)(x[i : i + 1], target))
     flow = concat(flows)
+    bad = non_finite_layers(flow.maps, flow.layers)
+    if bad:
+        raise CLIError(
+            f"the maps of {len(bad)} of {len(flow.layers)} layers contain NaN or Inf, from {bad[-1]!r} down: the "
+            f"back-propagated feature maps grew beyond the range of {x.dtype}. Nothing was written. Try a larger "
+            "--damping (e.g. 3e-2), or explain the model in float64 from Python (model.double(), x.double())"
+        )
     say(f"flow over {len(nf.layers)} layers for {len(labels)} image(s): {time.perf_counter() - start:.1f}s")
     for i, label in enumerate(labels):
         pred = int(flow.output[i].argmax()) if flow.output.dim() == 2 else None
@@ -717,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``naflow`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumericalWarning)  # run_explain reports non-finite maps itself
+            return int(args.func(args) or 0)
     except (CLIError, NAFlowError) as exc:
         first, *rest = str(exc).splitlines() or [type(exc).__name__]
         print("\n".join([f"naflow: error: {first}", *(f"  {line}" for line in rest if line.strip())]), file=sys.stderr)

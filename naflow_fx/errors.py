@@ -10,6 +10,7 @@ __all__ = [
     "InputTypeError",
     "TargetError",
     "ConfigError",
+    "NumericalWarning",
 ]
 
 
@@ -39,3 +40,7 @@ class InputTypeError(NAFlowError, TypeError):
 
 class ConfigError(NAFlowError, ValueError):
     """An option of ``compile_naflow`` (solver, damping, tol, max_iter, reduction, fallback) is invalid."""
+
+
+class NumericalWarning(RuntimeWarning):
+    """A flow gave non-finite (NaN/Inf) maps: the back-propagated feature maps overflowed."""

@@ -128,6 +128,12 @@ def concat(results: list[LayerMaps]) -> LayerMaps:
     )
 
 
+def non_finite_layers(maps: dict[str, Tensor], layers: list[str]) -> list[str]:
+    """The layers (in ``layers``' order) whose map holds a NaN or Inf, with one device sync."""
+    finite = torch.stack([torch.isfinite(maps[n]).all() for n in layers]).tolist() if layers else []
+    return [n for n, ok in zip(layers, finite) if not ok]
+
+
 def check_layer_maps(result: object, fn: str, what: str = "result") -> LayerMaps:
     """``result`` if it is a :class:`LayerMaps` (a :class:`FlowResult` is one), else an :class:`InputTypeError`."""
     if not isinstance(result, LayerMaps):

@@ -269,3 +269,21 @@ class DataDependentBranch(nn.Module):
         if x.sum() > 0:
             x = torch.relu(x)
         return self.fc(x.mean((2, 3)))
+
+
+def silu_chain(stages: int = 5, seed: int = 0) -> nn.Module:
+    """1×1 convs with weights ×1e-3 into SiLUs at their flat point: each inverse amplifies ~1e6, so
+    with ``damping=0`` five stages overflow float32 (non-finite maps) and three do not."""
+
+    def build() -> nn.Module:
+        layers: list[nn.Module] = [nn.Conv2d(3, 4, 1)]
+        for _ in range(stages):
+            layers += [nn.SiLU(), nn.Conv2d(4, 4, 1)]
+        return nn.Sequential(*layers, nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+    model = seeded(seed, build)
+    with torch.no_grad():
+        for conv in model[:-4:2]:
+            conv.weight.mul_(1e-3)
+            conv.bias.fill_(-1.2784645)  # SiLU'(a) = 0 here
+    return model

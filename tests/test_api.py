@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
-from models import DataDependentBranch, PReLUNet, TwoUnsupportedOps, conv4
+from models import DataDependentBranch, PReLUNet, TwoUnsupportedOps, conv4, silu_chain
 from torch import Tensor, nn
 
 import naflow_fx
@@ -193,6 +194,21 @@ def test_input_the_model_rejects_is_reported():
     nf = compile_naflow(model, batch(1))
     with pytest.raises(InputError, match=r"the model failed on an input of shape \(1, 3, 40, 40\)"):
         nf(batch(1, size=40))
+
+
+@pytest.mark.parametrize("keep", ["all", "maps"])
+def test_non_finite_maps_raise_a_numerical_warning(keep):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    nf = compile_naflow(silu_chain(5), x[:1], damping=0.0)
+    with pytest.warns(naflow_fx.NumericalWarning, match=r"maps of 1 of 12 layers contain NaN or Inf, from '0' down"):
+        flow = nf(x, keep=keep)
+    assert not bool(torch.isfinite(flow.maps["0"]).all())
+    flow64 = compile_naflow(silu_chain(5).double(), x[:1].double(), damping=0.0)(x.double(), keep=keep)  # the advice
+    assert all(bool(torch.isfinite(m).all()) for m in flow64.maps.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", naflow_fx.NumericalWarning)
+        compile_naflow(silu_chain(3), x[:1], damping=0.0)(x, keep=keep)  # finite: no warning
 
 
 def test_argument_errors():

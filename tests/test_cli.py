@@ -98,6 +98,15 @@ def test_explain_with_a_torchvision_architecture_without_weights(capsys, tmp_pat
     assert [layer["name"] for layer in meta["layers"]] == ["layer3.0.relu#2", "layer4.1.relu#2"]
 
 
+def test_non_finite_maps_are_one_error_line_and_nothing_is_written(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # tests/models.py
+    argv = ("explain", sample_paths()[0], "--model", "models:silu_chain", "--size", "16", "--out", "o", "-q")
+    code, _, err = run(capsys, *argv, "--damping", "0")
+    assert_one_line_error(code, err, "maps of 1 of 12 layers contain NaN or Inf, from '0' down", "--damping")
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
 def test_explain_with_module_callable_and_saved_model(capsys, tmp_path, monkeypatch):
     (tmp_path / "mynets.py").write_text(
         "import torch\n"
