@@ -973,3 +973,11 @@ def test_abandon_zeroes_exactly_where_the_coefficient_is_zero():
     lam = rand((2, 3, 4, 4), 1) * (rand((2, 3, 4, 4), 2) > 0)
     got = abandon(bpfm, lam)
     assert torch.equal(got, torch.where(lam != 0, bpfm, 0))
+
+
+def test_a_smooth_activation_with_zero_slope_everywhere_is_not_damped():
+    """J = 0 (hardswish below −3): B_u = 0 and λ = 0, as for any zero Jacobian."""
+    ctx = SolverContext(SolverConfig(damping=1e-2))
+    a = torch.full((2, 3, 4, 4), -5.0)
+    got = get_inverse_rule(F.hardswish)(ctx, torch.randn(2, 3, 4, 4), a, layer="hs")
+    assert not got.any() and ctx.records[-1].damping == 0.0

@@ -152,11 +152,11 @@ class SolverContext:
         if damping == 0:
             x = torch.where(d != 0, rhs / torch.where(d != 0, d, 1), 0)
         else:
-            scale = d.abs().amax(dim=tuple(range(1, d.dim())), keepdim=True)  # σ_max(diag(d)) per sample
-            scale = torch.where(scale > 0, scale, 1)
+            top = d.abs().reshape(d.shape[0], -1).amax(1)  # σ_max(diag(d)) per sample
+            scale = torch.where(top > 0, top, 1).reshape(-1, *([1] * (d.dim() - 1)))
             u = d / scale
             x = rhs * u / (scale * (u * u + damping**2))
-            self._record().damping = float(damping * scale.max())
+            self._record().damping = float(damping * top.max())
         self.closed_form(d * x, rhs)
         return x
 
