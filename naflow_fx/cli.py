@@ -597,20 +597,44 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     nf = compile_naflow(spec.model, (1, 3, size, size), fallback=args.fallback)
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
-    print(f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n")
-    print(f"{'stage':>5} {'kind':<7} {'input':<24} {'output':<24} inverse")
+    lines = [f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n"]
+    lines.append(f"{'stage':>5} {'kind':<7} {'input':<24} {'output':<24} inverse")
     for s in plan.stages:
         step = nodes[s.output].meta["naflow.inverse"]
         name = nodes[s.output].meta.get("naflow.name", s.output)
         src = nodes[s.input].meta.get("naflow.name", s.input)
         kind = "region" if s.is_region else "op"
-        print(f"{s.index:>5} {kind:<7} {src:<24} {name:<24} {step.rule_name}")
-    print()
-    print(nf.layer_table())
+        lines.append(f"{s.index:>5} {kind:<7} {src:<24} {name:<24} {step.rule_name}")
+    lines += ["", nf.layer_table()]
     if not args.no_code:
-        print("\n# generated inverse network (nf.inverse.code):")
-        print(nf.inverse.code)
+        lines += ["\n# generated inverse network (nf.inverse.code):", nf.inverse.code]
+    _write_stdout("\n".join(lines) + "\n")
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    """Print ``text``: a reader that stops early (``naflow inspect ... | head``) is not an error; a full disk is."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as exc:
+        _silence_stdout()
+        raise CLIError(
+            f"cannot write to standard output ({exc.strerror or exc}); redirect it to a writable file"
+        ) from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again on the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (e.g. captured in tests)
+        return
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,12 +19,57 @@ __all__ = ["LayerMaps", "FlowResult", "normalize_maps", "concat"]
 
 
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
-    """Min-max normalise each ``[h, w]`` map of a ``[..., h, w]`` tensor to [0, 1] (constant maps → 0)."""
+    """Min-max normalise each ``[h, w]`` map of a ``[..., h, w]`` tensor to [0, 1] (constant maps → 0).
+
+    A map whose span ``max − min`` is at most ``eps`` (≥ 0) counts as constant. Integer maps are
+    normalised as float32. Maps holding NaN or Inf have no min-max normalisation: an
+    :class:`~naflow_fx.errors.InputError` says so instead of returning zeros.
+
+    Example:
+        >>> normalize_maps(torch.tensor([[[1.0, 3.0], [2.0, 5.0]]]))
+        tensor([[[0.0000, 0.5000],
+                 [0.2500, 1.0000]]])
+        >>> normalize_maps(torch.ones(1, 2, 2)).sum().item()
+        0.0
+    """
+    fn = "normalize_maps"
+    maps = _check_map_tensor(maps, fn)
+    from .viz import _check_number  # lazy: viz imports this module
+
+    _check_number(eps, "eps", fn, low=0.0)
+    if not bool(torch.isfinite(maps).all()):
+        raise InputError(
+            f"{fn}: the maps contain NaN or Inf values, so they have no min-max normalisation; find where they "
+            "come from (a flow warns with a NumericalWarning) or replace them, e.g. with torch.nan_to_num(maps)"
+        )
+    return _normalize(maps, eps)
+
+
+def _check_map_tensor(maps: object, fn: str) -> Tensor:
+    """``maps`` as a real ``Tensor[..., h, w]`` with ``h, w ≥ 1`` (integers become float32), else a library error."""
+    if not isinstance(maps, Tensor):
+        raise InputTypeError(
+            f"{fn}: maps must be a torch.Tensor [..., h, w], got {type(maps).__name__}; convert it with "
+            "torch.as_tensor(maps)"
+        )
+    if maps.dtype == torch.bool or maps.is_complex():
+        raise InputTypeError(f"{fn}: maps must be a real (float or integer) tensor, got {maps.dtype}")
+    if maps.dim() < 2 or 0 in maps.shape[-2:]:
+        raise InputError(f"{fn}: maps must be a tensor [..., h, w] with h, w ≥ 1, got shape {tuple(maps.shape)}")
+    return maps if maps.is_floating_point() else maps.float()
+
+
+def _normalize(maps: Tensor, eps: float) -> Tensor:
+    """:func:`normalize_maps` of finite, checked maps."""
     flat = maps.flatten(-2)
     lo = flat.min(-1, keepdim=True).values
     hi = flat.max(-1, keepdim=True).values
     span = hi - lo
     out = torch.where(span > eps, (flat - lo) / torch.where(span > eps, span, 1), torch.zeros_like(flat))
+    if flat.numel() and bool(torch.isinf(span).any()):
+        # the span of finite maps overflowed the dtype (e.g. float32 maps from -3e38 to 3e38): halve first
+        half = (flat / 2 - lo / 2) / (hi / 2 - lo / 2)
+        out = torch.where(torch.isinf(span), half, out)
     return out.reshape(maps.shape)
 
 
@@ -46,16 +95,55 @@ class LayerMaps:
     input_size: tuple[int, int]
     method: str
 
-    def upsample(self, size: tuple[int, int] | None = None, normalize: bool = True) -> Tensor:
+    def upsample(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> Tensor:
         """All maps as ``Tensor[B, L, H, W]``: bilinear to ``size`` (default: the input size), each
-        map min-max normalised to [0, 1] when ``normalize``."""
-        size = tuple(size) if size is not None else self.input_size
+        map min-max normalised to [0, 1] when ``normalize``.
+
+        ``size`` is ``(H, W)`` or one int for a square; maps holding NaN or Inf cannot be normalised
+        (an :class:`~naflow_fx.errors.InputError` names their layers; ``normalize=False`` gives them raw).
+        """
+        fn = "upsample"
+        size = _check_size(self.input_size if size is None else size, fn)
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise InputTypeError(f"{fn}: normalize must be True or False, got {type(normalize).__name__} {normalize!r}")
+        if not self.layers:
+            raise InputError(f"{fn}: the result has no layers, so there are no maps to upsample")
+        first = self.maps.get(self.layers[0])
+        batch = first.shape[0] if isinstance(first, Tensor) and first.dim() == 3 else -1
+        hint = "every layer's map must hold one map per sample"
+        check_maps(self, self.layers, batch, fn, "the result", "samples", hint, finite=False)
+        if normalize:
+            bad = non_finite_layers(self.maps, self.layers)
+            if bad:
+                raise InputError(
+                    f"{fn}: the maps of {len(bad)} layer(s) contain NaN or Inf ({', '.join(map(repr, bad[:3]))}"
+                    f"{', ...' if len(bad) > 3 else ''}), so they cannot be normalised to [0, 1]; pass "
+                    "normalize=False for the raw maps, or recompute the flow (see the NumericalWarning)"
+                )
         ups = [
             F.interpolate(self.maps[name][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             for name in self.layers
         ]
         out = torch.stack(ups, 1)
-        return normalize_maps(out) if normalize else out
+        return _normalize(out, 1e-12) if normalize else out
+
+
+def _check_size(size: object, fn: str) -> tuple[int, int]:
+    """``size`` (one int, or ``(H, W)``: ints, numpy or 0-d integer tensors, not bools) as two positive ints."""
+    pair = (size, size) if _is_int(size) else size
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2 or not all(map(_is_int, pair)):
+        raise InputTypeError(f"{fn}: size must be (H, W), two ints, or one int for a square, got {size!r}")
+    out = (int(pair[0]), int(pair[1]))
+    if min(out) < 1:
+        raise InputError(f"{fn}: size must be at least 1 pixel on each side, got {out}")
+    return out
+
+
+def _is_int(value: object) -> bool:
+    """An integer (int, numpy integer, 0-d integer tensor), not a bool."""
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass
@@ -74,27 +162,35 @@ class FlowResult(LayerMaps):
     diagnostics: dict[str, SolveRecord] = field(default_factory=dict)
 
     def format_diagnostics(self) -> str:
-        """The diagnostics as an aligned text table."""
+        """The diagnostics as an aligned text table (columns widen for long layer or rule names)."""
+        wl = max([28, *(len(str(k)) for k in self.diagnostics)])
+        wr = max([26, *(len(str(getattr(r, "rule", ""))) for r in self.diagnostics.values())])
         head = (
-            f"{'inverse of':<28} {'rule':<26} {'method':<12} {'iters':>5} {'residual':>10} {'damping λ':>10} {'sec':>7}"
+            f"{'inverse of':<{wl}} {'rule':<{wr}} {'method':<12} {'iters':>5} {'residual':>10} {'damping λ':>10} "
+            f"{'sec':>7}"
         )
         rows = [head, "-" * len(head)]
         for layer, r in self.diagnostics.items():
+            if not isinstance(r, SolveRecord):
+                raise InputTypeError(
+                    f"format_diagnostics: diagnostics[{layer!r}] must be a SolveRecord, got {type(r).__name__}"
+                )
             rows.append(
-                f"{layer:<28} {r.rule:<26} {r.method:<12} {r.iterations:>5} {r.residual:>10.2e} "
+                f"{layer:<{wl}} {r.rule:<{wr}} {r.method:<12} {r.iterations:>5} {r.residual:>10.2e} "
                 f"{r.damping:>10.2e} {r.seconds:>7.3f}" + ("" if r.converged else "  (not converged)")
             )
         return "\n".join(rows)
 
 
-def concat(results: list[LayerMaps]) -> LayerMaps:
+def concat(results: Sequence[LayerMaps]) -> LayerMaps:
     """Join per-batch results of the same explainer along the batch dimension.
 
     For flows, BPFMs and coefficients are joined too, and each step's diagnostics are merged:
-    iterations, residual and damping are the worst over the parts, seconds their sum.
+    iterations, residual and damping are the worst over the parts (NaN if any part's is), seconds
+    their sum. The parts must come from the same explainer: same method, layers, input size,
+    device and map sizes, else an :class:`~naflow_fx.errors.InputError` names the first misfit.
     """
-    if not results:
-        raise ValueError("concat needs at least one result")
+    results = _check_parts(results)
     first = results[0]
     cat = lambda field_: torch.cat([getattr(r, field_) for r in results])  # noqa: E731
     classes = None if first.classes is None else torch.cat([r.classes for r in results])
@@ -115,8 +211,8 @@ def concat(results: list[LayerMaps]) -> LayerMaps:
         diagnostics[key] = replace(
             rec,
             iterations=max(p.iterations for p in parts),
-            residual=max(p.residual for p in parts),
-            damping=max(p.damping for p in parts),
+            residual=_worst(p.residual for p in parts),
+            damping=_worst(p.damping for p in parts),
             converged=all(p.converged for p in parts),
             seconds=sum(p.seconds for p in parts),
         )
@@ -126,6 +222,73 @@ def concat(results: list[LayerMaps]) -> LayerMaps:
         coefficients={n: torch.cat([r.coefficients[n] for r in results]) for n in first.coefficients},
         diagnostics=diagnostics,
     )
+
+
+def _worst(values) -> float:
+    """The largest of ``values``, NaN if any is NaN (``max`` alone depends on where the NaN is)."""
+    values = list(values)
+    return math.nan if any(v != v for v in values) else max(values)
+
+
+def _check_parts(results: object) -> list[LayerMaps]:
+    """The results to :func:`concat` as a list, each a result of the same explainer as the first."""
+    fn = "concat"
+    if isinstance(results, (LayerMaps, Tensor, str, bytes)) or not isinstance(results, Iterable):
+        raise InputTypeError(
+            f"{fn}: pass a list of results (LayerMaps or FlowResult), got {type(results).__name__}; for one "
+            "result use concat([result])"
+        )
+    results = [check_layer_maps(r, fn, f"results[{i}]") for i, r in enumerate(results)]
+    if not results:
+        raise InputError(f"{fn}: needs at least one result, got an empty list")
+    first = results[0]
+    hint = "concat joins per-batch results of the same explainer (one compiled NAFlow, one method, one input size)"
+
+    def devices(r: LayerMaps) -> set:
+        return {t.device for t in (r.output, r.scores, *r.maps.values()) if isinstance(t, Tensor)}
+
+    for i, r in enumerate(results):
+        missing = [n for n in r.layers if n not in r.maps]
+        if missing:
+            raise InputError(f"{fn}: results[{i}] lists layer {missing[0]!r} but has no map for it")
+        if i == 0:
+            continue
+        what = f"{fn}: results[{i}]"
+        if type(r) is not type(first) or r.method != first.method:
+            raise InputError(
+                f"{what} is a {type(r).__name__} of method {r.method!r} but results[0] a {type(first).__name__} of "
+                f"method {first.method!r}; {hint}"
+            )
+        if list(r.layers) != list(first.layers):
+            extra = [n for n in r.layers if n not in first.layers] or [n for n in first.layers if n not in r.layers]
+            detail = f"e.g. {extra[0]!r} is in only one of them" if extra else "in another order"
+            raise InputError(f"{what} has other layers than results[0] ({detail}); {hint}")
+        if tuple(r.input_size) != tuple(first.input_size):
+            raise InputError(
+                f"{what} is for inputs of size {tuple(r.input_size)}, results[0] for {tuple(first.input_size)}; {hint}"
+            )
+        shaped = [n for n in first.layers if tuple(r.maps[n].shape[1:]) != tuple(first.maps[n].shape[1:])]
+        if shaped or tuple(r.output.shape[1:]) != tuple(first.output.shape[1:]):
+            where = f"the map of layer {shaped[0]!r}" if shaped else "the model output"
+            raise InputError(f"{what}: {where} has another shape than in results[0]; {hint}")
+        if (r.classes is None) != (first.classes is None):
+            kinds = ["class targets" if x.classes is not None else "a non-class target" for x in (r, first)]
+            raise InputError(
+                f"{what} explains {kinds[0]} but results[0] {kinds[1]}; join results of the same kind of target"
+            )
+        if devices(r) != devices(first):
+            raise InputError(
+                f"{what} is on {', '.join(sorted(map(str, devices(r))))} but results[0] on "
+                f"{', '.join(sorted(map(str, devices(first))))}; move them to one device first"
+            )
+        if isinstance(first, FlowResult):
+            for attr in ("bpfm", "coefficients", "diagnostics"):
+                if set(getattr(r, attr)) != set(getattr(first, attr)):
+                    raise InputError(
+                        f"{what} has {attr} for other layers than results[0] (e.g. one was computed with "
+                        f"keep='maps' and the other with keep='all'); {hint}"
+                    )
+    return results
 
 
 def non_finite_layers(maps: dict[str, Tensor], layers: list[str]) -> list[str]:
@@ -144,10 +307,13 @@ def check_layer_maps(result: object, fn: str, what: str = "result") -> LayerMaps
     return result
 
 
-def check_maps(res: LayerMaps, layers, batch: int, fn: str, what: str, per: str, hint: str) -> None:
+def check_maps(
+    res: LayerMaps, layers, batch: int, fn: str, what: str, per: str, hint: str, *, finite: bool = True
+) -> None:
     """Each of ``layers``' maps in ``res`` is a finite real ``Tensor[batch, h, w]``, else an :class:`InputError`.
 
     ``per`` names what there is one of per map (``"images"``, ``"masks"``); ``hint`` says what to pass.
+    ``finite=False`` skips the NaN/Inf check (and its device sync).
     """
     for name in layers:
         if name not in res.maps:
@@ -160,5 +326,5 @@ def check_maps(res: LayerMaps, layers, batch: int, fn: str, what: str, per: str,
             raise InputError(
                 f"{fn}: there are {batch} {per} but {what} has {m.shape[0]} maps for layer {name!r}; {hint}"
             )
-        if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+        if finite and m.is_floating_point() and not bool(torch.isfinite(m).all()):
             raise InputError(f"{fn}: the map of layer {name!r} in {what} contains NaN or Inf values")

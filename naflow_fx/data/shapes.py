@@ -22,10 +22,14 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..errors import ConfigError, InputError, InputTypeError
 
 __all__ = [
     "CLASSES",
@@ -72,11 +76,59 @@ class ShapesBatch:
 
     def float_images(self) -> Tensor:
         """The images as ``float32`` in [0, 1]."""
+        if not isinstance(self.images, Tensor) or self.images.dtype != torch.uint8:
+            got = self.images.dtype if isinstance(self.images, Tensor) else type(self.images).__name__
+            raise InputTypeError(
+                f"ShapesBatch.float_images: images must be a uint8 tensor (0..255, as make_shapes gives), got {got}; "
+                "images that are already float in [0, 1] need no conversion"
+            )
         return self.images.float() / 255.0
 
 
+# Image ``i`` of seed ``s`` comes from the generator seeded ``s * _SEED_STRIDE + i``: indices stay below
+# the stride so that two seeds never share an image, and the seed stays in torch's 64-bit seed range.
+_SEED_STRIDE = 1_000_003
+_MAX_SEED = (2**63 - 1) // _SEED_STRIDE - 1
+
+
+def _integer(value: object, name: str, fn: str, low: int, high: int, what: str = "") -> int:
+    """``value`` as an int in ``low..high`` (numpy integers too, not bools or floats), else a :class:`ConfigError`."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= int(value) <= high:
+        return int(value)
+    raise ConfigError(f"{fn}: {name} must be an int from {low} to {high}{what}, got {value!r}")
+
+
+def _check_images(images: object, fn: str) -> Tensor:
+    """``images`` as a tensor ``[..., 3, H, W]`` (or 1 channel, used for all three) of uint8 or float."""
+    if not isinstance(images, Tensor):
+        raise InputTypeError(
+            f"{fn}: images must be a torch.Tensor [N, 3, H, W], got {type(images).__name__}; convert with "
+            "torch.as_tensor(...).permute(0, 3, 1, 2) for [N, H, W, 3] arrays"
+        )
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise InputTypeError(f"{fn}: images must be uint8 (0..255) or float ([0, 1]), got {images.dtype}")
+    if images.dim() < 3 or images.shape[-3] not in (1, 3):
+        raise InputError(
+            f"{fn}: images must be [N, 3, H, W] or [3, H, W] (channels first; 1 channel is used for all three), got "
+            f"shape {tuple(images.shape)}"
+        )
+    return images
+
+
 def normalize(images: Tensor) -> Tensor:
-    """``uint8`` or [0, 1] images → the embedded model's input (per-channel standardised)."""
+    """``uint8`` or [0, 1] images → the embedded model's input (per-channel standardised).
+
+    Float images must be in [0, 1] (a little over- or undershoot, from resampling say, is fine):
+    float images in 0..255, or images normalised already, raise an :class:`~naflow_fx.errors.InputError`.
+    """
+    images = _check_images(images, "normalize")
+    if images.is_floating_point() and images.numel() and images.device.type != "meta":
+        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+        if lo < -0.5 or hi > 2.0:  # NaN passes: the model's input check reports it
+            raise InputError(
+                f"normalize: float images must be in [0, 1], got values from {lo:.4g} to {hi:.4g}: pass 0..255 pixel "
+                "values as a uint8 tensor (or divide them by 255), and do not normalize images twice"
+            )
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
     std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
@@ -85,6 +137,7 @@ def normalize(images: Tensor) -> Tensor:
 
 def denormalize(x: Tensor) -> Tensor:
     """Inverse of :func:`normalize`: model input → [0, 1] images."""
+    x = _check_images(x, "denormalize")
     mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
     std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
     return (x * std + mean).clamp(0, 1)
@@ -130,6 +183,11 @@ def render_shape(name: str, u: Tensor, v: Tensor) -> Tensor:
         >>> render_shape("square", u, v).sum().item(), render_shape("circle", u, v)[4, 4].item()
         (25, True)
     """
+    if not isinstance(u, Tensor) or not isinstance(v, Tensor) or u.shape != v.shape:
+        got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (u, v)]
+        raise InputError(
+            f"render_shape: u and v must be tensors of one shape (pixel coordinates), got {got[0]} and {got[1]}"
+        )
     r2 = u * u + v * v
     if name == "circle":
         return r2 <= 1.0
@@ -152,7 +210,7 @@ def render_shape(name: str, u: Tensor, v: Tensor) -> Tensor:
         return (r2 <= 1.0) & ((u - 0.5) ** 2 + v * v >= 0.8**2)
     if name == "pentagon":
         return _polygon(u, v, _regular(5))
-    raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(CLASSES)}")
+    raise InputError(f"unknown shape {name!r}; choose one of {', '.join(CLASSES)}")
 
 
 def _smooth_field(gen: Tensor, size: int, cells: int) -> Tensor:
@@ -248,19 +306,28 @@ def make_shapes(n: int, seed: int = 0, size: int = SIZE, start: int = 0) -> Shap
         n: number of images.
         seed: dataset seed (the training split uses seed 0, the held-out split seed 1).
         size: side in pixels (96 for the embedded model).
-        start: index of the first image (``make_shapes(5, start=10)`` is images 10–14).
+        start: index of the first image (``make_shapes(5, start=10)`` is images 10–14); the images'
+            indices ``start .. start + n - 1`` must stay below 1,000,003 (the seeds' stride).
 
     Returns:
         A :class:`ShapesBatch` (``uint8`` images, labels, masks, parameters).
     """
-    if n < 0 or size < 16:
-        raise ValueError(f"make_shapes needs n >= 0 and size >= 16, got n={n}, size={size}")
+    fn = "make_shapes"
+    n = _integer(n, "n", fn, 0, _SEED_STRIDE, " (the number of images)")
+    size = _integer(size, "size", fn, 16, 4096, " (the side in pixels; 96 for the embedded model)")
+    seed = _integer(seed, "seed", fn, -_MAX_SEED, _MAX_SEED)
+    start = _integer(start, "start", fn, 0, _SEED_STRIDE - 1, " (the index of the first image)")
+    if start + n > _SEED_STRIDE:
+        raise ConfigError(
+            f"{fn}: images {start}..{start + n - 1} run past index {_SEED_STRIDE - 1}, where seed {seed}'s images "
+            f"end (index {_SEED_STRIDE} of seed {seed} is image 0 of seed {seed + 1}); use another seed for more images"
+        )
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.long)
     masks = torch.empty(n, size, size, dtype=torch.bool)
     params = torch.empty(n, 7)
     for i in range(n):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start + i)
+        gen = torch.Generator().manual_seed(seed * _SEED_STRIDE + start + i)
         img, label, mask, p = _make_one(gen, size)
         images[i] = (img * 255).round().to(torch.uint8)
         labels[i], masks[i], params[i] = label, mask, p
@@ -302,17 +369,26 @@ def sample_paths() -> list[str]:
     return [str(folder.joinpath(f"{name}.png")) for name in CLASSES]
 
 
-def write_samples(folder: str) -> list[str]:
-    """Write the sample PNGs (how the bundled files were made)."""
-    import os
-
+def write_samples(folder: str | os.PathLike) -> list[str]:
+    """Write the sample PNGs (how the bundled files were made), each atomically (never half-written)."""
     from PIL import Image
 
-    os.makedirs(folder, exist_ok=True)
+    from .._io import atomic_write
+
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputTypeError(f"write_samples: folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError(f"write_samples: {folder} is a file, not a folder; pass a folder to write the PNGs into")
     s = samples()
     paths = []
-    for img, label in zip(s.images, s.labels.tolist()):
-        path = os.path.join(folder, f"{CLASSES[label]}.png")
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
-        paths.append(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for img, label in zip(s.images, s.labels.tolist()):
+            pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+            paths.append(atomic_write(os.path.join(folder, f"{CLASSES[label]}.png"), pil.save))
+    except OSError as exc:
+        raise InputError(
+            f"write_samples: cannot write to {folder} ({exc.strerror or exc}); pass a writable folder"
+        ) from None
     return paths

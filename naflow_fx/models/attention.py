@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
+from ..errors import ConfigError, InputTypeError
+from ..fewshot import _count
+
 __all__ = [
     "SEModule",
     "ChannelGate",
@@ -53,8 +56,38 @@ __all__ = [
 ]
 
 
-def _hidden(channels: int, reduction: int) -> int:
+def _positive(value: object, name: str, fn: str, what: str = "") -> int:
+    """``value`` as a positive int (numpy integers too, not bools or floats), else a :class:`ConfigError`."""
+    return _count(value, f"{fn}: {name} must be a positive int{what}", "", ConfigError)
+
+
+def _hidden(channels: int, reduction: int, fn: str = "attention module") -> int:
+    channels = _positive(channels, "channels", fn)
+    reduction = _positive(reduction, "reduction", fn, " (the hidden width is channels // reduction, at least 1)")
     return max(1, channels // reduction)
+
+
+def _block_counts(layers: object, fn: str) -> tuple[int, int, int, int]:
+    """``layers`` as 4 positive block counts (any sequence of ints, e.g. a tuple or a numpy array)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or not hasattr(layers, "__iter__"):
+        raise InputTypeError(
+            f"{fn}: layers must be a sequence of 4 block counts, e.g. (3, 4, 6, 3), got {type(layers).__name__} "
+            f"{layers!r}"
+        )
+    if len(layers) != 4:
+        raise ConfigError(f"{fn}: layers must be 4 positive block counts, one per stage, got {tuple(layers)}")
+    return tuple(_positive(n, "every block count in layers", fn) for n in layers)  # type: ignore[return-value]
+
+
+def _check_resnet(fn: str, layers: object, num_classes: object, width: object, reduction: object = 1) -> tuple:
+    """The checked ``(layers, num_classes, width)`` of an :class:`AttentionResNet` (and its ``reduction``)."""
+    out = (
+        _block_counts(layers, fn),
+        _positive(num_classes, "num_classes", fn, " (the classifier's outputs)"),
+        _positive(width, "width", fn, " (stage 1's bottleneck channels; 64 in ResNet-50)"),
+    )
+    _positive(reduction, "reduction", fn, " (the attention MLP's hidden width is channels // reduction)")
+    return out
 
 
 # ------------------------------------------------------------------------------------ SE (Hu et al.)
@@ -78,7 +111,7 @@ class SEModule(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        hidden = _hidden(channels, reduction)
+        hidden = _hidden(channels, reduction, "SEModule")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.reduce = nn.Conv2d(channels, hidden, 1)
         self.relu = nn.ReLU(inplace=True)
@@ -108,7 +141,7 @@ class ChannelGate(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        hidden = _hidden(channels, reduction)
+        hidden = _hidden(channels, reduction, "ChannelGate")
         self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,6 +165,12 @@ class SpatialGate(nn.Module):
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
+        kernel_size = _positive(kernel_size, "kernel_size", "SpatialGate", " and odd (7 in the paper)")
+        if kernel_size % 2 == 0:
+            raise ConfigError(
+                f"SpatialGate: kernel_size must be odd (7 in the paper), got {kernel_size}: an even kernel with "
+                "padding kernel_size // 2 changes the map's size"
+            )
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1)
 
@@ -178,7 +217,7 @@ class BAMChannelGate(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        hidden = _hidden(channels, reduction)
+        hidden = _hidden(channels, reduction, "BAMChannelGate")
         self.mlp = nn.Sequential(
             nn.Linear(channels, hidden),
             nn.BatchNorm1d(hidden),
@@ -200,7 +239,8 @@ class BAMSpatialGate(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, dilation: int = 4) -> None:
         super().__init__()
-        hidden = _hidden(channels, reduction)
+        hidden = _hidden(channels, reduction, "BAMSpatialGate")
+        dilation = _positive(dilation, "dilation", "BAMSpatialGate", " (4 in the paper)")
         layers: OrderedDict[str, nn.Module] = OrderedDict(
             reduce=nn.Conv2d(channels, hidden, 1),
             reduce_bn=nn.BatchNorm2d(hidden),
@@ -315,10 +355,7 @@ class AttentionResNet(nn.Module):
         stage_attention: tuple[str, Callable[[int], nn.Module]] | None = None,
     ) -> None:
         super().__init__()
-        if len(layers) != 4 or any(int(n) < 1 for n in layers):
-            raise ValueError(f"layers must be 4 positive block counts, got {tuple(layers)}")
-        if width < 1:
-            raise ValueError(f"width must be ≥ 1, got {width}")
+        layers, num_classes, width = _check_resnet("AttentionResNet", layers, num_classes, width)
         expansion = AttentionBottleneck.expansion
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
@@ -378,6 +415,7 @@ def resnet50_cbam(
         >>> model(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 3])
     """
+    layers, num_classes, width = _check_resnet("resnet50_cbam", layers, num_classes, width, reduction)
     return AttentionResNet(layers, num_classes, width, block_attention=("cbam", lambda c: CBAM(c, reduction)))
 
 
@@ -394,6 +432,7 @@ def resnet50_bam(
         >>> model(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 3])
     """
+    layers, num_classes, width = _check_resnet("resnet50_bam", layers, num_classes, width, reduction)
     return AttentionResNet(layers, num_classes, width, stage_attention=("bam", lambda c: BAM(c, reduction)))
 
 
@@ -410,4 +449,5 @@ def se_resnet50(
         >>> model(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 3])
     """
+    layers, num_classes, width = _check_resnet("se_resnet50", layers, num_classes, width, reduction)
     return AttentionResNet(layers, num_classes, width, block_attention=("se", lambda c: SEModule(c, reduction)))

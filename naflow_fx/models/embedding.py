@@ -29,12 +29,17 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from ..errors import ConfigError, InputTypeError
+from .attention import _positive
 
 __all__ = [
     "L2Norm",
@@ -88,6 +93,11 @@ class EmbeddingResNet(nn.Module):
 
     def __init__(self, trunk: torchvision.models.ResNet, dim: int, functional_norm: bool | None = False) -> None:
         super().__init__()
+        dim = _positive(dim, "dim", "EmbeddingResNet", " (the embedding dimension)")
+        if functional_norm is not None and not isinstance(functional_norm, bool):
+            raise InputTypeError(
+                f"EmbeddingResNet: functional_norm must be True, False or None, got {type(functional_norm).__name__}"
+            )
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
             self.add_module(name, getattr(trunk, name))
         self.fc = nn.Linear(trunk.fc.in_features, dim)
@@ -111,9 +121,10 @@ def npid_resnet(depth: int = 18, dim: int = 128) -> EmbeddingResNet:
         (torch.Size([2, 16]), True)
     """
     builders = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
-    if depth not in builders:
-        raise ValueError(f"npid_resnet: depth must be 18 or 50, got {depth!r}")
-    return EmbeddingResNet(builders[depth](weights=None), dim, functional_norm=False)
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or int(depth) not in builders:
+        raise ConfigError(f"npid_resnet: depth must be 18 or 50 (ResNet-18 or ResNet-50), got {depth!r}")
+    dim = _positive(dim, "dim", "npid_resnet", " (the embedding dimension, 128 in NPID)")
+    return EmbeddingResNet(builders[int(depth)](weights=None), dim, functional_norm=False)
 
 
 def ms_resnet50(dim: int = 512) -> EmbeddingResNet:
@@ -127,6 +138,7 @@ def ms_resnet50(dim: int = 512) -> EmbeddingResNet:
         >>> model(torch.randn(1, 3, 32, 32)).shape
         torch.Size([1, 8])
     """
+    dim = _positive(dim, "dim", "ms_resnet50", " (the embedding dimension, 512 in the paper)")
     return EmbeddingResNet(torchvision.models.resnet50(weights=None), dim, functional_norm=True)
 
 
@@ -140,6 +152,8 @@ class Conv4Encoder(nn.Module):
 
     def __init__(self, hidden: int = 64, in_channels: int = 3) -> None:
         super().__init__()
+        hidden = _positive(hidden, "hidden", "Conv4Encoder", " (channels of every conv, 64 in the few-shot Conv-4)")
+        in_channels = _positive(in_channels, "in_channels", "Conv4Encoder", " (3 for RGB images)")
         layers: list[nn.Module] = []
         cin = in_channels
         for _ in range(4):
@@ -200,8 +214,16 @@ class ResNet12(nn.Module):
 
     def __init__(self, channels: Sequence[int] = (64, 160, 320, 640), leaky: float = 0.1) -> None:
         super().__init__()
+        if isinstance(channels, (str, bytes)) or not hasattr(channels, "__len__") or not hasattr(channels, "__iter__"):
+            raise InputTypeError(
+                f"ResNet12: channels must be a sequence of 4 stage widths, e.g. (64, 160, 320, 640), got "
+                f"{type(channels).__name__} {channels!r}"
+            )
         if len(channels) != 4:
-            raise ValueError(f"ResNet12 needs 4 stage widths, got {tuple(channels)}")
+            raise ConfigError(f"ResNet12 needs 4 stage widths, got {tuple(channels)}")
+        channels = [_positive(c, "every stage width in channels", "ResNet12") for c in channels]
+        if isinstance(leaky, bool) or not isinstance(leaky, numbers.Real) or not math.isfinite(leaky):
+            raise ConfigError(f"ResNet12: leaky (the LeakyReLU slope, 0.1) must be a finite number, got {leaky!r}")
         cin = 3
         for k, planes in enumerate(channels, start=1):
             self.add_module(f"layer{k}", ResNet12Block(cin, planes, leaky))

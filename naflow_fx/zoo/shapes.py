@@ -25,13 +25,15 @@ Example:
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+import os
 from importlib import resources
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..data.shapes import CLASSES
+from ..errors import InputError, InputTypeError
 
 __all__ = ["ShapesResNet", "shapes_resnet", "shapes_embedding", "weights_info", "WEIGHTS_FILE", "INFO_FILE"]
 
@@ -118,22 +120,67 @@ def weights_info() -> dict:
     return json.loads(resources.files(__package__).joinpath(INFO_FILE).read_text())
 
 
-def shapes_resnet(pretrained: bool = True, weights: str | None = None) -> ShapesResNet:
+def shapes_resnet(pretrained: bool = True, weights: str | os.PathLike | None = None) -> ShapesResNet:
     """The embedded shapes classifier in eval mode.
 
     Args:
         pretrained: load the shipped weights (False: random initialisation).
-        weights: a state-dict file to load instead of the shipped one (e.g. from ``train_shapes``).
+        weights: a state-dict file to load instead of the shipped one (e.g. from ``train_shapes``);
+            a file that is missing, unreadable or made for another architecture raises an
+            :class:`~naflow_fx.errors.InputError`.
     """
+    fn = "shapes_resnet"
+    if not isinstance(pretrained, (bool, np.bool_)):
+        raise InputTypeError(f"{fn}: pretrained must be True or False, got {type(pretrained).__name__} {pretrained!r}")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise InputTypeError(
+            f"{fn}: weights must be the path of a state-dict file (str or os.PathLike) or None, got "
+            f"{type(weights).__name__}"
+        )
     model = ShapesResNet()
-    if weights is not None or pretrained:
-        source = weights if weights is not None else resources.files(__package__).joinpath(WEIGHTS_FILE)
-        with resources.as_file(source) if weights is None else nullcontext(weights) as path:
+    if weights is not None:
+        _load_state_dict(model, os.fspath(weights), fn)
+    elif pretrained:
+        with resources.as_file(resources.files(__package__).joinpath(WEIGHTS_FILE)) as path:
             state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.eval()
 
 
-def shapes_embedding(pretrained: bool = True, weights: str | None = None) -> nn.Module:
+def _load_state_dict(model: nn.Module, path: str, fn: str) -> None:
+    """Load the state dict in ``path`` into ``model``; every way the file can be wrong is an :class:`InputError`."""
+    if not os.path.isfile(path):
+        raise InputError(
+            f"{fn}: weights {path!r} is not a file; pass an existing state-dict file (weights=None: the shipped ones)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the caller's to fix
+        raise InputError(
+            f"{fn}: cannot read weights {path!r} ({type(exc).__name__}); save them with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    if not isinstance(state, dict):
+        raise InputError(
+            f"{fn}: weights {path!r} hold a {type(state).__name__}, not a state dict; save model.state_dict()"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if missing or unexpected or shaped:
+        parts = [
+            f"{len(keys)} {label} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shaped))
+            if keys
+        ]
+        raise InputError(
+            f"{fn}: weights {path!r} do not fit the shapes ResNet: {', '.join(parts)} keys; pass a state dict saved "
+            "from ShapesResNet (python -m naflow_fx.zoo.train_shapes writes one)"
+        )
+    model.load_state_dict(state)
+
+
+def shapes_embedding(pretrained: bool = True, weights: str | os.PathLike | None = None) -> nn.Module:
     """The embedded model's pooled 128-d features (for :class:`~naflow_fx.SimilarityTarget`)."""
     return _Embedding(shapes_resnet(pretrained, weights)).eval()
