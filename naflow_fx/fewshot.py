@@ -133,14 +133,18 @@ def _index(i: object, n: int, message: str) -> int:
     raise TargetError(message)
 
 
-def _nonzero_rows(emb: Tensor, what: str) -> None:
-    """A :class:`TargetError` if the model embeds any of ``what`` to the zero vector (cosine undefined)."""
+def _nonzero_rows(emb: Tensor, what: str, subject: str | None = None) -> None:
+    """A :class:`TargetError` if any row of ``emb`` is the zero vector (its cosine similarity is undefined).
+
+    ``subject`` names the zero rows in the message (default: "the model embeds {what} [i, ...]").
+    """
     zero = ~emb.any(1)
     if bool(zero.any()):
+        if subject is None:
+            subject = f"the model embeds {what} {_first(zero.nonzero()[:, 0])} to"
         raise TargetError(
-            f"the model embeds {what} {_first(zero.nonzero()[:, 0])} to the zero vector, so their cosine similarity "
-            "to anything is undefined; check those images (e.g. blank or wrongly normalised), or explain a model "
-            "whose embedding is not zero"
+            f"{subject} the zero vector, so the cosine similarity to it is undefined; check those images (e.g. "
+            "blank or wrongly normalised), or explain a model whose embedding is not zero"
         )
 
 
@@ -474,13 +478,8 @@ def explain_episode(
     qry_emb = _embed(nf, query, what="query images")
     _nonzero_rows(qry_emb, "query images")
     protos = torch.stack([sup_emb[labels == c].mean(0) for c in episode_classes])
-    zero = ~protos.any(1)
-    if bool(zero.any()):
-        raise TargetError(
-            f"the prototype of class(es) {episode_classes[zero].tolist()} (the mean of their support embeddings) "
-            "is the zero vector, so the cosine classifier is undefined for them; check those support images "
-            "(e.g. blank or wrongly normalised)"
-        )
+    zero = episode_classes[~protos.any(1)].tolist()
+    _nonzero_rows(protos, "", f"the prototype of class(es) {zero} (the mean of their support embeddings) is")
     logits = float(temperature) * F.normalize(qry_emb, dim=1) @ F.normalize(protos, dim=1).T
     cols = logits.argmax(1)
     prediction = episode_classes[cols]

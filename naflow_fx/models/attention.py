@@ -67,22 +67,21 @@ def _hidden(channels: int, reduction: int, fn: str = "attention module") -> int:
     return max(1, channels // reduction)
 
 
-def _block_counts(layers: object, fn: str) -> tuple[int, int, int, int]:
-    """``layers`` as 4 positive block counts (any sequence of ints, e.g. a tuple or a numpy array)."""
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or not hasattr(layers, "__iter__"):
+def _four_positive(values: object, name: str, each: str, example: str, fn: str) -> tuple[int, int, int, int]:
+    """``values`` as 4 positive ints, one ``each`` per stage (any sequence, e.g. a tuple or a numpy array)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
         raise InputTypeError(
-            f"{fn}: layers must be a sequence of 4 block counts, e.g. (3, 4, 6, 3), got {type(layers).__name__} "
-            f"{layers!r}"
+            f"{fn}: {name} must be a sequence of 4 {each}s, e.g. {example}, got {type(values).__name__} {values!r}"
         )
-    if len(layers) != 4:
-        raise ConfigError(f"{fn}: layers must be 4 positive block counts, one per stage, got {tuple(layers)}")
-    return tuple(_positive(n, "every block count in layers", fn) for n in layers)  # type: ignore[return-value]
+    if len(values) != 4:
+        raise ConfigError(f"{fn}: {name} must be 4 positive {each}s, one per stage, got {tuple(values)}")
+    return tuple(_positive(n, f"every {each} in {name}", fn) for n in values)  # type: ignore[return-value]
 
 
 def _check_resnet(fn: str, layers: object, num_classes: object, width: object, reduction: object = 1) -> tuple:
     """The checked ``(layers, num_classes, width)`` of an :class:`AttentionResNet` (and its ``reduction``)."""
     out = (
-        _block_counts(layers, fn),
+        _four_positive(layers, "layers", "block count", "(3, 4, 6, 3)", fn),
         _positive(num_classes, "num_classes", fn, " (the classifier's outputs)"),
         _positive(width, "width", fn, " (stage 1's bottleneck channels; 64 in ResNet-50)"),
     )

@@ -39,7 +39,7 @@ import torchvision
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputTypeError
-from .attention import _positive
+from .attention import _four_positive, _positive
 
 __all__ = [
     "L2Norm",
@@ -214,14 +214,7 @@ class ResNet12(nn.Module):
 
     def __init__(self, channels: Sequence[int] = (64, 160, 320, 640), leaky: float = 0.1) -> None:
         super().__init__()
-        if isinstance(channels, (str, bytes)) or not hasattr(channels, "__len__") or not hasattr(channels, "__iter__"):
-            raise InputTypeError(
-                f"ResNet12: channels must be a sequence of 4 stage widths, e.g. (64, 160, 320, 640), got "
-                f"{type(channels).__name__} {channels!r}"
-            )
-        if len(channels) != 4:
-            raise ConfigError(f"ResNet12 needs 4 stage widths, got {tuple(channels)}")
-        channels = [_positive(c, "every stage width in channels", "ResNet12") for c in channels]
+        channels = list(_four_positive(channels, "channels", "stage width", "(64, 160, 320, 640)", "ResNet12"))
         if isinstance(leaky, bool) or not isinstance(leaky, numbers.Real) or not math.isfinite(leaky):
             raise ConfigError(f"ResNet12: leaky (the LeakyReLU slope, 0.1) must be a finite number, got {leaky!r}")
         cin = 3
