@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from .errors import ConfigError, NAFlowError, NumericalWarning
 from .solvers import SolverConfig
 
-__all__ = ["main", "build_parser", "load_model", "load_images", "ModelSpec", "CLIError"]
+__all__ = ["main", "build_parser", "load_model", "load_images", "with_input", "ModelSpec", "CLIError"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +71,8 @@ class ModelSpec:
         class_names: class index → name, when known.
         resize: ``"crop"`` (shorter side to size, centre crop; ImageNet style) or ``"stretch"``.
         random_weights: a torchvision architecture built without weights.
+        known_input: whether ``mean``/``std`` are the model's own (False for a user's model, which
+            gets ImageNet's unless ``--mean``/``--std`` say otherwise).
     """
 
     model: nn.Module
@@ -80,6 +83,13 @@ class ModelSpec:
     class_names: Sequence[str] | None = None
     resize: str = "crop"
     random_weights: bool = False
+    known_input: bool = True
+
+    @property
+    def channels(self) -> int:
+        """Input channels: those of the model's first convolution (3 when it has none)."""
+        conv = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        return 3 if conv is None else int(conv.in_channels)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -161,7 +171,7 @@ def _callable_spec(spec: str, weights: str | None) -> ModelSpec:
     model = _as_module(obj, f"--model {spec}")
     if weights is not None:
         _load_state_dict(model, weights, spec)
-    return ModelSpec(model.eval(), attr)
+    return ModelSpec(model.eval(), attr, known_input=False)
 
 
 def _file_spec(path: str, weights: str | None) -> ModelSpec:
@@ -181,7 +191,7 @@ def _file_spec(path: str, weights: str | None) -> ModelSpec:
     if weights is not None:
         _load_state_dict(model, weights, path)
     name = os.path.splitext(os.path.basename(path))[0]
-    return ModelSpec(model.eval(), name)
+    return ModelSpec(model.eval(), name, known_input=False)
 
 
 def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
@@ -379,7 +389,10 @@ def run_explain(
     model = spec.model.to(dev)
     mean = torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=dev).view(1, -1, 1, 1)
-    x = (images.to(dev) - mean) / std
+    x = images.to(dev)
+    if spec.channels == 1:  # a greyscale model: the luma of the RGB images (ITU-R BT.601)
+        x = (x * torch.tensor(_LUMA, device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = (x - mean) / std
     start = time.perf_counter()
     options = dict(solver_options or {})
     nf = compile_naflow(model, x[:1], layers=layers, **options)
@@ -432,8 +445,15 @@ def run_explain(
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
         names = [os.path.basename(p) for p in labels]
         recorded = asdict(nf.config) | ({"fallback": options["fallback"]} if options.get("fallback") else {})
+        preprocessing = {
+            "channels": spec.channels,
+            "size": list(images.shape[-2:]),
+            "resize": spec.resize,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        }
         for res in results:
-            extra = {"options": recorded} if res.method == "naflow" else None
+            extra = {"input": preprocessing} | ({"options": recorded} if res.method == "naflow" else {})
             npz, _ = save_maps(
                 res,
                 os.path.join(out, f"{res.method}.npz"),
@@ -507,6 +527,56 @@ def _check_device(device: str) -> str:
 MAX_SIZE = 2048
 
 
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"need finite numbers separated by commas, e.g. 0.5,0.5,0.5; got {text!r}")
+    return values
+
+
+def with_input(spec: ModelSpec, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ModelSpec:
+    """``spec`` with its input normalisation checked against the model's channels (raises :class:`CLIError`).
+
+    ``mean``/``std`` (``--mean``/``--std``) replace the spec's, one value for every channel or one
+    per channel. The CLI reads RGB images: a model whose first convolution takes 1 channel gets their
+    luma, and the spec's 3-channel statistics averaged unless given; other channel counts are refused.
+
+    Example:
+        >>> spec = with_input(load_model("shapes"), std=(0.25,))
+        >>> spec.channels, spec.std
+        (3, (0.25, 0.25, 0.25))
+    """
+    channels = spec.channels
+    if channels not in (1, 3):
+        raise CLIError(
+            f"{spec.name} takes {channels}-channel input (its first convolution), but the command line reads RGB or "
+            "greyscale images; explain it from Python with compile_naflow"
+        )
+    values = {}
+    for name, given, own in (("mean", mean, spec.mean), ("std", std, spec.std)):
+        stats = tuple(given) if given is not None else tuple(own)
+        if given is None and channels == 1 and len(stats) == 3:
+            stats = (sum(stats) / 3,)
+        if len(stats) == 1:
+            stats = stats * channels
+        if len(stats) != channels:
+            raise CLIError(
+                f"--{name} has {len(stats)} values but {spec.name} takes {channels} channel(s): give one value, or one "
+                "per channel"
+            )
+        values[name] = stats
+    if not all(v > 0 for v in values["std"]):
+        raise CLIError(f"--std must be positive (it divides the input), got {','.join(map(str, values['std']))}")
+    known = spec.known_input or (mean is not None and std is not None)
+    return replace(spec, mean=values["mean"], std=values["std"], known_input=known)
+
+
 def _check_size(size: int) -> int:
     if size < 16:
         raise CLIError(f"--size {size} is too small: pass the input side in pixels, at least 16 (e.g. 224)")
@@ -522,12 +592,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     options = _solver_options(args) | ({"fallback": args.fallback} if args.fallback else {})
     check_out_dir(args.out)
-    spec = load_model(args.model, args.weights)
+    spec = with_input(load_model(args.model, args.weights), args.mean, args.std)
     size = _check_size(args.size if args.size is not None else spec.size)
     images = load_images(args.images, size, spec.resize)
     say = (lambda s: None) if args.quiet else print
     if spec.random_weights:
         say(f"note: {spec.name} has random weights; pass --weights DEFAULT (or a file) for trained ones")
+    if not spec.known_input:
+        stats = f"mean {','.join(f'{v:g}' for v in spec.mean)}, std {','.join(f'{v:g}' for v in spec.std)}"
+        grey = "the images' luma, " if spec.channels == 1 else ""
+        say(f"note: {spec.name} gets {grey}{stats}; pass --mean and --std if it was trained with other statistics")
     run_explain(
         spec,
         images,
@@ -592,9 +666,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import compile_naflow
 
-    spec = load_model(args.model, args.weights)
+    spec = with_input(load_model(args.model, args.weights))
     size = _check_size(args.size if args.size is not None else spec.size)
-    nf = compile_naflow(spec.model, (1, 3, size, size), fallback=args.fallback)
+    nf = compile_naflow(spec.model, (1, spec.channels, size, size), fallback=args.fallback)
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
     lines = [f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n"]
@@ -726,6 +800,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     _add_model_args(explain)
     explain.add_argument("--target", type=_parse_target, default=None, help="auto (argmax, default) or a class index")
+    explain.add_argument(
+        "--mean",
+        type=_parse_floats,
+        default=None,
+        help="input mean after scaling pixels to [0, 1]: one value or one per channel (default: the model's; "
+        "ImageNet's for your own models)",
+    )
+    explain.add_argument("--std", type=_parse_floats, default=None, help="input standard deviation, like --mean")
     explain.add_argument(
         "--compare", type=_parse_compare, default=["gradcam"], help="baselines: gradcam, layercam, none (gradcam)"
     )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -105,6 +106,44 @@ def test_non_finite_maps_are_one_error_line_and_nothing_is_written(capsys, tmp_p
     code, _, err = run(capsys, *argv, "--damping", "0")
     assert_one_line_error(code, err, "maps of 1 of 12 layers contain NaN or Inf, from '0' down", "--damping")
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_greyscale_models_and_input_statistics(capsys, tmp_path, monkeypatch):
+    (tmp_path / "greynets.py").write_text(
+        "import torch\n"
+        "def build(channels=1):\n"
+        "    torch.manual_seed(0)\n"
+        "    nn = torch.nn\n"
+        "    return nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(4, 3))\n"
+        "def rgba():\n"
+        "    return build(4)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    img = sample_paths()[0]
+    base = ("explain", img, "--model", "greynets:build", "--size", "32")
+    code, out, err = run(capsys, *base, "--out", "a")
+    assert code == 0, err
+    assert "gets the images' luma, mean 0.449, std 0.226; pass --mean and --std" in out
+    sidecar = json.loads((tmp_path / "a" / "naflow.json").read_text())
+    assert sidecar["input"]["channels"] == 1 and sidecar["input"]["std"] == [pytest.approx(0.226)]
+    code, out, err = run(capsys, *base, "--out", "b", "--mean", "0.1307", "--std", "0.3081")
+    assert code == 0, err and "--mean" not in out
+    assert json.loads((tmp_path / "b" / "naflow.json").read_text())["input"]["mean"] == [0.1307]
+    # the statistics reach the model: other statistics, other maps
+    maps = [np.load(tmp_path / d / "naflow.npz") for d in ("a", "b")]
+    assert any(not np.allclose(maps[0][k], maps[1][k]) for k in maps[0].files)
+    code, _, err = run(capsys, *base, "--mean", "0.1,0.2")
+    assert_one_line_error(code, err, "--mean has 2 values but build takes 1 channel(s)")
+    code, _, err = run(capsys, "explain", img, "--model", "shapes", "--std", "1,0,1")
+    assert_one_line_error(code, err, "--std must be positive")
+    code, _, err = run(capsys, "explain", img, "--model", "greynets:rgba", "--size", "32")
+    assert_one_line_error(code, err, "rgba takes 4-channel input", "explain it from Python")
+    code, out, err = run(capsys, "inspect", "--model", "greynets:build", "--size", "32", "--no-code")
+    assert code == 0 and "build at 32x32" in out, err
+    with pytest.raises(SystemExit):
+        main(["explain", img, "--model", "shapes", "--mean", "nan"])
+    assert "need finite numbers separated by commas" in capsys.readouterr().err
 
 
 def test_explain_with_module_callable_and_saved_model(capsys, tmp_path, monkeypatch):
