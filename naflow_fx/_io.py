@@ -1,10 +1,16 @@
-"""Atomic file writes: a file is either complete or not there (never half-written)."""
+"""File helpers: atomic writes (a file is either complete or not there, never half-written) and
+state-dict loading with one clear error for every way the file can be wrong."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import InputError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
@@ -44,3 +50,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
             fh.write(text)
 
     return atomic_write(path, write)
+
+
+def load_state_dict_file(
+    model: nn.Module, path: str, name: str, *, prefix: str = "", missing_hint: str, mismatch_hint: str
+) -> None:
+    """Load the state dict saved in ``path`` into ``model`` (named ``name`` in messages).
+
+    A ``{"state_dict": ...}`` checkpoint is unwrapped. A missing or unreadable file, a file that
+    holds no state dict, or keys that do not fit the model are one :class:`InputError`, starting
+    with ``prefix`` and ending with ``missing_hint`` or ``mismatch_hint``; the model is untouched then.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{prefix}weights file not found: {path}; {missing_hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the caller's to fix
+        raise InputError(
+            f"{prefix}cannot read weights {path} ({type(exc).__name__}); save them with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError(
+            f"{prefix}weights {path} hold a {type(state).__name__}, not a state dict; save model.state_dict()"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if missing or unexpected or shaped:
+        parts = [
+            f"{len(keys)} {label} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shaped))
+            if keys
+        ]
+        raise InputError(f"{prefix}weights {path} do not match model {name}: {', '.join(parts)} keys; {mismatch_hint}")
+    model.load_state_dict(state)

@@ -94,32 +94,15 @@ class ModelSpec:
 
 # ---------------------------------------------------------------------------------------- models
 def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
-    if not os.path.isfile(path):
-        raise CLIError(f"weights file not found: {path}; pass an existing state-dict file or a torchvision enum")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise CLIError(
-            f"cannot read weights {path} ({type(exc).__name__}); save them with torch.save(model.state_dict(), path)"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CLIError(f"weights {path} hold a {type(state).__name__}, not a state dict; save model.state_dict()")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
-    if missing or unexpected or shaped:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shaped)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise CLIError(
-            f"weights {path} do not match model {name}: {', '.join(parts)} keys; pass weights saved from this "
-            "architecture"
-        )
-    model.load_state_dict(state)
+    from ._io import load_state_dict_file
+
+    load_state_dict_file(
+        model,
+        path,
+        name,
+        missing_hint="pass an existing state-dict file or a torchvision enum",
+        mismatch_hint="pass weights saved from this architecture",
+    )
 
 
 def _as_module(obj: object, source: str) -> nn.Module:

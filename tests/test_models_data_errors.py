@@ -381,9 +381,9 @@ def test_shapes_resnet_checks_pretrained_and_weights(tmp_path):
             shapes_resnet(pretrained)
     with pytest.raises(InputTypeError, match="path of a state-dict file"):
         shapes_resnet(weights=3)
-    with pytest.raises(InputError, match="is not a file"):
+    with pytest.raises(InputError, match="weights file not found"):
         shapes_resnet(weights=str(tmp_path / "missing.pt"))
-    with pytest.raises(InputError, match="is not a file"):
+    with pytest.raises(InputError, match="weights file not found"):
         shapes_resnet(weights=str(tmp_path))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(InputError, match="cannot read weights"):

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._io import load_state_dict_file
 from ..data.shapes import CLASSES
-from ..errors import InputError, InputTypeError
+from ..errors import InputTypeError
 
 __all__ = ["ShapesResNet", "shapes_resnet", "shapes_embedding", "weights_info", "WEIGHTS_FILE", "INFO_FILE"]
 
@@ -139,46 +140,19 @@ def shapes_resnet(pretrained: bool = True, weights: str | os.PathLike | None = N
         )
     model = ShapesResNet()
     if weights is not None:
-        _load_state_dict(model, os.fspath(weights), fn)
+        load_state_dict_file(
+            model,
+            os.fspath(weights),
+            "ShapesResNet",
+            prefix=f"{fn}: ",
+            missing_hint="pass an existing state-dict file (weights=None: the shipped ones)",
+            mismatch_hint="pass a state dict saved from ShapesResNet (python -m naflow_fx.zoo.train_shapes writes one)",
+        )
     elif pretrained:
         with resources.as_file(resources.files(__package__).joinpath(WEIGHTS_FILE)) as path:
             state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.eval()
-
-
-def _load_state_dict(model: nn.Module, path: str, fn: str) -> None:
-    """Load the state dict in ``path`` into ``model``; every way the file can be wrong is an :class:`InputError`."""
-    if not os.path.isfile(path):
-        raise InputError(
-            f"{fn}: weights {path!r} is not a file; pass an existing state-dict file (weights=None: the shipped ones)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the caller's to fix
-        raise InputError(
-            f"{fn}: cannot read weights {path!r} ({type(exc).__name__}); save them with "
-            "torch.save(model.state_dict(), path)"
-        ) from None
-    if not isinstance(state, dict):
-        raise InputError(
-            f"{fn}: weights {path!r} hold a {type(state).__name__}, not a state dict; save model.state_dict()"
-        )
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shaped = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
-    if missing or unexpected or shaped:
-        parts = [
-            f"{len(keys)} {label} (e.g. {keys[0]})"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", shaped))
-            if keys
-        ]
-        raise InputError(
-            f"{fn}: weights {path!r} do not fit the shapes ResNet: {', '.join(parts)} keys; pass a state dict saved "
-            "from ShapesResNet (python -m naflow_fx.zoo.train_shapes writes one)"
-        )
-    model.load_state_dict(state)
 
 
 def shapes_embedding(pretrained: bool = True, weights: str | os.PathLike | None = None) -> nn.Module:
