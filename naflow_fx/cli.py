@@ -749,8 +749,15 @@ def _solver_options(args: argparse.Namespace) -> dict:
     return options
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like the CLI's other errors (``naflow: error: ...``, exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"naflow: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="naflow",
         description="Layer-by-layer NAFlow explanations of CNNs.",
         epilog="run 'naflow COMMAND --help' for each command's options and examples",

@@ -269,6 +269,18 @@ def test_other_user_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["explain", img, "--model", "shapes", "--compare", "scorecam"])
     assert exc.value.code == 2
+    capsys.readouterr()
+    for argv, needle in (
+        (["explain", img, "--model", "shapes", "--size", "abc"], "argument --size: invalid int value: 'abc'"),
+        (["explain", img], "the following arguments are required: --model"),
+        (["explain", img, "--model", "shapes", "--bogus"], "unrecognized arguments: --bogus"),
+        (["nonsense"], "argument command: invalid choice: 'nonsense'"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("naflow: error: "), err
+        assert needle in err and "--help')" in err, err
 
 
 def test_demo_writes_grid_gif_npz_and_reports_mask_energy(capsys, tmp_path):
