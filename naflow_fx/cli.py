@@ -655,13 +655,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
     lines = [f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n"]
-    lines.append(f"{'stage':>5} {'kind':<7} {'input':<24} {'output':<24} inverse")
+    rows = []
     for s in plan.stages:
         step = nodes[s.output].meta["naflow.inverse"]
         name = nodes[s.output].meta.get("naflow.name", s.output)
         src = nodes[s.input].meta.get("naflow.name", s.input)
-        kind = "region" if s.is_region else "op"
-        lines.append(f"{s.index:>5} {kind:<7} {src:<24} {name:<24} {step.rule_name}")
+        rows.append((s.index, "region" if s.is_region else "op", src, name, step.rule_name))
+    width = max([24, *(len(r[2]) for r in rows), *(len(r[3]) for r in rows)])  # long names widen the columns
+    lines.append(f"{'stage':>5} {'kind':<7} {'input':<{width}} {'output':<{width}} inverse")
+    lines += [f"{i:>5} {kind:<7} {src:<{width}} {name:<{width}} {rule}" for i, kind, src, name, rule in rows]
     lines += ["", nf.layer_table()]
     if not args.no_code:
         lines += ["\n# generated inverse network (nf.inverse.code):", nf.inverse.code]

@@ -186,8 +186,8 @@ def concat(results: Sequence[LayerMaps]) -> LayerMaps:
     """Join per-batch results of the same explainer along the batch dimension.
 
     For flows, BPFMs and coefficients are joined too, and each step's diagnostics are merged:
-    iterations, residual and damping are the worst over the parts (NaN if any part's is), seconds
-    their sum. The parts must come from the same explainer: same method, layers, input size,
+    iterations, residual, normal residual and damping are the worst over the parts (NaN if any
+    part's is), seconds their sum. The parts must come from the same explainer: same method, layers, input size,
     device and map sizes, else an :class:`~naflow_fx.errors.InputError` names the first misfit.
     """
     results = _check_parts(results)
@@ -213,6 +213,7 @@ def concat(results: Sequence[LayerMaps]) -> LayerMaps:
             iterations=max(p.iterations for p in parts),
             residual=_worst(p.residual for p in parts),
             damping=_worst(p.damping for p in parts),
+            normal_residual=_worst(p.normal_residual for p in parts if p.normal_residual is not None),
             converged=all(p.converged for p in parts),
             seconds=sum(p.seconds for p in parts),
         )
@@ -224,9 +225,11 @@ def concat(results: Sequence[LayerMaps]) -> LayerMaps:
     )
 
 
-def _worst(values) -> float:
-    """The largest of ``values``, NaN if any is NaN (``max`` alone depends on where the NaN is)."""
+def _worst(values) -> float | None:
+    """The largest of ``values``, NaN if any is NaN (``max`` alone depends on where the NaN is); None if empty."""
     values = list(values)
+    if not values:
+        return None
     return math.nan if any(v != v for v in values) else max(values)
 
 

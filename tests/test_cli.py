@@ -146,6 +146,14 @@ def test_greyscale_models_and_input_statistics(capsys, tmp_path, monkeypatch):
     assert "need finite numbers separated by commas" in capsys.readouterr().err
 
 
+def test_inspect_columns_fit_long_layer_names(capsys):
+    code, out, err = run(capsys, "inspect", "--model", "densenet121", "--size", "32", "--no-code")
+    assert code == 0, err
+    table = out.split("\n\n")[1].splitlines()  # the stage table: header and one row per stage
+    assert max(len(line.split()[3]) for line in table[1:]) > 24  # names longer than the old fixed width
+    assert len({line.index(line.split()[-1]) for line in table}) == 1  # every row's rule in one column
+
+
 def test_explain_with_module_callable_and_saved_model(capsys, tmp_path, monkeypatch):
     (tmp_path / "mynets.py").write_text(
         "import torch\n"

@@ -105,6 +105,21 @@ def test_concat_keeps_a_nan_residual_wherever_it_is(flows):
     assert ok.residual == max(f1.diagnostics[key].residual, f2.diagnostics[key].residual)
 
 
+def test_concat_takes_the_worst_normal_residual(flows):
+    x = flows[-1]
+    nf = compile_naflow(shapes_resnet(), x[:1], layers="blocks", solver="iterative", max_iter=20)
+    f1, f2 = nf(x[:1]), nf(x[1:])
+    solved = [k for k, r in f1.diagnostics.items() if r.normal_residual is not None]
+    closed = [k for k, r in f1.diagnostics.items() if r.normal_residual is None]
+    assert solved and closed
+    worse = copy.copy(f1)
+    worse.diagnostics = dict(f1.diagnostics)
+    worse.diagnostics[solved[0]] = dataclasses.replace(f1.diagnostics[solved[0]], normal_residual=0.5)
+    for parts in ([f2, worse], [worse, f2]):  # whichever part it is in
+        merged = concat(parts).diagnostics
+        assert merged[solved[0]].normal_residual == 0.5 and merged[closed[0]].normal_residual is None
+
+
 def test_upsample_checks_size_and_normalize(flows):
     _, f1, *_ = flows
     assert f1.upsample(20).shape == (1, len(f1.layers), 20, 20)
