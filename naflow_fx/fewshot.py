@@ -252,29 +252,17 @@ def _labelled_grid(
     ``path`` and ``layers`` should have been checked by :func:`_check_figure` (which gives ``fmt``).
     A failed write (no permission, disk full) is an ``OSError`` naming ``path``, and leaves no file.
     """
-    import matplotlib.pyplot as plt
-
-    from .viz import atomic_savefig, flow_grid
+    from .viz import _finish_figure, flow_grid
 
     fig = flow_grid(images, _stack_rows(flows), None, layers=layers)
-    try:
+
+    def label_rows() -> None:
         cols = len(fig.axes) // images.shape[0]
         for r, label in enumerate(labels):
             fig.axes[r * cols].set_ylabel(label, fontsize=6)
         fig.tight_layout(pad=0.2)
-        if path is not None:
-            try:
-                atomic_savefig(fig, path, dpi=dpi, format=fmt)
-            except OSError as exc:  # name the user's file, not the hidden temporary one
-                if exc.errno is None:
-                    raise
-                raise OSError(exc.errno, f"cannot write the figure: {exc.strerror}", os.fspath(path)) from exc
-    except BaseException:
-        plt.close(fig)  # the caller never gets this figure: do not leak it
-        raise
-    if path is not None:
-        plt.close(fig)
-    return fig
+
+    return _finish_figure(fig, label_rows, path, dpi, fmt)
 
 
 def _labels_tensor(labels: object, n: int, device: torch.device, what: str, images: str) -> Tensor:

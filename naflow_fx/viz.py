@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -222,7 +222,32 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
     """
     if kwargs.get("format") is None:
         kwargs["format"] = _figure_format(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
+    except OSError as exc:  # name the user's file, not the hidden temporary one
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, f"cannot write the figure: {exc.strerror}", os.fspath(path)) from exc
+
+
+def _finish_figure(fig, draw: Callable[[], None], path: str | os.PathLike | None, dpi: float, fmt: str | None):
+    """Call ``draw()``, then save ``fig`` to ``path`` (if given) with :func:`atomic_savefig`.
+
+    The figure is closed once saved, and on any failure (the caller never gets it then); without a
+    path it is returned open.
+    """
+    import matplotlib.pyplot as plt
+
+    try:
+        draw()
+        if path is not None:
+            atomic_savefig(fig, path, dpi=dpi, format=fmt)
+    except BaseException:
+        plt.close(fig)  # the caller never gets this figure: do not leak it
+        raise
+    if path is not None:
+        plt.close(fig)
+    return fig
 
 
 def flow_grid(
@@ -314,17 +339,12 @@ def flow_grid(
 
     rows, cols = batch * len(results), len(layers) + 1
     fig = plt.figure(figsize=(cell * cols, cell * rows + 0.3))
-    try:
+
+    def draw() -> None:
         axes = fig.subplots(rows, cols, squeeze=False)
         _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap)
-        if path is not None:
-            atomic_savefig(fig, path, dpi=dpi, format=fmt)
-    except BaseException:
-        plt.close(fig)  # the caller never gets this figure: do not leak it
-        raise
-    if path is not None:
-        plt.close(fig)
-    return fig
+
+    return _finish_figure(fig, draw, path, dpi, fmt)
 
 
 def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap) -> None:
