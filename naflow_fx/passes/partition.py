@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -51,11 +52,13 @@ class Plan:
     layers: tuple[str, ...]  # 4-D feature nodes in (input, N], shallow → deep (node names)
 
 
-def feature_subgraph(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> list[fx.Node]:
-    """Feature nodes on some path ``source`` → ``sink``, in graph order."""
+def feature_subgraph(
+    graph: fx.Graph, source: fx.Node, sink: fx.Node, keep: Callable[[fx.Node], bool] = is_feature_node
+) -> list[fx.Node]:
+    """Nodes on some path ``source`` → ``sink`` through ``keep`` nodes (default: feature nodes), in graph order."""
     forward = {source}
     for n in graph.nodes:
-        if n is not source and is_feature_node(n) and any(a in forward for a in n.all_input_nodes):
+        if n is not source and keep(n) and any(a in forward for a in n.all_input_nodes):
             forward.add(n)
     backward = {sink}
     for n in reversed(list(graph.nodes)):
@@ -66,18 +69,9 @@ def feature_subgraph(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> list[fx
 
 def _no_feature_path_message(graph: fx.Graph, source: fx.Node, sink: fx.Node) -> str:
     """Why no floating-point path joins ``source`` to ``sink``: a non-real tensor on the way, or none at all."""
-    reach = {source}
-    for n in graph.nodes:
-        if n is not source and any(a in reach for a in n.all_input_nodes):
-            reach.add(n)
-    back = {sink}
-    for n in reversed(list(graph.nodes)):
-        if n in back:
-            back.update(a for a in n.all_input_nodes if a in reach)
-    blocking = [
-        n for n in graph.nodes if n in reach and n in back and tensor_meta(n) is not None and not is_feature_node(n)
-    ]
-    if not blocking or source not in back:
+    paths = feature_subgraph(graph, source, sink, keep=lambda n: True)  # through any node
+    blocking = [n for n in paths if tensor_meta(n) is not None and not is_feature_node(n)]
+    if not blocking or source not in paths:
         return "the model's output does not depend on its input"
     n = blocking[0]
     target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
