@@ -137,6 +137,9 @@ class KNNExplanation:
     tau: float = 0.07
 
 
+_MAX_SCORE_BYTES = 2**30  # class_scores beyond this is a labelling mistake, not a vote
+
+
 def explain_knn(
     model: nn.Module | NAFlow,
     x: Tensor,
@@ -172,8 +175,8 @@ def explain_knn(
             one that overflows the model's dtype), labels that do not match the bank, a bank whose
             dimension differs from the model's embedding, or images the model fails on.
         TargetError: ``k`` not in ``1..M``, ``num_classes`` not a positive int, labels outside
-            ``0..num_classes-1``, a model that does not output ``[B, D]``, or an image it embeds
-            to the zero vector.
+            ``0..num_classes-1``, so many classes that ``class_scores`` would exceed 1 GiB, a
+            model that does not output ``[B, D]``, or an image it embeds to the zero vector.
         ConfigError: ``tau <= 0``, or a ``tau`` so small that the votes ``exp(s_j/τ)`` overflow
             or underflow float64.
     """
@@ -215,6 +218,13 @@ def explain_knn(
         raise TargetError(
             f"bank_labels must lie in 0..num_classes-1 (num_classes={n_cls!r}); got labels "
             f"{int(labels.min())}..{int(labels.max())}"
+        )
+    score_bytes = emb.shape[0] * n_cls * 8
+    if score_bytes > _MAX_SCORE_BYTES:
+        raise TargetError(
+            f"{n_cls} classes would make class_scores [{emb.shape[0]}, {n_cls}] take {score_bytes / 2**30:.1f} GiB "
+            f"(float64): number the bank's classes 0..K-1, for example with "
+            "torch.unique(bank_labels, return_inverse=True)[1], or explain fewer images at once"
         )
     given = bank
     bank = bank.detach().to(device=emb.device, dtype=emb.dtype)

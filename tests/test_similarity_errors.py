@@ -194,6 +194,16 @@ def test_knn_num_classes_must_be_a_positive_int(nf, num_classes):
         explain_knn(nf, images(1, 4), BANK, [0] * 10, k=3, num_classes=num_classes)
 
 
+def test_knn_refuses_a_class_count_whose_scores_would_not_fit(nf):
+    labels = [0] * 9 + [10**9]  # before: a [2, 10⁹] float64 score matrix, 16 GB
+    with pytest.raises(
+        TargetError, match=r"1000000001 classes would make class_scores \[2, 1000000001\] take 14.9 GiB"
+    ):
+        explain_knn(nf, images(2, 4), BANK, labels, k=3)
+    with pytest.raises(TargetError, match=r"torch.unique\(bank_labels, return_inverse=True\)"):
+        explain_knn(nf, images(1, 4), BANK, BANK_LABELS, k=3, num_classes=2**28)
+
+
 def test_knn_refuses_a_tau_whose_votes_overflow_or_underflow(nf, encoder):
     x = images(2, 4)
     with pytest.raises(ConfigError, match=r"tau=0.0001 is too small .*overflow float64.*use tau >= "):
