@@ -62,6 +62,20 @@ def _user_frame(tb) -> traceback.FrameSummary | None:
     return frames[-1] if frames else None
 
 
+def _refuse_wrapper(model: nn.Module) -> None:
+    """Wrappers fx cannot see through (data parallel, ``torch.compile``, TorchScript), with the fix."""
+    name = type(model).__name__
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        fix = f"{name} only runs its .module on several devices: pass model.module"
+    elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        fix = "torch.compile wraps the module: pass the module you compiled (model._orig_mod)"
+    elif isinstance(model, torch.jit.ScriptModule):
+        fix = "TorchScript modules have no Python forward to trace: pass the nn.Module before torch.jit.script/trace"
+    else:
+        return
+    raise UnsupportedModelError(f"torch.fx cannot trace {name}: {fix}")
+
+
 def trace(
     model: nn.Module,
     *,
@@ -81,6 +95,7 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
+    _refuse_wrapper(model)
     tracer = NAFlowTracer(leaf_modules)
     # NOTE [trace in eval mode]: Python branches on ``self.training`` (auxiliary heads, stochastic
     # depth, functional dropout) are baked into the graph at trace time, so trace with every module

@@ -285,6 +285,21 @@ def test_untraceable_model_names_the_offending_line():
     assert "leaf_modules" in msg and "concrete_args" in msg
 
 
+@pytest.mark.parametrize(
+    ("wrap", "advice"),
+    [
+        (nn.DataParallel, r"cannot trace DataParallel: .*pass model\.module"),
+        (torch.compile, r"cannot trace OptimizedModule: .*pass the module you compiled \(model\._orig_mod\)"),
+        (torch.jit.script, r"cannot trace RecursiveScriptModule: .*pass the nn\.Module before torch\.jit"),
+    ],
+)
+def test_wrapped_models_are_refused_with_the_module_to_pass(wrap, advice):
+    model = conv4(hidden=4).eval()
+    with pytest.raises(UnsupportedModelError, match=advice):
+        compile_naflow(wrap(model), batch(1))
+    compile_naflow(model, batch(1))  # the model itself, as the message says, compiles
+
+
 class _DotProductAttention(nn.Module):
     """A conv stem followed by hand-written single-head self-attention over the pixels."""
 
