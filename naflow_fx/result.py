@@ -120,12 +120,51 @@ class LayerMaps:
                     f"{', ...' if len(bad) > 3 else ''}), so they cannot be normalised to [0, 1]; pass "
                     "normalize=False for the raw maps, or recompute the flow (see the NumericalWarning)"
                 )
-        ups = [
-            F.interpolate(self.maps[name][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-            for name in self.layers
-        ]
-        out = torch.stack(ups, 1)
-        return _normalize(out, 1e-12) if normalize else out
+        # one layer at a time into the output, so the peak is the output plus a few single-layer
+        # temporaries rather than several copies of every layer's upsampled maps
+        what = f"{fn}: {len(self.layers)} layers of {batch}×{size[0]}×{size[1]} float32 maps"
+        todo = (
+            "pass a smaller size, or upsample the layers you need one at a time with "
+            "F.interpolate(result.maps[name][:, None], size)"
+        )
+        nbytes = batch * size[0] * size[1] * 4 * (len(self.layers) + 4)
+        _check_room(nbytes, first.device, what, todo)
+        try:
+            out = torch.empty((batch, len(self.layers), *size), dtype=torch.float32, device=first.device)
+        except (RuntimeError, MemoryError):  # where the free memory is unknown
+            raise InputError(
+                f"{what} would need {nbytes / 2**30:.3g} GiB, more than can be allocated: {todo}"
+            ) from None
+        for i, name in enumerate(self.layers):
+            up = F.interpolate(self.maps[name][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+            out[:, i] = _normalize(up, 1e-12) if normalize else up
+        return out
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: Linux's MemAvailable on the CPU, the free device
+    memory plus what torch's cache holds unused on CUDA; None where it cannot be known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _check_room(nbytes: int, device: torch.device, what: str, todo: str) -> None:
+    """Refuse an allocation that cannot fit, instead of the process being killed by the system."""
+    free = _free_bytes(device)
+    if free is not None and nbytes > free:
+        raise InputError(
+            f"{what} would need {nbytes / 2**30:.3g} GiB, but {free / 2**30:.3g} GiB are free on {device}: {todo}"
+        )
 
 
 def _check_size(size: object, fn: str) -> tuple[int, int]:

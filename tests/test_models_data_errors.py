@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from naflow_fx import ConfigError, InputError, InputTypeError, compile_naflow
 from naflow_fx.cli import main
@@ -141,6 +142,25 @@ def test_upsample_checks_size_and_normalize(flows):
     missing.maps = {k: v for k, v in f1.maps.items() if k != f1.layers[0]}
     with pytest.raises(InputError, match="has no map"):
         missing.upsample()
+
+
+def test_upsample_refuses_what_cannot_fit_and_matches_the_stacked_maps(flows, monkeypatch):
+    _, f1, *_ = flows
+    layers = len(f1.layers)
+    with pytest.raises(InputError, match=rf"upsample: {layers} layers of 1×1000000×1000000 float32 maps would need"):
+        f1.upsample(10**6)  # 4 TB per layer: before, a raw allocator error (or the process was killed)
+    ref = torch.stack([F.interpolate(f1.maps[n][:, None], size=(40, 30), mode="bilinear")[:, 0] for n in f1.layers], 1)
+    torch.testing.assert_close(f1.upsample((40, 30), normalize=False), ref, rtol=0, atol=0)
+    torch.testing.assert_close(f1.upsample((40, 30)), normalize_maps(ref), rtol=0, atol=0)
+    need = 40 * 30 * 4 * (layers + 4)  # the output plus a few one-layer temporaries
+    monkeypatch.setattr("naflow_fx.result._free_bytes", lambda device: need - 1)
+    with pytest.raises(InputError, match=r"GiB are free on cpu: pass a smaller size, or upsample the layers"):
+        f1.upsample((40, 30))
+    monkeypatch.setattr("naflow_fx.result._free_bytes", lambda device: need)
+    assert f1.upsample((40, 30)).shape == (1, layers, 40, 30)
+    monkeypatch.setattr("naflow_fx.result._free_bytes", lambda device: None)  # not Linux: the allocator decides
+    with pytest.raises(InputError, match=r"would need [0-9.e+]+ GiB, more than can be allocated: pass a smaller"):
+        f1.upsample(10**6)
 
 
 def test_upsample_refuses_to_normalise_nan_maps(flows):
