@@ -1,7 +1,7 @@
 """Are residual regions better conditioned than their convolutions alone? (spec §4)
 
-    python benchmarks/experiments/region_vs_conv.py --model resnet18    # 3 min
-    python benchmarks/experiments/region_vs_conv.py --model resnet50    # 8 min
+    python benchmarks/experiments/region_vs_conv.py --model resnet18    # 35 s
+    python benchmarks/experiments/region_vs_conv.py --model resnet50    # 65 s
 
 Spec §4 asks to measure whether the region solves of residual blocks (``I + J_F``) are better
 conditioned than a lone square convolution before deciding where to invert per op and where per
