@@ -15,18 +15,16 @@ matched error.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regions_common import capture_regions  # noqa: E402
+from regions_common import zoo_regions  # noqa: E402
 
 from naflow_fx.solvers.iterative import cgls  # noqa: E402
 from naflow_fx.solvers.operator import batch_norm2  # noqa: E402
@@ -87,16 +85,7 @@ def lsmr(op, b: Tensor, lam: float, tol: float = 1e-4, max_iter: int = 500) -> t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--tol", type=float, default=1e-4)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    model = getattr(torchvision.models, args.model)(weights=None).eval()
-    x = torch.randn(1, 3, args.size, args.size)
-    regions = capture_regions(model, x)
+    args, _, _, regions = zoo_regions(__doc__, ("--tol", {"type": float, "default": 1e-4}))
     print(f"{args.model}, {args.size}×{args.size}, batch 1, tol {args.tol}, {len(regions)} regions\n")
     loose = 10 * args.tol
     errors = f"error (CGLS · LSMR · CGLS at {loose:g})"

@@ -16,17 +16,15 @@ right-hand side, which makes the system inconsistent).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regions_common import capture_regions  # noqa: E402
+from regions_common import zoo_regions  # noqa: E402
 
 from naflow_fx.solvers.context import SolverConfig, SolverContext  # noqa: E402
 from naflow_fx.solvers.iterative import cgls  # noqa: E402
@@ -64,15 +62,7 @@ def conv_iterations(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, maske
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--size", type=int, default=224)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    model = getattr(torchvision.models, args.model)(weights=None).eval()
-    x = torch.randn(1, 3, args.size, args.size)
-    regions = capture_regions(model, x)
+    args, model, x, regions = zoo_regions(__doc__)
     convs = conv_inputs(model, x)
     ctx = SolverContext(SolverConfig())
     print(f"{args.model}, {args.size}×{args.size}, batch 1, damping 1e-2, tol 1e-4\n")

@@ -1,15 +1,18 @@
 """What the region-solve experiments share: capturing a flow's region solves, and PCG on them.
 
-Imported by ``fft_preconditioner.py`` and ``region_preconditioners.py`` (run as scripts, so this
+Imported by ``fft_preconditioner.py``, ``region_preconditioners.py``, ``lsmr.py`` and
+``region_vs_conv.py`` (run as scripts, so this
 folder is on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+import torchvision
+from torch import Tensor, nn
 
 from naflow_fx import compile_naflow
 from naflow_fx.solvers import context
@@ -33,6 +36,26 @@ def capture_regions(model: torch.nn.Module, x: Tensor) -> dict[str, tuple]:
     finally:
         context.SolverContext.solve = solve
     return captured
+
+
+def zoo_regions(doc: str, *extra: tuple[str, dict]) -> tuple[argparse.Namespace, nn.Module, Tensor, dict[str, tuple]]:
+    """Parse ``--model`` (a torchvision name), ``--size`` and ``extra`` options, and capture the
+    region solves of one flow of that model (random weights, seed 0, batch 1, 2 threads).
+
+    Returns ``(args, model, x, regions)``; ``doc`` is the script's docstring (its first line is
+    the description).
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=224)
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = getattr(torchvision.models, args.model)(weights=None).eval()
+    x = torch.randn(1, 3, args.size, args.size)
+    return args, model, x, capture_regions(model, x)
 
 
 def pcg_normal(op, b: Tensor, lam: float, precondition: Callable[[Tensor], Tensor], tol=1e-4, max_iter=500):
