@@ -223,7 +223,7 @@ def explain_knn(
     if score_bytes > _MAX_SCORE_BYTES:
         raise TargetError(
             f"{n_cls} classes would make class_scores [{emb.shape[0]}, {n_cls}] take {score_bytes / 2**30:.1f} GiB "
-            f"(float64): number the bank's classes 0..K-1, for example with "
+            "(float64): number the bank's classes 0..K-1, for example with "
             "torch.unique(bank_labels, return_inverse=True)[1], or explain fewer images at once"
         )
     given = bank

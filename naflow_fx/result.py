@@ -120,8 +120,6 @@ class LayerMaps:
                     f"{', ...' if len(bad) > 3 else ''}), so they cannot be normalised to [0, 1]; pass "
                     "normalize=False for the raw maps, or recompute the flow (see the NumericalWarning)"
                 )
-        # one layer at a time into the output, so the peak is the output plus a few single-layer
-        # temporaries rather than several copies of every layer's upsampled maps
         what = f"{fn}: {len(self.layers)} layers of {batch}×{size[0]}×{size[1]} float32 maps"
         todo = (
             "pass a smaller size, or upsample the layers you need one at a time with "
@@ -135,6 +133,8 @@ class LayerMaps:
             raise InputError(
                 f"{what} would need {nbytes / 2**30:.3g} GiB, more than can be allocated: {todo}"
             ) from None
+        # one layer at a time into the output, so the peak is the output plus a few single-layer
+        # temporaries rather than several copies of every layer's upsampled maps
         for i, name in enumerate(self.layers):
             up = F.interpolate(self.maps[name][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
             out[:, i] = _normalize(up, 1e-12) if normalize else up
