@@ -331,6 +331,29 @@ def block_layers(gm: fx.GraphModule, model: nn.Module) -> list[str]:
     return [n for n in plan.layers if n in chosen]
 
 
+def _module_layers(gm: fx.GraphModule, qualname: str | None, names: list[str]) -> list[str]:
+    """The layers a module of the model stands for, as pytorch-grad-cam's ``target_layers`` do.
+
+    A leaf module (a conv, a ReLU) is each node that calls it (a ReLU module called three times in
+    a bottleneck is three layers). A composite module (a residual block, a stage) is its output:
+    the last node inside it that is read outside it. ``[]`` when that is not an explainable layer.
+    """
+    if not qualname:  # not a submodule, or the whole model (its output is not a feature map)
+        return []
+    plan: Plan = gm.meta["naflow.plan"]
+    layer_name = dict(zip(plan.layers, names, strict=True))
+    leaf = [
+        layer_name[n.name] for n in gm.graph.nodes if n.name in layer_name and n.meta.get("naflow.module") == qualname
+    ]
+    if leaf:
+        return leaf
+    inside = {
+        n.name for n in gm.graph.nodes if any(q == qualname for q, _ in (n.meta.get("nn_module_stack") or {}).values())
+    }
+    read_outside = [n.name for n in gm.graph.nodes if n.name in inside and any(u.name not in inside for u in n.users)]
+    return [layer_name[read_outside[-1]]] if read_outside and read_outside[-1] in layer_name else []
+
+
 def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list[str]:
     plan: Plan = gm.meta["naflow.plan"]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -345,10 +368,11 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         if not selected:
             raise InputError(f"layers={layers!r} selects no layer of this model; pass 'all' or layer names")
         return selected
+    qualname = {id(m): q for q, m in model.named_modules()}
     if isinstance(layers, str):
-        if layers not in names:
+        if layers not in names and layers not in set(qualname.values()):
             raise InputError(
-                f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer name. "
+                f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer or module name. "
                 f"Available layers: {', '.join(names)}"
             )
         layers = [layers]
@@ -358,14 +382,14 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         raise InputTypeError(
             f"layers must be 'all', 'conv', 'blocks' or a list of layer names / modules, got {layers!r}"
         )
-    qualname = {id(m): q for q, m in model.named_modules()}
     chosen: list[str] = []
     for item in layers:
         if isinstance(item, nn.Module):
-            q = qualname.get(id(item))
-            match = [names[i] for i, n in enumerate(plan.layers) if nodes[n].meta.get("naflow.module") == q]
-        else:
-            match = [str(item)] if str(item) in names else []
+            match = _module_layers(gm, qualname.get(id(item)), names)
+        elif str(item) in names:
+            match = [str(item)]
+        else:  # the qualified name of a block, as in model.named_modules()
+            match = _module_layers(gm, str(item), names) if str(item) in set(qualname.values()) else []
         if not match:
             raise InputError(
                 f"layer {item if isinstance(item, str) else type(item).__name__!r} is not an explainable layer "
@@ -423,7 +447,9 @@ def compile_naflow(
         layers: which layers get maps (always ordered shallow → deep, named as in ``nf.layers``):
             ``"all"`` (every 4-D feature node between the input and N), ``"conv"`` (outputs of
             convolutions), ``"blocks"`` (block outputs at stage boundaries: ``layer1.0``'s output in a
-            ResNet; see :func:`block_layers`), or a list of layer names / modules.
+            ResNet; see :func:`block_layers`), or a list of layer names, module names and/or
+            modules: a leaf module (a conv) gives each node that calls it, a composite one (a
+            block, as in pytorch-grad-cam's ``target_layers=[model.layer4[-1]]``) its output.
         reduction: ``"sum_relu"`` (paper Eq. 2, ReLU of the channel sum) or ``"relu_sum"``
             (the authors' code, sum of ReLUs).
         fallback: ``None`` (unsupported ops raise) or ``"linearize"`` (invert them through their

@@ -713,7 +713,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--layers", type=_parse_layers, default="all", help="all, conv, blocks or comma-separated names")
+    p.add_argument(
+        "--layers",
+        type=_parse_layers,
+        default="all",
+        help="all, conv, blocks or comma-separated layer or module names (a block such as layer4.2 gives its output)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", default=out, help=f"output folder (default {out})")
     p.add_argument(

@@ -504,6 +504,33 @@ def test_layers_by_module_and_name():
     torch.testing.assert_close(by_name(x).maps["features.8"], full.maps["features.8"])
 
 
+def test_a_block_module_selects_its_output_as_pytorch_grad_cams_target_layers_do():
+    model = _tv("resnet18")
+    x = batch(1, 32, seed=4)
+    nf = compile_naflow(model, x, layers=[model.layer4[-1], "layer2", model.layer1[0].relu, "layer3.0.downsample"])
+    # a block gives its output, a stage its last block's output, a leaf module each call of it
+    assert nf.layers == [
+        "layer1.0.relu",
+        "layer1.0.relu#2",
+        "layer2.1.relu#2",
+        "layer3.0.downsample.1",
+        "layer4.1.relu#2",
+    ]
+    assert compile_naflow(model, x, layers="layer4.1").layers == ["layer4.1.relu#2"]  # one name, not a list
+    full = compile_naflow(model, x)(x)
+    flow = nf(x)
+    for name in nf.layers:
+        torch.testing.assert_close(flow.maps[name], full.maps[name])
+    dense = _tv("densenet121")
+    assert compile_naflow(dense, x, layers=[dense.features.denseblock1, "features.transition1"]).layers == [
+        "features.denseblock1.cat",
+        "features.transition1.pool",
+    ]
+    for wrong in ([model.fc], ["fc"], [model], "avgpool"):  # outputs that are not feature maps
+        with pytest.raises(InputError, match="not an explainable layer|neither one of"):
+            compile_naflow(model, x, layers=wrong)
+
+
 def test_a_module_called_twice_gives_two_layers():
     class Twice(nn.Module):
         def __init__(self):
