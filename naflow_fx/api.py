@@ -347,11 +347,43 @@ def _module_layers(gm: fx.GraphModule, qualname: str | None, names: list[str]) -
     ]
     if leaf:
         return leaf
+    out = _module_output(gm, qualname)
+    return [layer_name[out.name]] if out is not None and out.name in layer_name else []
+
+
+def _module_output(gm: fx.GraphModule, qualname: str) -> fx.Node | None:
+    """The node a module's forward returns: the last node inside it (``nn_module_stack``) read outside it."""
     inside = {
         n.name for n in gm.graph.nodes if any(q == qualname for q, _ in (n.meta.get("nn_module_stack") or {}).values())
     }
-    read_outside = [n.name for n in gm.graph.nodes if n.name in inside and any(u.name not in inside for u in n.users)]
-    return [layer_name[read_outside[-1]]] if read_outside and read_outside[-1] in layer_name else []
+    read_outside = [n for n in gm.graph.nodes if n.name in inside and any(u.name not in inside for u in n.users)]
+    return read_outside[-1] if read_outside else None
+
+
+def _resolve_last_layer(gm: fx.GraphModule, model: nn.Module, last_layer: object) -> str | None:
+    """``last_layer`` as a layer name: a layer name as is, a block module or its name as its output."""
+    if last_layer is None:
+        return None
+    if isinstance(last_layer, nn.Module):
+        qualname = next((q for q, m in model.named_modules() if m is last_layer), None)
+        if not qualname:
+            what = "the model itself" if qualname == "" else "not a submodule of the model"
+            raise InputError(
+                f"last_layer is a {type(last_layer).__name__} that is {what}: pass one of the model's modules "
+                "(e.g. model.layer4) or a layer name"
+            )
+    elif isinstance(last_layer, str):
+        qualname = last_layer
+    else:
+        raise InputTypeError(
+            f"last_layer must be a layer name or a module of the model, got {type(last_layer).__name__}"
+        )
+    names = {n.meta.get("naflow.name", n.name) for n in gm.graph.nodes}
+    if isinstance(last_layer, str) and qualname in names:
+        return qualname
+    # a module (even a leaf one called several times, such as a block's ReLU) stands for its output
+    out = _module_output(gm, qualname) if qualname in dict(model.named_modules()) else None
+    return qualname if out is None else out.meta.get("naflow.name", out.name)  # partition names what is wrong
 
 
 def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list[str]:
@@ -425,7 +457,7 @@ def compile_naflow(
     damping: float = 1e-2,
     tol: float = 1e-4,
     max_iter: int = 500,
-    last_layer: str | None = None,
+    last_layer: str | nn.Module | None = None,
     layers: str | Sequence[str | nn.Module] = "all",
     reduction: str = "sum_relu",
     fallback: str | None = None,
@@ -443,7 +475,8 @@ def compile_naflow(
             pseudo-inverse. The default 1e-2 is discussed in ``docs/naflow.md``.
         tol, max_iter: CGLS stopping rule.
         last_layer: the last feature layer N (default: the deepest 4-D layer every path passes
-            through before global pooling / flatten).
+            through before global pooling / flatten): a layer name, or a module or module name
+            (a block such as ``model.layer3`` stands for its output).
         layers: which layers get maps (always ordered shallow → deep, named as in ``nf.layers``):
             ``"all"`` (every 4-D feature node between the input and N), ``"conv"`` (outputs of
             convolutions), ``"blocks"`` (block outputs at stage boundaries: ``layer1.0``'s output in a
@@ -486,7 +519,7 @@ def compile_naflow(
     gm = passes.check_scope(gm)
     gm = passes.normalize(gm)
     gm = passes.propagate_shapes(gm, example)
-    gm = passes.partition_stages(gm, last_layer)
+    gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
     gm = passes.assign_inverse_rules(gm, fallback)
     chosen = _select_layers(gm, model, layers)
     return NAFlow(gm, chosen, config, reduction, example)

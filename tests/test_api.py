@@ -531,6 +531,26 @@ def test_a_block_module_selects_its_output_as_pytorch_grad_cams_target_layers_do
             compile_naflow(model, x, layers=wrong)
 
 
+def test_last_layer_takes_a_block_module_or_its_name():
+    model = _tv("resnet18")
+    x = batch(1, 32, seed=4)
+    by_name = compile_naflow(model, x, last_layer="layer3.1.relu#2")
+    for block in ("layer3", "layer3.1", model.layer3, model.layer3[1], model.layer3[1].relu):  # its output
+        nf = compile_naflow(model, x, last_layer=block)
+        assert nf.last_layer == "layer3.1.relu#2" and nf.layers == by_name.layers
+    got, want = nf(x), by_name(x)
+    for name in want.layers:  # to rounding: two threads reduce in either order
+        torch.testing.assert_close(got.maps[name], want.maps[name])
+    with pytest.raises(UnsupportedModelError, match="last_layer='layer3.1.relu' is not a 4-D layer that every"):
+        compile_naflow(model, x, last_layer="layer3.1.relu")  # a name is that node: the block's first ReLU
+    with pytest.raises(InputError, match="last_layer is a ResNet that is the model itself: pass one of"):
+        compile_naflow(model, x, last_layer=model)
+    with pytest.raises(InputError, match="last_layer is a ReLU that is not a submodule of the model"):
+        compile_naflow(model, x, last_layer=nn.ReLU())
+    with pytest.raises(InputTypeError, match="last_layer must be a layer name or a module of the model, got int"):
+        compile_naflow(model, x, last_layer=3)
+
+
 def test_a_module_called_twice_gives_two_layers():
     class Twice(nn.Module):
         def __init__(self):
