@@ -1,7 +1,9 @@
 """Targets: what scalar score per sample the flow explains.
 
 ``target`` may be ``None`` (argmax per sample), an ``int``, a ``list[int]`` of length B, a
-``LongTensor[B]``, a :class:`ClassTarget`, or any callable ``output -> Tensor[B]``.
+``LongTensor[B]``, a :class:`ClassTarget`, any callable ``output -> Tensor[B]``, or a list with
+one target per sample as pytorch-grad-cam takes them (``[ClassifierOutputTarget(281), ...]``):
+each a :class:`ClassTarget`, an int, or a callable called on that sample's output alone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import TargetError
+from .errors import NAFlowError, TargetError
 
 __all__ = ["ClassTarget", "resolve_target"]
 
@@ -93,13 +95,15 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
             )
         _classes(output)
         target = ClassTarget(output.detach().argmax(1))
+    elif _per_sample(target):
+        return _per_sample_scores(target, output)
     elif not isinstance(target, ClassTarget) and not callable(target):
         target = ClassTarget(target)
     if isinstance(target, ClassTarget):
         idx = target.indices(output)
         return output.gather(1, idx[:, None])[:, 0], idx
     fn: Callable[[Tensor], Tensor] = target
-    scores = fn(output)
+    scores = _call(fn, output, "the target", "the model's output")
     if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise TargetError(f"a callable target must return a Tensor of shape [B] = [{output.shape[0]}], got {shape}")
@@ -110,3 +114,67 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
             "argmax, comparisons and .detach() give nothing to explain (use a logit, e.g. out[:, k])"
         )
     return scores, None
+
+
+def _call(fn: Callable[[Tensor], Tensor], output: Tensor, what: str, of: str) -> object:
+    """``fn(output)``; an exception inside the user's target is one :class:`TargetError` naming it."""
+    try:
+        return fn(output)
+    except NAFlowError:  # the library's own targets (SimilarityTarget) say what is wrong themselves
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's callable rejected this output
+        raise TargetError(
+            f"{what} failed on {of} of shape {tuple(output.shape)}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _per_sample(target: object) -> bool:
+    """A list or tuple holding at least one target object (not only class indices)."""
+    return isinstance(target, (list, tuple)) and any(isinstance(t, ClassTarget) or callable(t) for t in target)
+
+
+def _per_sample_scores(targets: Sequence, output: Tensor) -> tuple[Tensor, Tensor | None]:
+    """pytorch-grad-cam's convention: ``targets[i]`` scores sample ``i`` from ``output[i]`` alone.
+
+    One target for a larger batch applies to every sample, as a single int does.
+    """
+    from .similarity import SimilarityTarget  # similarity imports this module
+
+    batch = output.shape[0]
+    if len(targets) not in (1, batch):
+        raise TargetError(f"got {len(targets)} targets for a batch of {batch}: pass one per sample, or one for all")
+    items = [targets[0]] * batch if len(targets) == 1 else list(targets)
+    scores, classes = [], []
+    for i, t in enumerate(items):
+        if isinstance(t, SimilarityTarget):
+            raise TargetError(
+                "a SimilarityTarget scores the whole batch (one reference per sample): pass it alone, not in a list"
+            )
+        if isinstance(t, ClassTarget) or not callable(t):
+            cat = t.category if isinstance(t, ClassTarget) else t
+            if isinstance(cat, Tensor) and cat.numel() == 1:
+                cat = cat.reshape(()).item() if not cat.is_floating_point() else cat
+            if isinstance(cat, bool) or not isinstance(cat, numbers.Integral):
+                raise TargetError(
+                    f"targets[{i}] = {t!r}: in a list of per-sample targets, each is one class index, a "
+                    "ClassTarget of one class, or a callable scoring that sample's output"
+                )
+            idx = ClassTarget(int(cat)).indices(output[i : i + 1])
+            scores.append(output[i, idx[0]])
+            classes.append(idx[0])
+            continue
+        score = _call(t, output[i], f"targets[{i}]", f"sample {i}'s output")
+        if not isinstance(score, Tensor) or score.numel() != 1:
+            shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+            raise TargetError(
+                f"targets[{i}] must return one score for sample {i}'s output {tuple(output[i].shape)} (as "
+                f"pytorch-grad-cam's targets do), got {shape}"
+            )
+        if not score.is_floating_point() or (output.requires_grad and not score.requires_grad):
+            raise TargetError(
+                f"targets[{i}] must return a differentiable score of sample {i}'s output (a float that depends on "
+                "it); argmax, comparisons and .detach() give nothing to explain"
+            )
+        scores.append(score.reshape(()))
+    all_classes = len(classes) == batch
+    return torch.stack(scores), (torch.stack(classes) if all_classes else None)

@@ -93,6 +93,46 @@ def test_callable_target(nf):
     assert all(torch.isfinite(m).all() for m in flow.maps.values())
 
 
+def test_a_list_of_per_sample_targets_as_pytorch_grad_cam_takes_them(nf):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = batch(2, seed=4)
+    ref = nf(x, [3, 1])
+    for target in ([ClassTarget(3), 1], (ClassTarget(torch.tensor(3)), ClassTarget(1))):
+        flow = nf(x, target)
+        torch.testing.assert_close(flow.classes, torch.tensor([3, 1]))
+        assert_same_flow(flow, ref)
+    pgc = nf(x, [ClassifierOutputTarget(3), ClassifierOutputTarget(1)])  # each called on its sample's output
+    assert pgc.classes is None
+    torch.testing.assert_close(pgc.scores, ref.scores)
+    assert_same_flow(pgc, ref)
+    mixed = nf(x, [ClassifierOutputTarget(3), lambda out: out[1] - out[0]])
+    torch.testing.assert_close(mixed.scores, torch.stack([ref.output[0, 3], ref.output[1, 1] - ref.output[1, 0]]))
+    assert_same_flow(nf(x, [ClassifierOutputTarget(2)]), nf(x, 2))  # one target for the batch, as one int
+
+
+def test_per_sample_target_errors(nf):
+    x = batch(2, seed=5)
+    with pytest.raises(TargetError, match="got 3 targets for a batch of 2: pass one per sample, or one for all"):
+        nf(x, [ClassTarget(0)] * 3)
+    with pytest.raises(TargetError, match=r"targets\[0\] = ClassTarget\(category=\[1, 2\]\): in a list of per-sample"):
+        nf(x, [ClassTarget([1, 2]), lambda out: out[0]])
+    with pytest.raises(TargetError, match=r"class target 9 is out of range"):
+        nf(x, [ClassTarget(9), ClassTarget(0)])
+    with pytest.raises(
+        TargetError, match=r"targets\[1\] must return one score for sample 1's output \(5,\).*got \(5,\)"
+    ):
+        nf(x, [lambda out: out[0], lambda out: out])
+    with pytest.raises(TargetError, match=r"targets\[0\] must return a differentiable score of sample 0's output"):
+        nf(x, [lambda out: out.argmax(), lambda out: out[0]])
+    with pytest.raises(TargetError, match=r"targets\[1\] failed on sample 1's output of shape \(5,\): IndexError"):
+        nf(x, [lambda out: out[0], lambda out: out[99]])  # before: the IndexError itself
+    with pytest.raises(TargetError, match=r"the target failed on the model's output of shape \(2, 5\): KeyError"):
+        nf(x, lambda out: {}["logits"])
+    with pytest.raises(TargetError, match="a SimilarityTarget scores the whole batch"):
+        nf(x, [naflow_fx.SimilarityTarget(torch.randn(2, 5)), 0])
+
+
 def test_target_errors(nf):
     x = batch(2, seed=5)
     with pytest.raises(TargetError, match=r"class target 5 is out of range: the model has 5 classes \(0–4\)"):
