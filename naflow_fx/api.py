@@ -195,8 +195,9 @@ class NAFlow:
     ) -> FlowResult:
         """Explain ``x`` (``Tensor[B, C, H, W]``) for ``target`` (None = argmax per sample).
 
-        ``target``: int, list[int] (length B), LongTensor[B], :class:`~naflow_fx.ClassTarget`, or a
-        callable ``output -> Tensor[B]``. ``keep="all"`` returns each layer's map, BPFM and
+        ``target``: int, list[int] (length B), LongTensor[B], :class:`~naflow_fx.ClassTarget`, a
+        callable ``output -> Tensor[B]``, or a list of one target per sample as pytorch-grad-cam
+        takes them (each callable scores its sample's output ``output[i]``). ``keep="all"`` returns each layer's map, BPFM and
         coefficients; ``keep="maps"`` returns the maps only (``bpfm`` and ``coefficients`` empty),
         and frees each layer's BPFM and Λ as soon as its map is made, for a much lower peak
         memory (NOTE [memory]). ``progress``, if given, is called with each inverse step's
