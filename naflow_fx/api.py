@@ -197,10 +197,10 @@ class NAFlow:
 
         ``target``: int, list[int] (length B), LongTensor[B], :class:`~naflow_fx.ClassTarget`, a
         callable ``output -> Tensor[B]``, or a list of one target per sample as pytorch-grad-cam
-        takes them (each callable scores its sample's output ``output[i]``). ``keep="all"`` returns each layer's map, BPFM and
-        coefficients; ``keep="maps"`` returns the maps only (``bpfm`` and ``coefficients`` empty),
-        and frees each layer's BPFM and Λ as soon as its map is made, for a much lower peak
-        memory (NOTE [memory]). ``progress``, if given, is called with each inverse step's
+        takes them (each callable scores its sample's output ``output[i]``). ``keep="all"`` returns
+        each layer's map, BPFM and coefficients; ``keep="maps"`` returns the maps only (``bpfm``
+        and ``coefficients`` empty), and frees each layer's BPFM and Λ as soon as its map is made,
+        for a much lower peak memory (NOTE [memory]). ``progress``, if given, is called with each inverse step's
         :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps` calls), e.g.
         to drive a progress bar.
         """
