@@ -200,9 +200,9 @@ class NAFlow:
         takes them (each callable scores its sample's output ``output[i]``). ``keep="all"`` returns
         each layer's map, BPFM and coefficients; ``keep="maps"`` returns the maps only (``bpfm``
         and ``coefficients`` empty), and frees each layer's BPFM and Λ as soon as its map is made,
-        for a much lower peak memory (NOTE [memory]). ``progress``, if given, is called with each inverse step's
-        :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps` calls), e.g.
-        to drive a progress bar.
+        for a much lower peak memory (NOTE [memory]). ``progress``, if given, is called with each
+        inverse step's :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps`
+        calls), e.g. to drive a progress bar.
         """
         if keep not in _KEEP:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
