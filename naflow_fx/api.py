@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import passes
-from .errors import ConfigError, InputError, InputTypeError, NumericalWarning
+from .errors import ConfigError, InputError, InputTypeError, NumericalWarning, UnsupportedModelError
 from .passes.codegen import gradients, layer_map
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
@@ -512,6 +512,13 @@ def compile_naflow(
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        raise UnsupportedModelError(
+            f"the model computes in {dtype}, whose {torch.finfo(dtype).resolution:g} resolution is too coarse for "
+            "NAFlow's least-squares solves (they stop at a relative residual of 1e-4: in float16 the maps overflow, "
+            "in bfloat16 no solve converges); explain a float32 copy: "
+            "compile_naflow(copy.deepcopy(model).float(), x.float())"
+        )
     if isinstance(example_input, Tensor) and example_input.device != device:
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)

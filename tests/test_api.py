@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -338,6 +339,15 @@ def test_wrapped_models_are_refused_with_the_module_to_pass(wrap, advice):
     with pytest.raises(UnsupportedModelError, match=advice):
         compile_naflow(wrap(model), batch(1))
     compile_naflow(model, batch(1))  # the model itself, as the message says, compiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_refused_with_the_float32_copy_to_explain(dtype):
+    model = conv4(hidden=4).eval()
+    with pytest.raises(UnsupportedModelError, match=rf"computes in {dtype}.*too coarse.*\.float\(\), x\.float\(\)\)"):
+        compile_naflow(copy.deepcopy(model).to(dtype), batch(1).to(dtype))  # before: NaN or unconverged maps
+    assert next(model.parameters()).dtype == torch.float32
+    compile_naflow(copy.deepcopy(model).double(), batch(1).double())  # float64 is fine
 
 
 class _DotProductAttention(nn.Module):
