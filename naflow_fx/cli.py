@@ -353,13 +353,15 @@ def run_explain(
     grid_layers: Callable[[list[str]], list[str]] | None = None,
     dpi: int = 150,
     gif_size: int = 192,
+    figure_format: str = "png",
     say: Callable[[str], None] = print,
 ) -> dict:
     """Explain every image, write the grid, the GIF and the ``.npz``/JSON files; returns what was written.
 
     ``grid_layers`` picks the grid's columns from the explained layers (default: at most
     ``max_columns`` of them, evenly spaced); the GIF and the ``.npz`` files hold every layer.
-    ``dpi`` is the grid's resolution, ``gif_size`` the side of each image in the GIF.
+    ``dpi`` is the grid's resolution (of its images, for ``pdf`` and ``svg``), ``gif_size`` the
+    side of each image in the GIF, ``figure_format`` the grid's file type (``png``, ``pdf``, ``svg``).
     ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``, and ``fallback`` if set)
     go to ``compile_naflow`` and into the NAFlow sidecar as ``"options"``.
     """
@@ -422,7 +424,7 @@ def run_explain(
     # Each file is written atomically, so a failure here leaves no half-written file.
     try:
         os.makedirs(out, exist_ok=True)
-        written["grid"] = os.path.join(out, "flow_grid.png")
+        written["grid"] = os.path.join(out, f"flow_grid.{figure_format}")
         grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
         flow_grid(images, results, written["grid"], **grid_args)
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
@@ -508,6 +510,7 @@ def _check_device(device: str) -> str:
 
 
 MAX_SIZE = 2048
+FIGURE_FORMATS = ("png", "pdf", "svg")  # the grid's file types (--figure-format)
 
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -597,6 +600,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         max_columns=args.max_columns,
         solver_options=options,
+        figure_format=args.figure_format,
         say=say,
     )
     return 0
@@ -635,6 +639,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         grid_layers=None if args.all_columns else _activation_layers,
         dpi=100,  # the README figure: about 1.3k × 1k pixels, under 2 MB
         gif_size=128,
+        figure_format=args.figure_format,
         say=say,
     )
     from .metrics import mask_energy
@@ -724,6 +729,12 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument(
         "--max-columns", type=_parse_columns, default=24, help="layers shown in the grid at most, ≥ 2 (default 24)"
     )
+    p.add_argument(
+        "--figure-format",
+        choices=FIGURE_FORMATS,
+        default="png",
+        help="the grid's file type: png, or pdf or svg (vector) for papers (default png)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no messages")
     solve = p.add_argument_group("solver options (compile_naflow's; see docs/naflow.md, decisions 6 and 7)")
     defaults = SolverConfig()
@@ -775,7 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="explain the embedded shapes ResNet on bundled images (grid vs Grad-CAM, GIF, .npz)",
         description="Explain the embedded shapes ResNet on bundled sample images: writes flow_grid.png "
-        "(NAFlow against Grad-CAM), flow.gif and the maps as .npz with JSON sidecars.",
+        "(NAFlow against Grad-CAM; .pdf or .svg with --figure-format), flow.gif and the maps as .npz with JSON "
+        "sidecars.",
         epilog=_EPILOG_DEMO,
         formatter_class=fmt,
     )
@@ -790,7 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser(
         "explain",
         help="explain image files with a model",
-        description="Explain image files: writes flow_grid.png, flow.gif and the maps as .npz with JSON sidecars.",
+        description="Explain image files: writes flow_grid.png (.pdf or .svg with --figure-format), flow.gif and "
+        "the maps as .npz with JSON sidecars.",
         epilog=_EPILOG_EXPLAIN,
         formatter_class=fmt,
     )

@@ -56,6 +56,20 @@ def test_explain_with_the_embedded_model_writes_every_output(capsys, tmp_path):
     assert Image.open(tmp_path / "flow_grid.png").size[0] > 300
 
 
+@pytest.mark.parametrize(("fmt", "magic"), [("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_figure_format_writes_a_vector_grid_for_papers(capsys, tmp_path, fmt, magic):
+    star = sample_paths()[CLASSES.index("star")]
+    args = ("explain", star, "--model", "shapes", "--out", str(tmp_path), "--layers", "blocks", "-q")
+    code, _, err = run(capsys, *args, "--figure-format", fmt)
+    assert code == 0, err
+    grid = tmp_path / f"flow_grid.{fmt}"
+    assert grid.read_bytes().startswith(magic) and not (tmp_path / "flow_grid.png").exists()
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*args, "--figure-format", "bmp"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--figure-format: invalid choice: 'bmp'" in err, err
+
+
 def test_solver_options_reach_the_flow_and_its_sidecar(capsys, tmp_path):
     star = sample_paths()[CLASSES.index("star")]
     base = ("explain", star, "--model", "shapes", "--layers", "blocks", "--compare", "none", "--quiet")
