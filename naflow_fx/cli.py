@@ -8,6 +8,7 @@ line, plus indented detail lines for the errors that list things (unsupported op
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import math
 import os
@@ -460,13 +461,33 @@ def run_explain(
 
 
 # ---------------------------------------------------------------------------------------- commands
-def _parse_target(text: str) -> int | None:
+def _parse_target(text: str) -> int | str | None:
+    """``auto`` → None, a class index → int, anything else → a class name, resolved once the model is loaded."""
     if text == "auto":
         return None
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--target must be 'auto' or a class index, got {text!r}") from None
+        return text
+
+
+def _class_index(spec: ModelSpec, target: int | str | None) -> int | None:
+    """``--target`` as a class index: a class name is looked up in the weights' categories."""
+    if not isinstance(target, str):
+        return target
+    names = list(spec.class_names or [])
+    if not names:
+        weights = " (its weights are random: --weights DEFAULT brings trained ones with their names)"
+        raise CLIError(
+            f"--target {target!r} is a class name, but {spec.name} carries no class names"
+            f"{weights if spec.random_weights else ''}: pass a class index"
+        )
+    folded = [n.casefold() for n in names]
+    if target.casefold() in folded:
+        return folded.index(target.casefold())
+    close = difflib.get_close_matches(target.casefold(), folded, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(names[folded.index(c)]) for c in close)}?" if close else ""
+    raise CLIError(f"--target {target!r} is not a class of {spec.name} (nor 'auto' or a class index){hint}")
 
 
 def _parse_layers(text: str) -> object:
@@ -593,7 +614,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         images,
         args.images,
         args.out,
-        target=args.target,
+        target=_class_index(spec, args.target),
         layers=args.layers,
         compare=args.compare,
         device=device,
@@ -809,7 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     _add_model_args(explain)
-    explain.add_argument("--target", type=_parse_target, default=None, help="auto (argmax, default) or a class index")
+    explain.add_argument(
+        "--target",
+        type=_parse_target,
+        default=None,
+        help="auto (argmax, default), a class index, or a class name of the weights (e.g. 'tabby cat')",
+    )
     explain.add_argument(
         "--mean",
         type=_parse_floats,
