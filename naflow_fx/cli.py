@@ -834,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         type=_parse_target,
         default=None,
-        help="auto (argmax, default), a class index, or a class name of the weights (e.g. 'tabby cat')",
+        help="auto (argmax, default), a class index, or a class name of the weights (e.g. 'tiger cat')",
     )
     explain.add_argument(
         "--mean",

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from naflow_fx import compile_naflow
-from naflow_fx.cli import build_parser, main
+from naflow_fx.cli import CLIError, ModelSpec, _class_index, build_parser, main
 from naflow_fx.data.shapes import CLASSES, sample_paths
 from naflow_fx.export import load_maps
 from naflow_fx.solvers import SolverConfig
@@ -78,8 +79,14 @@ def test_target_by_class_name(capsys, tmp_path):
     assert load_maps(tmp_path / "naflow.npz")[1]["samples"][0]["target_name"] == "star"
     code, _, err = run(capsys, "explain", heart, "--model", "shapes", "--target", "starr")
     assert_one_line_error(code, err, "--target 'starr' is not a class of shapes", "did you mean 'star'")
-    code, _, err = run(capsys, "explain", heart, "--model", "resnet18", "--size", "32", "--target", "tabby cat")
+    code, _, err = run(capsys, "explain", heart, "--model", "resnet18", "--size", "32", "--target", "tiger cat")
     assert_one_line_error(code, err, "carries no class names", "--weights DEFAULT", "pass a class index")
+    from torchvision.models import ResNet50_Weights
+
+    imagenet = ModelSpec(nn.Identity(), "resnet50", class_names=ResNet50_Weights.DEFAULT.meta["categories"])
+    assert _class_index(imagenet, "Tiger Cat") == 282 and _class_index(imagenet, 281) == 281
+    with pytest.raises(CLIError, match="did you mean 'tabby'"):
+        _class_index(imagenet, "tabby cats")
 
 
 def test_solver_options_reach_the_flow_and_its_sidecar(capsys, tmp_path):
