@@ -350,6 +350,30 @@ def test_i6_model_parameters_buffers_mode_and_hooks_untouched():
         h.remove()
 
 
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
+def test_i6_parametrized_weights_are_their_eval_value_and_leave_the_model_alone(parametrization):
+    wrap = getattr(torch.nn.utils.parametrizations, parametrization)
+    plain = conv4(num_classes=5, size=16)
+    model = copy.deepcopy(plain)
+    model.features[4] = wrap(model.features[4])  # a conv inside the explained layers
+    model.head = wrap(model.head)  # the classifier after the last layer
+    model.train()  # a spectral norm in train mode advances its power iteration on every weight read
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = batch((2, 3, 16, 16), seed=10)
+    nf = compile_naflow(model, x)  # before: UnsupportedOpError on the ParametrizedConv2d
+    flow = nf(x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training
+    with torch.no_grad():  # the same network with the parametrized weights written out
+        model.eval()
+        plain.features[4].weight.copy_(model.features[4].weight)
+        plain.head.weight.copy_(model.head.weight)
+        model.train()
+    ref = compile_naflow(plain.eval(), x)(x)
+    torch.testing.assert_close(flow.output, ref.output)
+    for name in ref.layers:
+        torch.testing.assert_close(flow.maps[name], ref.maps[name])
+
+
 def test_i6_in_place_ops_cannot_corrupt_recorded_activations():
     inplace, plain = ResidualNet.pair(size=8)
     x = batch((2, 3, 8, 8), seed=9)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..canonical import bind_canonical, is_canonical
 from ..errors import UnsupportedOpError
@@ -219,6 +220,30 @@ def _scope_functional_names(graph: fx.Graph) -> None:
         node.meta["naflow.name"] = name if k == 1 else f"{name}#{k}"
 
 
+def _parametrized_snapshot(gm: fx.GraphModule, target: str, mod: nn.Module, name: str) -> str:
+    """A parametrized tensor (``weight_norm``, ``spectral_norm``) evaluated once, in eval mode.
+
+    Reading ``mod.weight`` in the graph would run the parametrization on every call, and a
+    spectral norm in training mode would then advance its power iteration, changing the user's
+    buffers (spec I6). So the weight is computed here, with the parametrizations in eval mode
+    (their flags restored), and kept on ``gm`` as a buffer; the flow uses the weights the model
+    had when it was compiled (docs/naflow.md, decision 3).
+    """
+    attr_name = "naflow_parametrized_" + f"{target}.{name}".replace(".", "_")
+    if not hasattr(gm, attr_name):
+        parametrizations = mod.parametrizations[name]
+        modes = {m: m.training for m in parametrizations.modules()}
+        try:
+            parametrizations.eval()
+            with torch.no_grad():
+                value = getattr(mod, name).detach().clone()
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        gm.register_buffer(attr_name, value)
+    return attr_name
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``gm`` in place into canonical, eval-mode, out-of-place form and return it."""
     graph = gm.graph
@@ -231,12 +256,16 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             node.meta["naflow.name"] = node.target if k == 1 else f"{node.target}#{k}"
             node.meta["naflow.module"] = node.target
             node.meta["naflow.module_type"] = type(mod).__name__
-            lowering = _MODULE_LOWERINGS.get(type(mod))
+            # a parametrized module (weight_norm, spectral_norm) is its plain class with computed weights
+            plain = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
+            lowering = _MODULE_LOWERINGS.get(plain)
             if lowering is None:
                 continue  # an unknown leaf module stays a call_module; assign_rules reports it
 
-            def attr(name: str, _node=node) -> fx.Node:
+            def attr(name: str, _node=node, _mod=mod) -> fx.Node:
                 with graph.inserting_before(_node):
+                    if parametrize.is_parametrized(_mod, name):
+                        return graph.get_attr(_parametrized_snapshot(gm, _node.target, _mod, name))
                     return graph.get_attr(f"{_node.target}.{name}")
 
             target, kwargs = lowering(attr, mod)
