@@ -126,6 +126,33 @@ def test_padding_modes_lower_to_pad_and_conv():
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [F.pad, torch.conv2d, torch.relu]
 
 
+@pytest.mark.parametrize(
+    ("pad", "conv_padding"),
+    [
+        (nn.ZeroPad2d(1), dict(padding=1)),
+        (nn.ReflectionPad2d(1), dict(padding=1, padding_mode="reflect")),
+        (nn.ReplicationPad2d(1), dict(padding=1, padding_mode="replicate")),
+        (nn.CircularPad2d(1), dict(padding=1, padding_mode="circular")),
+        (nn.ConstantPad2d((1, 2, 0, 1), 0.5), None),
+    ],
+)
+def test_padding_modules_lower_to_pad_and_give_the_conv_padding_flow(pad, conv_padding):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(pad, conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    gm = normalize(trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][:3] == [F.pad, torch.conv2d, torch.relu]
+    flow = compile_naflow(model, x)(x)  # before: UnsupportedOpError on the padding module
+    assert flow.layers[0] == "0" and all(torch.isfinite(m).all() for m in flow.maps.values())
+    if conv_padding is not None:  # the same network as a conv that pads itself
+        same = nn.Sequential(nn.Conv2d(3, 4, 3, **conv_padding), *list(model)[2:]).eval()
+        same[0].load_state_dict(conv.state_dict())
+        ref = compile_naflow(same, x)(x)
+        torch.testing.assert_close(flow.maps["2"], ref.maps["1"])
+
+
 def test_bn_without_running_stats_is_rejected():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):

@@ -117,6 +117,12 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.AdaptiveAvgPool2d: lambda a, m: (F.adaptive_avg_pool2d, dict(output_size=m.output_size)),
     nn.AdaptiveMaxPool2d: lambda a, m: (_pool_check(m) or F.adaptive_max_pool2d, dict(output_size=m.output_size)),
     nn.Flatten: lambda a, m: (torch.flatten, dict(start_dim=m.start_dim, end_dim=m.end_dim)),
+    # padding modules are F.pad (a selection: docs/naflow.md, decision 12)
+    nn.ZeroPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="constant", value=0.0)),
+    nn.ConstantPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="constant", value=float(m.value))),
+    nn.ReflectionPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="reflect", value=None)),
+    nn.ReplicationPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="replicate", value=None)),
+    nn.CircularPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="circular", value=None)),
     nn.Identity: lambda a, m: (_IDENTITY, {}),
     nn.Dropout: lambda a, m: (_IDENTITY, {}),
     nn.Dropout1d: lambda a, m: (_IDENTITY, {}),
