@@ -66,6 +66,8 @@ CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     F.hardsigmoid: _sig(_unary),
     F.mish: _sig(_unary),
     F.softplus: _sig(_softplus),
+    F.selu: _sig(_unary),
+    F.celu: _sig(_elu),
     F.max_pool2d: _sig(_max_pool2d),
     F.avg_pool2d: _sig(_avg_pool2d),
     F.adaptive_avg_pool2d: _sig(_adaptive_pool2d),

@@ -132,6 +132,14 @@ def elu_samples(draw) -> Sample:
 
 
 @st.composite
+def celu_samples(draw) -> Sample:
+    # CELU's slope below 0 is exp(a/α): α ≥ 0.5 keeps it above pinv's cut-off on a ≥ −6 (as for ELU)
+    alpha = draw(st.one_of(st.sampled_from([1.0]), st.floats(0.5, 2)))
+    x, seed = draw(feature_maps((0.0,)))
+    return Sample(x, dict(alpha=alpha), seed)
+
+
+@st.composite
 def gelu_samples(draw) -> Sample:
     x, seed = draw(feature_maps((0.0,)))
     return Sample(x, dict(approximate=draw(st.sampled_from(["none", "tanh"]))), seed)
@@ -368,6 +376,8 @@ SPECS = [
     OpSpec("hardsigmoid", F.hardsigmoid, unary((-3.0, 3.0))),
     OpSpec("mish", F.mish, unary((0.0,))),
     OpSpec("softplus", F.softplus, softplus_samples()),
+    OpSpec("selu", F.selu, unary((0.0,))),
+    OpSpec("celu", F.celu, celu_samples()),
     OpSpec("max_pool2d", F.max_pool2d, max_pool2d_samples()),
     OpSpec("avg_pool2d", F.avg_pool2d, avg_pool2d_samples()),
     OpSpec("adaptive_avg_pool2d", F.adaptive_avg_pool2d, adaptive_samples()),
@@ -380,7 +390,18 @@ SPECS = [
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 parametrize_specs = pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-SMOOTH = ("elu", "sigmoid", "tanh", "silu", "gelu", "hardswish", "mish", "softplus")  # damped (decision 11)
+SMOOTH = (
+    "elu",
+    "sigmoid",
+    "tanh",
+    "silu",
+    "gelu",
+    "hardswish",
+    "mish",
+    "softplus",
+    "selu",
+    "celu",
+)  # damped (decision 11)
 
 
 def call_rule(spec: OpSpec, ctx: SolverContext, bpfm_out: Tensor, sample: Sample, layer: str = "layer") -> Tensor:

@@ -99,6 +99,8 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.Hardsigmoid: lambda a, m: (F.hardsigmoid, {}),
     nn.Mish: lambda a, m: (F.mish, {}),
     nn.Softplus: lambda a, m: (F.softplus, dict(beta=m.beta, threshold=m.threshold)),
+    nn.SELU: lambda a, m: (F.selu, {}),
+    nn.CELU: lambda a, m: (F.celu, dict(alpha=m.alpha)),
     nn.MaxPool2d: lambda a, m: (
         _pool_check(m) or F.max_pool2d,
         dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, ceil_mode=m.ceil_mode),
@@ -142,6 +144,12 @@ _FUNCTION_ALIASES: dict[object, object] = {
     F.leaky_relu_: F.leaky_relu,
     F.elu_: F.elu,
     F.sigmoid: torch.sigmoid,
+    torch.selu: F.selu,
+    torch.selu_: F.selu,
+    F.selu_: F.selu,
+    torch.celu: F.celu,
+    torch.celu_: F.celu,
+    F.celu_: F.celu,
     F.tanh: torch.tanh,
     torch.max_pool2d: F.max_pool2d,
     torch.clip: torch.clamp,
@@ -161,6 +169,7 @@ _FUNCTION_ALIASES: dict[object, object] = {
     operator.itruediv: operator.truediv,
 }
 _INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.clamp_}
+_INPLACE_FUNCTIONS |= {torch.selu_, F.selu_, torch.celu_, F.celu_}
 _INPLACE_FUNCTIONS |= {operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
 # --- call_method aliases: method name -> canonical target -----------------------------------------
