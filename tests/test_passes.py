@@ -153,6 +153,30 @@ def test_padding_modules_lower_to_pad_and_give_the_conv_padding_flow(pad, conv_p
         torch.testing.assert_close(flow.maps["2"], ref.maps["1"])
 
 
+def test_selu_and_celu_modules_functions_and_in_place_forms_lower_to_one_target():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.selu, self.celu = nn.SELU(), nn.CELU(0.7)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = torch.selu_(self.celu(self.conv1(x)))
+            x = F.celu(self.selu(self.conv2(x)), alpha=1.5)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    gm = normalize(trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    acts = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.selu, F.celu)]
+    assert acts == [F.celu, F.selu, F.selu, F.celu]
+    flow = compile_naflow(model, x)(x)  # before: UnsupportedOpError on SELU and CELU
+    assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+
 def test_bn_without_running_stats_is_rejected():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):
