@@ -25,6 +25,11 @@ def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
 def _linear(input, weight, bias=None): ...
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5): ...  # noqa: E501
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
+def _instance_norm(
+    input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5
+): ...
+def _local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0): ...
 
 
 def _unary(input): ...
@@ -53,6 +58,9 @@ CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     F.linear: _sig(_linear),
     F.batch_norm: _sig(_batch_norm),
     F.layer_norm: _sig(_layer_norm),
+    F.group_norm: _sig(_group_norm),
+    F.instance_norm: _sig(_instance_norm),
+    F.local_response_norm: _sig(_local_response_norm),
     torch.relu: _sig(_unary),
     F.hardtanh: _sig(_hardtanh),
     F.leaky_relu: _sig(_leaky_relu),

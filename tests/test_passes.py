@@ -177,6 +177,31 @@ def test_selu_and_celu_modules_functions_and_in_place_forms_lower_to_one_target(
     assert all(torch.isfinite(m).all() for m in flow.maps.values())
 
 
+@pytest.mark.parametrize(
+    ("norm", "target"),
+    [
+        (nn.GroupNorm(2, 4), F.group_norm),
+        (nn.InstanceNorm2d(4, affine=True), F.instance_norm),  # the sample's own statistics
+        (nn.InstanceNorm2d(4, track_running_stats=True), F.batch_norm),  # eval: running statistics
+        (nn.LocalResponseNorm(3), F.local_response_norm),
+    ],
+)
+def test_normalisation_modules_lower_to_their_functions_and_explain(norm, target):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.append(nn.Linear(4, 2))
+    if getattr(norm, "running_mean", None) is not None:
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    gm = normalize(trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(gm(x), model(x), atol=1e-5)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][:3] == [torch.conv2d, target, torch.relu]
+    flow = compile_naflow(model, x)(x)  # before: UnsupportedOpError on the normalisation module
+    assert flow.diagnostics["1"].rule == f"{target.__name__}_inverse"
+    assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+
 def test_bn_without_running_stats_is_rejected():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):

@@ -189,6 +189,42 @@ def layer_norm_samples(draw) -> Sample:
 
 
 @st.composite
+def group_norm_samples(draw) -> Sample:
+    """``[B, C, H, W]`` with C = groups · channels per group, at least 4 elements per group."""
+    groups, per_group = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    shape = (draw(st.integers(1, 2)), groups * per_group, draw(st.integers(2, 3)), draw(st.integers(2, 3)))
+    seed = draw(SEEDS)
+    c = shape[1]
+    weight = rand((c,), seed + 1) if draw(st.booleans()) else None
+    bias = rand((c,), seed + 2) if draw(st.booleans()) else None
+    return Sample(rand(shape, seed), dict(num_groups=groups, weight=weight, bias=bias, eps=1e-5), seed)
+
+
+@st.composite
+def instance_norm_samples(draw) -> Sample:
+    """``[B, C, H, W]`` normalised with each sample's own statistics (at least 4 pixels per channel)."""
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(2, 3)), draw(st.integers(2, 3)))
+    seed = draw(SEEDS)
+    c = shape[1]
+    weight = rand((c,), seed + 1) if draw(st.booleans()) else None
+    bias = rand((c,), seed + 2) if draw(st.booleans()) else None
+    kwargs = dict(
+        running_mean=None, running_var=None, weight=weight, bias=bias, use_input_stats=True, momentum=0.1, eps=1e-5
+    )
+    return Sample(rand(shape, seed), kwargs, seed)
+
+
+@st.composite
+def local_response_norm_samples(draw) -> Sample:
+    x, seed = draw(feature_maps(ndims=(4,)))
+    size = draw(st.integers(1, x.shape[1] + 1))
+    kwargs = dict(
+        size=size, alpha=draw(st.floats(1e-4, 1.0)), beta=draw(st.floats(0.5, 1.0)), k=draw(st.floats(0.5, 2))
+    )
+    return Sample(x, kwargs, seed)
+
+
+@st.composite
 def linear_samples(draw, kind: str = "any") -> Sample:
     """``F.linear`` forward points; ``kind`` ``"tall"`` (out ≥ in) or ``"wide"`` (out < in) or ``"any"``."""
     n_in = draw(st.integers(1 if kind != "wide" else 2, 8))
@@ -363,6 +399,9 @@ SPECS = [
     OpSpec("linear", F.linear, linear_samples()),
     OpSpec("batch_norm", F.batch_norm, batch_norm_samples()),
     OpSpec("layer_norm", F.layer_norm, layer_norm_samples()),
+    OpSpec("group_norm", F.group_norm, group_norm_samples()),
+    OpSpec("instance_norm", F.instance_norm, instance_norm_samples()),
+    OpSpec("local_response_norm", F.local_response_norm, local_response_norm_samples()),
     OpSpec("relu", torch.relu, unary((0.0,))),
     OpSpec("hardtanh", F.hardtanh, hardtanh_samples()),
     OpSpec("leaky_relu", F.leaky_relu, leaky_relu_samples()),
@@ -390,6 +429,7 @@ SPECS = [
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 parametrize_specs = pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+NORMS = ("layer_norm", "group_norm", "instance_norm", "local_response_norm")  # solved through their Jacobian
 SMOOTH = (
     "elu",
     "sigmoid",
@@ -834,7 +874,14 @@ def test_rule_keeps_float32_and_agrees_with_the_oracle(spec: OpSpec, data):
     bpfm_out = rand(spec.forward(sample32).shape, data.draw(SEEDS)).float()
     got = call_rule(spec, exact_ctx(), bpfm_out, sample32)
     assert got.dtype == torch.float32 and got.shape == sample32.input.shape
-    expected = oracle_inverse(spec.sample_fn(as32), sample32.input, bpfm_out, dtype=torch.float32)
+    # Normalisations have no kinks to follow, and an exact null space (each group's mean) that a
+    # float32 Jacobian holds only to float32 accuracy, which pinv would then invert: their oracle
+    # Jacobian is taken in float64 at the float32 point.
+    if spec.name in NORMS:
+        up = {k: (v.to(F64) if isinstance(v, Tensor) else v) for k, v in as32.items()}  # the float32 values
+        expected = oracle_inverse(spec.sample_fn(up), sample32.input, bpfm_out, dtype=F64)
+    else:
+        expected = oracle_inverse(spec.sample_fn(as32), sample32.input, bpfm_out, dtype=torch.float32)
     # error ~ cond(J) · eps32: solved ops, and pointwise ops whose derivative is near 0 (GELU's minimum)
     cond = 1.0
     for pc in pieces(spec, sample):
@@ -856,13 +903,13 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
     assert rec.layer == f"features.{spec.name}"
     assert rec.rule == f"{spec.name}_inverse"
     assert rec.seconds >= 0 and rec.converged
-    solved = spec.name in ("conv2d", "linear", "layer_norm", "avg_pool2d", "adaptive_avg_pool2d")
+    solved = spec.name in ("conv2d", "linear", *NORMS, "avg_pool2d", "adaptive_avg_pool2d")
     assert rec.method == ("dense" if solved and not _pointwise(spec, sample) else "closed form")
     assert rec.iterations == 0
     ps = pieces(spec, sample)
     # solver-based rules and smooth activations are damped, with λ = damping · σ_max(J) (0 when J
     # is 0, e.g. a conv reading padding only); the ReLU family, BN and selections are exact
-    damped = spec.name in ("conv2d", "linear", "layer_norm", *SMOOTH)
+    damped = spec.name in ("conv2d", "linear", *NORMS, *SMOOTH)
     assert (rec.damping > 0) == (damped and bool(ps[0].jac.abs().max() > 0))
     # the recorded residual is ||J B_u − (B_w − θ)|| / ||B_w − θ||, largest over the batch
     worst = 0.0

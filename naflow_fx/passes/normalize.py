@@ -66,6 +66,23 @@ def _bn(attr, m: nn.modules.batchnorm._BatchNorm):
     )
 
 
+def _instance_norm(attr, m: nn.InstanceNorm2d):
+    """With running statistics, eval InstanceNorm is an eval BatchNorm; without, the sample's own."""
+    weight = attr("weight") if m.weight is not None else None
+    bias = attr("bias") if m.bias is not None else None
+    if m.running_mean is not None and m.running_var is not None:
+        return F.batch_norm, dict(
+            running_mean=attr("running_mean"),
+            running_var=attr("running_var"),
+            weight=weight,
+            bias=bias,
+            training=False,
+            momentum=0.0,
+            eps=m.eps,
+        )
+    return F.instance_norm, dict(weight=weight, bias=bias, use_input_stats=True, eps=m.eps)
+
+
 def _pool_check(m):
     if getattr(m, "return_indices", False):
         raise UnsupportedOpError(f"{type(m).__name__}(return_indices=True) is not supported; use return_indices=False")
@@ -85,6 +102,17 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
             eps=m.eps,
         ),
     ),
+    nn.GroupNorm: lambda a, m: (
+        F.group_norm,
+        dict(
+            num_groups=m.num_groups,
+            weight=a("weight") if m.weight is not None else None,
+            bias=a("bias") if m.bias is not None else None,
+            eps=m.eps,
+        ),
+    ),
+    nn.InstanceNorm2d: _instance_norm,
+    nn.LocalResponseNorm: lambda a, m: (F.local_response_norm, dict(size=m.size, alpha=m.alpha, beta=m.beta, k=m.k)),
     nn.ReLU: lambda a, m: (torch.relu, {}),
     nn.ReLU6: lambda a, m: (F.hardtanh, dict(min_val=0.0, max_val=6.0)),
     nn.Hardtanh: lambda a, m: (F.hardtanh, dict(min_val=m.min_val, max_val=m.max_val)),

@@ -9,7 +9,15 @@ from torch import Tensor
 from ..solvers.operator import linear_map, linearized_map
 from . import register_inverse
 
-__all__ = ["conv2d_inverse", "linear_inverse", "batch_norm_inverse", "layer_norm_inverse"]
+__all__ = [
+    "conv2d_inverse",
+    "linear_inverse",
+    "batch_norm_inverse",
+    "layer_norm_inverse",
+    "group_norm_inverse",
+    "instance_norm_inverse",
+    "local_response_norm_inverse",
+]
 
 
 def _channel_view(v: Tensor, like: Tensor, dim: int = 1) -> Tensor:
@@ -125,3 +133,47 @@ def layer_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, normalized_sh
 
     op, theta = linearized_map(norm, input)
     return solver.solve(op, bpfm_out - theta)
+
+
+def _cast(t: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if t is None else t.to(like.dtype)
+
+
+def _solve_linearized(solver, fn, bpfm_out: Tensor, input: Tensor) -> Tensor:
+    """Damped min-norm least squares through ``fn``'s affine piece at the forward point ``input``."""
+    op, theta = linearized_map(fn, input)
+    return solver.solve(op, bpfm_out - theta)
+
+
+@register_inverse(F.group_norm)
+def group_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, num_groups, weight, bias, eps):
+    """GroupNorm, solved through its Jacobian at the forward point like LayerNorm (decision 16):
+    it divides each group by its own standard deviation, so it has no closed-form affine inverse."""
+
+    def norm(x: Tensor) -> Tensor:
+        return F.group_norm(x, num_groups, _cast(weight, x), _cast(bias, x), eps)
+
+    return _solve_linearized(solver, norm, bpfm_out, input)
+
+
+@register_inverse(F.instance_norm)
+def instance_norm_inverse(
+    solver, bpfm_out: Tensor, input: Tensor, *, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+):
+    """InstanceNorm with the sample's own statistics (``track_running_stats=False``), solved through
+    its Jacobian like LayerNorm; with running statistics it is lowered to an eval BatchNorm instead."""
+
+    def norm(x: Tensor) -> Tensor:
+        return F.instance_norm(x, None, None, _cast(weight, x), _cast(bias, x), True, momentum, eps)
+
+    return _solve_linearized(solver, norm, bpfm_out, input)
+
+
+@register_inverse(F.local_response_norm)
+def local_response_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, size, alpha, beta, k):
+    """LocalResponseNorm (AlexNet's original), solved through its Jacobian at the forward point."""
+
+    def norm(x: Tensor) -> Tensor:
+        return F.local_response_norm(x, size, alpha, beta, k)
+
+    return _solve_linearized(solver, norm, bpfm_out, input)
