@@ -202,6 +202,77 @@ def test_normalisation_modules_lower_to_their_functions_and_explain(norm, target
     assert all(torch.isfinite(m).all() for m in flow.maps.values())
 
 
+class _Arithmetic(nn.Module):
+    """conv → ReLU → ``f(·)`` (a lone stage) → conv → ReLU → head."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.f, self.fc = f, nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(self.f(self, torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("f", "c"),
+    [
+        (lambda m, y: y * 2.0, 2.0),
+        (lambda m, y: 2.0 * y, 2.0),
+        (lambda m, y: y / 4, 0.25),
+        (lambda m, y: torch.div(y, 4), 0.25),
+        (lambda m, y: y.mul(3), 3.0),
+        (lambda m, y: y + 1, 1.0),
+        (lambda m, y: 1 - y, -1.0),
+        (lambda m, y: -y, -1.0),
+        (lambda m, y: y * m.scale, None),  # a learnt per-channel scale
+    ],
+)
+def test_arithmetic_with_a_constant_is_inverted_exactly(f, c):
+    torch.manual_seed(0)
+    model = _Arithmetic(f).eval()
+    x = torch.randn(2, 3, 8, 8)
+    nf = compile_naflow(model, x)  # before: UnsupportedOpError on the lone mul/add/...
+    flow = nf(x)
+    step = nf.layers[2]
+    rec = flow.diagnostics[step]
+    assert (rec.rule, rec.method) == ("elementwise_affine_inverse", "closed form")
+    scale = model.scale.detach() if c is None else c
+    theta = f(model, torch.zeros(1, 4, 8, 8)).detach()  # f(y) = c·y + θ
+    live = flow.coefficients["relu"] != 0  # abandoning keeps B_u where Λ_u ≠ 0
+    torch.testing.assert_close(flow.bpfm["relu"], torch.where(live, (flow.bpfm[step] - theta) / scale, 0))
+
+
+def test_arithmetic_that_is_not_affine_in_the_feature_is_still_refused():
+    for f in (lambda m, y: 1 / (y + 1), lambda m, y: torch.div(y, 3, rounding_mode="floor")):
+        with pytest.raises(UnsupportedOpError, match="no inverse rule"):
+            compile_naflow(_Arithmetic(f).eval(), torch.randn(1, 3, 8, 8))
+
+
+def test_batch_statistics_of_weights_are_kept_and_of_features_refused():
+    class StdConv(nn.Conv2d):  # weight standardisation, as NF-ResNets do it
+        def forward(self, x):
+            w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-5)
+            return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model.append(nn.Linear(4, 2))
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(normalize(trace(model.eval()))(x), model(x), atol=1e-6)
+    flow = compile_naflow(model, x)(x)  # before: "running_mean must be defined in evaluation mode"
+    assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+    class BatchStats(nn.Module):
+        def forward(self, x):
+            return F.batch_norm(x, None, None, training=True)
+
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), BatchStats(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(UnsupportedOpError, match="F.batch_norm without running statistics .* batch statistics"):
+        compile_naflow(features.eval(), x)
+
+
 def test_bn_without_running_stats_is_rejected():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(UnsupportedOpError, match="track_running_stats=False"):

@@ -8,8 +8,10 @@ on each stage's output node.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from ..canonical import short_op_name
@@ -27,8 +29,9 @@ class InverseStep:
     """How one stage is inverted.
 
     ``kind`` is ``"rule"`` (a registered closed-form or solved rule), ``"region"`` (joint solve of
-    a multi-branch stage through its linearisation) or ``"linearize"`` (the generic rule on a
-    single op that has no rule, chosen explicitly with ``fallback="linearize"``).
+    a multi-branch stage through its linearisation), ``"affine"`` (arithmetic with a constant,
+    :func:`~naflow_fx.rules.generic.elementwise_affine_inverse`) or ``"linearize"`` (the generic
+    rule on a single op that has no rule, chosen explicitly with ``fallback="linearize"``).
     """
 
     stage: Stage
@@ -39,7 +42,27 @@ class InverseStep:
     def rule_name(self) -> str:
         if self.kind == "rule":
             return getattr(self.rule, "__name__", str(self.rule))
-        return "region_inverse" if self.kind == "region" else "linearized_inverse (fallback)"
+        names = {"region": "region_inverse", "affine": "elementwise_affine_inverse"}
+        return names.get(self.kind, "linearized_inverse (fallback)")
+
+
+# arithmetic that is affine in its one feature operand when the other is a constant
+_ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.neg, torch.mul, torch.add, torch.sub, torch.neg}
+_DIVISIONS = {operator.truediv, torch.div, torch.true_divide}  # affine only in the dividend
+_ARITHMETIC_METHODS = {"mul", "add", "sub", "neg", "div", "true_divide"}
+
+
+def _elementwise_affine(w: fx.Node, u: fx.Node) -> bool:
+    """``w`` is ``u·c``, ``u/c``, ``u ± c``, ``c − u`` or ``−u`` for a constant ``c`` (a lone stage reads
+    the feature only through ``u``, so every other operand is a number or a parameter)."""
+    if w.kwargs.get("rounding_mode") is not None or sum(a is u for a in (*w.args, *w.kwargs.values())) != 1:
+        return False
+    if w.op == "call_method":
+        divides = w.target in ("div", "true_divide")
+        return w.target in _ARITHMETIC_METHODS and (not divides or w.args[:1] == (u,))
+    if w.op != "call_function":
+        return False
+    return w.target in _ARITHMETIC or (w.target in _DIVISIONS and w.args[:1] == (u,))
 
 
 def _describe(node: fx.Node) -> str:
@@ -67,6 +90,8 @@ def assign_inverse_rules(gm: fx.GraphModule, fallback: str | None = None) -> fx.
             single = w.args[:1] == (u,) and len(feature_args) == 1 and u not in w.kwargs.values()
             if rule is not None and single:
                 step = InverseStep(stage, "rule", rule)
+            elif _elementwise_affine(w, u):
+                step = InverseStep(stage, "affine")
             elif fallback == "linearize":
                 step = InverseStep(stage, "linearize")
             else:

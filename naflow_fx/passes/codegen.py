@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from ..rules import abandon
-from ..rules.generic import linearized_inverse, region_inverse
+from ..rules.generic import elementwise_affine_inverse, linearized_inverse, region_inverse
 from ..solvers.linearize import linearize_graph
 from .partition import Plan
 from .shape_prop import layout
@@ -271,7 +271,7 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
             kwargs = {k: arg(v) for k, v in w.kwargs.items()} | tag
             solved = graph.create_node("call_function", step.rule, args, kwargs, name=f"inv_{w.name}")
         else:
-            fn = region_inverse if step.kind == "region" else linearized_inverse
+            fn = {"region": region_inverse, "affine": elementwise_affine_inverse}.get(step.kind, linearized_inverse)
             args = (solver, bpfm[w.name], graph.get_attr(path), value[u.name], *(value[e.name] for e in extras))
             solved = graph.create_node("call_function", fn, args, tag, name=f"inv_{w.name}")
         # After the solve, so that the solve holds only Λ_w, not Λ_u and the inner Λ.

@@ -48,13 +48,33 @@ def _conv(attr, m: nn.Conv2d):
     )
 
 
+_BATCH_STATISTICS = (
+    "{what} normalises with batch statistics even in eval mode, so one sample's explanation would depend on the "
+    "rest of the batch. Use a model whose BatchNorm layers track running statistics."
+)
+
+
+def _running_mean(args: tuple, kwargs: dict) -> object:
+    """``running_mean`` of an ``F.batch_norm(input, running_mean, running_var, ...)`` call."""
+    return args[1] if len(args) > 1 else kwargs.get("running_mean")
+
+
+def _reads_the_input(node: fx.Node) -> bool:
+    """Whether ``node`` depends on a placeholder (the images), rather than on parameters only."""
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
 def _bn(attr, m: nn.modules.batchnorm._BatchNorm):
     if m.running_mean is None or m.running_var is None:
-        raise UnsupportedOpError(
-            f"{type(m).__name__} has track_running_stats=False, so even in eval mode it normalises with "
-            "batch statistics and one sample's explanation depends on the rest of the batch. "
-            "Use a model whose BatchNorm layers track running statistics."
-        )
+        raise UnsupportedOpError(_BATCH_STATISTICS.format(what=f"{type(m).__name__} with track_running_stats=False"))
     return F.batch_norm, dict(
         running_mean=attr("running_mean"),
         running_var=attr("running_var"),
@@ -370,7 +390,12 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                     continue
                 target, args, kwargs = lowered
             if target is F.batch_norm:
-                kwargs["training"] = False
+                if _running_mean(args, kwargs) is not None:
+                    kwargs["training"] = False
+                elif _reads_the_input(node):
+                    what = f"F.batch_norm without running statistics ({node.format_node()})"
+                    raise UnsupportedOpError(_BATCH_STATISTICS.format(what=what))
+                # else: batch statistics of parameters (weight standardisation, as in NF-ResNets): as is
             node.target, node.args, node.kwargs = target, args, kwargs
             if inplace and node.args and isinstance(node.args[0], fx.Node):
                 _rewire_later_uses(graph, node.args[0], node)

@@ -13,7 +13,7 @@ from ..solvers.linearize import linearize_graph
 from ..solvers.operator import linearized_map
 from . import recorded
 
-__all__ = ["linearized_inverse", "region_inverse", "affine_piece"]
+__all__ = ["linearized_inverse", "region_inverse", "elementwise_affine_inverse", "affine_piece"]
 
 
 def _float64_call(stage: nn.Module, extras: tuple):
@@ -46,3 +46,19 @@ def linearized_inverse(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor
 def region_inverse(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:
     """Joint damped min-norm solve of a multi-branch region through its affine piece (spec §2)."""
     return _solve_affine_piece(solver, bpfm_out, stage, input, *extras)
+
+
+@recorded
+def elementwise_affine_inverse(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:
+    """Arithmetic with a constant, ``x·c``, ``x/c``, ``x ± c``, ``c − x`` or ``−x``: ``B_u = (B_w − θ)/c``.
+
+    ``c`` is a number or a tensor that does not depend on the input (a learnt per-channel scale),
+    so ``J`` is diagonal, ``diag(d)`` with ``d`` the vjp of ones, and the spec's rule is exact, as
+    for batch norm (0 where ``c = 0``). A constant that broadcasts the input to a larger shape
+    makes ``J`` tall instead; that is solved like any affine piece.
+    """
+    out, vjp_fn = torch.func.vjp(lambda a: stage(a, *extras), input)
+    if out.shape != input.shape:
+        return _solve_affine_piece(solver, bpfm_out, stage, input, *extras)
+    d = vjp_fn(torch.ones_like(out))[0]
+    return solver.diagonal_inverse(d, bpfm_out - (out - d * input), damped=False)
