@@ -202,6 +202,30 @@ def test_normalisation_modules_lower_to_their_functions_and_explain(norm, target
     assert all(torch.isfinite(m).all() for m in flow.maps.values())
 
 
+@pytest.mark.parametrize("use_input_stats", [True, False])
+def test_functional_instance_norm_never_updates_the_models_running_statistics(use_input_stats):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+            self.register_buffer("mean", torch.rand(4))
+            self.register_buffer("var", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            y = F.instance_norm(self.conv(x), self.mean, self.var, use_input_stats=use_input_stats)
+            return self.fc(torch.relu(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6)
+    flow = compile_naflow(model, x)(x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model's own call updates them
+    assert flow.diagnostics["instance_norm"].rule == "instance_norm_inverse"
+    with torch.no_grad():
+        torch.testing.assert_close(flow.output, model(x))
+
+
 class _Arithmetic(nn.Module):
     """conv → ReLU → ``f(·)`` (a lone stage) → conv → ReLU → head."""
 

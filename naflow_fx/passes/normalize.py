@@ -54,6 +54,15 @@ _BATCH_STATISTICS = (
 )
 
 
+def _bind(target, args: tuple, kwargs: dict) -> dict:
+    """``target``'s arguments after the input, by name (the canonical signature's)."""
+    return bind_canonical(target, args, kwargs)[1]
+
+
+def _uses_input_stats(args: tuple, kwargs: dict) -> bool:
+    return bool(_bind(F.instance_norm, args, kwargs)["use_input_stats"])
+
+
 def _running_mean(args: tuple, kwargs: dict) -> object:
     """``running_mean`` of an ``F.batch_norm(input, running_mean, running_var, ...)`` call."""
     return args[1] if len(args) > 1 else kwargs.get("running_mean")
@@ -389,6 +398,10 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 if lowered is None:
                     continue
                 target, args, kwargs = lowered
+            if target is F.instance_norm and _uses_input_stats(args, kwargs):
+                # the running statistics would only be updated in place (the user's buffers): left out
+                args, kwargs = args[:1], {**_bind(F.instance_norm, args, kwargs), "running_mean": None}
+                kwargs["running_var"] = None
             if target is F.batch_norm:
                 if _running_mean(args, kwargs) is not None:
                     kwargs["training"] = False

@@ -127,12 +127,9 @@ def layer_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, normalized_sh
     """
 
     def norm(x: Tensor) -> Tensor:
-        w = None if weight is None else weight.to(x.dtype)
-        b = None if bias is None else bias.to(x.dtype)
-        return F.layer_norm(x, normalized_shape, w, b, eps)
+        return F.layer_norm(x, normalized_shape, _cast(weight, x), _cast(bias, x), eps)
 
-    op, theta = linearized_map(norm, input)
-    return solver.solve(op, bpfm_out - theta)
+    return _solve_linearized(solver, norm, bpfm_out, input)
 
 
 def _cast(t: Tensor | None, like: Tensor) -> Tensor | None:
@@ -160,11 +157,14 @@ def group_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, num_groups, w
 def instance_norm_inverse(
     solver, bpfm_out: Tensor, input: Tensor, *, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
 ):
-    """InstanceNorm with the sample's own statistics (``track_running_stats=False``), solved through
-    its Jacobian like LayerNorm; with running statistics it is lowered to an eval BatchNorm instead."""
+    """InstanceNorm, solved through its Jacobian like LayerNorm. The module with running statistics is
+    lowered to an eval BatchNorm instead; a functional call is taken as written, except that running
+    statistics it would only update (``use_input_stats=True``) are left out."""
+    stats = (None, None) if use_input_stats else (running_mean, running_var)
 
     def norm(x: Tensor) -> Tensor:
-        return F.instance_norm(x, None, None, _cast(weight, x), _cast(bias, x), True, momentum, eps)
+        mean, var = (None if s is None else s.to(x.dtype) for s in stats)
+        return F.instance_norm(x, mean, var, _cast(weight, x), _cast(bias, x), use_input_stats, momentum, eps)
 
     return _solve_linearized(solver, norm, bpfm_out, input)
 
