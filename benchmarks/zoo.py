@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
@@ -46,6 +47,11 @@ def timm_model(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+def _package_paths(text: str) -> str:
+    """File paths in a message from where the package begins (``timm/layers/padding.py``), not this machine's."""
+    return re.sub(r"/\S+/((?:timm|torchvision|torch)/)", r"\1", text)
+
+
 def run_one(name: str, size: int, max_iter: int, build=torchvision_model) -> dict:
     torch.manual_seed(0)
     row = dict(model=name, size=size, compiled="no", layers=0, residual="", compile_s="", flow_s="", error="")
@@ -64,7 +70,7 @@ def run_one(name: str, size: int, max_iter: int, build=torchvision_model) -> dic
         row["layers"] = len(flow.layers) if finite else f"{len(flow.layers)} (non-finite maps)"
         row["residual"] = f"{max((r.residual for r in flow.diagnostics.values()), default=0.0):.2e}"
     except NAFlowError as exc:
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"
+        row["error"] = f"{type(exc).__name__}: {_package_paths(str(exc).splitlines()[0])[:400]}"
     except Exception as exc:  # noqa: BLE001 - the report records every failure
         row["error"] = f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0][:400]}"
     return row
