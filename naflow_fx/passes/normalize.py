@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 
 from ..canonical import bind_canonical, is_canonical
 from ..errors import UnsupportedOpError
+from .partition import feature_subgraph
 
 __all__ = ["normalize"]
 
@@ -54,31 +55,18 @@ _BATCH_STATISTICS = (
 )
 
 
-def _bind(target, args: tuple, kwargs: dict) -> dict:
-    """``target``'s arguments after the input, by name (the canonical signature's)."""
-    return bind_canonical(target, args, kwargs)[1]
-
-
-def _uses_input_stats(args: tuple, kwargs: dict) -> bool:
-    return bool(_bind(F.instance_norm, args, kwargs)["use_input_stats"])
-
-
-def _running_mean(args: tuple, kwargs: dict) -> object:
-    """``running_mean`` of an ``F.batch_norm(input, running_mean, running_var, ...)`` call."""
-    return args[1] if len(args) > 1 else kwargs.get("running_mean")
+def _bound(node: fx.Node, target, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``bind_canonical`` of ``node``'s call to ``target``; arguments it cannot read are an UnsupportedOpError."""
+    try:
+        return bind_canonical(target, args, dict(kwargs))
+    except TypeError as exc:
+        raise UnsupportedOpError(f"cannot read the arguments of {node.format_node()}: {exc}") from None
 
 
 def _reads_the_input(node: fx.Node) -> bool:
     """Whether ``node`` depends on a placeholder (the images), rather than on parameters only."""
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n.op == "placeholder":
-            return True
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return False
+    inputs = [n for n in node.graph.nodes if n.op == "placeholder"]
+    return any(feature_subgraph(node.graph, p, node, keep=lambda n: True) for p in inputs)
 
 
 def _bn(attr, m: nn.modules.batchnorm._BatchNorm):
@@ -97,18 +85,10 @@ def _bn(attr, m: nn.modules.batchnorm._BatchNorm):
 
 def _instance_norm(attr, m: nn.InstanceNorm2d):
     """With running statistics, eval InstanceNorm is an eval BatchNorm; without, the sample's own."""
+    if m.running_mean is not None and m.running_var is not None:
+        return _bn(attr, m)
     weight = attr("weight") if m.weight is not None else None
     bias = attr("bias") if m.bias is not None else None
-    if m.running_mean is not None and m.running_var is not None:
-        return F.batch_norm, dict(
-            running_mean=attr("running_mean"),
-            running_var=attr("running_var"),
-            weight=weight,
-            bias=bias,
-            training=False,
-            momentum=0.0,
-            eps=m.eps,
-        )
     return F.instance_norm, dict(weight=weight, bias=bias, use_input_stats=True, eps=m.eps)
 
 
@@ -398,12 +378,13 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 if lowered is None:
                     continue
                 target, args, kwargs = lowered
-            if target is F.instance_norm and _uses_input_stats(args, kwargs):
-                # the running statistics would only be updated in place (the user's buffers): left out
-                args, kwargs = args[:1], {**_bind(F.instance_norm, args, kwargs), "running_mean": None}
-                kwargs["running_var"] = None
+            if target is F.instance_norm:
+                args, kwargs = _bound(node, target, args, kwargs)
+                if kwargs["use_input_stats"]:
+                    # the running statistics would only be updated in place (the user's buffers): left out
+                    kwargs.update(running_mean=None, running_var=None)
             if target is F.batch_norm:
-                if _running_mean(args, kwargs) is not None:
+                if _bound(node, target, args, kwargs)[1]["running_mean"] is not None:
                     kwargs["training"] = False
                 elif _reads_the_input(node):
                     what = f"F.batch_norm without running statistics ({node.format_node()})"
@@ -416,10 +397,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     # Bind every canonical node to its signature: (input,) plus all kwargs, defaults filled in.
     for node in graph.nodes:
         if node.op == "call_function" and is_canonical(node.target):
-            try:
-                node.args, node.kwargs = bind_canonical(node.target, node.args, dict(node.kwargs))
-            except TypeError as exc:
-                raise UnsupportedOpError(f"cannot read the arguments of {node.format_node()}: {exc}") from None
+            node.args, node.kwargs = _bound(node, node.target, node.args, node.kwargs)
         node.meta.setdefault("naflow.name", node.name)
     _scope_functional_names(graph)
     graph.lint()

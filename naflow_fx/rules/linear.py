@@ -163,7 +163,7 @@ def instance_norm_inverse(
     stats = (None, None) if use_input_stats else (running_mean, running_var)
 
     def norm(x: Tensor) -> Tensor:
-        mean, var = (None if s is None else s.to(x.dtype) for s in stats)
+        mean, var = (_cast(s, x) for s in stats)
         return F.instance_norm(x, mean, var, _cast(weight, x), _cast(bias, x), use_input_stats, momentum, eps)
 
     return _solve_linearized(solver, norm, bpfm_out, input)
