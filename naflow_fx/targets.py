@@ -107,13 +107,18 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
     if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise TargetError(f"a callable target must return a Tensor of shape [B] = [{output.shape[0]}], got {shape}")
-    if not scores.is_floating_point() or (output.requires_grad and not scores.requires_grad):
-        raise TargetError(
-            "a callable target must return a differentiable score of the output (a float Tensor[B] that "
-            f"depends on it), got a {scores.dtype} tensor{'' if scores.requires_grad else ' without gradient'}; "
-            "argmax, comparisons and .detach() give nothing to explain (use a logit, e.g. out[:, k])"
-        )
+    _check_differentiable(scores, output, "a callable target", "the output (a float Tensor[B] that depends on it)")
     return scores, None
+
+
+def _check_differentiable(score: Tensor, output: Tensor, who: str, of: str, logit: str = "out[:, k]") -> None:
+    """A target's score must be a float that depends on the output, else there is nothing to explain."""
+    if not score.is_floating_point() or (output.requires_grad and not score.requires_grad):
+        raise TargetError(
+            f"{who} must return a differentiable score of {of}, got a {score.dtype} tensor"
+            f"{'' if score.requires_grad else ' without gradient'}; argmax, comparisons and .detach() give nothing "
+            f"to explain (use a logit, e.g. {logit})"
+        )
 
 
 def _call(fn: Callable[[Tensor], Tensor], output: Tensor, what: str, of: str) -> object:
@@ -170,11 +175,8 @@ def _per_sample_scores(targets: Sequence, output: Tensor) -> tuple[Tensor, Tenso
                 f"targets[{i}] must return one score for sample {i}'s output {tuple(output[i].shape)} (as "
                 f"pytorch-grad-cam's targets do), got {shape}"
             )
-        if not score.is_floating_point() or (output.requires_grad and not score.requires_grad):
-            raise TargetError(
-                f"targets[{i}] must return a differentiable score of sample {i}'s output (a float that depends on "
-                "it); argmax, comparisons and .detach() give nothing to explain"
-            )
+        of = f"sample {i}'s output (a float that depends on it)"
+        _check_differentiable(score, output, f"targets[{i}]", of, logit="out[k]")
         scores.append(score.reshape(()))
     all_classes = len(classes) == batch
     return torch.stack(scores), (torch.stack(classes) if all_classes else None)
