@@ -22,6 +22,7 @@ def _sig(fn: Callable) -> inspect.Signature:
 
 # One stub per canonical op: its parameters are the canonical node's kwargs.
 def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def _conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1): ...
 def _linear(input, weight, bias=None): ...
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5): ...  # noqa: E501
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
@@ -51,10 +52,18 @@ def _permute(input, dims): ...
 
 def _transpose(input, dim0, dim1): ...
 def _pad(input, pad, mode="constant", value=None): ...
+def _interpolate(
+    input, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None,
+    antialias=False,
+): ...  # fmt: skip
+def _pixel_shuffle(input, upscale_factor): ...
+def _pixel_unshuffle(input, downscale_factor): ...
+def _channel_shuffle(input, groups): ...
 
 
 CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     torch.conv2d: _sig(_conv2d),
+    torch.conv_transpose2d: _sig(_conv_transpose2d),
     F.linear: _sig(_linear),
     F.batch_norm: _sig(_batch_norm),
     F.layer_norm: _sig(_layer_norm),
@@ -85,6 +94,10 @@ CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     torch.permute: _sig(_permute),
     torch.transpose: _sig(_transpose),
     F.pad: _sig(_pad),
+    F.interpolate: _sig(_interpolate),
+    torch.pixel_shuffle: _sig(_pixel_shuffle),
+    torch.pixel_unshuffle: _sig(_pixel_unshuffle),
+    torch.channel_shuffle: _sig(_channel_shuffle),
 }
 
 _SHORT_NAMES = {

@@ -37,7 +37,7 @@ def _check(gm: fx.GraphModule, point: torch.Tensor, *extras) -> None:
 
 class Mixed(nn.Module):
     """Every rule family: affine, batch norm, pointwise (mask and smooth), sums, products, linear, pad,
-    and ops that fall back to ``jvp`` (max pool, layer norm, interpolate)."""
+    and ops that fall back to ``jvp`` (max pool, layer norm)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,9 +132,37 @@ def test_rules_chosen_per_op():
     assert kinds["bn"] == "folded" and kinds["bn2"] == "scale"
     assert kinds["relu"] == "mask" and kinds["hardtanh"] == "mask"
     assert kinds["sigmoid"] == "derivative" and kinds["prelu"] == "derivative"
-    assert kinds["mul"] == "product" and kinds["sub"] == "sum" and kinds["cat"] == "linear"
-    assert {kinds[k] for k in ("max_pool2d", "layer_norm", "interpolate")} == {"jvp"}
-    assert sum(k == "jvp" for k in kinds.values()) == 3
+    assert kinds["mul"] == "product" and kinds["sub"] == "sum" and kinds["cat"] == kinds["interpolate"] == "linear"
+    assert {kinds[k] for k in ("max_pool2d", "layer_norm")} == {"jvp"}
+    assert sum(k == "jvp" for k in kinds.values()) == 2
+
+
+class Decoder(nn.Module):
+    """A transposed conv with a batch norm after it (its output channels are the weight's dim 1, so
+    the norm must not fold into dim 0), nearest and bilinear resampling, and shuffles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.up = nn.Conv2d(4, 4, 3, 2, 1), nn.ConvTranspose2d(4, 4, 3, 2, 1, output_padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.running_var.uniform_(0.5, 2), self.bn.weight.data.normal_()
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        a = self.bn(self.up(y)) + F.interpolate(y, scale_factor=2.0)
+        a = a + F.interpolate(y, size=x.shape[-2:], mode="bilinear")
+        b = F.pixel_unshuffle(F.channel_shuffle(a, 2), 2)
+        return F.relu(F.pixel_shuffle(b, 2) + x)
+
+
+def test_transposed_convs_resampling_and_shuffles_match_jvp_without_fallback():
+    torch.manual_seed(0)
+    gm = nf.passes.normalize(fx.symbolic_trace(Decoder().eval()))
+    x = torch.randn(2, 4, 6, 6)
+    _check(gm, x)
+    kinds = linearize_graph(gm, x)[1].kinds
+    assert "jvp" not in kinds.values() and "folded" not in kinds.values()
+    assert kinds["up"] == "affine" and kinds["bn"] == "scale"
 
 
 def test_normalised_resnet_block_needs_no_jvp():

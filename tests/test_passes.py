@@ -530,3 +530,45 @@ def test_tuple_nodes_stay_inside_regions_and_layer_norm_is_inverted():
     assert flow.diagnostics["cat"].rule == "region_inverse"
     assert all(bool(torch.isfinite(m).all()) for m in flow.maps.values())
     assert {"branch.0", "branch.1", "branch.2"} <= set(flow.layers)  # layers inside the region have maps
+
+
+@pytest.mark.parametrize(
+    ("layer", "channels", "target", "rule"),
+    [
+        (nn.Upsample(scale_factor=2), 4, F.interpolate, "interpolate_inverse"),
+        (nn.Upsample(scale_factor=1.5, mode="bicubic"), 4, F.interpolate, "interpolate_inverse"),
+        (nn.UpsamplingNearest2d(size=(9, 7)), 4, F.interpolate, "interpolate_inverse"),
+        (nn.UpsamplingBilinear2d(scale_factor=2), 4, F.interpolate, "interpolate_inverse"),
+        (nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1), 3, torch.conv_transpose2d, None),
+        (nn.PixelShuffle(2), 1, torch.pixel_shuffle, "pixel_shuffle_inverse"),
+        (nn.PixelUnshuffle(2), 16, torch.pixel_unshuffle, "pixel_unshuffle_inverse"),
+        (nn.ChannelShuffle(2), 4, torch.channel_shuffle, "channel_shuffle_inverse"),
+    ],
+)
+def test_resampling_transposed_convs_and_shuffles_lower_and_explain(layer, channels, target, rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    model.append(nn.Flatten()).append(nn.Linear(channels, 2)).eval()
+    gm = normalize(trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][:3] == [torch.conv2d, torch.relu, target]
+    flow = compile_naflow(model, x)(x)  # before: UnsupportedOpError on the module
+    assert flow.diagnostics["2"].rule == (rule or f"{target.__name__}_inverse")
+    assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+
+def test_a_transposed_conv_given_output_size_is_reported_or_linearized():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.up, self.fc = nn.Conv2d(3, 4, 3, 2, 1), nn.ConvTranspose2d(4, 4, 3, 2, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.up(F.relu(self.conv(x)), output_size=x.shape[-2:]).mean((2, 3)))
+
+    model, x = Net().eval(), torch.randn(1, 3, 6, 6)
+    with pytest.raises(UnsupportedOpError, match=r"module 'up' \(ConvTranspose2d\)"):
+        compile_naflow(model, x)
+    flow = compile_naflow(model, x, fallback="linearize")(x)
+    assert flow.diagnostics["up"].rule == "linearized_inverse" and flow.maps["up"].shape == (1, 6, 6)

@@ -51,7 +51,11 @@ from naflow_fx.solvers.iterative import cgls
 
 F64 = torch.float64
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning"),
+    # the oracle's vmapped jacrev of the nearest-exact upsampling backward, which functorch loops over
+    pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented:UserWarning"),
+]
 
 # Tolerances (float64 throughout): dense rules vs the pinv oracle, and CGLS run to a tight tolerance.
 TOL = 1e-8
@@ -365,6 +369,77 @@ def pad_samples(draw) -> Sample:
     return Sample(x, dict(pad=tuple(pad), mode=mode, value=value), seed)
 
 
+@st.composite
+def interpolate_samples(draw) -> Sample:
+    """``F.interpolate`` over 1, 2 or 3 spatial dims, in every mode that dimension has."""
+    spatial = draw(st.integers(1, 3))
+    modes = ["nearest", "nearest-exact", "area", {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]]
+    mode = draw(st.sampled_from(modes + (["bicubic"] if spatial == 2 else [])))
+    seed = draw(SEEDS)
+    plane = tuple(draw(st.integers(1, 4)) for _ in range(spatial))
+    x = rand((draw(st.integers(1, 3)), draw(st.integers(1, 2)), *plane), seed)
+    size = scale = recompute = None
+    if draw(st.booleans()):
+        size = tuple(draw(st.integers(1, 6)) for _ in range(spatial))
+        size = size[0] if spatial == 1 or draw(st.booleans()) and len(set(size)) == 1 else size
+    else:
+        scale = draw(st.sampled_from([0.5, 1.5, 2.0, 3.0]))
+        assume(all(int(n * scale) >= 1 for n in plane))
+        recompute = draw(st.sampled_from([None, True]))
+    linear = mode in ("linear", "bilinear", "bicubic", "trilinear")
+    antialias = draw(st.booleans()) if mode in ("bilinear", "bicubic") else False
+    if antialias:  # torch 2.14's antialiased forward is wrong when exactly one output side is 1
+        out = F.interpolate(x, size, scale, mode, False, recompute, antialias).shape[2:]
+        assume(min(out) > 1 or max(out) == 1)
+    kwargs = dict(
+        size=size,
+        scale_factor=scale,
+        mode=mode,
+        align_corners=draw(st.booleans()) if linear else None,
+        recompute_scale_factor=recompute,
+        antialias=antialias,
+    )
+    return Sample(x, kwargs, seed)
+
+
+@st.composite
+def conv_transpose2d_samples(draw) -> Sample:
+    groups = draw(st.integers(1, 2))
+    cin_g, cout_g = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = tuple(draw(st.integers(0, d * (k - 1) // 2)) for d, k in zip(dilation, kernel))
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    seed = draw(SEEDS)
+    x = rand((draw(st.integers(1, 3)), cin_g * groups, draw(st.integers(1, 4)), draw(st.integers(1, 4))), seed)
+    weight = rand((cin_g * groups, cout_g, *kernel), seed + 1) / (cin_g * kernel[0] * kernel[1]) ** 0.5
+    kwargs = dict(
+        weight=weight,
+        bias=rand((cout_g * groups,), seed + 2) if draw(st.booleans()) else None,
+        stride=spell_pair(draw, stride),
+        padding=spell_pair(draw, padding),
+        output_padding=spell_pair(draw, output_padding),
+        groups=groups,
+        dilation=spell_pair(draw, dilation),
+    )
+    return Sample(x, kwargs, seed)
+
+
+@st.composite
+def shuffle_samples(draw, op: str) -> Sample:
+    """``pixel_shuffle`` / ``pixel_unshuffle`` / ``channel_shuffle`` inputs with a valid factor."""
+    seed = draw(SEEDS)
+    factor = draw(st.integers(1, 3))
+    batch, c, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    if op == "pixel_shuffle":
+        return Sample(rand((batch, c * factor**2, h, w), seed), dict(upscale_factor=factor), seed)
+    if op == "pixel_unshuffle":
+        return Sample(rand((batch, c, h * factor, w * factor), seed), dict(downscale_factor=factor), seed)
+    extra = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(1, 2))))
+    return Sample(rand((batch, c * factor, *extra), seed), dict(groups=factor), seed)
+
+
 # ---------------------------------------------------------------------------------------------
 # The spec table.
 
@@ -396,6 +471,7 @@ class OpSpec:
 
 SPECS = [
     OpSpec("conv2d", torch.conv2d, conv2d_samples()),
+    OpSpec("conv_transpose2d", torch.conv_transpose2d, conv_transpose2d_samples()),
     OpSpec("linear", F.linear, linear_samples()),
     OpSpec("batch_norm", F.batch_norm, batch_norm_samples()),
     OpSpec("layer_norm", F.layer_norm, layer_norm_samples()),
@@ -426,6 +502,10 @@ SPECS = [
     OpSpec("permute", torch.permute, permute_samples()),
     OpSpec("transpose", torch.transpose, transpose_samples()),
     OpSpec("pad", F.pad, pad_samples()),
+    OpSpec("interpolate", F.interpolate, interpolate_samples()),
+    OpSpec("pixel_shuffle", torch.pixel_shuffle, shuffle_samples("pixel_shuffle")),
+    OpSpec("pixel_unshuffle", torch.pixel_unshuffle, shuffle_samples("pixel_unshuffle")),
+    OpSpec("channel_shuffle", torch.channel_shuffle, shuffle_samples("channel_shuffle")),
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 parametrize_specs = pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
@@ -527,7 +607,9 @@ def test_rule_reconstructs_its_input_on_the_row_space(spec: OpSpec, data):
         assert_rel_close(got, sample.input, TOL, f"{spec.name}: injective stage must reconstruct a_u")
 
 
-@pytest.mark.parametrize("name", ["flatten", "reshape", "permute", "transpose"])
+@pytest.mark.parametrize(
+    "name", ["flatten", "reshape", "permute", "transpose", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"]
+)
 @SETTINGS
 @given(data=st.data())
 def test_structural_rules_are_exact_inverses(name: str, data):
@@ -903,13 +985,14 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
     assert rec.layer == f"features.{spec.name}"
     assert rec.rule == f"{spec.name}_inverse"
     assert rec.seconds >= 0 and rec.converged
-    solved = spec.name in ("conv2d", "linear", *NORMS, "avg_pool2d", "adaptive_avg_pool2d")
+    solved = spec.name in ("conv2d", "conv_transpose2d", "linear", *NORMS, "avg_pool2d", "adaptive_avg_pool2d")
+    solved |= spec.name == "interpolate" and not sample.kwargs["mode"].startswith("nearest")
     assert rec.method == ("dense" if solved and not _pointwise(spec, sample) else "closed form")
     assert rec.iterations == 0
     ps = pieces(spec, sample)
     # solver-based rules and smooth activations are damped, with λ = damping · σ_max(J) (0 when J
     # is 0, e.g. a conv reading padding only); the ReLU family, BN and selections are exact
-    damped = spec.name in ("conv2d", "linear", *NORMS, *SMOOTH)
+    damped = spec.name in ("conv2d", "conv_transpose2d", "linear", *NORMS, *SMOOTH)
     # (λ is recorded as the largest over the batch: any sample with a non-zero J makes it positive)
     assert (rec.damping > 0) == (damped and any(bool(pc.jac.abs().max() > 0) for pc in ps))
     # the recorded residual is ||J B_u − (B_w − θ)|| / ||B_w − θ||, largest over the batch

@@ -92,6 +92,30 @@ def _instance_norm(attr, m: nn.InstanceNorm2d):
     return F.instance_norm, dict(weight=weight, bias=bias, use_input_stats=True, eps=m.eps)
 
 
+def _conv_transpose(attr, m: nn.ConvTranspose2d):
+    """Called with the input alone (no ``output_size``), so ``output_padding`` is the module's own."""
+    return torch.conv_transpose2d, dict(
+        weight=attr("weight"),
+        bias=attr("bias") if m.bias is not None else None,
+        stride=m.stride,
+        padding=m.padding,
+        output_padding=m.output_padding,
+        groups=m.groups,
+        dilation=m.dilation,
+    )
+
+
+def _upsample(attr, m: nn.Upsample):
+    return F.interpolate, dict(
+        size=m.size,
+        scale_factor=m.scale_factor,
+        mode=m.mode,
+        align_corners=m.align_corners,
+        recompute_scale_factor=m.recompute_scale_factor,
+        antialias=False,
+    )
+
+
 def _pool_check(m):
     if getattr(m, "return_indices", False):
         raise UnsupportedOpError(f"{type(m).__name__}(return_indices=True) is not supported; use return_indices=False")
@@ -99,6 +123,7 @@ def _pool_check(m):
 
 _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.Conv2d: _conv,
+    nn.ConvTranspose2d: _conv_transpose,
     nn.Linear: lambda a, m: (F.linear, dict(weight=a("weight"), bias=a("bias") if m.bias is not None else None)),
     nn.BatchNorm2d: _bn,
     nn.BatchNorm1d: _bn,
@@ -162,6 +187,13 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.ReflectionPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="reflect", value=None)),
     nn.ReplicationPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="replicate", value=None)),
     nn.CircularPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="circular", value=None)),
+    # resampling and pixel/channel shuffles (decision 34)
+    nn.Upsample: _upsample,
+    nn.UpsamplingNearest2d: _upsample,
+    nn.UpsamplingBilinear2d: _upsample,
+    nn.PixelShuffle: lambda a, m: (torch.pixel_shuffle, dict(upscale_factor=m.upscale_factor)),
+    nn.PixelUnshuffle: lambda a, m: (torch.pixel_unshuffle, dict(downscale_factor=m.downscale_factor)),
+    nn.ChannelShuffle: lambda a, m: (torch.channel_shuffle, dict(groups=m.groups)),
     nn.Identity: lambda a, m: (_IDENTITY, {}),
     nn.Dropout: lambda a, m: (_IDENTITY, {}),
     nn.Dropout1d: lambda a, m: (_IDENTITY, {}),
@@ -311,8 +343,10 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             # a parametrized module (weight_norm, spectral_norm) is its plain class with computed weights
             plain = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
             lowering = _MODULE_LOWERINGS.get(plain)
-            if lowering is None:
-                continue  # an unknown leaf module stays a call_module; assign_rules reports it
+            if lowering is None or len(node.args) != 1 or node.kwargs:
+                # an unknown leaf module, or a known one called with more than its input (a
+                # ConvTranspose2d given output_size), stays a call_module; assign_rules reports it
+                continue
 
             def attr(name: str, _node=node, _mod=mod) -> fx.Node:
                 with graph.inserting_before(_node):

@@ -1,4 +1,4 @@
-"""Inverse rules of affine layers: conv2d, linear (solved) and eval-mode BatchNorm (closed form)."""
+"""Inverse rules of affine layers: convolutions, linear (solved), eval-mode BatchNorm (closed form), norms."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from . import register_inverse
 
 __all__ = [
     "conv2d_inverse",
+    "conv_transpose2d_inverse",
     "linear_inverse",
     "batch_norm_inverse",
     "layer_norm_inverse",
@@ -87,6 +88,19 @@ def conv2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, weight, bias, str
         x = solver.solve(linear_map(conv, input.contiguous(memory_format=cl)), rhs.contiguous(memory_format=cl))
         return x.contiguous()
     return solver.solve(linear_map(conv, input), rhs)
+
+
+@register_inverse(torch.conv_transpose2d)
+def conv_transpose2d_inverse(
+    solver, bpfm_out: Tensor, input: Tensor, *, weight, bias, stride, padding, output_padding, groups, dilation
+):
+    """Damped min-norm least squares of ``conv_transpose2d(B_u) = B_w − bias``, like a convolution."""
+
+    def deconv(x: Tensor) -> Tensor:
+        return torch.conv_transpose2d(x, weight.to(x.dtype), None, stride, padding, output_padding, groups, dilation)
+
+    rhs = bpfm_out if bias is None else bpfm_out - _channel_view(bias, bpfm_out)
+    return solver.solve(linear_map(deconv, input), rhs)
 
 
 @register_inverse(F.linear)

@@ -1,4 +1,4 @@
-"""Inverse rules of structural ops: flatten, reshape, permute (exact) and pad (a selection)."""
+"""Inverse rules of structural ops: flatten, reshape, permutations and shuffles (exact), pad (a selection)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from torch import Tensor
 from . import register_inverse
 from .pooling import select_inverse
 
-__all__ = ["flatten_inverse", "reshape_inverse", "permute_inverse", "transpose_inverse", "pad_inverse"]
+__all__ = [
+    "flatten_inverse",
+    "reshape_inverse",
+    "permute_inverse",
+    "transpose_inverse",
+    "pad_inverse",
+    "pixel_shuffle_inverse",
+    "pixel_unshuffle_inverse",
+    "channel_shuffle_inverse",
+]
 
 
 @register_inverse(torch.flatten)
@@ -53,3 +62,24 @@ def pad_inverse(solver, bpfm_out: Tensor, input: Tensor, *, pad, mode, value):
     theta = F.pad(torch.zeros_like(input), pad, mode="constant", value=value or 0.0) if mode == "constant" else 0
     index = index.reshape(index.shape[-k:])  # drop the (1, 1) batch/channel dims of the non-constant modes
     return select_inverse(solver, bpfm_out - theta, index.round().long(), input.shape, plane_dims=k)
+
+
+@register_inverse(torch.pixel_shuffle)
+def pixel_shuffle_inverse(solver, bpfm_out: Tensor, input: Tensor, *, upscale_factor):
+    """Move the pixels back into channels (``pixel_unshuffle``)."""
+    solver.closed_form(bpfm_out, bpfm_out)
+    return torch.pixel_unshuffle(bpfm_out, upscale_factor)
+
+
+@register_inverse(torch.pixel_unshuffle)
+def pixel_unshuffle_inverse(solver, bpfm_out: Tensor, input: Tensor, *, downscale_factor):
+    """Move the channels back into pixels (``pixel_shuffle``)."""
+    solver.closed_form(bpfm_out, bpfm_out)
+    return torch.pixel_shuffle(bpfm_out, downscale_factor)
+
+
+@register_inverse(torch.channel_shuffle)
+def channel_shuffle_inverse(solver, bpfm_out: Tensor, input: Tensor, *, groups):
+    """Shuffling C channels in ``groups`` is undone by shuffling them in ``C // groups``."""
+    solver.closed_form(bpfm_out, bpfm_out)
+    return torch.channel_shuffle(bpfm_out, input.shape[1] // groups)

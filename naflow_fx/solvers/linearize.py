@@ -88,6 +88,8 @@ _LINEAR = {
     F.adaptive_avg_pool2d,
     F.pixel_shuffle,
     F.pixel_unshuffle,
+    F.channel_shuffle,
+    F.interpolate,
     operator.getitem,
 }
 _LINEAR_METHODS = {
@@ -132,9 +134,11 @@ _LINEAR_MODULES = (
     nn.AdaptiveAvgPool2d,
     nn.PixelShuffle,
     nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    nn.Upsample,
     nn.modules.dropout._DropoutNd,
 )
-_AFFINE = {torch.conv2d, F.conv2d, F.linear}  # weight applied to the feature, bias dropped
+_AFFINE = {torch.conv2d, F.conv2d, torch.conv_transpose2d, F.linear}  # weight applied to the feature, bias dropped
 
 Rule = Callable[[dict[str, Any]], Any]
 
@@ -344,7 +348,8 @@ class _Linearizer(fx.Interpreter):
             return lambda t: fn(t[x], *args, **kw)
 
         weight = rest[0] if rest else kwargs.get("weight")
-        if isinstance(weight, Tensor) and weight.dim() >= 2:
+        # a transposed conv's output channels are its weight's dim 1, so a batch norm cannot fold into dim 0
+        if isinstance(weight, Tensor) and weight.dim() >= 2 and fn is not torch.conv_transpose2d:
             return self._foldable(n, weight, rebuild, fn is F.linear)
         return lambda t: fn(t[x], *rest, **kwargs)
 
