@@ -77,6 +77,8 @@ class NAFlow:
         self._example_shape = tuple(example.shape)
         self._dtype = example.dtype
         self._device = example.device
+        # NOTE [fixed shapes]: ((C, H, W), where) when the model was traced at the example's sizes
+        self.fixed_shape: tuple | None = graph_module.meta.get("naflow.fixed_shape")
         self._layer_of = {n.name: n.meta.get("naflow.name", n.name) for n in graph_module.graph.nodes}
         self._node_of = {v: k for k, v in self._layer_of.items()}
         self._layer_nodes = [self._node_of[name] for name in layers]
@@ -136,6 +138,13 @@ class NAFlow:
         if x.shape[1] != self._example_shape[1]:
             raise InputError(
                 f"the input has {x.shape[1]} channels but the model was compiled for {self._example_shape[1]}"
+            )
+        if self.fixed_shape is not None and tuple(x.shape[1:]) != self.fixed_shape[0]:
+            size, where = self.fixed_shape
+            raise InputError(
+                f"the model was compiled for inputs of size {size} only, got {tuple(x.shape[1:])}: its forward "
+                f"computes with the input's shape in Python ({where}), so it was traced at the example's sizes; "
+                "resize the input, or compile again with an example of the size you need"
             )
         if not x.is_floating_point():
             raise InputError(f"the input must be a floating-point tensor, got {x.dtype}; convert it with x.float()")
@@ -289,7 +298,9 @@ class NAFlow:
     def __repr__(self) -> str:
         return (
             f"NAFlow({len(self.layers)} layers, last_layer={self.last_layer!r}, solver={self.config.solver!r}, "
-            f"damping={self.config.damping}, reduction={self.reduction!r})"
+            f"damping={self.config.damping}, reduction={self.reduction!r}"
+            + ("" if self.fixed_shape is None else f", fixed_shape={self.fixed_shape[0]}")
+            + ")"
         )
 
 
@@ -523,7 +534,7 @@ def compile_naflow(
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)
 
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
     gm = passes.check_scope(gm)
     gm = passes.normalize(gm)
     gm = passes.propagate_shapes(gm, example)

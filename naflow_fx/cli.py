@@ -681,6 +681,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
     lines = [f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n"]
+    if nf.fixed_shape is not None:
+        why = f"the forward computes with the input's shape ({nf.fixed_shape[1]})"
+        lines.insert(1, f"traced for {size}x{size} inputs only: {why}\n")
     rows = []
     for s in plan.stages:
         step = nodes[s.output].meta["naflow.inverse"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import InputTypeError, UnsupportedModelError
 
-__all__ = ["NAFlowTracer", "trace"]
+__all__ = ["NAFlowTracer", "ShapeTracer", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HOOK_DICTS = (
@@ -55,6 +55,108 @@ class NAFlowTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+# NOTE [fixed shapes]
+# torch.fx records every operation on a Proxy but cannot give Python a value, so `if h % s`,
+# `math.ceil(h / s)` or `for t in x.chunk(2)` stop a trace (timm's dynamic "same" padding, size
+# checks, FPN-style resizes). When plain tracing fails and compile_naflow has an example batch,
+# ShapeTracer traces again while it runs the example through each op as the op is recorded. The
+# sizes of every tensor except its batch size are then plain ints: those lines run as they would on
+# the example, and what they compute (pad widths, target sizes) becomes a constant of the graph.
+# The batch size stays traced, so `x.view(x.size(0), -1)` holds for any batch; a branch on tensor
+# values still fails, as it must. The graph is right for the example's (C, H, W) only, so NAFlow
+# refuses inputs of another size with an InputError naming the line that needed the shapes.
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy whose ``.shape`` is the example's sizes, the batch size (dim 0) still traced."""
+
+    def __getattr__(self, k: str):
+        if k in ("shape", "ndim"):
+            value = self.tracer.values.get(self.node)
+            if isinstance(value, torch.Tensor):
+                return value.dim() if k == "ndim" else self.tracer.sizes(self, value)
+        return super().__getattr__(k)
+
+
+class ShapeTracer(NAFlowTracer):
+    """A tracer that runs the example through every op as it records it (NOTE [fixed shapes]).
+
+    ``x.shape``, ``x.size(d)`` and ``x.dim()`` are the example's Python ints, except the batch
+    size, so a branch or an argument computed from the shape is resolved while tracing, as the
+    example would run. The graph is then valid for inputs of the example's size only.
+    """
+
+    def __init__(self, example: torch.Tensor, leaf_modules: Iterable[type | str] = ()) -> None:
+        super().__init__(leaf_modules)
+        self.example = example
+        self.values: dict[fx.Node, object] = {}
+        self._computing = False  # running the example through an op: fx's patches step aside
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def sizes(self, proxy: fx.Proxy, value: torch.Tensor) -> tuple:
+        if value.dim() == 0:
+            return torch.Size([])
+        return (fx.Proxy.__getattr__(proxy, "shape")[0], *value.shape[1:])
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_method" and target in ("size", "dim") and isinstance(args[0], fx.Proxy):
+            value = self.values.get(args[0].node)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if isinstance(value, torch.Tensor) and (target == "dim" or dim is None):
+                return value.dim() if target == "dim" else self.sizes(args[0], value)
+            if isinstance(value, torch.Tensor) and isinstance(dim, int) and dim % max(value.dim(), 1) != 0:
+                return value.shape[dim]
+        return super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        self.values[node] = self._run(node)
+        return node
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if self._computing:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        return attr_val if self._computing else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def iter(self, obj: fx.Proxy):
+        value = self.values.get(obj.node)
+        if isinstance(value, (tuple, list)):  # a tuple of tensors (``chunk``, ``split``) in a loop
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+    def _run(self, node: fx.Node) -> object:
+        if node.op == "placeholder":
+            first = not any(n.op == "placeholder" for n in self.values)
+            return self.example.clone() if first else (node.args[0] if node.args else None)
+        if node.op == "output":
+            return None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.values[n])
+        before, self._computing = self._computing, True
+        try:
+            with torch.no_grad():
+                if node.op == "get_attr":
+                    return _fetch(self.root, str(node.target))
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return self.root.get_submodule(node.target)(*args, **kwargs)
+        finally:
+            self._computing = before
+
+
+def _fetch(root: nn.Module, target: str) -> object:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _user_frame(tb) -> traceback.FrameSummary | None:
     """The deepest traceback frame that is not inside torch or naflow_fx."""
     here = os.path.dirname(__file__)
@@ -76,13 +178,52 @@ def _refuse_wrapper(model: nn.Module) -> None:
     raise UnsupportedModelError(f"torch.fx cannot trace {name}: {fix}")
 
 
+def _where(exc: BaseException) -> str:
+    """`` at file:line in fn(): `source` `` of the user's frame that raised ``exc``, or ``""``."""
+    frame = _user_frame(exc.__traceback__)
+    if frame is None:
+        return ""
+    line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+    return f" at {frame.filename}:{frame.lineno} in {frame.name}(): `{line}`"
+
+
+def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None) -> fx.Graph:
+    """``tracer.trace(model)`` in eval mode with the user's hooks detached; both restored after.
+
+    NOTE [trace in eval mode]: Python branches on ``self.training`` (auxiliary heads, stochastic
+    depth, functional dropout) are baked into the graph at trace time, so trace with every module
+    in eval mode and give each module back its own flag afterwards. User hooks must not run on
+    fx proxies while tracing either: detach them for the trace.
+    """
+    modes = {m: m.training for m in model.modules()}
+    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
+    try:
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, type(d)())
+        model.eval()
+        return tracer.trace(model, concrete_args=concrete_args)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, d)
+
+
 def trace(
     model: nn.Module,
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict | None = None,
+    example: torch.Tensor | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that shares its parameters (the model is not changed).
+
+    If symbolic tracing fails and an ``example`` batch is given, the model is traced again with
+    the example's sizes fixed (:class:`ShapeTracer`, NOTE [fixed shapes]), which resolves Python
+    branches and arguments computed from the input's shape. ``gm.meta["naflow.fixed_shape"]``
+    then holds the example's ``(C, H, W)`` and where the first trace failed.
 
     Raises:
         UnsupportedModelError: fx cannot trace the model. The message names the offending
@@ -96,38 +237,40 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapper(model)
-    tracer = NAFlowTracer(leaf_modules)
-    # NOTE [trace in eval mode]: Python branches on ``self.training`` (auxiliary heads, stochastic
-    # depth, functional dropout) are baked into the graph at trace time, so trace with every module
-    # in eval mode and give each module back its own flag afterwards.
-    # User hooks must not run on fx proxies while tracing either: detach them for the trace.
-    modes = {m: m.training for m in model.modules()}
-    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
-    try:
-        for m, saved in hooks.items():
-            for h, d in saved.items():
-                setattr(m, h, type(d)())
-        model.eval()
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one readable error
-        frame = _user_frame(exc.__traceback__)
-        where = ""
-        if frame is not None:
-            line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-            where = f" at {frame.filename}:{frame.lineno} in {frame.name}(): `{line}`"
-        raise UnsupportedModelError(
-            f"torch.fx cannot trace {type(model).__name__}{where}: {type(exc).__name__}: {exc}\n"
-            "What to do: (1) explain a traceable sub-module instead (e.g. model.features); "
-            "(2) mark the offending sub-module as a leaf with compile_naflow(..., "
-            "leaf_modules=[TheModuleClass or 'its.qualified.name']) and give it an inverse rule "
-            "or fallback='linearize'; (3) fix the Python branch on tensor values with "
-            "concrete_args={...} (torch.fx.symbolic_trace semantics)."
-        ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for m, saved in hooks.items():
-            for h, d in saved.items():
-                setattr(m, h, d)
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    tracer: fx.Tracer = NAFlowTracer(leaf_modules)
+    fixed = None
+    try:
+        graph = _run_tracer(tracer, model, concrete_args)
+    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one readable error
+        again = ""
+        if example is not None:
+            try:
+                tracer = ShapeTracer(example, leaf_modules)
+                graph = _run_tracer(tracer, model, concrete_args)
+                fixed = (tuple(example.shape[1:]), _where(exc).removeprefix(" at ") or f"{name}.forward")
+            except Exception as retry:  # noqa: BLE001
+                if _where(retry) == _where(exc) and type(retry) is type(exc):
+                    again = "\nThe branch depends on the values of a tensor, not only on its shape."
+                else:
+                    again = (
+                        "\nTracing again with the example's sizes fixed (which resolves branches on shapes) failed "
+                        f"too{_where(retry)}: {type(retry).__name__}: {retry}"
+                    )
+        if fixed is None:
+            raise UnsupportedModelError(
+                f"torch.fx cannot trace {name}{_where(exc)}: {type(exc).__name__}: {exc}{again}\n"
+                "What to do: (1) explain a traceable sub-module instead (e.g. model.features); "
+                "(2) mark the offending sub-module as a leaf with compile_naflow(..., "
+                "leaf_modules=[TheModuleClass or 'its.qualified.name']) and give it an inverse rule "
+                "or fallback='linearize'; (3) fix the Python branch on tensor values with "
+                "concrete_args={...} (torch.fx.symbolic_trace semantics)."
+            ) from None
+    gm = fx.GraphModule(tracer.root, graph, name)
+    if isinstance(tracer, ShapeTracer):
+        tracer.values.clear()  # the example's activations
+    if fixed is not None:
+        gm.graph.eliminate_dead_code()  # reads of the batch size that the code did not use
+        gm.recompile()
+        gm.meta["naflow.fixed_shape"] = fixed
+    return gm

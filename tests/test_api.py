@@ -326,6 +326,68 @@ def test_untraceable_model_names_the_offending_line():
     assert "leaf_modules" in msg and "concrete_args" in msg
 
 
+class ShapeBranches(nn.Module):
+    """Python computed from the input's shape, which plain ``torch.fx`` cannot trace: timm's dynamic
+    "same" padding, an FPN-style resize when two maps differ, and a loop over a chunked tensor."""
+
+    def __init__(self, dynamic: bool = True):
+        super().__init__()
+        self.dynamic = dynamic
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, 2), nn.Conv2d(8, 8, 3, 2, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        if self.dynamic:
+            ih, iw = x.shape[-2:]
+            ph, pw = (max((math.ceil(n / 2) - 1) * 2 + 3 - n, 0) for n in (ih, iw))
+            x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        else:
+            x = nn.functional.pad(x, [0, 1, 0, 1])  # what the dynamic padding is at 16×16
+        a = torch.relu(self.c1(x))
+        b = torch.relu(self.c2(a))
+        if not self.dynamic or b.size(-1) != a.size(-1):
+            b = nn.functional.interpolate(b, size=a.shape[-2:] if self.dynamic else (8, 8))
+        y = torch.relu(a + b)
+        acc = 0
+        if self.dynamic:
+            for part in y.chunk(2, dim=1):
+                acc = acc + part
+        else:
+            p0, p1 = y.chunk(2, dim=1)
+            acc = acc + p0 + p1
+        pooled = nn.functional.adaptive_avg_pool2d(acc, 2)
+        return self.fc(pooled.view(pooled.size(0), -1))
+
+
+def test_branches_on_the_input_shape_are_traced_at_the_example_size():
+    """NOTE [fixed shapes]: traced again with the example's sizes; any batch size, that size only."""
+    torch.manual_seed(0)
+    model, static = ShapeBranches().eval(), ShapeBranches(dynamic=False).eval()
+    static.load_state_dict(model.state_dict())
+    with pytest.raises(UnsupportedModelError):  # plain torch.fx cannot: the tracer retries
+        naflow_fx.tracing.trace(model)
+    x = batch(3, size=16)
+    example, state = x[:1].clone(), copy.deepcopy(model.state_dict())
+    flow = compile_naflow(model, example)
+    assert torch.equal(example, x[:1]) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    size, where = flow.fixed_shape
+    assert size == (3, 16, 16) and "test_api.py" in where and "math.ceil(n / 2)" in where
+    reference = compile_naflow(static, example)
+    assert reference.fixed_shape is None and len(reference.layers) == len(flow.layers) == 12
+    got, expected = flow(x), reference(x)
+    for name, same in zip(flow.layers, reference.layers):  # the same ops; fx numbers some differently
+        torch.testing.assert_close(got.maps[name], expected.maps[same])
+    one = flow(x[1:2])  # the batch size was not fixed: x.size(0) stays traced
+    torch.testing.assert_close(one.maps[flow.layers[0]], got.maps[flow.layers[0]][1:2])
+    with pytest.raises(InputError, match=r"compiled for inputs of size \(3, 16, 16\) only, got \(3, 20, 20\)"):
+        flow(batch(1, size=20))
+
+
+def test_a_branch_on_tensor_values_is_still_refused_after_fixing_shapes():
+    with pytest.raises(UnsupportedModelError, match="depends on the values of a tensor, not only on its shape"):
+        compile_naflow(DataDependentBranch(), batch(1))
+
+
 @pytest.mark.parametrize(
     ("wrap", "advice"),
     [
