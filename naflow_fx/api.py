@@ -30,6 +30,11 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
     if isinstance(example_input, Tensor):
         if example_input.dim() < 2 or example_input.shape[0] == 0:
             raise InputError(f"example_input must be a batch like [B, C, H, W]; got shape {tuple(example_input.shape)}")
+        if example_input.dim() == 3:
+            raise InputError(
+                f"example_input has shape {tuple(example_input.shape)}, one image without a batch dimension; "
+                "pass a batch such as x.unsqueeze(0)"
+            )
         return example_input.detach()[:1].to(device=device, dtype=dtype)
     if isinstance(example_input, Sequence) and all(isinstance(s, int) and s > 0 for s in example_input):
         shape = (1, *example_input[1:])  # one sample is enough for the shapes
@@ -126,7 +131,18 @@ class NAFlow:
         return t if dims is None else t.permute(dims)
 
     # ------------------------------------------------------------------ inputs
+    def _check_model(self) -> None:
+        """The model's weights must still have the dtype and device the flow was compiled for."""
+        param = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
+        if param is not None and (param.dtype, param.device) != (self._dtype, self._device):
+            raise InputError(
+                f"the model was compiled in {self._dtype} on {self._device} but its weights are now {param.dtype} on "
+                f"{param.device} (model.to(...), .double() or .half() after compile_naflow); compile it again: "
+                "compile_naflow(model, x)"
+            )
+
     def _check_input(self, x: object) -> Tensor:
+        self._check_model()
         if not isinstance(x, Tensor):
             raise InputTypeError(f"the input must be a torch.Tensor batch [B, C, H, W], got {type(x).__name__}")
         rank = len(self._example_shape)
@@ -435,9 +451,16 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         else:  # the qualified name of a block, as in model.named_modules()
             match = _module_layers(gm, str(item), names) if str(item) in set(qualname.values()) else []
         if not match:
+            if isinstance(item, nn.Module) and id(item) not in qualname:
+                what = f"a {type(item).__name__} that is not a module of the model"
+            elif isinstance(item, nn.Module):
+                where = qualname[id(item)]
+                what = "the model itself" if not where else f"module {where!r} ({type(item).__name__})"
+            else:
+                what = f"layer {item!r}"
             raise InputError(
-                f"layer {item if isinstance(item, str) else type(item).__name__!r} is not an explainable layer "
-                f"between the input and the last layer. Available: {', '.join(names)}"
+                f"{what} is not an explainable layer between the input and the last layer. "
+                f"Available: {', '.join(names)}"
             )
         chosen.extend(m for m in match if m not in chosen)
     if not chosen:

@@ -174,7 +174,12 @@ def _npz_path(path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"save_maps: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fsdecode(path)
-    if not path.endswith(".npz"):
+    if path.lower().endswith(".json"):
+        raise InputError(
+            f"save_maps: {path} names the sidecar; pass the .npz path ({path[: -len('.json')]}.npz), and the "
+            "sidecar is written next to it under the same name with .json"
+        )
+    if not path.lower().endswith(".npz"):
         path += ".npz"
     if not os.path.basename(path[: -len(".npz")]):
         raise InputError(
@@ -354,8 +359,14 @@ def load_maps(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
             f"load_maps: {side} lists layer(s) {missing} that {path} does not hold (it has {sorted(maps)}); "
             "the two files do not belong together - use the .npz and .json of one save_maps call"
         )
+    samples = meta.get("samples")
     for layer in meta["layers"]:
         shape, array = layer.get("shape"), maps[layer["name"]]
+        if isinstance(samples, list) and array.ndim and array.shape[0] != len(samples):
+            raise InputError(
+                f"load_maps: layer {layer['name']!r} holds {array.shape[0]} sample(s) in {path} but {side} describes "
+                f"{len(samples)}; the two files do not belong together - use the .npz and .json of one save_maps call"
+            )
         if isinstance(shape, list) and list(array.shape[1:]) != shape:
             raise InputError(
                 f"load_maps: layer {layer['name']!r} has shape {list(array.shape[1:])} in {path} but {shape} in "

@@ -213,8 +213,13 @@ def explain_knn(
             f"the bank's embeddings have {bank.shape[1]} dimensions but the model embeds into {emb.shape[1]}: "
             "fill the bank with this model's outputs"
         )
+    if int(labels.min()) < 0:
+        raise TargetError(
+            f"bank_labels must be class indices ≥ 0; got {int(labels.min())}: number the bank's classes 0..K-1, for "
+            "example with torch.unique(bank_labels, return_inverse=True)[1]"
+        )
     n_cls = int(labels.max()) + 1 if num_classes is None else num_classes
-    if n_cls < 1 or int(labels.min()) < 0 or int(labels.max()) >= n_cls:
+    if n_cls < 1 or int(labels.max()) >= n_cls:
         raise TargetError(
             f"bank_labels must lie in 0..num_classes-1 (num_classes={n_cls!r}); got labels "
             f"{int(labels.min())}..{int(labels.max())}"

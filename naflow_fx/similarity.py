@@ -158,8 +158,15 @@ class SimilarityTarget:
     def _omega(self, output: Tensor) -> Tensor:
         c = self.contributions(output)
         sim = c.detach().sum(1, keepdim=True)
-        scale = c.detach().abs().sum(1, keepdim=True)
-        zero = sim.abs() <= 1e-6 * scale
+        scale = 1e-6 * c.detach().abs().sum(1, keepdim=True)
+        if self.metric == "euclidean":
+            # Every c_d ≤ 0, so |Σ c| = Σ |c| and the test above never fires: compare the distance
+            # with the embeddings' size instead. Closer than about 1e-4 of their norm, the query is
+            # the reference up to float rounding (the same image embedded in another batch moves
+            # by ~1e-6), and ω would explain that rounding.
+            query, ref = self._pair(output)
+            scale = 1e-8 * ((query.detach() ** 2).sum(1, keepdim=True) + (ref**2).sum(1, keepdim=True))
+        zero = sim.abs() <= scale
         if bool(zero.any()):
             i = int(zero.reshape(-1).nonzero()[0])
             raise TargetError(
@@ -181,6 +188,12 @@ class SimilarityTarget:
             )
         if self.metric == "euclidean" and bool((q == r).all()):
             return "the query embedding equals the reference (distance 0): choose another reference"
+        if self.metric == "euclidean":
+            distance, norm = float((q - r).norm()), float(max(q.norm(), r.norm()))
+            return (
+                f"the query embedding is within float rounding of the reference (distance {distance:.2g}, norm "
+                f"{norm:.2g}), as when the query image is the reference itself: choose another reference"
+            )
         return "choose another reference"
 
     def __call__(self, output: Tensor) -> Tensor:

@@ -292,6 +292,20 @@ def test_argument_errors():
         compile_naflow(model, x[:0])
     with pytest.raises(UnsupportedModelError, match=r"failed on the example input of shape \(1, 1, 16, 16\)"):
         compile_naflow(model, torch.randn(1, 1, SIZE, SIZE))
+    with pytest.raises(InputError, match=r"one image without a batch dimension; pass a batch such as x.unsqueeze\(0\)"):
+        compile_naflow(model, x[0])
+
+
+def test_a_model_cast_or_moved_after_compiling_asks_to_compile_again():
+    model = conv4(hidden=4, num_classes=3).eval()
+    x = batch(1)
+    flow = compile_naflow(model, x)
+    model.double()  # the flow shares the model's parameters
+    for inp in (x, x.double()):
+        with pytest.raises(InputError, match=r"compiled in torch.float32 on cpu but its weights are now torch.float64"):
+            flow(inp)
+    model.float()
+    assert torch.isfinite(flow(x).maps[flow.layers[0]]).all()  # as compiled again: it works
 
 
 def test_unknown_layer_and_invalid_last_layer():
@@ -299,8 +313,12 @@ def test_unknown_layer_and_invalid_last_layer():
     x = batch(1)
     with pytest.raises(InputError, match="layer 'features.99' is not an explainable layer.*Available: features.0, "):
         compile_naflow(model, x, layers=["features.4", "features.99"])
-    with pytest.raises(InputError, match="'Linear' is not an explainable layer"):
+    with pytest.raises(InputError, match=r"module 'head' \(Linear\) is not an explainable layer"):
         compile_naflow(model, x, layers=[model.head])  # after the last layer
+    with pytest.raises(InputError, match="a ReLU that is not a module of the model is not an explainable layer"):
+        compile_naflow(model, x, layers=[nn.ReLU()])
+    with pytest.raises(InputError, match="the model itself is not an explainable layer"):
+        compile_naflow(model, x, layers=[model])
     with pytest.raises(InputTypeError, match="layers must be 'all', 'conv', 'blocks' or a list"):
         compile_naflow(model, x, layers=3)
     with pytest.raises(InputError, match="layers is empty: pass 'all', 'conv', 'blocks' or at least one layer name"):

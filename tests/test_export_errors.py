@@ -247,3 +247,17 @@ def test_load_a_sidecar_of_other_maps(flow, tmp_path):
     open(side, "w").write(json.dumps(meta))
     with pytest.raises(InputError, match=r"layer '0' has shape \[6, 6\] in .* but \[5, 5\] in"):
         load_maps(npz)
+    meta = json.load(open(saved(flow, tmp_path)[1]))
+    meta["samples"] = meta["samples"][:1]  # the sidecar of a batch of 1 beside maps of 2
+    open(side, "w").write(json.dumps(meta))
+    with pytest.raises(InputError, match=r"layer '0' holds 2 sample\(s\) in .* but .* describes 1; the two files"):
+        load_maps(npz)
+
+
+def test_an_upper_case_extension_is_kept_and_a_json_path_is_refused(flow, tmp_path):
+    npz, side = save_maps(flow, tmp_path / "g.NPZ")
+    assert (os.path.basename(npz), os.path.basename(side)) == ("g.NPZ", "g.json")
+    assert list(load_maps(npz)[0]) == flow.layers
+    with pytest.raises(InputError, match=r"f.json names the sidecar; pass the .npz path \(.*f.npz\)"):
+        save_maps(flow, tmp_path / "f.json")
+    assert files(tmp_path) == ["g.NPZ", "g.json"]

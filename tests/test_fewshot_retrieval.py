@@ -255,6 +255,8 @@ def test_error_messages_are_actionable(nf):
         explain_knn(nf, q, bank, [0, 1] * 3, k=2, tau=-1.0)
     with pytest.raises(TargetError, match="num_classes"):
         explain_knn(nf, q, bank, [0, 1] * 3, k=2, num_classes=1)
+    with pytest.raises(TargetError, match=r"bank_labels must be class indices ≥ 0; got -5: number the bank's classes"):
+        explain_knn(nf, q, bank, [-5, -4] * 3, k=2)
 
 
 # ------------------------------------------------------------------------------------------ examples

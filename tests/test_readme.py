@@ -1,4 +1,4 @@
-"""The README's Python example runs as written."""
+"""The README's Python examples run as written, each on its own."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert flow.maps["layer2.0.relu#2"].shape == (10, 12, 12)
     assert (flow.classes == scope["batch"].labels).all()  # the bundled samples are classified correctly
     assert Image.open(tmp_path / "grid.png").size[1] > 1000
+
+
+def test_every_other_readme_python_block_runs_on_its_own(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1:]
+    assert blocks, "the README has only its quick-start example"
+    monkeypatch.chdir(tmp_path)
+    for i, block in enumerate(blocks, start=2):
+        exec(compile(block, f"README.md python block {i}", "exec"), {})  # its own imports, nothing shared

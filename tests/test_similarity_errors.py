@@ -154,6 +154,20 @@ def test_a_zero_similarity_says_which_vector_is_the_problem():
         SimilarityTarget(torch.tensor([3.0, 0.0, -1.0]))(out)
 
 
+def test_a_euclidean_reference_within_rounding_of_the_query_is_refused(nf):
+    """The same image embedded in another batch moves by ~1e-6; ω would explain that rounding."""
+    out = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    noise = torch.tensor([2e-6, -1e-6, 0.0])
+    with pytest.raises(TargetError, match=r"sample 1 .*within float rounding of the reference \(distance 2.2e-06"):
+        SimilarityTarget(torch.stack([out[0] + 1.0, out[1] + noise]), metric="euclidean")(out)
+    near = SimilarityTarget(out[0] + 1e-3, metric="euclidean")  # a genuinely different embedding
+    torch.testing.assert_close(near.weights(out).sum(1), -torch.ones(2))
+    x = images(2, 1)
+    reference = nf.graph_module(x).detach()[1] + 1e-6  # the second query, re-embedded
+    with pytest.raises(TargetError, match="within float rounding"):
+        nf(x, SimilarityTarget(reference, metric="euclidean"))
+
+
 # ------------------------------------------------------------------------------------------- KNNTarget
 
 

@@ -121,7 +121,7 @@ def train(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m naflow_fx.zoo.train_shapes",
-        description="Reproduce the embedded shapes ResNet's weights from the seed (about 20 min on 2 CPU cores).",
+        description="Reproduce the embedded shapes ResNet's weights from the seed (about 11 min on 2 CPU cores).",
         epilog="example:\n  python -m naflow_fx.zoo.train_shapes --out /tmp/shapes-weights",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
