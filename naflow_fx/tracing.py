@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
+import re
 import traceback
 from collections.abc import Iterable
 
@@ -86,9 +88,12 @@ class ShapeTracer(NAFlowTracer):
     example would run. The graph is then valid for inputs of the example's size only.
     """
 
-    def __init__(self, example: torch.Tensor, leaf_modules: Iterable[type | str] = ()) -> None:
+    def __init__(
+        self, example: torch.Tensor, leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None
+    ) -> None:
         super().__init__(leaf_modules)
         self.example = example
+        self.concrete = dict(concrete_args or {})
         self.values: dict[fx.Node, object] = {}
         self._computing = False  # running the example through an op: fx's patches step aside
 
@@ -131,8 +136,12 @@ class ShapeTracer(NAFlowTracer):
 
     def _run(self, node: fx.Node) -> object:
         if node.op == "placeholder":
-            first = not any(n.op == "placeholder" for n in self.values)
-            return self.example.clone() if first else (node.args[0] if node.args else None)
+            if not any(n.op == "placeholder" for n in self.values):
+                return self.example.clone()
+            name = _concrete_name(node, self.concrete)
+            if name is not None:
+                return self.concrete[name]
+            return node.args[0] if node.args else None
         if node.op == "output":
             return None
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.values[n])
@@ -148,6 +157,61 @@ class ShapeTracer(NAFlowTracer):
                 return self.root.get_submodule(node.target)(*args, **kwargs)
         finally:
             self._computing = before
+
+
+def _concrete_name(node: fx.Node, concrete_args: dict) -> str | None:
+    """The ``concrete_args`` key of a placeholder (fx names the placeholder of ``flag`` "flag_1")."""
+    for name in (str(node.target), re.sub(r"_[0-9]+$", "", str(node.target))):
+        if name in concrete_args:
+            return name
+    return None
+
+
+_SIMPLE = (bool, int, float, str)
+
+
+def _defaults(model: nn.Module) -> dict:
+    """The default of every argument of ``model.forward`` after the images that is None or a number,
+    bool or str: a flow calls ``model(x)``, so those are the values the graph must be traced for."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and (p.default is None or type(p.default) in _SIMPLE)}
+
+
+def _is_specialization_check(node: fx.Node) -> bool:
+    """fx's check that a concrete argument has the value it was traced with."""
+    if node.op != "call_function" or getattr(node.target, "__name__", "") not in ("_assert", "_assert_is_none"):
+        return False
+    return any(isinstance(a, str) and "has been specialized to have value" in a for a in node.args)
+
+
+def _bind_concrete(gm: fx.GraphModule, concrete_args: dict) -> None:
+    """Put each concrete argument's value in place of its placeholder, and drop unused arguments.
+
+    fx keeps a placeholder for a concrete argument, with its default value and an assertion that
+    the value given is the one traced. The flow calls the graph with the images only, so the
+    default would be passed and the assertion fail: the value is the one the graph was traced for.
+    An argument with a default that the graph never reads is dropped too.
+    """
+    graph = gm.graph
+    for node in [n for n in graph.nodes if _is_specialization_check(n)]:
+        condition = node.args[0]
+        graph.erase_node(node)
+        if isinstance(condition, fx.Node) and condition.op != "placeholder" and not condition.users:
+            graph.erase_node(condition)
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        key = _concrete_name(ph, concrete_args)
+        value = concrete_args.get(key) if key is not None else None
+        if key is not None and not isinstance(value, fx.Proxy) and value is not fx.PH:
+            for user in list(ph.users):
+                swap = lambda n, ph=ph, value=value: value if n is ph else n  # noqa: E731
+                user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), swap)
+        if not ph.users and (key is not None or ph.args):
+            graph.erase_node(ph)
+    gm.recompile()
 
 
 def _fetch(root: nn.Module, target: str) -> object:
@@ -220,10 +284,13 @@ def trace(
 ) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that shares its parameters (the model is not changed).
 
-    If symbolic tracing fails and an ``example`` batch is given, the model is traced again with
-    the example's sizes fixed (:class:`ShapeTracer`, NOTE [fixed shapes]), which resolves Python
-    branches and arguments computed from the input's shape. ``gm.meta["naflow.fixed_shape"]``
-    then holds the example's ``(C, H, W)`` and where the first trace failed.
+    Every argument of ``forward`` after the images is traced as a constant: its entry in
+    ``concrete_args``, else its default (None, a bool, a number or a string), since a flow calls
+    ``model(x)``; its placeholder is removed. If symbolic tracing fails and an ``example`` batch
+    is given, the model is traced again with the example's sizes fixed (:class:`ShapeTracer`,
+    NOTE [fixed shapes]), which resolves Python branches and arguments computed from the input's
+    shape. ``gm.meta["naflow.fixed_shape"]`` then holds the example's ``(C, H, W)`` and where the
+    first trace failed.
 
     Raises:
         UnsupportedModelError: fx cannot trace the model. The message names the offending
@@ -238,6 +305,7 @@ def trace(
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapper(model)
     name = type(model).__name__
+    concrete_args = {**_defaults(model), **(concrete_args or {})} or None
     tracer: fx.Tracer = NAFlowTracer(leaf_modules)
     fixed = None
     try:
@@ -246,7 +314,7 @@ def trace(
         again = ""
         if example is not None:
             try:
-                tracer = ShapeTracer(example, leaf_modules)
+                tracer = ShapeTracer(example, leaf_modules, concrete_args)
                 graph = _run_tracer(tracer, model, concrete_args)
                 fixed = (tuple(example.shape[1:]), _where(exc).removeprefix(" at ") or f"{name}.forward")
             except Exception as retry:  # noqa: BLE001
@@ -263,10 +331,11 @@ def trace(
                 "What to do: (1) explain a traceable sub-module instead (e.g. model.features); "
                 "(2) mark the offending sub-module as a leaf with compile_naflow(..., "
                 "leaf_modules=[TheModuleClass or 'its.qualified.name']) and give it an inverse rule "
-                "or fallback='linearize'; (3) fix the Python branch on tensor values with "
-                "concrete_args={...} (torch.fx.symbolic_trace semantics)."
+                "or fallback='linearize'; (3) if the branch reads another argument of forward (a flag), fix "
+                "its value with concrete_args={'flag': value}."
             ) from None
     gm = fx.GraphModule(tracer.root, graph, name)
+    _bind_concrete(gm, concrete_args or {})
     if isinstance(tracer, ShapeTracer):
         tracer.values.clear()  # the example's activations
     if fixed is not None:

@@ -401,6 +401,38 @@ def test_branches_on_the_input_shape_are_traced_at_the_example_size():
         flow(batch(1, size=20))
 
 
+class Options(nn.Module):
+    """A forward with options after the images, as detection and feature-extraction code has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x, flag=False, scale=None, return_features=False, extra=(1, 2)):
+        y = torch.relu(self.conv(x))
+        if flag:
+            y = y * 2
+        if scale is not None:
+            y = y * scale
+        if return_features:
+            return y
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("concrete", [None, {"flag": True}, {"scale": 3.0}])
+def test_other_forward_arguments_take_their_defaults_or_concrete_args(concrete):
+    """A flow calls model(x): the options keep their defaults (or concrete_args), and fx's placeholders
+    and specialisation checks for them are gone, so they neither fail the call nor count as inputs."""
+    torch.manual_seed(0)
+    model, x = Options().eval(), batch(2)
+    flow = compile_naflow(model, x[:1], concrete_args=concrete)
+    assert [n.op for n in flow.graph_module.graph.nodes].count("placeholder") == 1
+    assert flow.fixed_shape is None
+    got = flow(x)
+    torch.testing.assert_close(got.output, model(x, **(concrete or {})))
+    assert ("mul" in flow.layers) == bool(concrete)
+
+
 def test_a_branch_on_tensor_values_is_still_refused_after_fixing_shapes():
     with pytest.raises(UnsupportedModelError, match="depends on the values of a tensor, not only on its shape"):
         compile_naflow(DataDependentBranch(), batch(1))
