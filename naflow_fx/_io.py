@@ -13,6 +13,24 @@ from torch import nn
 from .errors import InputError
 
 
+def existing_folder(path: str | os.PathLike) -> str:
+    """The deepest existing folder on ``path``'s way, where writing it would create folders or the file.
+
+    It is a file, not a folder, when a parent of ``path`` is a file: see :func:`check_parent`.
+    """
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def check_parent(path: str | os.PathLike, fn: str) -> None:
+    """An :class:`InputError` naming ``fn`` when a parent of ``path`` is a file, so it cannot be written."""
+    folder = existing_folder(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"{fn}: cannot write {os.fspath(path)}: {folder} is a file, not a folder; choose another path")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
 

@@ -12,6 +12,7 @@ import difflib
 import importlib
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -94,14 +95,14 @@ class ModelSpec:
 
 
 # ---------------------------------------------------------------------------------------- models
-def _load_state_dict(model: nn.Module, path: str, name: str) -> None:
+def _load_state_dict(model: nn.Module, path: str, name: str, torchvision: bool = False) -> None:
     from ._io import load_state_dict_file
 
     load_state_dict_file(
         model,
         path,
         name,
-        missing_hint="pass an existing state-dict file or a torchvision enum",
+        missing_hint="pass an existing state-dict file" + (" or a torchvision weights name" if torchvision else ""),
         mismatch_hint="pass weights saved from this architecture",
     )
 
@@ -119,6 +120,27 @@ def _as_module(obj: object, source: str) -> nn.Module:
         if isinstance(obj, nn.Module):
             return obj
     raise CLIError(f"{source} gives a {type(obj).__name__}, not a torch.nn.Module; point --model at a model or factory")
+
+
+# DEFAULT and the names of a torchvision weights enum (IMAGENET1K_V1, IMAGENET1K_SWAG_E2E_V1, ...), also written
+# as ResNet50_Weights.IMAGENET1K_V1: what --weights takes, besides a state-dict file, for torchvision models only
+_ENUM_NAME = re.compile(r"(?:\w+_Weights\.)?(?:[A-Z][A-Z0-9_]*|default)")
+
+
+def _check_file_weights(spec: str, weights: str | None) -> None:
+    """Refuse a torchvision weights name (``--weights DEFAULT``) for a model that is not torchvision's."""
+    if weights is None or os.path.exists(weights) or not _ENUM_NAME.fullmatch(weights):
+        return
+    if spec == "shapes":
+        raise CLIError(
+            f"--weights {weights}: the shapes model already ships trained weights (leave out --weights to use them); "
+            "for shapes --weights takes a state-dict file, while DEFAULT and names like IMAGENET1K_V1 are "
+            "torchvision weights, for torchvision models such as --model resnet18"
+        )
+    raise CLIError(
+        f"--weights {weights}: DEFAULT and names like IMAGENET1K_V1 are torchvision weights, for torchvision models "
+        f"such as --model resnet18; for --model {spec} pass a state-dict file (torch.save(model.state_dict(), path))"
+    )
 
 
 def _shapes_spec(weights: str | None) -> ModelSpec:
@@ -194,7 +216,7 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
-            _load_state_dict(model, weights, name)
+            _load_state_dict(model, weights, name, torchvision=True)
         return ModelSpec(model.eval(), name, random_weights=weights is None)
     enum = torchvision.models.get_model_weights(name)
     try:
@@ -221,9 +243,12 @@ def load_model(spec: str, weights: str | None = None) -> ModelSpec:
         >>> load_model("shapes").class_names[:3]
         ('circle', 'square', 'triangle')
     """
+    is_file = os.path.isfile(spec) or spec.endswith((".pt", ".pth"))
+    if spec == "shapes" or is_file or ":" in spec:
+        _check_file_weights(spec, weights)
     if spec == "shapes":
         return _shapes_spec(weights)
-    if os.path.isfile(spec) or spec.endswith((".pt", ".pth")):
+    if is_file:
         if not os.path.isfile(spec):
             raise CLIError(f"model file not found: {spec}; pass an existing file saved with torch.save(model, path)")
         return _file_spec(spec, weights)
@@ -237,7 +262,8 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
     """Read image files as ``float Tensor[N, 3, size, size]`` in [0, 1] (raises :class:`CLIError`).
 
     ``resize="crop"``: the central square (ImageNet style: the shorter side scaled to ``size``);
-    ``"stretch"``: the whole image to ``size × size``. Only that square is resampled, so a very
+    ``"stretch"``: the whole image to ``size × size``. An image with an EXIF orientation (a photo
+    stored sideways) is turned upright first, as viewers show it. Only that square is resampled, so a very
     long, thin image costs no more than a square one. 16-bit and 32-bit greyscale images are
     scaled from their full range (65535, or 255 when no value exceeds it; float images from
     [0, 1] when they fit in it), not clipped at 255.
@@ -257,6 +283,7 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
         try:
             with Image.open(path) as im:
                 im.load()
+                im = _upright(im)
                 w, h = im.size
                 box = (0, 0, w, h)
                 if resize == "crop":
@@ -288,6 +315,18 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
             ) from None
         out.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def _upright(im):
+    """``im`` turned as its EXIF Orientation tag says (``PIL.ImageOps.exif_transpose``); ``im`` itself without one."""
+    from PIL import ImageOps
+
+    try:
+        if im.getexif().get(0x0112, 1) in (1, None):
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels as stored
+        return im
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -393,7 +432,8 @@ def run_explain(
             raise CLIError(f"--target {target} is out of range: {spec.name} has {n} classes (0–{n - 1})")
     flows, cams = [], {m: [] for m in compare}
     start = time.perf_counter()
-    with _progress(len(labels) * nf.num_steps, quiet, "NAFlow") as bar:
+    with _progress(len(labels) * nf.num_steps, quiet, "NAFlow") as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumericalWarning)  # non-finite maps are an error below, with what to do
         for i in range(len(labels)):
             bar.set_postfix_str(os.path.basename(labels[i]))
             flows.append(nf(x[i : i + 1], target, progress=lambda _rec: bar.update()))
@@ -429,7 +469,7 @@ def run_explain(
         grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
         flow_grid(images, results, written["grid"], **grid_args)
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
-        names = [os.path.basename(p) for p in labels]
+        names = [str(p) for p in labels]  # as given: star.png and imgdir/star.png stay apart
         recorded = asdict(nf.config) | ({"fallback": options["fallback"]} if options.get("fallback") else {})
         preprocessing = {
             "channels": spec.channels,
@@ -643,13 +683,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     spec = load_model("shapes")
     paths = sample_paths()[: args.images]
     images = load_images(paths, spec.size, spec.resize)
+    names = [os.path.basename(p) for p in paths]  # the bundled files: their names, not where they are installed
     say = (lambda s: None) if args.quiet else print
     info = weights_info()
     say(f"embedded model: shapes ResNet, held-out accuracy {info['held_out_accuracy']:.1%} ({', '.join(CLASSES)})")
     result = run_explain(
         spec,
         images,
-        paths,
+        names,
         args.out,
         layers=args.layers,
         compare=["gradcam"],
@@ -871,7 +912,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NumericalWarning)  # run_explain reports non-finite maps itself
+            if getattr(args, "quiet", False):
+                # no third-party chatter (torchvision's FutureWarnings, ...); naflow_fx's NumericalWarning, a
+                # numerical problem with the result, stays visible
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("default", NumericalWarning)
             return int(args.func(args) or 0)
     except (CLIError, NAFlowError) as exc:
         first, *rest = str(exc).splitlines() or [type(exc).__name__]

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ._io import atomic_write, atomic_write_text
+from ._io import atomic_write, atomic_write_text, check_parent
 from .errors import InputError, InputTypeError
 from .result import FlowResult, LayerMaps, check_layer_maps
 
@@ -190,11 +190,7 @@ def _npz_path(path) -> str:
         raise InputError(f"save_maps: {path} is a folder; pass a file path such as {os.path.join(path, 'maps.npz')}")
     if os.path.isdir(sidecar_path(path)):
         raise InputError(f"save_maps: the sidecar {sidecar_path(path)} of {path} is a folder; choose another name")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise InputError(f"save_maps: cannot write {path}: {folder} is a file, not a folder; choose another path")
+    check_parent(path, "save_maps")
     return path
 
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._io import check_parent
 from .api import NAFlow, compile_naflow
 from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .result import FlowResult, LayerMaps
@@ -230,11 +231,7 @@ def _check_figure(path: object, layers: object, flow: LayerMaps, fn: str) -> tup
     if path is None:
         return None, names
     fmt = _figure_format(path, fn)
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise InputError(f"{fn}: cannot write {os.fspath(path)}: {folder} is a file, not a folder; choose another path")
+    check_parent(path, fn)
     return fmt, names
 
 
@@ -246,11 +243,13 @@ def _labelled_grid(
     layers: Sequence[str] | None,
     dpi: int = 150,
     fmt: str | None = None,
+    fn: str = "plot",
 ):
     """:func:`naflow_fx.viz.flow_grid` with one row per (image, flow) pair and one label per row.
 
     ``path`` and ``layers`` should have been checked by :func:`_check_figure` (which gives ``fmt``).
-    A failed write (no permission, disk full) is an ``OSError`` naming ``path``, and leaves no file.
+    A folder that cannot be written is an :class:`InputError` starting with ``fn``; another failed
+    write (a full disk) an ``OSError`` naming ``path``. No file is left half-written.
     """
     from .viz import _finish_figure, flow_grid
 
@@ -262,7 +261,7 @@ def _labelled_grid(
             fig.axes[r * cols].set_ylabel(label, fontsize=6)
         fig.tight_layout(pad=0.2)
 
-    return _finish_figure(fig, label_rows, path, dpi, fmt)
+    return _finish_figure(fig, label_rows, path, dpi, fmt, fn)
 
 
 def _labels_tensor(labels: object, n: int, device: torch.device, what: str, images: str) -> Tensor:
@@ -397,7 +396,7 @@ class EpisodeExplanation:
         flows = [_take(self.flow, torch.tensor([q])), self.support_flow(q)]
         labels = [f"query {q}→proto {pred}\nlogit {float(self.logits[q, col]):.2f}"]
         labels += [f"support {int(i)} (c={pred})\n→query {q}" for i in idx]
-        return _labelled_grid(images, flows, labels, path, layers, fmt=fmt)
+        return _labelled_grid(images, flows, labels, path, layers, fmt=fmt, fn="EpisodeExplanation.plot")
 
 
 def explain_episode(

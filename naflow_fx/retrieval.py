@@ -111,7 +111,7 @@ class MatchExplanation:
                 images.append(self.gallery[i : i + 1])
                 flows.append(mf)
                 labels.append(f"match {r + 1}: #{i}\n→query {q}")
-        return _labelled_grid(torch.cat(images), flows, labels, path, layers, fmt=fmt)
+        return _labelled_grid(torch.cat(images), flows, labels, path, layers, fmt=fmt, fn="MatchExplanation.plot")
 
 
 def explain_match(

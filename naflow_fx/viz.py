@@ -5,26 +5,65 @@ Requires the ``vision`` extra (matplotlib).
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._io import atomic_write
+from ._io import atomic_write, check_parent, existing_folder
 from .errors import InputError, InputTypeError
-from .result import LayerMaps, check_layer_maps, check_maps, normalize_maps
+from .result import LayerMaps, _check_room, check_layer_maps, check_maps, normalize_maps
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
 
 
-def short_layer_name(name: str, width: int = 14) -> str:
-    """A compact column title: ``"features.10"`` stays, ``"layer1.0.conv1"`` → ``"l1.0.conv1"``."""
-    short = name.replace("features.", "f.").replace("layer", "l").replace("classifier.", "c.")
+def _abbreviate(name: str) -> str:
+    return name.replace("features.", "f.").replace("layer", "l").replace("classifier.", "c.")
+
+
+def _truncate(short: str, width: int) -> str:
     return short if len(short) <= width else "…" + short[-(width - 1) :]
+
+
+def short_layer_name(name: str, width: int = 14, *, others: Iterable[str] = ()) -> str:
+    """A compact column title: ``"features.10"`` stays, ``"layer1.0.conv1"`` → ``"l1.0.conv1"``.
+
+    A name longer than ``width`` keeps its end (``"…downsample.0"``). ``others`` are the other
+    names of the same figure: when the short name of ``name`` would equal that of one of them, it
+    keeps more of its leading path, one dotted part at a time, until it differs from theirs (the
+    same parts count of every other name), so the titles of one figure are unique.
+
+    Example:
+        >>> short_layer_name("layer2.0.downsample.0"), short_layer_name("layer1.0.conv1")
+        ('….downsample.0', 'l1.0.conv1')
+        >>> names = ["layer2.0.downsample.0", "layer4.0.downsample.0", "layer4.1.conv2"]
+        >>> [short_layer_name(n, others=names) for n in names]
+        ['l2.0.downsample.0', 'l4.0.downsample.0', 'l4.1.conv2']
+    """
+    short = _abbreviate(name)
+    label = _truncate(short, width)
+    others = {_abbreviate(o) for o in others if o != name}
+    if label not in {_truncate(o, width) for o in others}:
+        return label  # no collision: the usual title
+    # "…" + the last k dotted parts: longer than every usual title, so it can only equal the title
+    # of another name cut at the same k parts (same count of dots), which is what is compared
+    parts = short.split(".")
+    for k in range(1, len(parts)):
+        tail = ".".join(parts[-k:])
+        if len(tail) >= len(label) and all(tail != ".".join(o.split(".")[-k:]) for o in others if o.count(".") >= k):
+            return "…" + tail
+    return short if short not in others else name  # the whole abbreviation; the name itself if another has it
+
+
+def _column_titles(layers: Sequence[str]) -> list[str]:
+    """The titles of a figure's layer columns: :func:`short_layer_name`, unique across the figure."""
+    titles = [short_layer_name(name, others=layers) for name in layers]
+    return titles if len(set(titles)) == len(set(layers)) else list(layers)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -117,7 +156,35 @@ def _check_path(path: object, fn: str) -> str:
         raise InputError(f"{fn}: path must be a non-empty file path, got {path!r}")
     if os.path.isdir(path):
         raise InputError(f"{fn}: path {path!r} is a folder; pass a file inside it, e.g. {os.path.join(path, 'x')!r}")
+    check_parent(path, fn)
     return path
+
+
+def _write_file(path: str, write: Callable[[str], None], fn: str, what: str) -> str:
+    """:func:`~naflow_fx._io.atomic_write` with errors that name the user's file, not the hidden temporary one.
+
+    A folder that cannot be written (no permission, read-only file system) or a parent that is a
+    file is an :class:`InputError`; any other failure (disk full, I/O error) an ``OSError`` whose
+    message says it was writing ``what``. No file is half-written either way.
+    """
+    try:
+        return atomic_write(path, write)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        folder = existing_folder(path)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+            raise InputError(
+                f"{fn}: cannot write {path}: {why} in {folder}; choose a folder you can write to"
+            ) from None
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST) and not os.path.isdir(folder):
+            raise InputError(
+                f"{fn}: cannot write {path}: {folder} is a file, not a folder; choose another path"
+            ) from None
+        if exc.errno == errno.EISDIR:
+            raise InputError(f"{fn}: cannot write {path}: it is a folder; pass a file inside it") from None
+        raise OSError(exc.errno, f"cannot write {what}: {exc.strerror}", path) from exc
 
 
 def _figure_format(path: str | os.PathLike, fn: str = "atomic_savefig") -> str:
@@ -141,6 +208,82 @@ def _figure_format(path: str | os.PathLike, fn: str = "atomic_savefig") -> str:
             f"use one of {', '.join('.' + e for e in sorted(supported))} (e.g. .png)"
         )
     return ext
+
+
+# The figures are drawn in memory: their size is checked (against the free memory, and the largest
+# picture the format can hold) before anything is allocated, so a huge ``cell``, ``dpi`` or ``size``
+# is one InputError saying what to pass instead, not a MemoryError from deep inside matplotlib or torch.
+_VECTOR_FORMATS = frozenset({"pdf", "svg", "svgz", "eps", "ps", "pgf"})  # not drawn on an Agg canvas when saved
+_AGG_MAX_SIDE = 2**23 - 1  # matplotlib's Agg renderer draws less than 2^23 pixels per side
+_GIF_MAX_SIDE = 2**16 - 1  # a GIF stores its width and height in 16 bits
+_GIF_HEADER = 14  # pixels above the images of a GIF frame, for the layer's name
+
+
+def _pixels(x: float) -> str:
+    return f"{x:.0f}" if x < 1e15 else f"{x:.3g}"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: MemoryError (numpy, PIL, matplotlib) or torch's "can't allocate memory"."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "alloc" in str(exc))
+
+
+def _check_grid_room(
+    rows: int, cols: int, cell: float, dpi: float, fmt: str | None, image_hw: tuple[int, int], fn: str
+) -> tuple[str, str, float]:
+    """Refuse a grid figure that matplotlib cannot draw or that cannot fit in memory.
+
+    Returns ``(what, todo, nbytes)`` for the message of an allocation that fails anyway (where the
+    free memory is unknown). The estimate is generous: every pixel buffer the drawing may hold at once.
+    """
+    import matplotlib
+
+    fig_dpi = float(matplotlib.rcParams["figure.dpi"])  # tight_layout renders at the figure's dpi
+    width, height = cell * cols, cell * rows + 0.3  # inches, as flow_grid sizes the figure
+    dpis = [fig_dpi] + ([float(dpi)] if fmt is not None and fmt not in _VECTOR_FORMATS else [])
+    h, w = image_hw
+    nbytes = 4 * width * height * fig_dpi**2  # the RGBA canvas of tight_layout
+    if fmt is not None:  # saved: its RGBA canvas and a copy to encode it (a vector format keeps every cell's
+        # image, resampled at dpi, until the file is written), one cell's image being resampled
+        nbytes += 8 * width * height * dpi**2 + 96 * (cell * dpi) ** 2
+    nbytes += 24 * rows * cols * h * w + 256 * h * w  # every cell's float RGB image, one overlay being made
+    what = f"{fn}: a figure of {rows}×{cols} cells of {cell:g} inches"
+    todo = (
+        "pass a smaller cell (inches per image, e.g. the default 1.15) or a lower dpi, or show fewer layers "
+        "(layers=[...]) or images per figure"
+    )
+    for d in dpis:
+        px_w, px_h = width * d, height * d
+        if max(px_w, px_h) > _AGG_MAX_SIDE:
+            need = f" and {_gib(nbytes)} of memory" if math.isfinite(nbytes) else ""
+            raise InputError(
+                f"{what} at dpi {d:g} would be {_pixels(px_w)}×{_pixels(px_h)} pixels{need}, but matplotlib "
+                f"draws at most {_AGG_MAX_SIDE} pixels per side: {todo}"
+            )
+    _check_room(int(nbytes), torch.device("cpu"), f"{what} at dpi {dpi if fmt is not None else fig_dpi:g}", todo)
+    return what, todo, nbytes
+
+
+def _check_gif_room(batch: int, frames: int, size: int, fn: str) -> tuple[str, str, int]:
+    """Refuse a GIF larger than the format allows or than the free memory; returns ``(what, todo, nbytes)``."""
+    width, height = size * batch, size + _GIF_HEADER
+    largest = min(_GIF_MAX_SIDE // batch, _GIF_MAX_SIDE - _GIF_HEADER)
+    # the resized images (float32), every frame (RGB, and its palette copy while the GIF is encoded,
+    # with room to spare), one overlay being made (float64 RGBA and blends)
+    nbytes = 12 * batch * size * size + 8 * frames * width * height + 256 * size * size
+    what = f"{fn}: {frames} frame(s) of {batch} image(s) of {size}×{size} pixels"
+    todo = f"pass a smaller size (pixels per image side, e.g. the default 192; at most {largest} here), or fewer layers"
+    if max(width, height) > _GIF_MAX_SIDE:
+        raise InputError(
+            f"{what} would be {width}×{height} pixels per frame ({batch} image(s) side by side) and need "
+            f"{_gib(nbytes)} of memory, but a GIF has at most {_GIF_MAX_SIDE} pixels per side: {todo}"
+        )
+    _check_room(nbytes, torch.device("cpu"), what, todo)
+    return what, todo, nbytes
 
 
 def _check_image(image: object) -> Tensor:
@@ -218,30 +361,40 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
 
     The format is ``kwargs["format"]`` if given, else the path's extension (a path without one
     gets a PNG, written to exactly that path); an unsupported extension is an
-    :class:`~naflow_fx.InputError` naming the path and the supported formats.
+    :class:`~naflow_fx.InputError` naming the path and the supported formats. So is a path that
+    cannot be written: under a file, or in a folder without write permission. Any other failed
+    write (e.g. a full disk) is an ``OSError`` naming ``path``; no file is left half-written.
     """
+    _save_figure(fig, path, "atomic_savefig", **kwargs)
+
+
+def _save_figure(fig, path: str | os.PathLike, fn: str, **kwargs) -> None:
+    """:func:`atomic_savefig`, with errors that start with ``fn``."""
+    path = _check_path(path, fn)
     if kwargs.get("format") is None:
-        kwargs["format"] = _figure_format(path)
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
-    except OSError as exc:  # name the user's file, not the hidden temporary one
-        if exc.errno is None:
-            raise
-        raise OSError(exc.errno, f"cannot write the figure: {exc.strerror}", os.fspath(path)) from exc
+        kwargs["format"] = _figure_format(path, fn)
+    _write_file(path, lambda tmp: fig.savefig(tmp, **kwargs), fn, "the figure")
 
 
-def _finish_figure(fig, draw: Callable[[], None], path: str | os.PathLike | None, dpi: float, fmt: str | None):
+def _finish_figure(
+    fig,
+    draw: Callable[[], None],
+    path: str | os.PathLike | None,
+    dpi: float,
+    fmt: str | None,
+    fn: str = "atomic_savefig",
+):
     """Call ``draw()``, then save ``fig`` to ``path`` (if given) with :func:`atomic_savefig`.
 
     The figure is closed once saved, and on any failure (the caller never gets it then); without a
-    path it is returned open.
+    path it is returned open. Errors start with ``fn``.
     """
     import matplotlib.pyplot as plt
 
     try:
         draw()
         if path is not None:
-            atomic_savefig(fig, path, dpi=dpi, format=fmt)
+            _save_figure(fig, path, fn, dpi=dpi, format=fmt)
     except BaseException:
         plt.close(fig)  # the caller never gets this figure: do not leak it
         raise
@@ -280,7 +433,9 @@ def flow_grid(
 
     Every argument is checked before any drawing: bad input raises
     :class:`~naflow_fx.InputError` or :class:`~naflow_fx.InputTypeError`, and no figure is
-    left open when anything fails.
+    left open when anything fails. So is a path under a file or in a folder that cannot be written,
+    and a figure too large to draw (``cell`` × ``dpi`` beyond matplotlib's limit or the free memory).
+    Column titles are :func:`short_layer_name`, lengthened where two would be the same.
 
     Returns:
         The matplotlib figure (already closed when ``path`` is given).
@@ -338,17 +493,24 @@ def flow_grid(
     import matplotlib.pyplot as plt
 
     rows, cols = batch * len(results), len(layers) + 1
-    fig = plt.figure(figsize=(cell * cols, cell * rows + 0.3))
+    what, todo, nbytes = _check_grid_room(rows, cols, cell, dpi, fmt, tuple(images.shape[-2:]), fn)
 
     def draw() -> None:
         axes = fig.subplots(rows, cols, squeeze=False)
         _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap)
 
-    return _finish_figure(fig, draw, path, dpi, fmt)
+    try:
+        fig = plt.figure(figsize=(cell * cols, cell * rows + 0.3))
+        return _finish_figure(fig, draw, path, dpi, fmt, fn)
+    except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown
+        if not _out_of_memory(exc):
+            raise
+        raise InputError(f"{what} would need about {_gib(nbytes)}, more than can be allocated: {todo}") from None
 
 
 def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap) -> None:
     batch = images.shape[0]
+    titles = _column_titles(layers)
     for b in range(batch):
         for k, res in enumerate(results):
             r = b * len(results) + k
@@ -362,7 +524,7 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, c
             for j, name in enumerate(layers):
                 axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
                 if r == 0:
-                    axes[r, j + 1].set_title(short_layer_name(name), fontsize=6)
+                    axes[r, j + 1].set_title(titles[j], fontsize=6)
             if r == 0:
                 axes[r, 0].set_title("input", fontsize=6)
     for ax in axes.flat:
@@ -395,7 +557,9 @@ def flow_gif(
         duration: milliseconds per frame (the last frame is held three times as long).
 
     Every argument is checked before any frame is drawn (:class:`~naflow_fx.InputError`,
-    :class:`~naflow_fx.InputTypeError`). The GIF is written to ``path`` whatever its extension.
+    :class:`~naflow_fx.InputTypeError`), including a path under a file or in a folder that cannot be
+    written, and a ``size`` too large for a GIF (65535 pixels per side, the images side by side) or
+    for the free memory. The GIF is written to ``path`` whatever its extension.
 
     Returns:
         The path written.
@@ -429,19 +593,26 @@ def flow_gif(
     _check_cmap(cmap, fn)
     _check_number(duration, "duration", fn, low=0.0)
     path = _check_path(path, fn)
-    header = 14
+    what, todo, nbytes = _check_gif_room(batch, len(layers), size, fn)
+    header = _GIF_HEADER
     frames = []
-    small = torch.nn.functional.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear")
-    for name in layers:
-        frame = Image.new("RGB", (size * batch, size + header), "white")
-        for b in range(batch):
-            rgb = overlay(small[b], result.maps[name][b].cpu(), alpha=alpha, cmap=cmap)
-            frame.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (b * size, header))
-        ImageDraw.Draw(frame).text((3, 1), f"{result.method}: {name}", fill="black")
-        frames.append(frame)
+    try:
+        small = torch.nn.functional.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear")
+        for name in layers:
+            frame = Image.new("RGB", (size * batch, size + header), "white")
+            for b in range(batch):
+                rgb = overlay(small[b], result.maps[name][b].cpu(), alpha=alpha, cmap=cmap)
+                frame.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (b * size, header))
+            ImageDraw.Draw(frame).text((3, 1), f"{result.method}: {name}", fill="black")
+            frames.append(frame)
+    except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown
+        if not _out_of_memory(exc):
+            raise
+        frames.clear()
+        raise InputError(f"{what} would need about {_gib(nbytes)}, more than can be allocated: {todo}") from None
     durations = [duration] * (len(frames) - 1) + [duration * 3]
 
     def save(tmp: str) -> None:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
-    return atomic_write(path, save)
+    return _write_file(path, save, fn, "the GIF")

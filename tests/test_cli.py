@@ -51,7 +51,7 @@ def test_explain_with_the_embedded_model_writes_every_output(capsys, tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["flow.gif", "flow_grid.png", "gradcam.json", "gradcam.npz", "naflow.json", "naflow.npz"]
     maps, meta = load_maps(tmp_path / "naflow.npz")
-    assert meta["model"] == "shapes" and meta["samples"][0]["image"] == "star.png"
+    assert meta["model"] == "shapes" and meta["samples"][0]["image"] == star  # the path as given
     assert meta["samples"][0]["target_name"] == "star"
     assert list(maps)[-1] == "layer4.0.relu#2" and all(m.shape[0] == 1 for m in maps.values())
     assert Image.open(tmp_path / "flow_grid.png").size[0] > 300
@@ -275,11 +275,33 @@ def test_weights_that_do_not_match(capsys, tmp_path):
     code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "resnet18", "--weights", "IMAGENET2K_V9")
     assert_one_line_error(code, err, "IMAGENET2K_V9", "IMAGENET1K_V1")
     code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--weights", str(tmp_path / "x.pt"))
-    assert_one_line_error(code, err, "weights file not found")
+    assert_one_line_error(code, err, "weights file not found", "pass an existing state-dict file")
+    assert "torchvision" not in err  # shapes takes no torchvision weights
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "resnet18", "--weights", str(tmp_path / "x.pt"))
+    assert_one_line_error(code, err, "weights file not found", "or a torchvision weights name")
     state_as_model = tmp_path / "state.pt"
     torch.save(shapes_resnet().state_dict(), state_as_model)
     code, _, err = run(capsys, "explain", sample_paths()[0], "--model", str(state_as_model))
     assert_one_line_error(code, err, "holds a state dict", "--weights FILE")
+
+
+def test_torchvision_weights_names_for_a_model_without_them(capsys, tmp_path, monkeypatch):
+    img = sample_paths()[0]
+    for weights in ("DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.DEFAULT"):
+        code, _, err = run(capsys, "explain", img, "--model", "shapes", "--weights", weights)
+        assert_one_line_error(code, err, f"--weights {weights}", "shapes model already ships trained weights")
+        assert "state-dict file" in err and "not found" not in err
+    monkeypatch.chdir(tmp_path)
+    torch.save(shapes_resnet(), "whole.pt")
+    for model in ("naflow_fx.zoo.shapes:shapes_resnet", "whole.pt"):
+        code, _, err = run(capsys, "explain", img, "--model", model, "--weights", "DEFAULT")
+        assert_one_line_error(code, err, "--weights DEFAULT", "torchvision weights", f"for --model {model}")
+        assert "state-dict file" in err
+    code, _, err = run(capsys, "inspect", "--model", "shapes", "--weights", "DEFAULT")
+    assert_one_line_error(code, err, "already ships trained weights")
+    torch.save(shapes_resnet().state_dict(), "DEFAULT")  # a file of that name is a file
+    code, _, err = run(capsys, "inspect", "--model", "shapes", "--weights", "DEFAULT", "--no-code")
+    assert code == 0, err
 
 
 def test_out_of_range_target(capsys, tmp_path):
@@ -411,3 +433,105 @@ def test_load_images_crops_before_resampling_and_reads_high_bit_depths(tmp_path,
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(CLIError, match="more pixels than PIL's safety limit.*downscale it first"):
         load_images(sample_paths()[:1], 64)
+
+
+def test_load_images_follows_the_exif_orientation(tmp_path):
+    from naflow_fx.cli import load_images
+
+    pixels = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high: red left half, blue right half
+    pixels[:, :20, 0] = 255
+    pixels[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90° clockwise, the red half on top
+    for name, kwargs in (("photo.png", {}), ("photo.jpg", {"quality": 95})):
+        path = tmp_path / name
+        Image.fromarray(pixels).save(path, exif=exif, **kwargs)
+        assert Image.open(path).size == (40, 20) and Image.open(path).getexif()[0x0112] == 6
+        x = load_images([str(path)], 16, "stretch")[0]
+        top, bottom = x[:, :8], x[:, 8:]
+        assert top[0].mean() > 0.9 and top[2].mean() < 0.1, name  # red on top
+        assert bottom[2].mean() > 0.9 and bottom[0].mean() < 0.1, name  # blue below
+        assert torch.allclose(x[:, :, :8], x[:, :, 8:], atol=0.1), name  # the same left and right
+    square = tmp_path / "square.png"
+    Image.fromarray(pixels[:, 10:30]).save(square, exif=exif)  # 20 x 20: turned, not just stretched
+    x = load_images([str(square)], 16)[0]
+    assert x[0, :8].mean() > 0.9 and x[2, 8:].mean() > 0.9
+    plain = tmp_path / "plain.png"
+    Image.fromarray(pixels).save(plain)  # no tag: as stored
+    x = load_images([str(plain)], 16, "stretch")[0]
+    assert x[0, :, :8].mean() > 0.9 and x[2, :, 8:].mean() > 0.9
+
+
+def test_sidecars_record_image_paths_as_given(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    star = sample_paths()[CLASSES.index("star")]
+    (tmp_path / "imgdir").mkdir()
+    Image.open(star).save(tmp_path / "star.png")
+    Image.open(star).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "imgdir" / "star.png")
+    argv = ("explain", "star.png", "imgdir/star.png", "--model", "shapes", "--size", "32", "--layers", "blocks")
+    code, out, err = run(capsys, *argv, "--out", "out")
+    assert code == 0, err
+    assert "  star.png: predicted" in out and "  imgdir/star.png: predicted" in out
+    for method in ("naflow", "gradcam"):
+        _, meta = load_maps(tmp_path / "out" / f"{method}.npz")
+        assert [s["image"] for s in meta["samples"]] == ["star.png", "imgdir/star.png"]
+        assert json.loads((tmp_path / "out" / f"{method}.json").read_text()) == meta
+    # no output file is named after an image, so inputs with the same name cannot overwrite each other's
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["flow.gif", "flow_grid.png", "gradcam.json", "gradcam.npz", "naflow.json", "naflow.npz"]
+    maps, _ = load_maps(tmp_path / "out" / "naflow.npz")
+    assert all(m.shape[0] == 2 for m in maps.values()) and not np.allclose(*next(iter(maps.values())))
+
+
+_CHATTY = """
+import warnings
+
+from torch import nn
+
+from naflow_fx import NumericalWarning
+
+
+def build():
+    warnings.warn("the default init will change", FutureWarning)
+    warnings.warn("some library chatter")
+    warnings.warn(NumericalWarning("naflow_fx: a numerical problem"))
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+"""
+
+
+def test_quiet_silences_other_libraries_warnings_but_not_numerical_ones(capsys, tmp_path, monkeypatch):
+    import warnings
+
+    from naflow_fx import NumericalWarning
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chatty.py").write_text(_CHATTY)
+    argv = ("explain", sample_paths()[0], "--model", "chatty:build", "--size", "16", "--compare", "none")
+    for quiet in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, out, err = run(capsys, *argv, "--out", f"out{quiet}", *(["-q"] if quiet else []))
+            assert warnings.filters[0][:3] == ("always", None, Warning)  # the caller's filters, restored
+        assert code == 0, err
+        kinds = sorted(w.category.__name__ for w in caught)
+        if quiet:
+            assert out == "" and kinds == ["NumericalWarning"], kinds
+        else:
+            assert "note: build gets" in out
+            assert kinds == ["FutureWarning", "NumericalWarning", "UserWarning"], kinds
+    # non-finite maps of the flow itself: the one error line says what to do, no warning repeats it
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # tests/models.py
+    nan = ("explain", sample_paths()[0], "--model", "models:silu_chain", "--size", "16", "--damping", "0", "-q")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run(capsys, *nan, "--out", "nan")
+    assert_one_line_error(code, err, "contain NaN or Inf", "--damping")
+    assert not [w for w in caught if issubclass(w.category, NumericalWarning)]
+    # as a user sees it, on stderr (pytest records warnings instead of printing them)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "naflow_fx.cli", *argv, "--out", "sub", "-q"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert "NumericalWarning: naflow_fx: a numerical problem" in proc.stderr
+    assert "FutureWarning" not in proc.stderr and "chatter" not in proc.stderr, proc.stderr

@@ -3,6 +3,10 @@ before any drawing, no figure left open, no file (or temporary) left behind."""
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,10 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import naflow_fx.result  # noqa: E402
 from naflow_fx import LayerMaps, viz  # noqa: E402
 from naflow_fx.errors import InputError, InputTypeError  # noqa: E402
 from naflow_fx.metrics import energy_on_mask, mask_energy  # noqa: E402
-from naflow_fx.viz import atomic_savefig, flow_gif, flow_grid, overlay  # noqa: E402
+from naflow_fx.viz import atomic_savefig, flow_gif, flow_grid, overlay, short_layer_name  # noqa: E402
 
 
 def _res(batch: int = 2, layers=("a", "b"), method: str = "naflow", classes: bool = False) -> LayerMaps:
@@ -85,13 +90,258 @@ def test_flow_grid_without_a_path_closes_its_figure_on_error():
     assert plt.get_fignums() == before
 
 
-def test_flow_grid_closes_its_figure_when_saving_fails(tmp_path):
-    (tmp_path / "file").write_text("x")
+def test_flow_grid_closes_its_figure_when_saving_fails(tmp_path, monkeypatch):
+    def full_disk(self, fname, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")  # half-written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fname))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
     before = plt.get_fignums()
-    with pytest.raises(OSError):  # the folder is a file: the write fails after the drawing
-        flow_grid(_images(), _res(), tmp_path / "file" / "grid.png", dpi=20)
+    path = tmp_path / "grid.png"
+    with pytest.raises(OSError) as info:  # the write fails after the drawing: an OSError naming the user's file
+        flow_grid(_images(), _res(), path, dpi=20)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "cannot write the figure" in str(info.value)
     assert plt.get_fignums() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert list(tmp_path.iterdir()) == []  # no half-written figure, no temporary
+
+
+# ----------------------------------------------------------------------------- output paths of every writer
+# flow_grid (in every figure format), atomic_savefig and flow_gif: a path under a file, or in a folder
+# that cannot be written, is one InputError naming the user's path, checked before any drawing where
+# it can be, and nothing (not even a temporary) is left behind.
+
+
+def _write_grid(path, fmt="png"):
+    return flow_grid(_images(), _res(), path.with_suffix("." + fmt) if fmt else path, dpi=20)
+
+
+def _write_savefig(path):
+    fig = plt.figure(figsize=(1, 1))
+    try:
+        atomic_savefig(fig, path, dpi=10)
+    finally:
+        plt.close(fig)
+
+
+WRITERS = {
+    "grid png": (lambda p: _write_grid(p, "png"), "flow_grid"),
+    "grid pdf": (lambda p: _write_grid(p, "pdf"), "flow_grid"),
+    "grid svg": (lambda p: _write_grid(p, "svg"), "flow_grid"),
+    "grid jpg": (lambda p: _write_grid(p, "jpg"), "flow_grid"),
+    "grid no extension": (lambda p: _write_grid(p, ""), "flow_grid"),
+    "gif": (lambda p: flow_gif(_images(), _res(), p.with_suffix(".gif"), size=8), "flow_gif"),
+    "atomic_savefig": (_write_savefig, "atomic_savefig"),
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS), ids=list(WRITERS))
+@pytest.mark.parametrize("deeper", [False, True], ids=["file/out", "file/sub/out"])
+def test_a_path_under_a_file_is_an_input_error_before_any_drawing(writer, deeper, tmp_path, monkeypatch):
+    write, fn = WRITERS[writer]
+    monkeypatch.setattr(viz, "overlay", lambda *a, **k: pytest.fail("drew before checking the path"))
+    (tmp_path / "notadir").write_text("x")
+    path = tmp_path / "notadir" / ("sub" if deeper else "") / "out"
+    with pytest.raises(InputError, match=f"^{fn}: cannot write .*: {tmp_path / 'notadir'} is a file, not a folder"):
+        write(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notadir"]
+
+
+@pytest.mark.parametrize("writer", list(WRITERS), ids=list(WRITERS))
+@pytest.mark.parametrize(
+    "code, why", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only file system")], ids=["EACCES", "EROFS"]
+)
+def test_a_folder_that_cannot_be_written_is_an_input_error_naming_the_users_file(
+    writer, code, why, tmp_path, monkeypatch
+):
+    # as root chmod does not make a folder read-only: the temporary file beside the output fails as it would
+    def refuse(*args, dir=None, **kwargs):
+        raise OSError(code, os.strerror(code), os.path.join(dir, ".out.hidden123"))
+
+    write, fn = WRITERS[writer]
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(InputError, match=f"^{fn}: cannot write {tmp_path / 'out'}.*: {why} in {tmp_path}; ") as info:
+        write(tmp_path / "out")
+    assert ".hidden" not in str(info.value) and info.value.__cause__ is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_created_is_an_input_error_naming_the_existing_parent(tmp_path, monkeypatch):
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    for write, fn in (WRITERS["grid png"], WRITERS["gif"]):
+        with pytest.raises(InputError, match=f"^{fn}: cannot write .*: permission denied in {tmp_path}; choose"):
+            write(tmp_path / "new" / "deeper" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_an_input_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(InputError, match=f"^flow_gif: cannot write {ro / 'f.gif'}: permission denied in {ro}"):
+            flow_gif(_images(), _res(), ro / "f.gif", size=8)
+        with pytest.raises(InputError, match="^flow_grid: cannot write .*: permission denied"):
+            flow_grid(_images(), _res(), ro / "grid.png", dpi=20)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_full_disk_while_writing_the_gif_stays_an_os_error_naming_the_users_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    def full_disk(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    path = tmp_path / "f.gif"
+    with pytest.raises(OSError) as info:
+        flow_gif(_images(), _res(), path, size=8)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "cannot write the GIF" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- figure sizes and memory
+
+
+@pytest.fixture
+def one_gib_free(monkeypatch):
+    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: 2**30)
+
+
+def test_a_huge_grid_cell_is_an_input_error_saying_the_memory_before_allocating(tmp_path, monkeypatch, one_gib_free):
+    monkeypatch.setattr(plt, "figure", lambda *a, **k: pytest.fail("made the figure before checking its size"))
+    with pytest.raises(InputError) as info:
+        flow_grid(_images(), [_res()], tmp_path / "g.png", cell=1000)
+    msg = str(info.value)
+    assert msg.startswith("flow_grid: a figure of 2×3 cells of 1000 inches at dpi 150 would need ")
+    assert "GiB, but 1 GiB are free on cpu: pass a smaller cell" in msg and "lower dpi" in msg
+    with pytest.raises(InputError, match="would need .* GiB, but 1 GiB are free"):
+        flow_grid(_images(), [_res()], tmp_path / "g.png", dpi=100_000)
+    with pytest.raises(InputError, match="at dpi 100 would need"):  # not saved: drawn at the figure's dpi
+        flow_grid(_images(), [_res()], None, cell=1000)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="the free memory is read from /proc/meminfo")
+def test_a_huge_grid_cell_is_refused_by_the_real_memory_check_too(tmp_path):
+    with pytest.raises(InputError, match=r"^flow_grid: .* GiB.*pass a smaller cell"):  # terabytes, on any machine
+        flow_grid(_images(), [_res()], tmp_path / "g.png", cell=1000)
+
+
+def test_a_grid_beyond_matplotlibs_pixel_limit_is_an_input_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: 2**80)  # memory is no limit
+    with pytest.raises(InputError, match=r"would be \d+×\d+ pixels and .* GiB of memory, but matplotlib draws at most"):
+        flow_grid(_images(), [_res()], tmp_path / "g.png", cell=30_000)
+    with pytest.raises(InputError, match=r"at dpi 1e\+07 would be .* pixels.*smaller cell"):
+        flow_grid(_images(), [_res()], tmp_path / "g.png", dpi=1e7)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_gif_size_is_an_input_error_before_allocating(tmp_path, monkeypatch, one_gib_free):
+    def no_resizing(*args, **kwargs):
+        raise AssertionError("allocated the frames before checking their size")
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", no_resizing)
+    with pytest.raises(InputError) as info:  # the audit's case: beyond a GIF's 65535 pixels per side
+        flow_gif(_images(), _res(), tmp_path / "a.gif", size=100_000)
+    msg = str(info.value)
+    assert msg.startswith("flow_gif: 2 frame(s) of 2 image(s) of 100000×100000 pixels would be 200000×100014 pixels")
+    assert "GiB of memory, but a GIF has at most 65535 pixels per side: pass a smaller size" in msg
+    assert "at most 32767 here" in msg
+    with pytest.raises(InputError, match=r"would need .* GiB, but 1 GiB are free on cpu: pass a smaller size"):
+        flow_gif(_images(), _res(), tmp_path / "a.gif", size=20_000)  # a valid GIF, but not in 1 GiB
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_when_free_memory_is_unknown_a_failed_allocation_is_still_an_input_error(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: None)
+    monkeypatch.setattr(viz, "overlay", out_of_memory)
+    with pytest.raises(InputError, match=r"^flow_grid: .* would need about .* GiB, more than can be allocated: pass"):
+        flow_grid(_images(), [_res()], tmp_path / "g.png", dpi=20)
+    with pytest.raises(InputError, match=r"^flow_gif: .* would need about .* GiB, more than can be allocated: pass"):
+        flow_gif(_images(), _res(), tmp_path / "a.gif", size=8)
+    monkeypatch.setattr(viz, "overlay", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not every RuntimeError is an allocation
+        flow_gif(_images(), _res(), tmp_path / "a.gif", size=8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ordinary_sizes_are_not_refused(monkeypatch):
+    """8 images of 224 pixels, 20 layers: the default cell and dpi, cell=2, a 200-pixel GIF fit in 2 GiB."""
+    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: 2 * 2**30)
+    for fmt in ("png", "pdf", None):
+        viz._check_grid_room(8, 21, 1.15, 150, fmt, (224, 224), "flow_grid")
+        viz._check_grid_room(8, 21, 2.0, 150, fmt, (224, 224), "flow_grid")
+    viz._check_gif_room(8, 20, 200, "flow_gif")
+    viz._check_gif_room(8, 20, 192, "flow_gif")
+
+
+def test_a_grid_and_a_gif_of_8_images_and_20_layers_are_written(tmp_path):
+    layers = tuple(f"layer{i}.0.conv1" for i in range(20))
+    images, res = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(2)), _res(8, layers)
+    flow_grid(images, res, tmp_path / "g.png", cell=0.3, dpi=30)
+    flow_gif(images, res, tmp_path / "a.gif", size=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "g.png"]
+
+
+# ----------------------------------------------------------------------------------------- column titles
+
+
+def test_short_layer_name_is_unchanged_without_others_or_collisions():
+    assert short_layer_name("features.10") == "f.10"
+    assert short_layer_name("layer1.0.conv1") == "l1.0.conv1"
+    assert short_layer_name("layer2.0.downsample.0") == "….downsample.0"
+    names = ["layer1.0.conv1", "layer2.0.downsample.0", "fc"]  # no two short names alike
+    assert [short_layer_name(n, others=names) for n in names] == ["l1.0.conv1", "….downsample.0", "fc"]
+
+
+def test_short_layer_name_lengthens_colliding_names_until_they_differ():
+    names = ["layer2.0.downsample.0", "layer4.0.downsample.0", "layer4.1.downsample.0", "layer3.1.conv2"]
+    titles = [short_layer_name(n, others=names) for n in names]
+    assert titles == ["l2.0.downsample.0", "l4.0.downsample.0", "…1.downsample.0", "l3.1.conv2"]
+    deep = ["encoder.blocks.0.attention.output.dense", "decoder.blocks.0.attention.output.dense"]
+    assert [short_layer_name(n, others=deep) for n in deep] == [
+        "encoder.blocks.0.attention.output.dense",
+        "decoder.blocks.0.attention.output.dense",
+    ]
+    same_short = ["layer1", "l1"]  # both abbreviate to "l1": the full names
+    assert [short_layer_name(n, others=same_short) for n in same_short] == ["layer1", "l1"]
+
+
+def test_short_layer_name_titles_of_one_figure_are_always_unique():
+    import random
+
+    rng = random.Random(0)
+    parts = ["layer1", "layer2", "0", "1", "10", "downsample", "conv1", "features", "attn", "proj", "l1", "f"]
+    for _ in range(500):
+        names = list({".".join(rng.choices(parts, k=rng.randint(1, 6))) for _ in range(rng.randint(2, 8))})
+        titles = viz._column_titles(names)
+        assert len(set(titles)) == len(names), names
+        for name, title in zip(names, titles):  # a usual title no other name shares is kept
+            usual = short_layer_name(name)
+            if [short_layer_name(n) for n in names].count(usual) == 1:
+                assert title == usual
+
+
+def test_flow_grid_columns_carry_unique_titles(tmp_path):
+    layers = ("layer2.0.downsample.0", "layer4.0.downsample.0", "fc")
+    fig = flow_grid(_images(), _res(layers=layers), None)
+    try:
+        titles = [ax.get_title() for ax in fig.axes[: len(layers) + 1]]
+    finally:
+        plt.close(fig)
+    assert titles == ["input", "l2.0.downsample.0", "l4.0.downsample.0", "fc"]
 
 
 def test_flow_grid_unsupported_extension_names_the_path_before_any_drawing(tmp_path, monkeypatch):
