@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -58,6 +59,19 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
 _KEEP = ("all", "maps")
 
 
+# NOTE [caller's modes]
+# Explainers are often called inside `torch.inference_mode()` (which records no graph, so every Λ
+# and map came out wrong without an error) or `torch.autocast` (which runs the convolutions of the
+# solves in bfloat16/float16, far coarser than their 1e-4 stopping rule). A flow leaves both for
+# its own work; an inference tensor as input is copied to a normal one (`_check_input`). The
+# caller's modes hold again when the flow returns.
+@contextlib.contextmanager
+def exact_mode(device: torch.device) -> Iterator[None]:
+    """Inference mode and autocast off on ``device``, whatever the caller's context (NOTE [caller's modes])."""
+    with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+        yield
+
+
 class NAFlow:
     """A compiled NAFlow explainer: build once, call on many batches.
 
@@ -100,6 +114,7 @@ class NAFlow:
         # cached across calls, and dropped whenever a weight changes (NOTE [weight cache]).
         self._sigma_cache: dict = {}
         self._weights_seen: tuple = ()
+        self._recipe: tuple | None = None  # (model, example shape, options), set by compile_naflow
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
         nodes = {n.name: n for n in graph_module.graph.nodes}
         self._to_nchw = {}
@@ -172,6 +187,8 @@ class NAFlow:
             )
         if not bool(torch.isfinite(x).all()):
             raise InputError("the input contains NaN or Inf values")
+        if x.is_inference():  # made under torch.inference_mode: autograd cannot use it (NOTE [caller's modes])
+            x = x.clone()
         return x
 
     def _record(self, x: Tensor, target: object, keep: Iterable[str], grad_nodes: Iterable[str]):
@@ -233,6 +250,10 @@ class NAFlow:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
         if progress is not None and not callable(progress):
             raise InputTypeError(f"progress must be a function of one SolveRecord, got {type(progress).__name__}")
+        with exact_mode(self._device):
+            return self._flow(x, target, keep, progress)
+
+    def _flow(self, x: Tensor, target: object, keep: str, progress) -> FlowResult:
         program = self._program if keep == "all" else self._maps_program()
         # Only Λ_N is recorded: the inverse network chains every other Λ from it (NOTE [chained Λ]).
         output, values, lams, scores, classes = self._record(x, target, program.activations, program.coefficients)
@@ -274,6 +295,10 @@ class NAFlow:
         return self._maps
 
     def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
+        with exact_mode(self._device):
+            return self._cam_maps(x, target, method)
+
+    def _cam_maps(self, x: Tensor, target: object, method: str) -> LayerMaps:
         output, values, lams, scores, classes = self._record(x, target, self._layer_nodes, self._layer_nodes)
         maps = {}
         for node, name in zip(self._layer_nodes, self.layers):
@@ -310,6 +335,14 @@ class NAFlow:
             shape = "×".join(str(s) for s in tensor_meta(n).shape[1:])
             rows.append(f"{i:>3} {name:<28} {op:<18} {shape:<16} {source.get(node, '?')}")
         return "\n".join(rows)
+
+    def __reduce__(self):
+        """Pickled (``pickle``, ``torch.save``, ``copy.deepcopy``) as the model and the options it was
+        compiled with, and compiled again when loaded: the generated code holds no state of its own."""
+        recipe = self._recipe
+        if recipe is None:
+            raise TypeError("this NAFlow was not made by compile_naflow, so it cannot be pickled; compile it instead")
+        return _recompile, recipe
 
     def __repr__(self) -> str:
         return (
@@ -564,4 +597,14 @@ def compile_naflow(
     gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
     gm = passes.assign_inverse_rules(gm, fallback)
     chosen = _select_layers(gm, model, layers)
-    return NAFlow(gm, chosen, config, reduction, example)
+    flow = NAFlow(gm, chosen, config, reduction, example)
+    options = dict(
+        solver=solver, damping=damping, tol=tol, max_iter=max_iter, last_layer=flow.last_layer, layers=flow.layers
+    )
+    options.update(reduction=reduction, fallback=fallback, leaf_modules=leaf_modules)
+    flow._recipe = (model, tuple(example.shape), options | ({"concrete_args": concrete_args} if concrete_args else {}))
+    return flow
+
+
+def _recompile(model: nn.Module, shape: tuple, options: dict) -> NAFlow:
+    return compile_naflow(model, shape, **options)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import check_parent
-from .api import NAFlow, compile_naflow
+from .api import NAFlow, compile_naflow, exact_mode
 from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .result import FlowResult, LayerMaps
 from .similarity import SimilarityTarget
@@ -156,7 +156,7 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
     ):
         raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), exact_mode(nf._device):
         for chunk in x.split(int(batch_size)) if batch_size else (x,):
             chunk = nf._check_input(chunk)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -294,6 +295,45 @@ def test_argument_errors():
         compile_naflow(model, torch.randn(1, 1, SIZE, SIZE))
     with pytest.raises(InputError, match=r"one image without a batch dimension; pass a batch such as x.unsqueeze\(0\)"):
         compile_naflow(model, x[0])
+
+
+def test_the_callers_inference_mode_and_autocast_do_not_change_the_flow():
+    """NOTE [caller's modes]: both used to give wrong maps without an error."""
+    model, x = conv4(hidden=4, num_classes=3).eval(), batch(2)
+    flow = compile_naflow(model, x[:1])
+    ref, cam = flow(x), flow.gradcam(x)
+    with torch.inference_mode():
+        frozen = x.clone()  # an inference tensor: autograd cannot use it as it is
+    for mode in (torch.inference_mode, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        with mode():
+            got, got_cam = flow(x), flow.gradcam(x)
+        for name in flow.layers:
+            torch.testing.assert_close(got.maps[name], ref.maps[name])
+            torch.testing.assert_close(got_cam.maps[name], cam.maps[name])
+        assert got.maps[name].dtype == torch.float32
+    torch.testing.assert_close(flow(frozen).maps[name], ref.maps[name])
+
+
+def test_a_compiled_flow_pickles_and_copies_as_its_model_and_options(tmp_path):
+    model, x = conv4(hidden=4, num_classes=3).eval(), batch(2)
+    flow = compile_naflow(model, x[:1], damping=3e-2, layers="conv", reduction="relu_sum")
+    ref = flow(x)
+    torch.save(flow, tmp_path / "flow.pt")
+    copies = [
+        pickle.loads(pickle.dumps(flow)),
+        torch.load(tmp_path / "flow.pt", weights_only=False),
+        copy.deepcopy(flow),
+    ]
+    for other in copies:
+        assert (other.layers, other.last_layer, other.config, other.reduction) == (
+            flow.layers,
+            flow.last_layer,
+            flow.config,
+            flow.reduction,
+        )
+        got = other(x)
+        for name in flow.layers:
+            torch.testing.assert_close(got.maps[name], ref.maps[name])
 
 
 def test_a_model_cast_or_moved_after_compiling_asks_to_compile_again():
