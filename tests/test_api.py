@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import pickle
@@ -471,6 +472,45 @@ def test_other_forward_arguments_take_their_defaults_or_concrete_args(concrete):
     got = flow(x)
     torch.testing.assert_close(got.output, model(x, **(concrete or {})))
     assert ("mul" in flow.layers) == bool(concrete)
+
+
+Heads = collections.namedtuple("Heads", ["logits", "features"])
+
+
+class DictOutput(nn.Module):
+    """Returns logits and features together, as Hugging Face-style and multi-head models do."""
+
+    def __init__(self, kind: str = "dict"):
+        super().__init__()
+        self.kind = kind
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        logits = self.fc(f.mean((2, 3)))
+        if self.kind == "dict":
+            return {"features": f, "logits": logits}
+        if self.kind == "namedtuple":
+            return Heads(logits, f)
+        return logits, f
+
+
+@pytest.mark.parametrize(
+    ("kind", "described", "pick"),
+    [
+        ("dict", "a dict with keys ['features', 'logits']", "self.model(x)['logits']"),
+        ("namedtuple", "a Heads with fields ['logits', 'features']", "self.model(x).logits"),
+        ("tuple", "a tuple of 2", "self.model(x)[0]"),
+    ],
+)
+def test_a_model_returning_several_outputs_is_told_how_to_wrap_it(kind, described, pick):
+    with pytest.raises(UnsupportedModelError) as err:
+        compile_naflow(DictOutput(kind).eval(), batch(1))
+    message = str(err.value)
+    assert described in message and f"def forward(self, x): return {pick}" in message
+    scope = {"torch": torch}
+    exec(message.split("tensor to explain: ")[1].split("\nthen")[0], scope)  # the wrapper, as the message writes it
+    assert compile_naflow(scope["Explained"](DictOutput(kind).eval()), batch(1))(batch(2)).output.shape == (2, 2)
 
 
 def test_a_branch_on_tensor_values_is_still_refused_after_fixing_shapes():

@@ -132,6 +132,41 @@ def _default_last(candidates: list[fx.Node]) -> fx.Node | None:
     return last
 
 
+def _output_value(result: object) -> object:
+    """A returned node's recorded value (a named tuple built in forward is one node), else ``result``."""
+    if isinstance(result, fx.Node):
+        value = result.meta.get("val", result.meta.get("tensor_meta"))
+        return value if isinstance(value, (tuple, list, dict)) else result
+    return result
+
+
+def _describe_output(result: object) -> str:
+    """What a model returns, for an error: a dict's keys, a named tuple's fields, a tuple's length."""
+    result = _output_value(result)
+    if isinstance(result, dict):
+        return f"a dict with keys {list(result)}"
+    if isinstance(result, tuple) and hasattr(result, "_fields"):
+        return f"a {type(result).__name__} with fields {list(result._fields)}"
+    if isinstance(result, (tuple, list)):
+        return f"a {type(result).__name__} of {len(result)}"
+    return repr(result)
+
+
+def _wrapper_hint(result: object) -> str:
+    result = _output_value(result)
+    if isinstance(result, dict):
+        key = "logits" if "logits" in result else next(iter(result), "logits")
+        pick = f"[{key!r}]"
+    elif isinstance(result, tuple) and hasattr(result, "_fields"):
+        pick = f".{result._fields[0]}"
+    else:
+        pick = "[0]"
+    return (
+        "class Explained(torch.nn.Module):\n    def __init__(self, model): super().__init__(); self.model = model\n"
+        f"    def forward(self, x): return self.model(x){pick}\nthen compile_naflow(Explained(model), x)"
+    )
+
+
 def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.GraphModule:
     """Find N and split input → N into stages; store ``Plan`` in ``gm.meta`` and roles in node.meta."""
     graph = gm.graph
@@ -146,8 +181,9 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
     result = out_node.args[0]
     if not isinstance(result, fx.Node) or tensor_meta(result) is None or not is_feature_node(result):
         raise UnsupportedModelError(
-            "the model's output must be one floating-point tensor (e.g. logits or an embedding); "
-            f"got {result!r}. Wrap the model so that forward returns a tensor."
+            f"the model's output must be one floating-point tensor (e.g. logits or an embedding); it returns "
+            f"{_describe_output(result)}. Wrap the model so that forward returns the tensor to explain: "
+            f"{_wrapper_hint(result)}"
         )
     whole = feature_subgraph(graph, source, result)
     if source not in whole:
