@@ -40,6 +40,11 @@ def _prelu(input, weight): ...
 def _elu(input, alpha=1.0): ...
 def _gelu(input, approximate="none"): ...
 def _softplus(input, beta=1.0, threshold=20.0): ...
+def _shrink(input, lambd=0.5): ...
+def _threshold(input, threshold, value): ...
+def _glu(input, dim=-1): ...
+def _softmax(input, dim=None, dtype=None): ...
+def _lp_pool2d(input, norm_type, kernel_size, stride=None, ceil_mode=False): ...
 def _max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False): ...
 def _avg_pool2d(
     input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
@@ -83,6 +88,16 @@ CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     F.hardsigmoid: _sig(_unary),
     F.mish: _sig(_unary),
     F.softplus: _sig(_softplus),
+    F.logsigmoid: _sig(_unary),
+    F.softsign: _sig(_unary),
+    F.tanhshrink: _sig(_unary),
+    F.hardshrink: _sig(_shrink),
+    F.softshrink: _sig(_shrink),
+    F.threshold: _sig(_threshold),
+    F.glu: _sig(_glu),
+    F.softmax: _sig(_softmax),
+    F.log_softmax: _sig(_softmax),
+    F.lp_pool2d: _sig(_lp_pool2d),
     F.selu: _sig(_unary),
     F.celu: _sig(_elu),
     F.max_pool2d: _sig(_max_pool2d),
@@ -111,6 +126,8 @@ _SHORT_NAMES = {
     torch.reshape: "reshape",
     torch.permute: "permute",
     torch.transpose: "transpose",
+    F.logsigmoid: "logsigmoid",  # its __name__ is "log_sigmoid"
+    F.threshold: "threshold",  # "_threshold"
 }
 
 

@@ -543,9 +543,23 @@ def test_tuple_nodes_stay_inside_regions_and_layer_norm_is_inverted():
         (nn.PixelShuffle(2), 1, torch.pixel_shuffle, "pixel_shuffle_inverse"),
         (nn.PixelUnshuffle(2), 16, torch.pixel_unshuffle, "pixel_unshuffle_inverse"),
         (nn.ChannelShuffle(2), 4, torch.channel_shuffle, "channel_shuffle_inverse"),
+        # decision 36
+        (nn.SyncBatchNorm(4), 4, F.batch_norm, "batch_norm_inverse"),
+        (nn.RReLU(), 4, F.leaky_relu, "leaky_relu_inverse"),
+        (nn.LogSigmoid(), 4, F.logsigmoid, "logsigmoid_inverse"),
+        (nn.Softsign(), 4, F.softsign, "softsign_inverse"),
+        (nn.Tanhshrink(), 4, F.tanhshrink, "tanhshrink_inverse"),
+        (nn.Hardshrink(0.05), 4, F.hardshrink, "hardshrink_inverse"),
+        (nn.Softshrink(0.05), 4, F.softshrink, "softshrink_inverse"),
+        (nn.Threshold(0.05, -1.0), 4, F.threshold, "threshold_inverse"),
+        (nn.GLU(dim=1), 2, F.glu, "glu_inverse"),
+        (nn.Softmax2d(), 4, F.softmax, "softmax_inverse"),
+        (nn.Softmax(dim=1), 4, F.softmax, "softmax_inverse"),
+        (nn.LogSoftmax(dim=1), 4, F.log_softmax, "log_softmax_inverse"),
+        (nn.LPPool2d(2, 2), 4, F.lp_pool2d, "lp_pool2d_inverse"),
     ],
 )
-def test_resampling_transposed_convs_and_shuffles_lower_and_explain(layer, channels, target, rule):
+def test_more_torch_nn_layers_lower_and_explain(layer, channels, target, rule):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     model.append(nn.Flatten()).append(nn.Linear(channels, 2)).eval()
@@ -555,6 +569,7 @@ def test_resampling_transposed_convs_and_shuffles_lower_and_explain(layer, chann
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"][:3] == [torch.conv2d, torch.relu, target]
     flow = compile_naflow(model, x)(x)  # before: UnsupportedOpError on the module
     assert flow.diagnostics["2"].rule == (rule or f"{target.__name__}_inverse")
+    assert flow.diagnostics["2"].converged
     assert all(torch.isfinite(m).all() for m in flow.maps.values())
 
 

@@ -144,6 +144,55 @@ def celu_samples(draw) -> Sample:
 
 
 @st.composite
+def shrink_samples(draw) -> Sample:
+    lambd = draw(st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 1.5)))
+    x, seed = draw(feature_maps((lambd, -lambd)))
+    return Sample(x, dict(lambd=lambd), seed)
+
+
+@st.composite
+def threshold_samples(draw) -> Sample:
+    threshold, value = draw(st.floats(-2, 2)), draw(st.floats(-3, 3))
+    x, seed = draw(feature_maps((threshold,)))
+    return Sample(x, dict(threshold=threshold, value=value), seed)
+
+
+@st.composite
+def glu_samples(draw) -> Sample:
+    x, seed = draw(feature_maps())
+    dim = draw(st.sampled_from([*range(1, x.dim()), *range(-x.dim() + 1, 0)]))  # not the batch dim
+    x = torch.cat([x, rand(x.shape, seed + 3)], dim=dim)  # an even size along dim
+    return Sample(x, dict(dim=dim), seed)
+
+
+@st.composite
+def softmax_samples(draw) -> Sample:
+    """Logits of moderate size. The Jacobian ``diag(p) − ppᵀ`` has an exact null space (a shift along
+    ``dim``), which float64 holds only to rounding; with a probability near 0 that rounding is above
+    pinv's cut-off, and the undamped oracle (and rule) would invert it."""
+    x, seed = draw(feature_maps(scale=0.5))
+    dim = draw(st.sampled_from([*range(1, x.dim()), *range(-x.dim() + 1, 0)]))  # not the batch dim
+    return Sample(x, dict(dim=dim, dtype=None), seed)
+
+
+@st.composite
+def lp_pool2d_samples(draw) -> Sample:
+    """Positive maps (LPPool follows a ReLU in practice; odd powers of negatives have no real root)."""
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    seed = draw(SEEDS)
+    size = tuple(k + draw(st.integers(0, 3)) for k in kernel)
+    x = rand((draw(st.integers(1, 3)), draw(st.integers(1, 3)), *size), seed).abs() + 0.1
+    kwargs = dict(
+        norm_type=draw(st.sampled_from([1.0, 2.0, 3.0])),
+        kernel_size=spell_pair(draw, kernel),
+        stride=None if stride is None else spell_pair(draw, stride),
+        ceil_mode=False,
+    )
+    return Sample(x, kwargs, seed)
+
+
+@st.composite
 def gelu_samples(draw) -> Sample:
     x, seed = draw(feature_maps((0.0,)))
     return Sample(x, dict(approximate=draw(st.sampled_from(["none", "tanh"]))), seed)
@@ -493,6 +542,16 @@ SPECS = [
     OpSpec("softplus", F.softplus, softplus_samples()),
     OpSpec("selu", F.selu, unary((0.0,))),
     OpSpec("celu", F.celu, celu_samples()),
+    OpSpec("logsigmoid", F.logsigmoid, unary((0.0,))),
+    OpSpec("softsign", F.softsign, unary((0.0,))),
+    OpSpec("tanhshrink", F.tanhshrink, unary((0.0,))),
+    OpSpec("hardshrink", F.hardshrink, shrink_samples()),
+    OpSpec("softshrink", F.softshrink, shrink_samples()),
+    OpSpec("threshold", F.threshold, threshold_samples()),
+    OpSpec("glu", F.glu, glu_samples()),
+    OpSpec("softmax", F.softmax, softmax_samples()),
+    OpSpec("log_softmax", F.log_softmax, softmax_samples()),
+    OpSpec("lp_pool2d", F.lp_pool2d, lp_pool2d_samples()),
     OpSpec("max_pool2d", F.max_pool2d, max_pool2d_samples()),
     OpSpec("avg_pool2d", F.avg_pool2d, avg_pool2d_samples()),
     OpSpec("adaptive_avg_pool2d", F.adaptive_avg_pool2d, adaptive_samples()),
@@ -509,7 +568,17 @@ SPECS = [
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 parametrize_specs = pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-NORMS = ("layer_norm", "group_norm", "instance_norm", "local_response_norm")  # solved through their Jacobian
+# solved through their Jacobian at the forward point, damped (decisions 16 and 36)
+LINEARIZED = (
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "local_response_norm",
+    "glu",
+    "softmax",
+    "log_softmax",
+    "lp_pool2d",
+)
 SMOOTH = (
     "elu",
     "sigmoid",
@@ -521,6 +590,9 @@ SMOOTH = (
     "softplus",
     "selu",
     "celu",
+    "logsigmoid",
+    "softsign",
+    "tanhshrink",
 )  # damped (decision 11)
 
 
@@ -959,7 +1031,7 @@ def test_rule_keeps_float32_and_agrees_with_the_oracle(spec: OpSpec, data):
     # Normalisations have no kinks to follow, and an exact null space (each group's mean) that a
     # float32 Jacobian holds only to float32 accuracy, which pinv would then invert: their oracle
     # Jacobian is taken in float64 at the float32 point.
-    if spec.name in NORMS:
+    if spec.name in LINEARIZED:
         up = {k: (v.to(F64) if isinstance(v, Tensor) else v) for k, v in as32.items()}  # the float32 values
         expected = oracle_inverse(spec.sample_fn(up), sample32.input, bpfm_out, dtype=F64)
     else:
@@ -985,14 +1057,14 @@ def test_rule_records_one_diagnostics_row(spec: OpSpec, data):
     assert rec.layer == f"features.{spec.name}"
     assert rec.rule == f"{spec.name}_inverse"
     assert rec.seconds >= 0 and rec.converged
-    solved = spec.name in ("conv2d", "conv_transpose2d", "linear", *NORMS, "avg_pool2d", "adaptive_avg_pool2d")
+    solved = spec.name in ("conv2d", "conv_transpose2d", "linear", *LINEARIZED, "avg_pool2d", "adaptive_avg_pool2d")
     solved |= spec.name == "interpolate" and not sample.kwargs["mode"].startswith("nearest")
     assert rec.method == ("dense" if solved and not _pointwise(spec, sample) else "closed form")
     assert rec.iterations == 0
     ps = pieces(spec, sample)
     # solver-based rules and smooth activations are damped, with λ = damping · σ_max(J) (0 when J
     # is 0, e.g. a conv reading padding only); the ReLU family, BN and selections are exact
-    damped = spec.name in ("conv2d", "conv_transpose2d", "linear", *NORMS, *SMOOTH)
+    damped = spec.name in ("conv2d", "conv_transpose2d", "linear", *LINEARIZED, *SMOOTH)
     # (λ is recorded as the largest over the batch: any sample with a non-zero J makes it positive)
     assert (rec.damping > 0) == (damped and any(bool(pc.jac.abs().max() > 0) for pc in ps))
     # the recorded residual is ||J B_u − (B_w − θ)|| / ||B_w − θ||, largest over the batch

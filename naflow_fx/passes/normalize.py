@@ -127,6 +127,7 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.Linear: lambda a, m: (F.linear, dict(weight=a("weight"), bias=a("bias") if m.bias is not None else None)),
     nn.BatchNorm2d: _bn,
     nn.BatchNorm1d: _bn,
+    nn.SyncBatchNorm: _bn,  # eval: the running statistics, as any batch norm
     nn.LayerNorm: lambda a, m: (
         F.layer_norm,
         dict(
@@ -162,6 +163,21 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
     nn.Mish: lambda a, m: (F.mish, {}),
     nn.Softplus: lambda a, m: (F.softplus, dict(beta=m.beta, threshold=m.threshold)),
     nn.SELU: lambda a, m: (F.selu, {}),
+    nn.RReLU: lambda a, m: (F.leaky_relu, dict(negative_slope=(m.lower + m.upper) / 2)),  # its eval slope
+    nn.LogSigmoid: lambda a, m: (F.logsigmoid, {}),
+    nn.Softsign: lambda a, m: (F.softsign, {}),
+    nn.Tanhshrink: lambda a, m: (F.tanhshrink, {}),
+    nn.Hardshrink: lambda a, m: (F.hardshrink, dict(lambd=m.lambd)),
+    nn.Softshrink: lambda a, m: (F.softshrink, dict(lambd=m.lambd)),
+    nn.Threshold: lambda a, m: (F.threshold, dict(threshold=m.threshold, value=m.value)),
+    nn.GLU: lambda a, m: (F.glu, dict(dim=m.dim)),
+    nn.Softmax: lambda a, m: (F.softmax, dict(dim=m.dim, dtype=None)),
+    nn.Softmax2d: lambda a, m: (F.softmax, dict(dim=-3, dtype=None)),
+    nn.LogSoftmax: lambda a, m: (F.log_softmax, dict(dim=m.dim, dtype=None)),
+    nn.LPPool2d: lambda a, m: (
+        F.lp_pool2d,
+        dict(norm_type=m.norm_type, kernel_size=m.kernel_size, stride=m.stride, ceil_mode=m.ceil_mode),
+    ),
     nn.CELU: lambda a, m: (F.celu, dict(alpha=m.alpha)),
     nn.MaxPool2d: lambda a, m: (
         _pool_check(m) or F.max_pool2d,
@@ -214,6 +230,10 @@ _FUNCTION_ALIASES: dict[object, object] = {
     F.elu_: F.elu,
     F.sigmoid: torch.sigmoid,
     torch.selu: F.selu,
+    torch.softmax: F.softmax,
+    torch.log_softmax: F.log_softmax,
+    F.threshold_: F.threshold,
+    torch.threshold: F.threshold,
     torch.selu_: F.selu,
     F.selu_: F.selu,
     torch.celu: F.celu,
@@ -238,7 +258,7 @@ _FUNCTION_ALIASES: dict[object, object] = {
     operator.itruediv: operator.truediv,
 }
 _INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.clamp_}
-_INPLACE_FUNCTIONS |= {torch.selu_, F.selu_, torch.celu_, F.celu_}
+_INPLACE_FUNCTIONS |= {torch.selu_, F.selu_, torch.celu_, F.celu_, F.threshold_}
 _INPLACE_FUNCTIONS |= {operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
 # --- call_method aliases: method name -> canonical target -----------------------------------------
@@ -249,6 +269,8 @@ _METHOD_ALIASES: dict[str, object] = {
     "clamp": torch.clamp,
     "clip": torch.clamp,
     "clamp_min": torch.clamp,
+    "softmax": F.softmax,
+    "log_softmax": F.log_softmax,
     "flatten": torch.flatten,
     "view": torch.reshape,
     "reshape": torch.reshape,

@@ -18,6 +18,10 @@ __all__ = [
     "group_norm_inverse",
     "instance_norm_inverse",
     "local_response_norm_inverse",
+    "glu_inverse",
+    "softmax_inverse",
+    "log_softmax_inverse",
+    "lp_pool2d_inverse",
 ]
 
 
@@ -191,3 +195,55 @@ def local_response_norm_inverse(solver, bpfm_out: Tensor, input: Tensor, *, size
         return F.local_response_norm(x, size, alpha, beta, k)
 
     return _solve_linearized(solver, norm, bpfm_out, input)
+
+
+# Ops that mix several inputs into each output non-linearly, with no closed form: solved through
+# their Jacobian at the forward point, damped, like the normalisations (decision 36).
+
+
+@register_inverse(F.glu)
+def glu_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dim):
+    """GLU ``a ⊙ σ(b)`` over the two halves of ``dim``: half as many outputs as inputs."""
+    return _solve_linearized(solver, lambda x: F.glu(x, dim), bpfm_out, input)
+
+
+@register_inverse(F.softmax)
+def softmax_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dim, dtype):
+    """Softmax over ``dim`` (``nn.Softmax2d``: the channels); a shift along ``dim`` is its null space."""
+    return _solve_linearized(solver, lambda x: F.softmax(x, dim, dtype=dtype), bpfm_out, input)
+
+
+@register_inverse(F.log_softmax)
+def log_softmax_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dim, dtype):
+    """Log-softmax over ``dim``, like softmax."""
+    return _solve_linearized(solver, lambda x: F.log_softmax(x, dim, dtype=dtype), bpfm_out, input)
+
+
+@register_inverse(F.lp_pool2d)
+def lp_pool2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, norm_type, kernel_size, stride, ceil_mode):
+    """Power pooling ``(Σ_window x^p)^(1/p)``, linearised at the forward point.
+
+    Its slope is ``s^(1/p − 1) x^(p − 1)`` with ``s`` the window's sum of powers. A window of zeros
+    (common after a ReLU) is the cone point of a p-norm, where autograd gives NaN: it has no slope
+    and passes nothing back, like a dead ReLU (for ``p = 1`` the pool is a plain sum, of slope 1).
+    """
+    p = float(norm_type)
+    kh, kw = _pair(kernel_size)
+
+    def pool(x: Tensor) -> Tensor:
+        return F.lp_pool2d(x, norm_type, kernel_size, stride, ceil_mode)
+
+    def window_sum(x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, kernel_size, stride, 0, ceil_mode) * (kh * kw)
+
+    point = input.detach()
+    sums = window_sum(point.pow(p))
+    scale = torch.where(sums > 0, sums.pow(1 / p - 1), 1.0 if p == 1 else 0.0)
+    weight = point.pow(p - 1)
+
+    def tangent(t: Tensor) -> Tensor:
+        return scale.to(t.dtype) * window_sum(weight.to(t.dtype) * t)
+
+    tangent.transposable = True  # linear in t: its vjp at 0 is the adjoint
+    op, theta = linearized_map(pool, point, tangent, tangent=tangent, value=pool(point))
+    return solver.solve(op, bpfm_out - theta)

@@ -73,7 +73,12 @@ register_pointwise(
 )
 register_pointwise(F.prelu, _prelu_slope, damped=False)
 register_pointwise(F.hardsigmoid, damped=False)  # slope 1/6 or 0
+register_pointwise(F.hardshrink, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
+register_pointwise(F.softshrink, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
+register_pointwise(F.threshold, lambda a, threshold, value: a > threshold, damped=False)
 # derivative arbitrarily close to 0: damped
 register_pointwise(F.elu, lambda a, alpha: torch.where(a > 0, 1.0, alpha * torch.exp(a)))
 for _op in (torch.sigmoid, torch.tanh, F.silu, F.gelu, F.hardswish, F.mish, F.softplus, F.selu, F.celu):
+    register_pointwise(_op)
+for _op in (F.logsigmoid, F.softsign, F.tanhshrink):
     register_pointwise(_op)

@@ -69,6 +69,12 @@ _POINTWISE = {
     F.mish,
     F.softplus,
     F.prelu,
+    F.logsigmoid,
+    F.softsign,
+    F.tanhshrink,
+    F.hardshrink,
+    F.softshrink,
+    F.threshold,
 }
 # Linear in their tensor arguments, with every other argument a constant.
 _LINEAR = {
@@ -125,6 +131,12 @@ _POINTWISE_MODULES = (
     nn.Hardsigmoid,
     nn.Mish,
     nn.Softplus,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
 )
 _LINEAR_MODULES = (
     nn.Identity,
