@@ -134,7 +134,8 @@ class NAFlow:
         """
         tensors = [t.detach() for t in (*self.graph_module.parameters(), *self.graph_module.buffers())]
         ids = tuple((t.data_ptr(), t._version) for t in tensors)
-        sums = [t.sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()]
+        wide = torch.float32 if self._device.type == "mps" else torch.float64  # MPS has no float64
+        sums = [t.sum(dtype=wide) for t in tensors if t.is_floating_point() and t.numel()]
         seen = (ids, torch.stack(sums).cpu() if sums else None)
         if not self._weights_seen or ids != self._weights_seen[0] or not _same(seen[1], self._weights_seen[1]):
             self._sigma_cache.clear()

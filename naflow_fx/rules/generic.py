@@ -17,9 +17,17 @@ __all__ = ["linearized_inverse", "region_inverse", "elementwise_affine_inverse",
 
 
 def _float64_call(stage: nn.Module, extras: tuple):
-    params = {k: v.to(torch.float64) for k, v in [*stage.named_parameters(), *stage.named_buffers()]}
-    extras64 = tuple(e.to(torch.float64) if isinstance(e, Tensor) and e.is_floating_point() else e for e in extras)
-    return lambda x: torch.func.functional_call(stage, params, (x, *extras64))
+    """``stage`` in float64, for the dense solver only: the copies are made on its first call."""
+    copies: list = []
+
+    def call(x: Tensor) -> Tensor:
+        if not copies:
+            to64 = lambda v: v.to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
+            copies.append({k: to64(v) for k, v in [*stage.named_parameters(), *stage.named_buffers()]})
+            copies.append(tuple(to64(e) for e in extras))
+        return torch.func.functional_call(stage, copies[0], (x, *copies[1]))
+
+    return call
 
 
 def affine_piece(stage: nn.Module, input: Tensor, *extras):

@@ -93,7 +93,7 @@ def interpolate_inverse(
 
     if mode in ("nearest", "nearest-exact"):
         plane = input.shape[2:]
-        source = torch.arange(int(plane.numel()), dtype=torch.float64, device=input.device).reshape(1, 1, *plane)
-        index = resample(source).round().long().reshape(bpfm_out.shape[2:])
+        source = torch.arange(int(plane.numel()), dtype=torch.float64).reshape(1, 1, *plane)  # on the CPU, as pad
+        index = resample(source).round().long().reshape(bpfm_out.shape[2:]).to(input.device)
         return select_inverse(solver, bpfm_out, index, input.shape, plane_dims=len(plane))
     return solver.solve(linear_map(resample, input), bpfm_out, damped=False)

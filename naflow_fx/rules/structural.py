@@ -56,11 +56,11 @@ def pad_inverse(solver, bpfm_out: Tensor, input: Tensor, *, pad, mode, value):
     """Least squares of padding (any mode): each input gets the mean of its copies; crops for zeros."""
     k = len(pad) // 2
     plane = input.shape[-k:]
-    source = torch.arange(int(torch.Size(plane).numel()), dtype=torch.float64, device=input.device)
+    source = torch.arange(int(torch.Size(plane).numel()), dtype=torch.float64)  # on the CPU (MPS has no float64)
     source = source.reshape(1, 1, *plane) if mode != "constant" else source.reshape(*plane)
     index = F.pad(source, pad, mode=mode, value=-1.0) if mode == "constant" else F.pad(source, pad, mode=mode)
     theta = F.pad(torch.zeros_like(input), pad, mode="constant", value=value or 0.0) if mode == "constant" else 0
-    index = index.reshape(index.shape[-k:])  # drop the (1, 1) batch/channel dims of the non-constant modes
+    index = index.reshape(index.shape[-k:]).to(input.device)  # drop the (1, 1) dims of the non-constant modes
     return select_inverse(solver, bpfm_out - theta, index.round().long(), input.shape, plane_dims=k)
 
 

@@ -186,7 +186,7 @@ class SolverContext:
         active = torch.ones(rows, dtype=torch.bool)
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
-            alpha = batch_dot(w, v).double().cpu()
+            alpha = batch_dot(w, v).cpu().double()
             w = w - per_sample(alpha, w) * v - per_sample(beta, w) * v_prev
             alphas.append(alpha)
             tri = torch.diag_embed(torch.stack(alphas, 1))
@@ -196,7 +196,7 @@ class SolverContext:
             ritz = torch.linalg.eigvalsh(tri)[:, -1]
             settled = (ritz - sigma2).abs() <= 1e-3 * ritz.abs()
             sigma2 = torch.where(active, ritz, sigma2)
-            beta = batch_norm2(w).sqrt().double().cpu()
+            beta = batch_norm2(w).sqrt().cpu().double()
             # a vanishing β means the Krylov space is exhausted: the Ritz value is exact
             active = active & ~settled & (beta > 1e-12 * ritz.abs())
             if not bool(active.any()):

@@ -83,12 +83,13 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
         rel = torch.where(norm0 > 0, gamma_new.sqrt() / torch.where(norm0 > 0, norm0, 1), 0)
         better = rel < best_rel
         leaving = current_best & ~better  # the previous iterate, x − α·p, was the best: store it
-        if bool(leaving.any()):
-            best_x[leaving] = (x - p * per_sample(alpha, p))[leaving]
         current_best = better
         best_rel = torch.where(better, rel, best_rel)
         active = active & (rel > tol)
-        if not bool(active.any()):
+        any_leaving, any_active = torch.stack([leaving.any(), active.any()]).tolist()  # one device sync
+        if any_leaving:
+            best_x[leaving] = (x - p * per_sample(alpha, p))[leaving]
+        if not any_active:
             break
         beta = torch.where(active, gamma_new / torch.where(gamma > 0, gamma, 1), 0)
         p = s.addcmul_(p, per_sample(beta, p))  # p ← s + β·p, in s's buffer (one pass instead of two)
