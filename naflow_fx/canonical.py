@@ -40,6 +40,7 @@ def _prelu(input, weight): ...
 def _elu(input, alpha=1.0): ...
 def _gelu(input, approximate="none"): ...
 def _softplus(input, beta=1.0, threshold=20.0): ...
+def _binary(input, other): ...
 def _shrink(input, lambd=0.5): ...
 def _threshold(input, threshold, value): ...
 def _glu(input, dim=-1): ...
@@ -94,6 +95,8 @@ CANONICAL_SIGNATURES: dict[Callable, inspect.Signature] = {
     F.hardshrink: _sig(_shrink),
     F.softshrink: _sig(_shrink),
     F.threshold: _sig(_threshold),
+    torch.maximum: _sig(_binary),
+    torch.minimum: _sig(_binary),
     F.glu: _sig(_glu),
     F.softmax: _sig(_softmax),
     F.log_softmax: _sig(_softmax),
@@ -146,7 +149,9 @@ def short_op_name(target: object) -> str:
 
 def bind_canonical(target: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Bind ``args``/``kwargs`` to ``target``'s canonical signature: ``(input,)`` plus all kwargs."""
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("inplace", "return_indices")}
+    # arguments that do not change the value: in-place flags, max-pool indices (refused earlier),
+    # and the warning stack level fx records for F.softmax / F.log_softmax
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("inplace", "return_indices", "_stacklevel")}
     bound = CANONICAL_SIGNATURES[target].bind(*args, **kwargs)
     bound.apply_defaults()
     params = dict(bound.arguments)

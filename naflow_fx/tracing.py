@@ -319,7 +319,10 @@ def trace(
                 fixed = (tuple(example.shape[1:]), _where(exc).removeprefix(" at ") or f"{name}.forward")
             except Exception as retry:  # noqa: BLE001
                 if _where(retry) == _where(exc) and type(retry) is type(exc):
-                    again = "\nThe branch depends on the values of a tensor, not only on its shape."
+                    again = (
+                        "\nTracing again with the input's sizes fixed fails on the same line: it depends on more "
+                        "than the shape (a tensor's values, say)."
+                    )
                 else:
                     again = (
                         "\nTracing again with the example's sizes fixed (which resolves branches on shapes) failed "

@@ -587,3 +587,58 @@ def test_a_transposed_conv_given_output_size_is_reported_or_linearized():
         compile_naflow(model, x)
     flow = compile_naflow(model, x, fallback="linearize")(x)
     assert flow.diagnostics["up"].rule == "linearized_inverse" and flow.maps["up"].shape == (1, 6, 6)
+
+
+class FunctionalOps(nn.Module):
+    """Ops a model writes as functions: softmax over the channels (fx records its ``_stacklevel``) and
+    FilterResponseNorm's TLU, ``torch.maximum(x, τ)`` with a learnt per-channel τ."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+        self.tau = nn.Parameter(torch.randn(1, 4, 1, 1) * 0.1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.op == "softmax":
+            y = F.softmax(y, dim=1)
+        elif self.op == "log_softmax":
+            y = F.log_softmax(y, 1)
+        else:
+            y = torch.maximum(y, self.tau)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("op", "rule"), [("softmax", "softmax"), ("log_softmax", "log_softmax"), ("tlu", "maximum")])
+def test_functional_softmax_and_a_maximum_with_a_parameter_explain(op, rule):
+    torch.manual_seed(0)
+    model, x = FunctionalOps(op).eval(), torch.randn(2, 3, 6, 6)
+    flow = compile_naflow(model, x[:1])(x)  # before: "cannot read the arguments" / UnsupportedOpError
+    step = next(r for r in flow.diagnostics.values() if r.rule.startswith(rule))
+    assert step.rule == f"{rule}_inverse" and step.converged
+    assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+
+def test_an_op_without_forward_mode_derivative_in_a_region_is_named():
+    class Recurrent(nn.Module):  # a residual branch through an LSTM over the rows (as Sequencer does)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lstm, self.fc = (
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.LSTM(4, 4, batch_first=True),
+                nn.Linear(4, 2),
+            )
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            b, c, h, w = y.shape
+            seq = y.permute(0, 2, 3, 1).reshape(b * h, w, c)
+            z = self.lstm(seq)[0].reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return self.fc(torch.relu(y + z).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Recurrent().eval(), torch.randn(1, 3, 4, 4)
+    flow = compile_naflow(model, x)
+    with pytest.raises(UnsupportedOpError, match=r"lstm.*no forward-mode derivative in torch.*last_layer="):
+        flow(x)

@@ -158,6 +158,14 @@ def threshold_samples(draw) -> Sample:
 
 
 @st.composite
+def binary_samples(draw) -> Sample:
+    """``torch.maximum`` / ``minimum`` of a map and a constant: a learnt per-channel τ (FRN's TLU) or a scalar."""
+    x, seed = draw(feature_maps(ndims=(3, 4)))
+    shape = draw(st.sampled_from([(1, x.shape[1], *([1] * (x.dim() - 2))), ()]))
+    return Sample(x, dict(other=rand(shape, seed + 5)), seed)
+
+
+@st.composite
 def glu_samples(draw) -> Sample:
     x, seed = draw(feature_maps())
     dim = draw(st.sampled_from([*range(1, x.dim()), *range(-x.dim() + 1, 0)]))  # not the batch dim
@@ -548,6 +556,8 @@ SPECS = [
     OpSpec("hardshrink", F.hardshrink, shrink_samples()),
     OpSpec("softshrink", F.softshrink, shrink_samples()),
     OpSpec("threshold", F.threshold, threshold_samples()),
+    OpSpec("maximum", torch.maximum, binary_samples()),
+    OpSpec("minimum", torch.minimum, binary_samples()),
     OpSpec("glu", F.glu, glu_samples()),
     OpSpec("softmax", F.softmax, softmax_samples()),
     OpSpec("log_softmax", F.log_softmax, softmax_samples()),

@@ -76,6 +76,10 @@ register_pointwise(F.hardsigmoid, damped=False)  # slope 1/6 or 0
 register_pointwise(F.hardshrink, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
 register_pointwise(F.softshrink, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
 register_pointwise(F.threshold, lambda a, threshold, value: a > threshold, damped=False)
+# max/min with a constant (FilterResponseNorm's TLU, max(x, τ)): slope 1 or 0, and ½ at a tie as
+# autograd has it, from jvp; the other operand is a number or a tensor that does not depend on x
+register_pointwise(torch.maximum, damped=False)
+register_pointwise(torch.minimum, damped=False)
 # derivative arbitrarily close to 0: damped
 register_pointwise(F.elu, lambda a, alpha: torch.where(a > 0, 1.0, alpha * torch.exp(a)))
 for _op in (torch.sigmoid, torch.tanh, F.silu, F.gelu, F.hardswish, F.mish, F.softplus, F.selu, F.celu):

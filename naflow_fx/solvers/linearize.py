@@ -49,6 +49,8 @@ from torch import Tensor, fx, nn
 from torch.func import jvp, vjp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import UnsupportedOpError
+
 __all__ = ["linearize_graph"]
 
 _BILINEAR = {operator.mul, torch.mul, operator.imul}
@@ -75,6 +77,8 @@ _POINTWISE = {
     F.hardshrink,
     F.softshrink,
     F.threshold,
+    torch.maximum,
+    torch.minimum,
 }
 # Linear in their tensor arguments, with every other argument a constant.
 _LINEAR = {
@@ -473,7 +477,18 @@ class _Linearizer(fx.Interpreter):
             sub = values | dict(zip(names, tangent_inputs))
             return fn(*_map(args, lambda a: sub[a.name]), **_map(kwargs, lambda a: sub[a.name]))
 
-        return lambda t: jvp(call, primals, tuple(t[name] for name in names))[1]
+        def rule(t: dict) -> Any:
+            try:
+                return jvp(call, primals, tuple(t[name] for name in names))[1]
+            except NotImplementedError as exc:  # e.g. nn.LSTM: torch has no forward-mode derivative
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UnsupportedOpError(
+                    f"{n.format_node()} inside a multi-branch region has no forward-mode derivative in torch "
+                    f"({first}), so the region cannot be linearised. What to do: explain the layers before it "
+                    "(compile_naflow(..., last_layer=<a layer before this region>)), or a model without this op"
+                ) from None
+
+        return rule
 
 
 def linearize_graph(gm: fx.GraphModule, point: Tensor, *extras: Any) -> tuple[Any, Callable[[Tensor], Any]]:
