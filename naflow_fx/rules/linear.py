@@ -245,5 +245,6 @@ def lp_pool2d_inverse(solver, bpfm_out: Tensor, input: Tensor, *, norm_type, ker
         return scale.to(t.dtype) * window_sum(weight.to(t.dtype) * t)
 
     tangent.transposable = True  # linear in t: its vjp at 0 is the adjoint
+    # the dense solver's Jacobian is the tangent's too (fn64): autograd's of `pool` is NaN at zero windows
     op, theta = linearized_map(pool, point, tangent, tangent=tangent, value=pool(point))
     return solver.solve(op, bpfm_out - theta)

@@ -73,8 +73,8 @@ register_pointwise(
 )
 register_pointwise(F.prelu, _prelu_slope, damped=False)
 register_pointwise(F.hardsigmoid, damped=False)  # slope 1/6 or 0
-register_pointwise(F.hardshrink, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
-register_pointwise(F.softshrink, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
+for _op in (F.hardshrink, F.softshrink):  # slope 1 outside [−λ, λ], 0 inside
+    register_pointwise(_op, lambda a, lambd: (a > lambd) | (a < -lambd), damped=False)
 register_pointwise(F.threshold, lambda a, threshold, value: a > threshold, damped=False)
 # max/min with a constant (FilterResponseNorm's TLU, max(x, τ)): slope 1 or 0, and ½ at a tie as
 # autograd has it, from jvp; the other operand is a number or a tensor that does not depend on x

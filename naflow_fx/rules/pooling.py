@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,12 +14,26 @@ from ..solvers.operator import linear_map
 from . import register_inverse
 
 __all__ = [
+    "selection_index",
     "select_inverse",
     "max_pool2d_inverse",
     "adaptive_max_pool2d_inverse",
     "avg_pool2d_inverse",
     "interpolate_inverse",
 ]
+
+
+def selection_index(plane: Sequence[int], select: Callable[[Tensor], Tensor], device, leading: int = 2) -> Tensor:
+    """Where each output of a selection reads in the flattened input ``plane``: ``select`` applied to
+    the positions ``0..n−1``, rounded (−1 where it reads none, if ``select`` fills with −1).
+
+    The positions are float64 on the CPU, exact integers whatever the device (MPS has no float64),
+    with ``leading`` singleton dims in front of the plane as ``select`` needs them; the index goes to
+    ``device``.
+    """
+    source = torch.arange(math.prod(plane), dtype=torch.float64).reshape(*([1] * leading), *plane)
+    out = select(source)
+    return out.reshape(out.shape[-len(plane) :]).round().long().to(device)
 
 
 def select_inverse(solver, rhs: Tensor, index: Tensor, in_shape: torch.Size, plane_dims: int = 2) -> Tensor:
@@ -93,7 +110,6 @@ def interpolate_inverse(
 
     if mode in ("nearest", "nearest-exact"):
         plane = input.shape[2:]
-        source = torch.arange(int(plane.numel()), dtype=torch.float64).reshape(1, 1, *plane)  # on the CPU, as pad
-        index = resample(source).round().long().reshape(bpfm_out.shape[2:]).to(input.device)
+        index = selection_index(plane, resample, input.device)
         return select_inverse(solver, bpfm_out, index, input.shape, plane_dims=len(plane))
     return solver.solve(linear_map(resample, input), bpfm_out, damped=False)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register_inverse
-from .pooling import select_inverse
+from .pooling import select_inverse, selection_index
 
 __all__ = [
     "flatten_inverse",
@@ -55,13 +55,14 @@ def transpose_inverse(solver, bpfm_out: Tensor, input: Tensor, *, dim0, dim1):
 def pad_inverse(solver, bpfm_out: Tensor, input: Tensor, *, pad, mode, value):
     """Least squares of padding (any mode): each input gets the mean of its copies; crops for zeros."""
     k = len(pad) // 2
-    plane = input.shape[-k:]
-    source = torch.arange(int(torch.Size(plane).numel()), dtype=torch.float64)  # on the CPU (MPS has no float64)
-    source = source.reshape(1, 1, *plane) if mode != "constant" else source.reshape(*plane)
-    index = F.pad(source, pad, mode=mode, value=-1.0) if mode == "constant" else F.pad(source, pad, mode=mode)
-    theta = F.pad(torch.zeros_like(input), pad, mode="constant", value=value or 0.0) if mode == "constant" else 0
-    index = index.reshape(index.shape[-k:]).to(input.device)  # drop the (1, 1) dims of the non-constant modes
-    return select_inverse(solver, bpfm_out - theta, index.round().long(), input.shape, plane_dims=k)
+    constant = mode == "constant"
+
+    def select(source: Tensor) -> Tensor:  # the non-constant modes need (N, C) dims before the plane
+        return F.pad(source, pad, mode=mode, value=-1.0) if constant else F.pad(source, pad, mode=mode)
+
+    index = selection_index(input.shape[-k:], select, input.device, leading=0 if constant else 2)
+    theta = F.pad(torch.zeros_like(input), pad, mode="constant", value=value or 0.0) if constant else 0
+    return select_inverse(solver, bpfm_out - theta, index, input.shape, plane_dims=k)
 
 
 @register_inverse(torch.pixel_shuffle)
