@@ -113,6 +113,7 @@ class NAFlow:
         # σ_max of shared operators and the 1×1 filters depend on the weights alone, so they are
         # cached across calls, and dropped whenever a weight changes (NOTE [weight cache]).
         self._sigma_cache: dict = {}
+        self._mixing: str | None = None  # where the model mixes a batch's images, "" if nowhere; None: not checked
         self._weights_seen: tuple = ()
         self._recipe: tuple | None = None  # (model, example shape, options), set by compile_naflow
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
@@ -192,6 +193,26 @@ class NAFlow:
             x = x.clone()
         return x
 
+    def _check_batch(self, x: Tensor) -> None:
+        """Refuse a batch of several images if the model mixes them (NOTE [independent samples])."""
+        if x.shape[0] == 1:
+            return
+        if self._mixing is None:
+            node = passes.first_mixing_node(self.graph_module, x[:1].detach())
+            self._mixing = "" if node is None else self._describe_node(node)
+        if self._mixing:
+            raise UnsupportedModelError(
+                f"the model mixes the images of a batch at {self._mixing}: one image's output there changes with the "
+                "other images in the batch (the batch is folded into another dim, as timm's CondConv does, or reduced "
+                "over), and NAFlow solves each image on its own; explain one image at a time, "
+                f"e.g. [nf(x[i : i + 1]) for i in range({x.shape[0]})]"
+            )
+
+    def _describe_node(self, node: fx.Node) -> str:
+        module = node.meta.get("naflow.module_type")
+        op = module or (node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target))
+        return f"{self._layer_of[node.name]!r} ({op})"
+
     def _record(self, x: Tensor, target: object, keep: Iterable[str], grad_nodes: Iterable[str]):
         """Recording forward and a backward: output, recorded values in ``keep``, Λ of ``grad_nodes``, scores, classes.
 
@@ -255,6 +276,8 @@ class NAFlow:
             return self._flow(x, target, keep, progress)
 
     def _flow(self, x: Tensor, target: object, keep: str, progress) -> FlowResult:
+        x = self._check_input(x)
+        self._check_batch(x)
         program = self._program if keep == "all" else self._maps_program()
         # Only Λ_N is recorded: the inverse network chains every other Λ from it (NOTE [chained Λ]).
         output, values, lams, scores, classes = self._record(x, target, program.activations, program.coefficients)

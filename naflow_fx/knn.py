@@ -40,6 +40,7 @@ from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .fewshot import _as_batch, _count, _embed, _first, _labels_tensor, _nonzero_rows, _resolve_naflow
 from .result import FlowResult
 from .similarity import SimilarityTarget
+from .solvers.operator import float64_device
 
 __all__ = ["explain_knn", "KNNExplanation", "KNNTarget"]
 
@@ -114,7 +115,7 @@ class KNNExplanation:
         prediction: ``LongTensor[B]``, the predicted class (argmax of ``class_scores``; ties:
             the lower class).
         class_scores: ``Tensor[B, num_classes]`` (float64), ``Σ exp(s_j/τ)`` over the top-k
-            neighbours of each class.
+            neighbours of each class; on the CPU when the model is on MPS, which has no float64.
         neighbours: ``LongTensor[B, k]``, bank indices of the top-k neighbours, most similar first.
         similarities: ``Tensor[B, k]``, their cosine similarities ``s_j``.
         neighbour_labels: ``LongTensor[B, k]``, their labels.
@@ -243,9 +244,10 @@ def explain_knn(
     sims = F.normalize(emb, dim=1) @ bank_n.T  # [B, M]
     top_sims, top_idx = torch.topk(sims, k, dim=1)  # most similar first
     top_labels = labels[top_idx]
-    votes = torch.exp(top_sims.double() / float(tau))
-    class_scores = torch.zeros(emb.shape[0], n_cls, dtype=torch.float64, device=emb.device)
-    class_scores.scatter_add_(1, top_labels, votes)
+    home = float64_device(emb.device)  # MPS has no float64: the vote is counted on the CPU there
+    votes = torch.exp(top_sims.to(home, torch.float64) / float(tau))
+    class_scores = torch.zeros(emb.shape[0], n_cls, dtype=torch.float64, device=home)
+    class_scores.scatter_add_(1, top_labels.to(home), votes)
     if not bool(torch.isfinite(class_scores).all()) or not bool((class_scores.amax(1) > 0).all()):
         top = float(top_sims.abs().max())
         raise ConfigError(
@@ -253,7 +255,7 @@ def explain_knn(
             f"{'overflow' if not bool(torch.isfinite(class_scores).all()) else 'underflow'} float64, so the vote "
             f"is undefined; use tau >= {top / 700:.3g}"
         )
-    prediction = class_scores.argmax(1)
+    prediction = class_scores.argmax(1).to(emb.device)
 
     # weights exp((s_j - s_max)/τ) ∝ exp(s_j/τ) (the scale cancels in ω), s_max = the class's largest
     # similarity (so the largest weight is 1, whatever τ), zero outside the predicted class

@@ -518,6 +518,48 @@ def test_a_branch_on_tensor_values_is_still_refused_after_fixing_shapes():
         compile_naflow(DataDependentBranch(), batch(1))
 
 
+class BatchMixing(nn.Module):
+    """A conv net that mixes the images of a batch: CondConv's batch folding, or a softmax over dim 0."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        if self.how == "fold":  # CondConv: one grouped conv over the batch folded into the channels
+            b, c, h, w = x.shape
+            x = x.reshape(1, b * c, h, w)
+            x = nn.functional.conv2d(x, self.conv2.weight.repeat(b, 1, 1, 1), padding=1, groups=b).reshape(b, c, h, w)
+        else:
+            x = self.conv2(x) * torch.softmax(x, dim=0)
+        return self.head(torch.relu(x))
+
+
+@pytest.mark.parametrize(("how", "where"), [("fold", r"'reshape' \(reshape\)"), ("softmax", r"'softmax' \(softmax\)")])
+def test_a_model_mixing_the_images_of_a_batch_is_refused_at_batch_2_and_explained_one_by_one(how, where):
+    flow = compile_naflow(BatchMixing(how).eval(), batch(1))
+    one = flow(batch(1))  # nothing to mix: explained
+    assert all(bool(torch.isfinite(m).all()) for m in one.maps.values())
+    for _ in range(2):  # checked once, refused every time
+        refused = rf"mixes the images of a batch at {where}.*one image at a time"
+        with pytest.raises(UnsupportedModelError, match=refused):
+            flow(batch(2))
+    assert flow._mixing  # the check ran once and remembers where
+
+
+def test_independent_samples_pass_the_batch_check_and_it_runs_once(model, monkeypatch):
+    nf = compile_naflow(model, batch(1))
+    calls = []
+    real = naflow_fx.passes.first_mixing_node
+    monkeypatch.setattr(naflow_fx.passes, "first_mixing_node", lambda *a: calls.append(1) or real(*a))
+    nf(batch(2))
+    nf(batch(3))
+    assert calls == [1] and nf._mixing == ""
+
+
 @pytest.mark.parametrize(
     ("wrap", "advice"),
     [

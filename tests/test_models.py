@@ -271,6 +271,37 @@ def test_dense_and_iterative_solvers_agree(build, size, layers):
             assert rec.damping == dense.diagnostics[name].damping > 0  # the same damped problem
 
 
+@pytest.mark.parametrize(
+    "build, size, layers",
+    [
+        (lambda: conv4(hidden=8, num_classes=4), 16, "all"),  # lone convs (linear_map), BN and ReLU
+        (lambda: ResidualNet.pair()[1], 8, "all"),  # a residual region (its float64 stage copy)
+    ],
+    ids=["conv4", "residual"],
+)
+def test_dense_solver_with_float32_jacobians_as_on_mps(monkeypatch, build, size, layers):
+    """MPS has no float64: dense Jacobians are built in float32 there and widened on the CPU.
+
+    Emulated by building them in float32 on the CPU, which takes the same path.
+    """
+    from naflow_fx.rules import generic
+    from naflow_fx.solvers import operator
+
+    model = build()
+    x = batch((2, 3, size, size), seed=3)
+    wide = compile_naflow(model, x, solver="dense", layers=layers)(x)
+    built = []
+    as_on_mps = lambda device: built.append(device) or torch.float32  # noqa: E731
+    monkeypatch.setattr(operator, "jacobian_dtype", as_on_mps)
+    monkeypatch.setattr(generic, "jacobian_dtype", as_on_mps)
+    narrow = compile_naflow(model, x, solver="dense", layers=layers)(x)
+    assert len(built) > 1 and "dense" in {r.method for r in narrow.diagnostics.values()}
+    for name in wide.layers:
+        assert narrow.maps[name].dtype == torch.float32
+        scale = float(wide.maps[name].abs().max())
+        torch.testing.assert_close(narrow.maps[name], wide.maps[name], rtol=1e-3, atol=1e-5 * scale)
+
+
 # ------------------------------------------------------------------------ I5: batch equivariance
 
 

@@ -10,19 +10,20 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..solvers.linearize import linearize_graph
-from ..solvers.operator import linearized_map
+from ..solvers.operator import jacobian_dtype, linearized_map
 from . import recorded
 
 __all__ = ["linearized_inverse", "region_inverse", "elementwise_affine_inverse", "affine_piece"]
 
 
 def _float64_call(stage: nn.Module, extras: tuple):
-    """``stage`` in float64, for the dense solver only: the copies are made on its first call."""
+    """``stage`` in float64 (float32 on MPS), for the dense solver only: the copies are made on its first call."""
     copies: list = []
 
     def call(x: Tensor) -> Tensor:
         if not copies:
-            to64 = lambda v: v.to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
+            wide = jacobian_dtype(x.device)
+            to64 = lambda v: v.to(wide) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
             copies.append({k: to64(v) for k, v in [*stage.named_parameters(), *stage.named_buffers()]})
             copies.append(tuple(to64(e) for e in extras))
         return torch.func.functional_call(stage, copies[0], (x, *copies[1]))

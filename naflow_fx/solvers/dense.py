@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator
+from .operator import LinearOperator, float64_device
 
 __all__ = ["dense_solve", "svd_solve", "relative_pinv"]
 
@@ -89,12 +89,17 @@ def dense_solve(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0) ->
     batch = b.shape[0]
     lam = torch.as_tensor(damping, dtype=torch.float64).reshape(-1).cpu()
     lam = lam.expand(batch) if lam.numel() == 1 else lam
-    rhs = b.reshape(batch, -1).to(torch.float64)
+    home = float64_device(b.device)  # MPS has no float64: its Jacobians are solved on the CPU
+
+    def jac(i: int) -> Tensor:
+        return op.jacobian(i).to(home, torch.float64)
+
+    rhs = b.reshape(batch, -1).to(home, torch.float64)
     out = []
     if op.shared and bool((lam == lam[0]).all()):
-        x = svd_solve(op.jacobian(0), rhs.T, float(lam[0]))
+        x = svd_solve(jac(0), rhs.T, float(lam[0]))
         out = list(x.T)
     else:
         for i in range(batch):
-            out.append(svd_solve(op.jacobian(i), rhs[i : i + 1].T, float(lam[i]))[:, 0])
-    return torch.stack(out).reshape(batch, *op.in_shape).to(b.dtype)
+            out.append(svd_solve(jac(i), rhs[i : i + 1].T, float(lam[i]))[:, 0])
+    return torch.stack(out).reshape(batch, *op.in_shape).to(b.device, b.dtype)

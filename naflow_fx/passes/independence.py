@@ -1,0 +1,114 @@
+"""first_mixing_node: the first node whose output for one image depends on the other images of its batch.
+
+NOTE [independent samples]
+A flow solves every image's inverses on its own. Each solve's operator is that image's Jacobian,
+and its step sizes, σ_max and stopping rule are kept per image. So a model that mixes the images
+of a batch breaks a batched flow:
+
+* timm's CondConv folds the batch into the channels of one grouped convolution;
+* a softmax, sum or normalisation can run over dim 0.
+
+The per-image solves then fail with a broadcast error deep inside a solver, or they give wrong
+maps. Batch 1 has nothing to mix, so it is unaffected.
+
+The first time a flow meets a batch of two or more images, it runs the graph node by node on two
+probes: the first image alone, and that image together with a perturbed copy. The first node
+whose output for the first image changes, or whose output does not keep the batch as its leading
+dim, is where the images mix, and the batch is refused there. The check costs a forward pass at
+batch 1 and one at batch 2, once per flow. Nodes that do not read the input, such as a weight
+standardised in the forward, run once and are not compared. Floating-point outputs
+agree to ``_RTOL`` of their largest entry, far above the rounding a batch-size-dependent kernel
+adds and far below what mixing does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+__all__ = ["first_mixing_node"]
+
+_RTOL = 1e-3
+
+
+def _probe(image: Tensor) -> Tensor:
+    """``image`` and a copy with a fixed pseudo-random perturbation of its scale (the global RNG is untouched)."""
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    scale = float(image.abs().max()) + 1.0
+    return torch.cat([image, image + noise.to(image.device, image.dtype) * scale])
+
+
+def _mixes(alone: object, together: object) -> bool:
+    """Whether ``together`` (the batch of two) is not ``alone`` (the first image) plus a second sample."""
+    if isinstance(alone, (tuple, list)) and isinstance(together, (tuple, list)):
+        # split along the batch if the lengths differ; otherwise the items are checked where they
+        # are read (getitem nodes), so an unused one need not keep the batch first (an LSTM's h_n)
+        return len(alone) != len(together)
+    if not isinstance(alone, Tensor) or not isinstance(together, Tensor):
+        return False  # sizes and other Python values legitimately follow the batch size
+    if alone.shape == together.shape and _close(alone, together):
+        return False  # the same in both runs, such as an input-independent value built with the input's sizes
+    if alone.dim() == 0 or together.shape[1:] != alone.shape[1:] or together.shape[0] != 2 * alone.shape[0]:
+        return True  # the batch is no longer the leading dim: reduced, or folded into another dim
+    return not _close(alone, together[: alone.shape[0]])
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    if a.numel() == 0:
+        return True
+    a, b = a.detach(), b.detach()
+    if not bool(torch.isfinite(a).all()):
+        return bool(torch.equal(torch.isfinite(a), torch.isfinite(b)))
+    return float((a - b).abs().max()) <= _RTOL * float(a.abs().max()) + 1e-30
+
+
+def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> fx.Node | None:
+    """The first node of ``gm`` whose output for ``image`` (``[1, C, H, W]``) changes when a second image joins it.
+
+    None if the images stay independent, or if the graph fails on a batch of two (the caller's
+    own forward pass then reports that failure with the real batch).
+
+    Example:
+        >>> import torch, torch.fx as fx
+        >>> class CondConvLike(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x.reshape(1, -1, 8, 8).relu()   # folds the batch into the channels
+        >>> first_mixing_node(fx.symbolic_trace(CondConvLike()), torch.randn(1, 3, 8, 8)).name
+        'reshape'
+        >>> first_mixing_node(fx.symbolic_trace(torch.nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8)) is None
+        True
+    """
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        for used in node.all_input_nodes:
+            last_use[used] = node
+    dead: dict[fx.Node, list[fx.Node]] = {}
+    for used, user in last_use.items():
+        dead.setdefault(user, []).append(used)
+    alone, together = fx.Interpreter(gm), fx.Interpreter(gm)
+    inputs = iter([(image, _probe(image))])
+    reads_input: set[fx.Node] = set()
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                return None
+            try:
+                if node.op == "placeholder":
+                    a, b = next(inputs)
+                    reads_input.add(node)
+                elif any(n in reads_input for n in node.all_input_nodes):
+                    a, b = alone.run_node(node), together.run_node(node)
+                    reads_input.add(node)
+                else:  # weights and constants: the same in both runs
+                    a = b = alone.run_node(node)
+            except Exception:  # noqa: BLE001 - the model cannot run two images; the real forward says why
+                return None
+            if node in reads_input and _mixes(a, b):
+                return node
+            alone.env[node], together.env[node] = a, b
+            for used in dead.get(node, ()):
+                del alone.env[used], together.env[used]
+    return None
