@@ -149,8 +149,12 @@ def _nonzero_rows(emb: Tensor, what: str, subject: str | None = None) -> None:
         )
 
 
-def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "images") -> Tensor:
-    """The model's output for ``x`` (eval semantics, no grad, in chunks of ``batch_size``): ``[B, D]``."""
+def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "images", stream: bool = False) -> Tensor:
+    """The model's output for ``x`` (eval semantics, no grad, in chunks of ``batch_size``): ``[B, D]``.
+
+    ``stream``: ``x`` may be on another device than the model (a gallery kept on the CPU for a
+    model on a GPU); each chunk is moved to the model's device as it is embedded.
+    """
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
     ):
@@ -158,7 +162,7 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
     outs = []
     with torch.no_grad(), exact_mode(nf._device):
         for chunk in x.split(int(batch_size)) if batch_size else (x,):
-            chunk = nf._check_input(chunk)
+            chunk = nf._check_input(chunk.to(nf._device) if stream else chunk)
             try:
                 out = nf.graph_module(chunk)
             except Exception as exc:  # noqa: BLE001 - the model itself rejected these images

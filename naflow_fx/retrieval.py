@@ -132,7 +132,8 @@ def explain_match(
         model: an embedding network (output ``[B, D]``) or a :class:`~naflow_fx.NAFlow` compiled
             from one (used as is, never recompiled).
         query: ``Tensor[Q, C, H, W]`` or one image ``[C, H, W]``.
-        gallery: ``Tensor[G, C, H, W]``, the images to search.
+        gallery: ``Tensor[G, C, H, W]``, the images to search. It may stay on the CPU when the
+            model is on a GPU: it is moved ``batch_size`` images at a time, and the matches to explain.
         k: how many matches per query (``1 <= k <= G``).
         gallery_embeddings: precomputed ``Tensor[G, D]`` (skips embedding the gallery); they
             must come from the same model in eval mode.
@@ -167,7 +168,7 @@ def explain_match(
     q_emb = _embed(nf, query, what="query images")
     _nonzero_rows(q_emb, "query images")
     if gallery_embeddings is None:
-        g_emb = _embed(nf, gallery, batch_size, what="gallery images")
+        g_emb = _embed(nf, gallery, batch_size, what="gallery images", stream=True)
     else:
         if gallery_embeddings.shape != (size, q_emb.shape[1]):
             raise InputError(
@@ -198,7 +199,8 @@ def explain_match(
     query_flow = nf(queries, SimilarityTarget(g_emb[flat]))
     match_flow = None
     if explain_matches:
-        match_flow = nf(gallery[flat.to(gallery.device)], SimilarityTarget(q_emb.repeat_interleave(k, dim=0)))
+        matches = gallery[flat.to(gallery.device)].to(nf._device)  # the gallery may stay on the CPU
+        match_flow = nf(matches, SimilarityTarget(q_emb.repeat_interleave(k, dim=0)))
     return MatchExplanation(
         indices=order,
         similarities=top,
