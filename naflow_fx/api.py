@@ -198,14 +198,23 @@ class NAFlow:
         if x.shape[0] == 1:
             return
         if self._mixing is None:
-            node = passes.first_mixing_node(self.graph_module, x[:1].detach())
-            self._mixing = "" if node is None else self._describe_node(node)
+            found = passes.first_mixing_node(self.graph_module, x[:1].detach())
+            if found is None:
+                self._mixing = ""
+            elif found[1] == "folds":
+                self._mixing = (
+                    f"the model moves the batch out of the leading dim at {self._describe_node(found[0])} (timm's "
+                    "CondConv folds it into the channels; a sum or mean over dim 0 reduces it)"
+                )
+            else:
+                self._mixing = (
+                    f"the model mixes the images of a batch at {self._describe_node(found[0])}: one image's values "
+                    "there change with the other images (e.g. a softmax or normalisation over dim 0)"
+                )
         if self._mixing:
             raise UnsupportedModelError(
-                f"the model mixes the images of a batch at {self._mixing}: one image's output there changes with the "
-                "other images in the batch (the batch is folded into another dim, as timm's CondConv does, or reduced "
-                "over), and NAFlow solves each image on its own; explain one image at a time, "
-                f"e.g. [nf(x[i : i + 1]) for i in range({x.shape[0]})]"
+                f"{self._mixing}. NAFlow solves each image on its own, so such a model is explained one image at a "
+                f"time: e.g. [nf(x[i : i + 1]) for i in range({x.shape[0]})]"
             )
 
     def _describe_node(self, node: fx.Node) -> str:

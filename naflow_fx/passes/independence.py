@@ -39,19 +39,23 @@ def _probe(image: Tensor) -> Tensor:
     return torch.cat([image, image + noise.to(image.device, image.dtype) * scale])
 
 
-def _mixes(alone: object, together: object) -> bool:
-    """Whether ``together`` (the batch of two) is not ``alone`` (the first image) plus a second sample."""
+def _mixes(alone: object, together: object) -> str | None:
+    """How ``together`` (the batch of two) fails to be ``alone`` (the first image) plus a second sample.
+
+    ``"folds"``: the batch is no longer the leading dim (folded into another dim, reduced over,
+    or split). ``"mixes"``: the first image's values changed. None: independent.
+    """
     if isinstance(alone, (tuple, list)) and isinstance(together, (tuple, list)):
         # split along the batch if the lengths differ; otherwise the items are checked where they
         # are read (getitem nodes), so an unused one need not keep the batch first (an LSTM's h_n)
-        return len(alone) != len(together)
+        return "folds" if len(alone) != len(together) else None
     if not isinstance(alone, Tensor) or not isinstance(together, Tensor):
-        return False  # sizes and other Python values legitimately follow the batch size
+        return None  # sizes and other Python values legitimately follow the batch size
     if alone.shape == together.shape and _close(alone, together):
-        return False  # the same in both runs, such as an input-independent value built with the input's sizes
+        return None  # the same in both runs, such as an input-independent value built with the input's sizes
     if alone.dim() == 0 or together.shape[1:] != alone.shape[1:] or together.shape[0] != 2 * alone.shape[0]:
-        return True  # the batch is no longer the leading dim: reduced, or folded into another dim
-    return not _close(alone, together[: alone.shape[0]])
+        return "folds"
+    return None if _close(alone, together[: alone.shape[0]]) else "mixes"
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
@@ -65,19 +69,22 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return float((a - b).abs().max()) <= _RTOL * float(a.abs().max()) + 1e-30
 
 
-def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> fx.Node | None:
+def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node, str] | None:
     """The first node of ``gm`` whose output for ``image`` (``[1, C, H, W]``) changes when a second image joins it.
 
-    None if the images stay independent, or if the graph fails on a batch of two (the caller's
-    own forward pass then reports that failure with the real batch).
+    Returns ``(node, how)``: ``how`` is ``"folds"`` if the node's output no longer has the batch
+    as its leading dim, ``"mixes"`` if the image's values there changed. None if the images stay
+    independent, or if the graph fails on a batch of two (the caller's own forward pass then
+    reports that failure with the real batch).
 
     Example:
         >>> import torch, torch.fx as fx
         >>> class CondConvLike(torch.nn.Module):
         ...     def forward(self, x):
         ...         return x.reshape(1, -1, 8, 8).relu()   # folds the batch into the channels
-        >>> first_mixing_node(fx.symbolic_trace(CondConvLike()), torch.randn(1, 3, 8, 8)).name
-        'reshape'
+        >>> node, how = first_mixing_node(fx.symbolic_trace(CondConvLike()), torch.randn(1, 3, 8, 8))
+        >>> node.name, how
+        ('reshape', 'folds')
         >>> first_mixing_node(fx.symbolic_trace(torch.nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8)) is None
         True
     """
@@ -106,8 +113,9 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> fx.Node | None:
                     a = b = alone.run_node(node)
             except Exception:  # noqa: BLE001 - the model cannot run two images; the real forward says why
                 return None
-            if node in reads_input and _mixes(a, b):
-                return node
+            how = _mixes(a, b) if node in reads_input else None
+            if how is not None:
+                return node, how
             alone.env[node], together.env[node] = a, b
             for used in dead.get(node, ()):
                 del alone.env[used], together.env[used]
