@@ -225,10 +225,10 @@ class NAFlow:
     def _record(self, x: Tensor, target: object, keep: Iterable[str], grad_nodes: Iterable[str]):
         """Recording forward and a backward: output, recorded values in ``keep``, Λ of ``grad_nodes``, scores, classes.
 
-        The backward pass runs only as deep as the shallowest node in ``grad_nodes``, and the
-        recorded values the caller does not keep are released before it (NOTE [memory]).
+        ``x`` has passed :meth:`_check_input`. The backward pass runs only as deep as the shallowest
+        node in ``grad_nodes``, and the recorded values the caller does not keep are released before
+        it (NOTE [memory]).
         """
-        x = self._check_input(x)
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)
             try:
@@ -332,6 +332,7 @@ class NAFlow:
             return self._cam_maps(x, target, method)
 
     def _cam_maps(self, x: Tensor, target: object, method: str) -> LayerMaps:
+        x = self._check_input(x)
         output, values, lams, scores, classes = self._record(x, target, self._layer_nodes, self._layer_nodes)
         maps = {}
         for node, name in zip(self._layer_nodes, self.layers):
