@@ -79,7 +79,7 @@ class LayerMaps:
 
     Attributes:
         layers: layer names, shallow → deep.
-        maps: layer name → ``Tensor[B, h, w]`` (float32, on the input's device).
+        maps: layer name → ``Tensor[B, h, w]`` (in the model's dtype, on the input's device).
         output: the model's output for the batch.
         scores: the explained score per sample, ``Tensor[B]``.
         classes: the explained class per sample (``LongTensor[B]``) for class targets, else None.

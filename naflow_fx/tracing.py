@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputTypeError, UnsupportedModelError
+from .errors import ConfigError, InputTypeError, UnsupportedModelError
 
 __all__ = ["NAFlowTracer", "ShapeTracer", "trace"]
 
@@ -181,6 +181,36 @@ def _defaults(model: nn.Module) -> dict:
     return {p.name: p.default for p in params if p.kind in kinds and (p.default is None or type(p.default) in _SIMPLE)}
 
 
+def _check_concrete_args(model: nn.Module, concrete_args: object) -> None:
+    """``concrete_args`` must map names of ``forward``'s arguments after the images to values."""
+    if concrete_args is None:
+        return
+    if not isinstance(concrete_args, dict):
+        raise InputTypeError(
+            f"concrete_args must be a dict of forward's arguments to fix, e.g. {{'flag': True}}, got "
+            f"{type(concrete_args).__name__}"
+        )
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params):
+        return  # *args / **kwargs: any name may be meant
+    name = type(model).__name__
+    others = [p.name for p in params[1:]]
+    for key in concrete_args:
+        if params and key == params[0].name:
+            raise ConfigError(
+                f"concrete_args fixes {key!r}, the images {name}.forward takes first; the flow passes those. "
+                f"Fix only the arguments after them ({', '.join(others) or 'it has none'})"
+            )
+        if key not in others:
+            raise ConfigError(
+                f"concrete_args names {key!r}, which is not an argument of {name}.forward; its arguments after the "
+                f"images are: {', '.join(others) or 'none'}"
+            )
+
+
 def _is_specialization_check(node: fx.Node) -> bool:
     """fx's check that a concrete argument has the value it was traced with."""
     if node.op != "call_function" or getattr(node.target, "__name__", "") not in ("_assert", "_assert_is_none"):
@@ -304,6 +334,7 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapper(model)
+    _check_concrete_args(model, concrete_args)
     name = type(model).__name__
     concrete_args = {**_defaults(model), **(concrete_args or {})} or None
     tracer: fx.Tracer = NAFlowTracer(leaf_modules)

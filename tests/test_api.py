@@ -474,6 +474,19 @@ def test_other_forward_arguments_take_their_defaults_or_concrete_args(concrete):
     assert ("mul" in flow.layers) == bool(concrete)
 
 
+@pytest.mark.parametrize(
+    ("concrete", "error", "message"),
+    [
+        ("flag", InputTypeError, r"concrete_args must be a dict .* got str"),
+        ({"bogus": 1}, ConfigError, r"'bogus', which is not an argument of Options\.forward; .*: flag, scale, return"),
+        ({"x": 1}, ConfigError, r"fixes 'x', the images Options\.forward takes first"),
+    ],
+)
+def test_concrete_args_must_name_forwards_other_arguments(concrete, error, message):
+    with pytest.raises(error, match=message):
+        compile_naflow(Options().eval(), batch(1), concrete_args=concrete)
+
+
 Heads = collections.namedtuple("Heads", ["logits", "features"])
 
 
