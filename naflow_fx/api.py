@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import passes
 from .errors import ConfigError, InputError, InputTypeError, NumericalWarning, UnsupportedModelError
 from .passes.codegen import gradients, layer_map
+from .passes.normalize import refresh_derived_weights
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps, non_finite_layers
@@ -33,8 +34,9 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
             raise InputError(f"example_input must be a batch like [B, C, H, W]; got shape {tuple(example_input.shape)}")
         if example_input.dim() == 3:
             raise InputError(
-                f"example_input has shape {tuple(example_input.shape)}, one image without a batch dimension; "
-                "pass a batch such as x.unsqueeze(0)"
+                f"example_input has shape {tuple(example_input.shape)}, 3 dims: naflow_fx explains 2-D CNNs on "
+                "image batches [B, C, H, W]. If this is one image, add the batch dim with x.unsqueeze(0) (a 1-D "
+                "signal model on [B, C, L] is not supported)"
             )
         return example_input.detach()[:1].to(device=device, dtype=dtype)
     if isinstance(example_input, Sequence) and all(isinstance(s, int) and s > 0 for s in example_input):
@@ -149,7 +151,11 @@ class NAFlow:
 
     # ------------------------------------------------------------------ inputs
     def _check_model(self) -> None:
-        """The model's weights must still have the dtype and device the flow was compiled for."""
+        """The model's weights must still have the dtype and device the flow was compiled for.
+
+        Weights the model derives from its parameters on every call (weight and spectral norm)
+        are recomputed from them (decision 3).
+        """
         param = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
         if param is not None and (param.dtype, param.device) != (self._dtype, self._device):
             raise InputError(
@@ -157,6 +163,7 @@ class NAFlow:
                 f"{param.device} (model.to(...), .double() or .half() after compile_naflow); compile it again: "
                 "compile_naflow(model, x)"
             )
+        refresh_derived_weights(self.graph_module)
 
     def _check_input(self, x: object) -> Tensor:
         self._check_model()

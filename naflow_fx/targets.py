@@ -89,9 +89,14 @@ def resolve_target(target: object, output: Tensor) -> tuple[Tensor, Tensor | Non
     """Scores ``Tensor[B]`` for ``target`` on ``output``, and the class indices when it is a class target."""
     if target is None:
         if output.dim() != 2:
+            example = (
+                "target=lambda out: out (it is already one score per sample)"
+                if output.dim() == 1
+                else "target=lambda out: out[:, k].flatten(1).sum(1) for channel k"
+            )
             raise TargetError(
                 f"target=None means the argmax class, which needs logits of shape [B, classes]; the model "
-                f"outputs {tuple(output.shape)}. Pass a callable target, e.g. target=lambda out: out.flatten(1).sum(1)."
+                f"outputs {tuple(output.shape)}. Pass a callable target, e.g. {example}."
             )
         _classes(output)
         target = ClassTarget(output.detach().argmax(1))

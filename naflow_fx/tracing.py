@@ -7,24 +7,53 @@ import linecache
 import os
 import re
 import traceback
+import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import ConfigError, InputTypeError, UnsupportedModelError
 
 __all__ = ["NAFlowTracer", "ShapeTracer", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _HOOK_DICTS = (
-    "_forward_hooks",
+    *_FORWARD_HOOKS,
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
-    "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",  # a full backward hook wraps the module's output, which fails on proxies
+    "_backward_pre_hooks",
 )
+
+
+def _warn_forward_hooks(model: nn.Module) -> None:
+    """Warn that forward hooks are not part of the explained graph (docs/naflow.md, decision 3).
+
+    The hooks of the older ``torch.nn.utils.weight_norm`` / ``spectral_norm`` are not counted:
+    the weights they compute are (``normalize``).
+    """
+    legacy = (WeightNorm, SpectralNorm)
+    hooked = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if any(not isinstance(h, legacy) for d in _FORWARD_HOOKS for h in getattr(m, d, {}).values())
+    ]
+    if hooked:
+        more = f" and {len(hooked) - 3} more modules" if len(hooked) > 3 else ""
+        warnings.warn(
+            f"the model has forward hooks on {', '.join(map(repr, hooked[:3]))}{more}. The flow explains the traced "
+            "graph, which runs no hooks: a hook that only reads (a feature extractor, pytorch-grad-cam) is harmless, "
+            "but if one changes an output, what is explained differs from model(x). Move such a change into the "
+            "module's forward to explain it.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 class NAFlowTracer(fx.Tracer):
@@ -335,6 +364,7 @@ def trace(
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapper(model)
     _check_concrete_args(model, concrete_args)
+    _warn_forward_hooks(model)
     name = type(model).__name__
     concrete_args = {**_defaults(model), **(concrete_args or {})} or None
     tracer: fx.Tracer = NAFlowTracer(leaf_modules)

@@ -196,12 +196,23 @@ def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
         fcn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     x = batch(2)
     nf = compile_naflow(fcn, x)
-    with pytest.raises(TargetError, match="target=None means the argmax class.*Pass a callable target"):
+    hint = r"target=lambda out: out\[:, k\]\.flatten\(1\)\.sum\(1\) for channel k"
+    with pytest.raises(
+        TargetError, match=rf"target=None means the argmax class.*Pass a callable target, e\.g\. {hint}"
+    ):
         nf(x)
     with pytest.raises(TargetError, match=r"logits of shape \[B, classes\]"):
         nf(x, 0)
-    flow = nf(x, lambda out: out[:, 1].flatten(1).sum(1))
+    flow = nf(x, lambda out: out[:, 1].flatten(1).sum(1))  # the hint, with k = 1
     assert flow.classes is None and flow.maps[nf.last_layer].shape == (2, SIZE, SIZE)
+    pooled = nn.Sequential(*fcn[:2], nn.AdaptiveAvgPool2d(1), nn.Flatten(0)).eval()  # [B·4]: the batch flattened away
+    with pytest.raises(UnsupportedModelError, match=r"output has shape \(4,\) for a batch of 1 image.*nn\.Flatten\(\)"):
+        compile_naflow(pooled, x)
+    regressor = nn.Sequential(*pooled[:3], nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0)).eval()  # one score each: [B]
+    nf = compile_naflow(regressor, x)
+    with pytest.raises(TargetError, match=r"e\.g\. target=lambda out: out \(it is already one score per sample\)"):
+        nf(x)
+    assert nf(x, lambda out: out).maps[nf.last_layer].shape == (2, SIZE, SIZE)  # the hint works
 
 
 # ------------------------------------------------------------------------------------- input errors
@@ -294,7 +305,7 @@ def test_argument_errors():
         compile_naflow(model, x[:0])
     with pytest.raises(UnsupportedModelError, match=r"failed on the example input of shape \(1, 1, 16, 16\)"):
         compile_naflow(model, torch.randn(1, 1, SIZE, SIZE))
-    with pytest.raises(InputError, match=r"one image without a batch dimension; pass a batch such as x.unsqueeze\(0\)"):
+    with pytest.raises(InputError, match=r"3 dims: .*If this is one image, add the batch dim with x.unsqueeze\(0\)"):
         compile_naflow(model, x[0])
 
 
@@ -371,6 +382,33 @@ def test_unknown_layer_and_invalid_last_layer():
         compile_naflow(model, x, last_layer="nope")
     with pytest.raises(UnsupportedModelError, match="last_layer='head'"):
         compile_naflow(model, x, last_layer="head")  # not a 4-D feature map
+
+
+class PerFrame(nn.Module):
+    """A 2-D CNN applied to every frame of a video [B, C, T, H, W], averaged over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        return self.cnn(x.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, -1).mean(1)
+
+
+def test_models_that_are_not_2d_cnns_on_image_batches_are_told_so():
+    video = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2))
+    frames = torch.randn(1, 3, 4, SIZE, SIZE)
+    with pytest.raises(UnsupportedModelError, match=r"The input is 5-D: naflow_fx explains 2-D CNNs"):
+        compile_naflow(video.eval(), frames)
+    with pytest.raises(UnsupportedModelError, match=r"last_layer='0' .* This model has none\. The input is 5-D"):
+        compile_naflow(video.eval(), frames, last_layer="0")
+    # a per-frame CNN folds the frames into the batch: its maps would be [B·T, h, w], not one per video
+    with pytest.raises(UnsupportedModelError, match=r"layer 'reshape' has 4 samples for a batch of 1 image.*frames"):
+        compile_naflow(PerFrame().eval(), frames)
+    signal = nn.Sequential(nn.Conv1d(1, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(InputError, match=r"3 dims: naflow_fx explains 2-D CNNs .*1-D signal model"):
+        compile_naflow(signal.eval(), torch.randn(1, 1, 100))
 
 
 # -------------------------------------------------------------------- untraceable / unsupported models
@@ -660,6 +698,28 @@ def test_example_input_the_model_rejects_prints_nothing(capfd):
     with pytest.raises(UnsupportedModelError, match=r"failed on the example input of shape \(1, 3, 16, 16\)"):
         compile_naflow(PatchEmbedOnly().eval(), batch(1, size=16))
     assert capfd.readouterr().err == ""
+
+
+def test_forward_hooks_are_warned_about_and_other_hooks_are_not():
+    """The traced graph runs no hooks: a forward hook may change what model(x) computes (decision 3)."""
+    model = conv4(hidden=4, num_classes=3)
+    x = batch(1)
+    handles = [model.features[0].register_forward_hook(lambda m, i, o: o + 1)]
+    with pytest.warns(UserWarning, match=r"forward hooks on 'features\.0'\. .*differs from model\(x\)") as caught:
+        flow = compile_naflow(model, x)
+    assert caught[0].filename == __file__  # points at the caller's line
+    with torch.no_grad():
+        assert not torch.allclose(flow(x).output, model(x))  # what the warning is about
+    handles[0].remove()
+    # a full backward hook neither warns nor trips torch's "module output should be a Tensor" on fx proxies,
+    # and the hooks of the older weight and spectral norms are the weights they compute
+    handles.append(model.features.register_full_backward_hook(lambda *a: None))  # a traced (non-leaf) module
+    model.head = torch.nn.utils.spectral_norm(model.head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile_naflow(model, x)
+    for handle in handles[1:]:
+        handle.remove()
 
 
 def test_unsupported_ops_are_all_listed_and_linearize_fallback_works():

@@ -381,9 +381,13 @@ def test_i6_model_parameters_buffers_mode_and_hooks_untouched():
         h.remove()
 
 
-@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize(
+    "parametrization", ["weight_norm", "spectral_norm", "legacy weight_norm", "legacy spectral_norm"]
+)
 def test_i6_parametrized_weights_are_their_eval_value_and_leave_the_model_alone(parametrization):
-    wrap = getattr(torch.nn.utils.parametrizations, parametrization)
+    """torch.nn.utils.parametrizations, and the older hook-based torch.nn.utils.weight_norm / spectral_norm."""
+    legacy = parametrization.startswith("legacy ")
+    wrap = getattr(torch.nn.utils if legacy else torch.nn.utils.parametrizations, parametrization.split()[-1])
     plain = conv4(num_classes=5, size=16)
     model = copy.deepcopy(plain)
     model.features[4] = wrap(model.features[4])  # a conv inside the explained layers
@@ -396,6 +400,7 @@ def test_i6_parametrized_weights_are_their_eval_value_and_leave_the_model_alone(
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and model.training
     with torch.no_grad():  # the same network with the parametrized weights written out
         model.eval()
+        model(x)  # a legacy hook sets .weight in its pre-forward (in eval mode without power iteration)
         plain.features[4].weight.copy_(model.features[4].weight)
         plain.head.weight.copy_(model.head.weight)
         model.train()
@@ -403,6 +408,19 @@ def test_i6_parametrized_weights_are_their_eval_value_and_leave_the_model_alone(
     torch.testing.assert_close(flow.output, ref.output)
     for name in ref.layers:
         torch.testing.assert_close(flow.maps[name], ref.maps[name])
+    # the derived weights follow the parameters they come from, like any other weight
+    original = "weight_v" if parametrization.endswith("weight_norm") else "weight_orig"
+    if not legacy:
+        original = "parametrizations.weight.original" + ("1" if original == "weight_v" else "")
+    with torch.no_grad():
+        weight = model.features[4].get_parameter(original)
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
+        model.eval()
+        expected = model(x)
+        model.train()
+    assert not torch.allclose(flow.output, expected)
+    torch.testing.assert_close(nf(x).output, expected)
+    assert model.training
 
 
 def test_i6_in_place_ops_cannot_corrupt_recorded_activations():

@@ -26,13 +26,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from ..canonical import bind_canonical, is_canonical
 from ..errors import UnsupportedOpError
 from .partition import feature_subgraph
 
-__all__ = ["normalize"]
+__all__ = ["normalize", "refresh_derived_weights"]
 
+_LEGACY = (_LegacyWeightNorm, _LegacySpectralNorm)  # hook-based torch.nn.utils.weight_norm / spectral_norm
 _IDENTITY = object()  # marker: the node is replaced by its first argument
 
 # --- call_module lowering: module -> (canonical target, args after the input, kwargs) -----------
@@ -326,28 +329,67 @@ def _scope_functional_names(graph: fx.Graph) -> None:
         node.meta["naflow.name"] = name if k == 1 else f"{name}#{k}"
 
 
-def _parametrized_snapshot(gm: fx.GraphModule, target: str, mod: nn.Module, name: str) -> str:
-    """A parametrized tensor (``weight_norm``, ``spectral_norm``) evaluated once, in eval mode.
+def _derived(mod: nn.Module, name: str) -> Callable[[], torch.Tensor] | None:
+    """How ``mod`` computes its tensor ``name`` from its parameters on every call; None for a plain one.
 
-    Reading ``mod.weight`` in the graph would run the parametrization on every call, and a
-    spectral norm in training mode would then advance its power iteration, changing the user's
-    buffers (spec I6). So the weight is computed here, with the parametrizations in eval mode
-    (their flags restored), and kept on ``gm`` as a buffer; the flow uses the weights the model
-    had when it was compiled (docs/naflow.md, decision 3).
+    These are ``torch.nn.utils.parametrizations`` (``weight_norm``, ``spectral_norm``) and the
+    older hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm``, whose pre-forward hook
+    sets a plain ``mod.weight`` that fx would freeze at trace time. The returned function
+    computes the tensor without gradient, in eval mode: no power iteration, and the user's flags
+    and buffers are left as they were.
     """
-    attr_name = "naflow_parametrized_" + f"{target}.{name}".replace(".", "_")
+    if parametrize.is_parametrized(mod, name):
+
+        def parametrized() -> torch.Tensor:
+            parametrizations = mod.parametrizations[name]
+            modes = {m: m.training for m in parametrizations.modules()}
+            try:
+                parametrizations.eval()
+                with torch.no_grad():
+                    return getattr(mod, name).detach().clone()
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
+
+        return parametrized
+    hook = next(
+        (h for h in mod._forward_pre_hooks.values() if isinstance(h, _LEGACY) and getattr(h, "name", None) == name),
+        None,
+    )
+    if isinstance(hook, _LegacyWeightNorm):
+        return torch.no_grad()(lambda: hook.compute_weight(mod).detach())
+    if isinstance(hook, _LegacySpectralNorm):
+        return torch.no_grad()(lambda: hook.compute_weight(mod, do_power_iteration=False).detach())
+    return None
+
+
+def _derived_snapshot(gm: fx.GraphModule, target: str, name: str, compute: Callable[[], torch.Tensor]) -> str:
+    """A derived weight (see ``_derived``) kept on ``gm`` as a buffer, refreshed on every call.
+
+    Reading ``mod.weight`` in the graph would run a parametrization on every call, and a
+    spectral norm in training mode would then advance its power iteration, changing the user's
+    buffers (spec I6); a legacy hook's ``mod.weight`` would be frozen. So the weight is a buffer
+    of ``gm``, computed here and again by :func:`refresh_derived_weights` before every flow
+    (docs/naflow.md, decision 3), so it follows the model's parameters like any other weight.
+    """
+    attr_name = "naflow_derived_" + f"{target}.{name}".replace(".", "_")
     if not hasattr(gm, attr_name):
-        parametrizations = mod.parametrizations[name]
-        modes = {m: m.training for m in parametrizations.modules()}
-        try:
-            parametrizations.eval()
-            with torch.no_grad():
-                value = getattr(mod, name).detach().clone()
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        gm.register_buffer(attr_name, value)
+        gm.register_buffer(attr_name, compute())
+        gm.meta.setdefault("naflow.derived", {})[attr_name] = compute
     return attr_name
+
+
+def refresh_derived_weights(gm: fx.GraphModule) -> None:
+    """Recompute every derived weight of ``gm`` from the model's current parameters, in place.
+
+    An unchanged weight is not written, so the weight cache (NOTE [weight cache]) stays valid.
+    """
+    for attr_name, compute in gm.meta.get("naflow.derived", {}).items():
+        buffer, value = gm.get_buffer(attr_name), compute()
+        if value.shape != buffer.shape or value.dtype != buffer.dtype or value.device != buffer.device:
+            continue  # the model was cast, moved or reshaped: the flow refuses it (NAFlow._check_model)
+        if not torch.equal(value, buffer):
+            buffer.copy_(value)
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -372,8 +414,9 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
 
             def attr(name: str, _node=node, _mod=mod) -> fx.Node:
                 with graph.inserting_before(_node):
-                    if parametrize.is_parametrized(_mod, name):
-                        return graph.get_attr(_parametrized_snapshot(gm, _node.target, _mod, name))
+                    compute = _derived(_mod, name)
+                    if compute is not None:
+                        return graph.get_attr(_derived_snapshot(gm, _node.target, name, compute))
                     return graph.get_attr(f"{_node.target}.{name}")
 
             target, kwargs = lowering(attr, mod)

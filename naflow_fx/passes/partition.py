@@ -167,6 +167,38 @@ def _wrapper_hint(result: object) -> str:
     )
 
 
+def _check_output_batch(source: fx.Node, result: fx.Node) -> None:
+    """The output's first dim must be the batch: one row of scores per image."""
+    batch, shape = tensor_meta(source).shape[0], tuple(tensor_meta(result).shape)
+    if not shape or shape[0] != batch:
+        raise UnsupportedModelError(
+            f"the model's output has shape {shape} for a batch of {batch} image(s), but its first dim must be the "
+            "batch, one row per image: it reduces or flattens the batch away (a .sum(), nn.Flatten(0), "
+            ".view(-1)). Make forward return [B, ...], e.g. nn.Flatten() (from dim 1) or .view(x.shape[0], -1)"
+        )
+
+
+def _check_batch_dim(graph: fx.Graph, source: fx.Node, layers: tuple[str, ...]) -> None:
+    """Every explained layer must keep the input's batch: one map per image.
+
+    A model that folds another dim into the batch (a per-frame CNN over a video reshaped to
+    ``[B·T, C, H, W]``, crops or patches) has feature maps of ``B·T`` samples for ``B`` images.
+    Its flows would return maps of the wrong batch size, so it is refused at compile time.
+    """
+    batch = tensor_meta(source).shape[0]
+    nodes = {n.name: n for n in graph.nodes}
+    for name in layers:
+        node = nodes[name]
+        size = tensor_meta(node).shape[0]
+        if size != batch:
+            raise UnsupportedModelError(
+                f"layer {node.meta.get('naflow.name', name)!r} has {size} samples for a batch of {batch} image(s): "
+                "the model folds another dim into the batch (video frames, crops or patches), so its maps would "
+                "not be one per image. Explain the network it applies to each of them, on a batch of those: "
+                "e.g. compile_naflow(model.<per-frame network>, frames) with frames of shape [B·T, C, H, W]"
+            )
+
+
 def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.GraphModule:
     """Find N and split input → N into stages; store ``Plan`` in ``gm.meta`` and roles in node.meta."""
     graph = gm.graph
@@ -185,17 +217,26 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
             f"{_describe_output(result)}. Wrap the model so that forward returns the tensor to explain: "
             f"{_wrapper_hint(result)}"
         )
+    _check_output_batch(source, result)
     whole = feature_subgraph(graph, source, result)
     if source not in whole:
         raise UnsupportedModelError(_no_feature_path_message(graph, source, result))
     candidates = articulation_nodes(whole)
 
+    rank = len(tensor_meta(source).shape) if tensor_meta(source) is not None else 4
+    not_2d = (
+        f" The input is {rank}-D: naflow_fx explains 2-D CNNs, whose inputs and feature maps are [B, C, H, W]; "
+        "a video, volume or 1-D signal model has no such layer (explain a 2-D network it applies per frame or "
+        "slice instead)."
+        if rank != 4
+        else ""
+    )
     if last_layer is None:
         last = _default_last(candidates)
         if last is None:
             raise UnsupportedModelError(
-                "found no 4-D feature map that every path from the input to the output passes through; "
-                "pass last_layer='<layer name>' to choose the last feature layer."
+                "found no 4-D feature map that every path from the input to the output passes through"
+                + (not_2d or "; pass last_layer='<layer name>' to choose the last feature layer.")
             )
     else:
         by_name = {n.meta.get("naflow.name", n.name): n for n in candidates if _is_4d(n) and n is not source}
@@ -204,7 +245,7 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
             names = ", ".join(n.meta.get("naflow.name", n.name) for n in candidates if _is_4d(n) and n is not source)
             raise UnsupportedModelError(
                 f"last_layer={last_layer!r} is not a 4-D layer that every input→output path passes through. "
-                f"Choose one of: {names}"
+                + (f"Choose one of: {names}" if names else f"This model has none.{not_2d}")
             )
         last = by_name[last_layer]
 
@@ -229,5 +270,6 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
         else:
             n.meta["naflow.role"] = "head" if is_feature_node(n) else "static"
     layers = tuple(n.name for n in nodes if n is not source and _is_4d(n))
+    _check_batch_dim(graph, source, layers)
     gm.meta["naflow.plan"] = Plan(input=source.name, last=last.name, stages=tuple(stages), layers=layers)
     return gm
