@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,15 @@ def check_parent(path: str | os.PathLike, fn: str) -> None:
         raise InputError(f"{fn}: cannot write {os.fspath(path)}: {folder} is a file, not a folder; choose another path")
 
 
+def _temporary(path: str) -> str:
+    """An empty hidden file beside ``path`` (its folder created if needed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -43,21 +52,48 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
         >>> atomic_write_text(target, "done") == target, open(target).read()
         (True, 'done')
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    return atomic_write_all([(path, write)])[0]
+
+
+def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[str]:
+    """:func:`atomic_write` of several files that belong together: all are replaced, or none.
+
+    Every file is written to its temporary first. Then each replaces its target in turn, the old
+    target set aside; if one cannot (a file that may not be replaced, a full disk), the ones
+    already replaced get their old contents back, or are removed if they are new. So a pair such
+    as maps and their sidecar never describe two different runs. No temporary is left.
+    """
+    paths = [os.fspath(p) for p, _ in files]
+    temporaries: list[str] = []
+    replaced: list[tuple[str, str | None]] = []  # (path, where its old file was set aside)
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
-        os.replace(tmp, path)
+        for path, (_, write) in zip(paths, files):
+            temporaries.append(_temporary(path))
+            os.chmod(temporaries[-1], 0o666 & ~umask)
+            write(temporaries[-1])
+        try:
+            for path, tmp in zip(paths, temporaries):
+                old = None
+                if os.path.lexists(path):
+                    old = _temporary(path)
+                    temporaries.append(old)
+                    os.replace(path, old)
+                replaced.append((path, old))
+                os.replace(tmp, path)
+        except BaseException:
+            for path, old in reversed(replaced):
+                if old is not None:
+                    os.replace(old, path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        for tmp in temporaries:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+    return paths
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:

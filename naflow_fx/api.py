@@ -303,7 +303,9 @@ class NAFlow:
         # its stage to its layer's map (keep="maps") or to the result (keep="all").
         store = {n: values[n] for n in program.activations}
         store.update({f"lam_{n}": lams[n] for n in program.coefficients})
-        del values, lams
+        flat = lams[self.plan.last].flatten(1) if self.plan.last in lams else None
+        no_gradient = None if flat is None else ~flat.ne(0).any(1)  # the score ignores N for these samples
+        del values, lams, flat
         ctx = SolverContext(self.config, self._weight_cache(), progress=progress)
         with torch.no_grad():
             out = program.module(ctx, store)
@@ -316,6 +318,7 @@ class NAFlow:
             coefficients = {name: self._nchw(node, lams[name]) for node, name in pairs}
             maps = {n: layer_map(bpfm[n], coefficients[n], dims=None, reduction=self.reduction) for n in self.layers}
         _warn_non_finite(maps, self.layers, x.dtype)
+        _warn_all_zero(maps, self.layers, no_gradient, self.last_layer)
         return FlowResult(
             layers=list(self.layers),
             maps=maps,
@@ -554,8 +557,29 @@ def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torc
                 "flow.format_diagnostics() show where). Explain the model and input in float64 (model.double(), "
                 "x.double()), or try a larger damping (e.g. damping=3e-2)."
             ),
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: Tensor | None, last: str) -> None:
+    """A ``UserWarning`` naming the samples whose every map is zero everywhere (one device sync)."""
+    if not layers:
+        return
+    positive = torch.stack([maps[n].flatten(1).ne(0).any(1) for n in layers]).any(0)
+    zero = (~positive).nonzero()[:, 0].tolist()
+    if not zero:
+        return
+    if no_gradient is not None and bool(no_gradient[zero].all()):
+        why = (
+            f"the explained score does not depend on the last layer {last!r} (its gradient there is zero): check "
+            "the target, e.g. a score multiplied by 0, or a mask that selects no pixel"
+        )
+    else:
+        why = (
+            "Σ_c Λ·BPFM is nowhere positive at any layer, e.g. because the score is negative (a logit or "
+            "similarity below zero) or the last layer's activation is zero"
+        )
+    warnings.warn(f"every map of sample(s) {zero} is zero: {why}", UserWarning, stacklevel=4)
 
 
 def compile_naflow(

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from ._io import atomic_write, atomic_write_text, check_parent
+from ._io import atomic_write_all, check_parent
 from .errors import InputError, InputTypeError
 from .result import FlowResult, LayerMaps, check_layer_maps
 
@@ -228,7 +228,8 @@ def save_maps(
 
     All checks run and the sidecar is serialised before anything is written, so a bad argument
     leaves no file behind. Both files are fully written to temporaries before either replaces an
-    old one (sidecar first, then the ``.npz``), and no temporary file is ever left.
+    old one; if the second cannot replace its old file, the first is put back, so the pair always
+    belongs together; and no temporary file is ever left.
 
     Example:
         >>> import tempfile, torch
@@ -251,23 +252,31 @@ def save_maps(
     side = sidecar_path(path)
     arrays = {name: result.maps[name].detach().float().cpu().numpy() for name in result.layers}
 
-    writing = path
-
     def write_npz(tmp: str) -> None:
-        nonlocal writing
         with open(tmp, "wb") as fh:  # a file object: numpy does not append ".npz" to the name
             np.savez_compressed(fh, **arrays)
-        writing = side
-        atomic_write_text(side, text)  # the npz is complete before the sidecar replaces the old one
-        writing = path
 
-    try:
-        atomic_write(path, write_npz)
+    def write_sidecar(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    try:  # both files, or neither: a sidecar must never describe other maps
+        atomic_write_all([(side, write_sidecar), (path, write_npz)])
     except OSError as exc:  # name the user's file, not the hidden temporary one
         if exc.errno is None:
             raise
-        raise OSError(exc.errno, exc.strerror, writing) from exc
+        raise OSError(exc.errno, exc.strerror, _user_file(exc, side, path)) from exc
     return path, side
+
+
+def _user_file(exc: OSError, *paths: str) -> str:
+    """Which of ``paths`` an error of :func:`~naflow_fx._io.atomic_write_all` is about (its temporaries are hidden)."""
+    for name in (exc.filename2, exc.filename):
+        base = os.path.basename(os.fspath(name)) if name else ""
+        for path in paths:
+            if base == os.path.basename(path) or base.startswith(f".{os.path.basename(path)}."):
+                return path
+    return paths[-1]
 
 
 def _bad_file(path: str, problem: str, todo: str = _WRITTEN_BY) -> InputError:

@@ -20,7 +20,7 @@ from .errors import ConfigError, InputTypeError, UnsupportedModelError
 
 __all__ = ["NAFlowTracer", "ShapeTracer", "trace"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")  # with the separator: not torchvision/
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _HOOK_DICTS = (
     *_FORWARD_HOOKS,
@@ -282,7 +282,7 @@ def _fetch(root: nn.Module, target: str) -> object:
 
 def _user_frame(tb) -> traceback.FrameSummary | None:
     """The deepest traceback frame that is not inside torch or naflow_fx."""
-    here = os.path.dirname(__file__)
+    here = os.path.join(os.path.dirname(__file__), "")
     frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith((_TORCH_DIR, here))]
     return frames[-1] if frames else None
 

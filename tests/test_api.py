@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from models import DataDependentBranch, PReLUNet, TwoUnsupportedOps, conv4, silu_chain
 from torch import Tensor, nn
 
@@ -255,14 +256,30 @@ def test_non_finite_maps_raise_a_numerical_warning(keep):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     nf = compile_naflow(silu_chain(5), x[:1], damping=0.0)
-    with pytest.warns(naflow_fx.NumericalWarning, match=r"maps of 1 of 12 layers contain NaN or Inf, from '0' down"):
+    with pytest.warns(
+        naflow_fx.NumericalWarning, match=r"maps of 1 of 12 layers contain NaN or Inf, from '0' down"
+    ) as w:
         flow = nf(x, keep=keep)
+    assert next(r for r in w if r.category is naflow_fx.NumericalWarning).filename == __file__  # the caller's line
     assert not bool(torch.isfinite(flow.maps["0"]).all())
     flow64 = compile_naflow(silu_chain(5).double(), x[:1].double(), damping=0.0)(x.double(), keep=keep)  # the advice
     assert all(bool(torch.isfinite(m).all()) for m in flow64.maps.values())
     with warnings.catch_warnings():
         warnings.simplefilter("error", naflow_fx.NumericalWarning)
         compile_naflow(silu_chain(3), x[:1], damping=0.0)(x, keep=keep)  # finite: no warning
+
+
+@pytest.mark.parametrize("keep", ["all", "maps"])
+def test_a_sample_whose_maps_are_all_zero_is_warned_about(nf, keep):
+    x = batch(3)
+    ignores = lambda out: out[:, 0] * torch.tensor([1.0, 0.0, 1.0])  # noqa: E731 - sample 1's score is 0·logit
+    with pytest.warns(UserWarning, match=r"every map of sample\(s\) \[1\] is zero: the explained score does not") as w:
+        flow = nf(x, ignores, keep=keep)
+    assert next(r for r in w if r.category is UserWarning).filename == __file__
+    assert all(not flow.maps[n][1].any() for n in flow.layers) and any(flow.maps[n][0].any() for n in flow.layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        nf(x, keep=keep)  # every sample has a map: no warning
 
 
 def test_argument_errors():
@@ -421,6 +438,32 @@ def test_untraceable_model_names_the_offending_line():
     assert "cannot trace DataDependentBranch" in msg
     assert "models.py" in msg and "`if x.sum() > 0:`" in msg
     assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+class TorchvisionBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torchvision.ops.masks_to_boxes(self.conv(x)[:, 0] > 0)  # branches on masks.numel()
+
+
+def test_an_untraceable_line_inside_torchvision_is_named():
+    """torchvision's files are not torch's, although site-packages/torchvision starts with site-packages/torch."""
+    with pytest.raises(UnsupportedModelError, match=r"cannot trace TorchvisionBranch at .*torchvision/ops/boxes\.py"):
+        compile_naflow(TorchvisionBranch(), batch(1))
+
+
+def test_an_integer_output_is_refused_as_such():
+    model = nn.Sequential(conv4(hidden=4, num_classes=3), Argmax()).eval()
+    with pytest.raises(UnsupportedModelError, match=r"output is a torch\.int64 tensor of shape \(1,\).*before argmax"):
+        compile_naflow(model, batch(1))
+
+
+class Argmax(nn.Module):
+    def forward(self, x):
+        return x.argmax(1)
 
 
 class ShapeBranches(nn.Module):
@@ -716,7 +759,7 @@ def test_forward_hooks_are_warned_about_and_other_hooks_are_not():
     handles.append(model.features.register_full_backward_hook(lambda *a: None))  # a traced (non-leaf) module
     model.head = torch.nn.utils.spectral_norm(model.head)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         compile_naflow(model, x)
     for handle in handles[1:]:
         handle.remove()

@@ -95,8 +95,13 @@ def test_a_failed_write_names_the_users_file_and_leaves_nothing(flow, tmp_path, 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/somewhere/.maps.npz.tmp")
 
+    def sidecar_fails(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".json"):  # its hidden temporary
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return open(file, mode, *args, **kwargs)
+
     with monkeypatch.context() as m:
-        m.setattr(naflow_fx.export, "atomic_write_text", full_disk)  # the sidecar fails after the npz
+        m.setattr(naflow_fx.export, "open", sidecar_fails, raising=False)  # export.py's own open()
         with pytest.raises(OSError) as info:
             save_maps(flow, tmp_path / "maps.npz")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "maps.json")
@@ -113,12 +118,35 @@ def test_an_old_pair_stays_whole_when_rewriting_it_fails(flow, tmp_path, monkeyp
     npz, side = save_maps(flow, tmp_path / "maps.npz", model="old")
     doubled = dataclasses.replace(flow, maps={k: 2 * v for k, v in flow.maps.items()})
     with monkeypatch.context() as m:
-        m.setattr(naflow_fx.export, "atomic_write_text", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        m.setattr(np, "savez_compressed", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
         with pytest.raises(OSError):
             save_maps(doubled, npz, model="new")
     maps, meta = load_maps(npz)
     assert meta["model"] == "old" and files(tmp_path) == ["maps.json", "maps.npz"]
     np.testing.assert_array_equal(maps["0"], flow.maps["0"].numpy())  # not the new maps under the old sidecar
+
+
+def test_a_pair_is_replaced_whole_or_not_at_all(flow, tmp_path, monkeypatch):
+    """The sidecar has replaced the old one when the .npz cannot be replaced (chattr +i): it is put back."""
+    npz, side = save_maps(flow, tmp_path / "maps.npz", model="old")
+    doubled = dataclasses.replace(flow, maps={k: 2 * v for k, v in flow.maps.items()})
+    real = os.replace
+
+    def immutable_npz(src, dst):
+        if npz in (os.fspath(src), os.fspath(dst)):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.fspath(src), os.fspath(dst))
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", immutable_npz)
+        with pytest.raises(OSError) as info:
+            save_maps(doubled, npz, model="new")
+    assert info.value.errno == errno.EPERM and info.value.filename == npz
+    maps, meta = load_maps(npz)
+    assert meta["model"] == "old" and files(tmp_path) == ["maps.json", "maps.npz"]  # no temporaries either
+    np.testing.assert_array_equal(maps["0"], flow.maps["0"].numpy())
+    new_npz, _ = save_maps(doubled, npz, model="new")  # and with nothing in the way, the new pair
+    assert load_maps(new_npz)[1]["model"] == "new"
 
 
 def test_images_and_result_are_checked_up_front(flow, tmp_path):

@@ -136,6 +136,8 @@ def _output_value(result: object) -> object:
     """A returned node's recorded value (a named tuple built in forward is one node), else ``result``."""
     if isinstance(result, fx.Node):
         value = result.meta.get("val", result.meta.get("tensor_meta"))
+        if tensor_meta(result) is not None:  # one tensor: its metadata is a named tuple, not the output
+            return result
         return value if isinstance(value, (tuple, list, dict)) else result
     return result
 
@@ -211,7 +213,14 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
     source = placeholders[0]
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
-    if not isinstance(result, fx.Node) or tensor_meta(result) is None or not is_feature_node(result):
+    meta = tensor_meta(result) if isinstance(result, fx.Node) else None
+    if meta is not None and not meta.dtype.is_floating_point:
+        raise UnsupportedModelError(
+            f"the model's output is a {meta.dtype} tensor of shape {tuple(meta.shape)}: explaining needs a "
+            "floating-point output that depends smoothly on the input (logits, scores or an embedding), not "
+            "class indices or a thresholded mask; return the values before argmax, rounding or comparison"
+        )
+    if not isinstance(result, fx.Node) or meta is None or not is_feature_node(result):
         raise UnsupportedModelError(
             f"the model's output must be one floating-point tensor (e.g. logits or an embedding); it returns "
             f"{_describe_output(result)}. Wrap the model so that forward returns the tensor to explain: "
