@@ -13,6 +13,7 @@ from .errors import (
     TargetError,
     UnsupportedModelError,
     UnsupportedOpError,
+    ZeroMapsWarning,
 )
 from .result import FlowResult, LayerMaps
 from .similarity import SimilarityTarget
@@ -38,4 +39,5 @@ __all__ = [
     "TargetError",
     "ConfigError",
     "NumericalWarning",
+    "ZeroMapsWarning",
 ]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import passes
-from .errors import ConfigError, InputError, InputTypeError, NumericalWarning, UnsupportedModelError
+from .errors import ConfigError, InputError, InputTypeError, NumericalWarning, UnsupportedModelError, ZeroMapsWarning
 from .passes.codegen import gradients, layer_map
 from .passes.normalize import refresh_derived_weights
 from .passes.partition import Plan
@@ -562,7 +562,7 @@ def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torc
 
 
 def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: Tensor | None, last: str) -> None:
-    """A ``UserWarning`` naming the samples whose every map is zero everywhere (one device sync)."""
+    """A :class:`ZeroMapsWarning` naming the samples whose every map is zero everywhere (one device sync)."""
     if not layers:
         return
     positive = torch.stack([maps[n].flatten(1).ne(0).any(1) for n in layers]).any(0)
@@ -571,7 +571,7 @@ def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: 
         return
     if no_gradient is not None and bool(no_gradient[zero].all()):
         why = (
-            f"the explained score does not depend on the last layer {last!r} (its gradient there is zero): check "
+            f"the score does not depend on the last layer {last!r} (its gradient there is zero): check "
             "the target, e.g. a score multiplied by 0, or a mask that selects no pixel"
         )
     else:
@@ -579,7 +579,7 @@ def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: 
             "Σ_c Λ·BPFM is nowhere positive at any layer, e.g. because the score is negative (a logit or "
             "similarity below zero) or the last layer's activation is zero"
         )
-    warnings.warn(f"every map of sample(s) {zero} is zero: {why}", UserWarning, stacklevel=4)
+    warnings.warn(ZeroMapsWarning(f"every map of sample(s) {zero} is zero: {why}"), stacklevel=4)
 
 
 def compile_naflow(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import math
 import os
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .errors import ConfigError, NAFlowError, NumericalWarning
+from .errors import ConfigError, NAFlowError, NumericalWarning, ZeroMapsWarning
 from .solvers import SolverConfig
 
 __all__ = ["main", "build_parser", "load_model", "load_images", "with_input", "ModelSpec", "CLIError"]
@@ -119,7 +120,9 @@ def _as_module(obj: object, source: str) -> nn.Module:
             ) from None
         if isinstance(obj, nn.Module):
             return obj
-    raise CLIError(f"{source} gives a {type(obj).__name__}, not a torch.nn.Module; point --model at a model or factory")
+    kind = type(obj).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    raise CLIError(f"{source} gives {article} {kind}, not a torch.nn.Module; point --model at a model or factory")
 
 
 # DEFAULT and the names of a torchvision weights enum (IMAGENET1K_V1, IMAGENET1K_SWAG_E2E_V1, ...), also written
@@ -280,8 +283,12 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
     for path in paths:
         if not os.path.exists(path):
             raise CLIError(f"image not found: {path}; check the path")
+        if os.path.isdir(path):
+            raise CLIError(
+                f"{path} is a folder, not an image; pass the images in it (e.g. {os.path.join(path, '*.png')})"
+            )
         try:
-            with Image.open(path) as im:
+            with _open_image(path) as im:
                 im.load()
                 im = _upright(im)
                 w, h = im.size
@@ -305,16 +312,34 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
                     rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
                     array = np.asarray(rgb, np.float32) / 255.0
         except Image.DecompressionBombError:
+            # PIL warns above MAX_IMAGE_PIXELS (ignored above: the CLI resamples only the square it explains) and
+            # refuses images of more than twice as many pixels
             raise CLIError(
                 f"cannot read image {path}: it has more pixels than PIL's safety limit "
-                f"({Image.MAX_IMAGE_PIXELS:,}); downscale it first"
+                f"({2 * (Image.MAX_IMAGE_PIXELS or 0):,}); downscale it first"
             ) from None
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except UnidentifiedImageError:
             raise CLIError(
-                f"cannot read image {path} ({type(exc).__name__}); pass a PNG, JPEG or other image file"
+                f"cannot read image {path}: not an image format PIL knows; pass a PNG, JPEG or other image file"
+            ) from None
+        except (OSError, ValueError) as exc:
+            cause = " ".join(str(exc).split()) or type(exc).__name__
+            raise CLIError(
+                f"cannot read image {path} ({type(exc).__name__}: {cause}); pass a complete PNG, JPEG or other "
+                "image file"
             ) from None
         out.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def _open_image(path: str):
+    """``PIL.Image.open(path)`` without PIL's DecompressionBombWarning: the CLI resamples only the square it
+    explains, so a large image costs little; one over PIL's error threshold still raises DecompressionBombError."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def _upright(im):
@@ -335,6 +360,11 @@ def _progress(total: int, quiet: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="layer", delay=1.0, disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+def _count(n: int, word: str, plural: str | None = None) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _class_name(spec: ModelSpec, c: int) -> str:
@@ -364,6 +394,8 @@ def check_out_dir(out: str) -> None:
         ...
         naflow_fx.cli.CLIError: --out ...cli.py is a file, not a folder; pass a folder to write the results into
     """
+    if not out.strip():
+        raise CLIError("--out is empty; pass a folder to write the results into (e.g. --out naflow-out)")
     probe = os.path.abspath(out)
     while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
@@ -398,12 +430,12 @@ def run_explain(
 ) -> dict:
     """Explain every image, write the grid, the GIF and the ``.npz``/JSON files; returns what was written.
 
-    ``grid_layers`` picks the grid's columns from the explained layers (default: at most
-    ``max_columns`` of them, evenly spaced); the GIF and the ``.npz`` files hold every layer.
+    ``grid_layers`` picks the grid's columns from the explained layers (default: all), at most
+    ``max_columns`` of them, evenly spaced; the GIF and the ``.npz`` files hold every layer.
     ``dpi`` is the grid's resolution (of its images, for ``pdf`` and ``svg``), ``gif_size`` the
     side of each image in the GIF, ``figure_format`` the grid's file type (``png``, ``pdf``, ``svg``).
-    ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``, and ``fallback`` if set)
-    go to ``compile_naflow`` and into the NAFlow sidecar as ``"options"``.
+    ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``, and ``fallback`` and
+    ``last_layer`` if set) go to ``compile_naflow`` and into the NAFlow sidecar as ``"options"``.
     """
     from . import compile_naflow
     from .export import save_maps
@@ -418,22 +450,29 @@ def run_explain(
     if spec.channels == 1:  # a greyscale model: the luma of the RGB images (ITU-R BT.601)
         x = (x * torch.tensor(_LUMA, device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
     x = (x - mean) / std
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.is_floating_point():
+        x = x.to(param.dtype)  # a float64 model gets float64 images (float16 is refused by compile_naflow)
     start = time.perf_counter()
     options = dict(solver_options or {})
     nf = compile_naflow(model, x[:1], layers=layers, **options)
-    say(f"{spec.name}: compiled in {time.perf_counter() - start:.1f}s, {len(nf.layers)} layers, last {nf.last_layer}")
+    layer_count = _count(len(nf.layers), "layer")
+    say(f"{spec.name}: compiled in {time.perf_counter() - start:.1f}s, {layer_count}, last {nf.last_layer}")
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x[:1])  # the output's shape; images go one at a time, as the flow takes them
     if target is not None:
         if logits.dim() != 2:
             raise CLIError(f"--target needs a classifier; {spec.name} outputs shape {tuple(logits.shape)}")
         if not 0 <= target < logits.shape[1]:
             n = logits.shape[1]
-            raise CLIError(f"--target {target} is out of range: {spec.name} has {n} classes (0–{n - 1})")
+            raise CLIError(
+                f"--target {target} is out of range: {spec.name} has {_count(n, 'class', 'classes')} (0–{n - 1})"
+            )
     flows, cams = [], {m: [] for m in compare}
     start = time.perf_counter()
     with _progress(len(labels) * nf.num_steps, quiet, "NAFlow") as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", NumericalWarning)  # non-finite maps are an error below, with what to do
+        warnings.simplefilter("ignore", ZeroMapsWarning)  # a warning line per image below
         for i in range(len(labels)):
             bar.set_postfix_str(os.path.basename(labels[i]))
             flows.append(nf(x[i : i + 1], target, progress=lambda _rec: bar.update()))
@@ -443,11 +482,11 @@ def run_explain(
     bad = non_finite_layers(flow.maps, flow.layers)
     if bad:
         raise CLIError(
-            f"the maps of {len(bad)} of {len(flow.layers)} layers contain NaN or Inf, from {bad[-1]!r} down: the "
+            f"the maps of {len(bad)} of {layer_count} contain NaN or Inf, from {bad[-1]!r} down: the "
             f"back-propagated feature maps grew beyond the range of {x.dtype}. Nothing was written. Try a larger "
             "--damping (e.g. 3e-2), or explain the model in float64 from Python (model.double(), x.double())"
         )
-    say(f"flow over {len(nf.layers)} layers for {len(labels)} image(s): {time.perf_counter() - start:.1f}s")
+    say(f"flow over {layer_count} for {len(labels)} image(s): {time.perf_counter() - start:.1f}s")
     for i, label in enumerate(labels):
         pred = int(flow.output[i].argmax()) if flow.output.dim() == 2 else None
         prob = float(torch.softmax(flow.output[i], 0)[pred]) if pred is not None else None
@@ -460,7 +499,7 @@ def run_explain(
         say(line)
     results = [flow] + [concat(cams[m]) for m in compare]
     written = {}
-    columns = grid_layers(list(nf.layers)) if grid_layers is not None else _grid_layers(list(nf.layers), max_columns)
+    columns = _grid_layers(grid_layers(list(nf.layers)) if grid_layers is not None else list(nf.layers), max_columns)
     rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
     # Each file is written atomically, so a failure here leaves no half-written file.
     try:
@@ -470,7 +509,7 @@ def run_explain(
         flow_grid(images, results, written["grid"], **grid_args)
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
         names = [str(p) for p in labels]  # as given: star.png and imgdir/star.png stay apart
-        recorded = asdict(nf.config) | ({"fallback": options["fallback"]} if options.get("fallback") else {})
+        recorded = asdict(nf.config) | {k: options[k] for k in ("fallback", "last_layer") if options.get(k)}
         preprocessing = {
             "channels": spec.channels,
             "size": list(images.shape[-2:]),
@@ -491,19 +530,53 @@ def run_explain(
             written[res.method] = npz
     except OSError as exc:
         raise CLIError(
-            f"--out {out}: writing the results failed ({exc.strerror or exc}); free some space or pass another folder"
+            f"--out {out}: writing the results failed ({exc.strerror or exc}); {_write_advice(exc)}"
         ) from None
     if len(columns) < len(nf.layers):
-        say(f"the grid shows {len(columns)} of the {len(nf.layers)} layers; the .npz files and the GIF hold all")
+        say(f"the grid shows {len(columns)} of the {layer_count}; the .npz files and the GIF hold all")
     for key, path in written.items():
         say(f"wrote {path}" + (" (+ .json)" if key not in ("grid", "gif") else ""))
+    if not quiet:
+        for line in _result_warnings(flow, labels, options, written.get("naflow", "naflow.npz")):
+            print(f"naflow: warning: {line}", file=sys.stderr)
     return {"written": written, "flow": flow, "baselines": results[1:], "naflow": nf}
+
+
+def _write_advice(exc: OSError) -> str:
+    """What to do about a failed write, by its cause: a full disk, a folder one may not write in, or other."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space or pass another folder"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the folder is not writable; pass another folder"
+    return "pass another folder"
+
+
+def _result_warnings(flow, labels: Sequence[str], options: dict, npz: str) -> list[str]:
+    """One line per problem with a result that was written: solves that did not converge, all-zero maps."""
+    lines = []
+    solves = [r for r in flow.diagnostics.values() if r.method != "closed form"]
+    failed = [r for r in solves if not r.converged]
+    if failed:
+        cap = options.get("max_iter", SolverConfig().max_iter)
+        sidecar = os.path.splitext(npz)[0] + ".json"
+        lines.append(
+            f"{len(failed)} of {_count(len(solves), 'least-squares solve')} did not converge within --max-iter {cap}, "
+            f'so their maps are approximate (see "diagnostics" in {sidecar}: residual and iterations per layer); '
+            "pass a larger --max-iter"
+        )
+    for i, label in enumerate(labels):
+        if flow.maps and all(not bool(m[i].any()) for m in flow.maps.values()):
+            lines.append(
+                f"every NAFlow map of {label} is zero: no feature of the last layer contributes positively to the "
+                "explained score (its activations are zero, or the score does not depend on them)"
+            )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- commands
 def _parse_target(text: str) -> int | str | None:
     """``auto`` → None, a class index → int, anything else → a class name, resolved once the model is loaded."""
-    if text == "auto":
+    if text.strip().lower() == "auto":
         return None
     try:
         return int(text)
@@ -530,8 +603,19 @@ def _class_index(spec: ModelSpec, target: int | str | None) -> int | None:
     raise CLIError(f"--target {target!r} is not a class of {spec.name} (nor 'auto' or a class index){hint}")
 
 
+_LAYER_SETS = ("all", "conv", "blocks")
+
+
 def _parse_layers(text: str) -> object:
-    return text if text in ("all", "conv", "blocks") else [t.strip() for t in text.split(",") if t.strip()]
+    """``all``, ``conv`` or ``blocks`` (any case, spaces around ignored), else the list of layer names."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    sets = [t for t in items if t.lower() in _LAYER_SETS]
+    if sets and len(items) > 1:
+        raise argparse.ArgumentTypeError(
+            f"all, conv and blocks cannot be combined with other names, got {text!r}; pass one of them alone, or "
+            "only layer names"
+        )
+    return sets[0].lower() if sets else items
 
 
 def _parse_columns(text: str) -> int:
@@ -545,7 +629,7 @@ def _parse_columns(text: str) -> int:
 
 
 def _parse_compare(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    items = [t.strip().lower() for t in text.split(",") if t.strip() and t.strip().lower() != "none"]
     items = list(dict.fromkeys(items))  # each baseline once
     bad = [t for t in items if t not in ("gradcam", "layercam")]
     if bad:
@@ -637,7 +721,7 @@ def _check_size(size: int) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
-    options = _solver_options(args) | ({"fallback": args.fallback} if args.fallback else {})
+    options = _solver_options(args) | {k: getattr(args, k) for k in ("fallback", "last_layer") if getattr(args, k)}
     check_out_dir(args.out)
     spec = with_input(load_model(args.model, args.weights), args.mean, args.std)
     size = _check_size(args.size if args.size is not None else spec.size)
@@ -718,7 +802,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     spec = with_input(load_model(args.model, args.weights))
     size = _check_size(args.size if args.size is not None else spec.size)
-    nf = compile_naflow(spec.model, (1, spec.channels, size, size), fallback=args.fallback)
+    shape = (1, spec.channels, size, size)
+    nf = compile_naflow(spec.model, shape, fallback=args.fallback, last_layer=args.last_layer)
     plan = nf.plan
     nodes = {n.name: n for n in nf.graph_module.graph.nodes}
     lines = [f"{spec.name} at {size}x{size}: {len(plan.stages)} stages, last layer {nf.last_layer!r}\n"]
@@ -780,6 +865,13 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default=None,
         help="invert ops without an inverse rule through their linearisation (slower; see docs/naflow.md)",
     )
+    p.add_argument(
+        "--last-layer",
+        metavar="NAME",
+        default=None,
+        help="the last feature layer to explain from, a layer or module name (default: the deepest 4-D layer "
+        "before global pooling; 'naflow inspect' lists them)",
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
@@ -828,7 +920,11 @@ def _solver_options(args: argparse.Namespace) -> dict:
     try:
         SolverConfig(**options)
     except ConfigError as exc:
-        raise CLIError(f"{exc} (--{str(exc).split()[0].replace('_', '-')})") from None
+        message = str(exc)
+        name = message.split()[0] if message else ""
+        if name in options:  # "max_iter must be ..." → "--max-iter must be ..."
+            message = f"--{name.replace('_', '-')}{message[len(name) :]}"
+        raise CLIError(message) from None
     return options
 
 
@@ -838,6 +934,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"naflow: error: {message} (see '{self.prog} --help')\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an unknown option is reported by its command's parser, which names its help."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = getattr(self, "commands", {})  # set by build_parser: command name → its parser
+            where = commands.get(getattr(parsed, "command", None), self)
+            where.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -845,6 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer-by-layer NAFlow explanations of CNNs.",
         epilog="run 'naflow COMMAND --help' for each command's options and examples",
     )
+    parser.add_argument("--version", action="version", version=f"naflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
     demo = sub.add_parser(
@@ -904,7 +1010,59 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(insp)
     insp.add_argument("--no-code", action="store_true", help="do not print the generated code")
     insp.set_defaults(func=_cmd_inspect)
+    parser.commands = {"demo": demo, "explain": explain, "inspect": insp}
     return parser
+
+
+def _version() -> str:
+    """The package's version: ``naflow_fx.__version__``, else the installed distribution's."""
+    known = getattr(sys.modules.get(__package__ or "naflow_fx"), "__version__", None)
+    if known:
+        return str(known)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("naflow_fx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# The library's advice names compile_naflow's keywords; on the command line, its options (or, where it has none,
+# the Python API). Applied in order to every error message the CLI prints.
+_ADVICE = (
+    (
+        re.compile(r"compile_naflow\(\.\.\., leaf_modules=\[ThatModule\], fallback='linearize'\)"),
+        'compile_naflow(..., leaf_modules=[ThatModule], fallback="linearize") from Python (the command line has '
+        "--fallback linearize but cannot mark leaf modules)",
+    ),
+    (re.compile(r"compile_naflow\(\.\.\., fallback='linearize'\)"), "--fallback linearize"),
+    (re.compile(r"fallback='linearize'"), "--fallback linearize"),
+    (re.compile(r"\(compile_naflow\(\.\.\., last_layer=(<[^>]*>)\)\)"), r"(--last-layer \1)"),
+    (re.compile(r"pass last_layer='<layer name>'"), "pass --last-layer NAME"),
+    (re.compile(r"last_layer=('[^']*'|\"[^\"]*\")"), r"--last-layer \1"),
+    (
+        re.compile(
+            r"Pass an example input the model accepts \(its channels, and a size large enough for its "
+            r"downsampling\)\."
+        ),
+        "Pass a --size the model accepts (large enough for its downsampling, e.g. 224).",
+    ),
+    (re.compile(r"target=None means the argmax class"), "--target auto (the default) means the argmax class"),
+    (
+        re.compile(r"Pass a callable target(, e\.g\. .*?\.| ?\(output\) -> Tensor\[B\] instead\.)(?= |$)"),
+        "The command line explains classifiers only; for other outputs use the Python API: compile_naflow with a "
+        "callable target(output) -> Tensor[B] (one score per image).",
+    ),
+    (re.compile(r"^layers is empty:"), "--layers is empty:"),
+    (re.compile(r"^((?:layer|module) '[^']*'.*? is not an explainable layer)"), r"--layers: \1"),
+)
+
+
+def _cli_advice(message: str) -> str:
+    """``message`` with its Python-API advice (``fallback='linearize'``, ``last_layer=``, ...) as CLI options."""
+    for pattern, replacement in _ADVICE:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -919,7 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.simplefilter("default", NumericalWarning)
             return int(args.func(args) or 0)
     except (CLIError, NAFlowError) as exc:
-        first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        first, *rest = _cli_advice(str(exc)).splitlines() or [type(exc).__name__]
         print("\n".join([f"naflow: error: {first}", *(f"  {line}" for line in rest if line.strip())]), file=sys.stderr)
         return 2
 

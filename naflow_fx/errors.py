@@ -11,6 +11,7 @@ __all__ = [
     "TargetError",
     "ConfigError",
     "NumericalWarning",
+    "ZeroMapsWarning",
 ]
 
 
@@ -40,6 +41,10 @@ class InputTypeError(NAFlowError, TypeError):
 
 class ConfigError(NAFlowError, ValueError):
     """An option of ``compile_naflow`` (solver, damping, tol, max_iter, reduction, fallback) is invalid."""
+
+
+class ZeroMapsWarning(UserWarning):
+    """Every map of a sample is zero at every layer: its score ignores the last layer, or is nowhere positive."""
 
 
 class NumericalWarning(RuntimeWarning):

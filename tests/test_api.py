@@ -273,9 +273,11 @@ def test_non_finite_maps_raise_a_numerical_warning(keep):
 def test_a_sample_whose_maps_are_all_zero_is_warned_about(nf, keep):
     x = batch(3)
     ignores = lambda out: out[:, 0] * torch.tensor([1.0, 0.0, 1.0])  # noqa: E731 - sample 1's score is 0·logit
-    with pytest.warns(UserWarning, match=r"every map of sample\(s\) \[1\] is zero: the explained score does not") as w:
+    with pytest.warns(
+        naflow_fx.ZeroMapsWarning, match=r"every map of sample\(s\) \[1\] is zero: the score does not"
+    ) as w:
         flow = nf(x, ignores, keep=keep)
-    assert next(r for r in w if r.category is UserWarning).filename == __file__
+    assert next(r for r in w if r.category is naflow_fx.ZeroMapsWarning).filename == __file__
     assert all(not flow.maps[n][1].any() for n in flow.layers) and any(flow.maps[n][0].any() for n in flow.layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

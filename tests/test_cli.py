@@ -535,3 +535,269 @@ def test_quiet_silences_other_libraries_warnings_but_not_numerical_ones(capsys, 
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
     assert "NumericalWarning: naflow_fx: a numerical problem" in proc.stderr
     assert "FutureWarning" not in proc.stderr and "chatter" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------- audit fixes
+
+_TOYS = """
+import torch
+from torch import nn
+
+
+class _Batch1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)).view(1, -1))  # works at batch 1 only
+
+
+class _FFT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.fft.fft2(self.c(x)).real.mean((2, 3)))
+
+
+def _classifier():
+    torch.manual_seed(0)
+    head = (nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), *head)
+
+
+def batch1():
+    torch.manual_seed(0)
+    return _Batch1()
+
+
+def double():
+    return _classifier().double()
+
+
+def half():
+    return _classifier().half()
+
+
+def dead():
+    m = _classifier()
+    with torch.no_grad():
+        m[0].weight.zero_()
+        m[0].bias.fill_(-1.0)
+    return m
+
+
+def one_class():
+    return nn.Sequential(*_classifier()[:4], nn.Linear(4, 1))
+
+
+def seg():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def shrinking():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(8), nn.MaxPool2d(8), nn.Flatten(), nn.Linear(4, 3))
+
+
+def flat():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+
+
+def fft():
+    return _FFT()
+
+
+def returns_int():
+    return 3
+"""
+
+
+@pytest.fixture
+def toys(tmp_path, monkeypatch):
+    """``toys:NAME`` models (see _TOYS), run from ``tmp_path``."""
+    (tmp_path / "toys.py").write_text(_TOYS)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_model_that_runs_at_batch_one_only_explains_every_image(capsys, toys):
+    argv = ("explain", *sample_paths()[:2], "--model", "toys:batch1", "--size", "16", "--out", "o", "-q")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    maps, _ = load_maps(toys / "o" / "naflow.npz")
+    assert all(m.shape[0] == 2 for m in maps.values())
+
+
+def test_a_float64_model_gets_float64_images(capsys, toys):
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "toys:double", "--size", "16", "-q")
+    assert code == 0, err
+    assert load_maps(toys / "naflow-out" / "naflow.npz")[1]["samples"][0]["target"] in (0, 1, 2)
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "toys:half", "--size", "16", "-q")
+    assert_one_line_error(code, err, "torch.float16", "float32")  # still refused, cleanly
+
+
+def test_library_advice_names_the_command_line_options(capsys, toys):
+    img = sample_paths()[0]
+    code, _, err = run(capsys, "inspect", "--model", "models:TwoUnsupportedOps", "--size", "16")
+    assert code == 2 and "or pass --fallback linearize to invert" in err and "fallback='linearize'" not in err, err
+    code, _, err = run(capsys, "explain", img, "--model", "toys:fft", "--size", "16", "-q")
+    assert_one_line_error(code, err, "leaf_modules=[ThatModule]", "from Python", "--fallback linearize")
+    code, _, err = run(capsys, "inspect", "--model", "shapes", "--last-layer", "bogus")
+    assert_one_line_error(code, err, "--last-layer 'bogus' is not a 4-D layer", "Choose one of")
+    code, _, err = run(capsys, "inspect", "--model", "toys:flat", "--size", "16")
+    assert_one_line_error(code, err, "pass --last-layer NAME")
+    assert "last_layer=" not in err
+    code, _, err = run(capsys, "inspect", "--model", "toys:shrinking", "--size", "16")
+    assert_one_line_error(code, err, "Output size is too small", "Pass a --size the model accepts")
+    code, _, err = run(capsys, "explain", img, "--model", "toys:seg", "--size", "16", "-q")
+    assert_one_line_error(code, err, "--target auto", "explains classifiers only", "Python API", "callable target")
+    assert "target=None" not in err and "e.g. target=" not in err
+    # --last-layer chooses the layer explained from; the sidecar records it
+    argv = ("explain", img, "--model", "shapes", "--size", "32", "--layers", "blocks", "--compare", "none", "-q")
+    code, _, err = run(capsys, *argv, "--last-layer", "layer3.0.relu#2", "--out", "last")
+    assert code == 0, err
+    _, meta = load_maps(toys / "last" / "naflow.npz")
+    assert meta["layers"][-1]["name"] == "layer3.0.relu#2" and meta["options"]["last_layer"] == "layer3.0.relu#2"
+    code, out, err = run(capsys, "inspect", "--model", "shapes", "--last-layer", "layer2.0.relu#2", "--no-code")
+    assert code == 0 and "last layer 'layer2.0.relu#2'" in out, err
+
+
+def test_version(capsys):
+    import naflow_fx
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"naflow {naflow_fx.__version__}\n"
+
+
+def test_unknown_options_point_at_their_commands_help(capsys):
+    for argv, command in (
+        (["explain", sample_paths()[0], "--model", "shapes", "--bogus"], "explain"),
+        (["inspect", "--model", "shapes", "-q"], "inspect"),
+        (["demo", "--bogus"], "demo"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1, err
+        assert f"unrecognized arguments: {argv[-1]} (see 'naflow {command} --help')" in err, err
+
+
+def test_empty_out_is_refused_before_the_flow_and_write_errors_advise_by_cause(capsys, tmp_path, monkeypatch):
+    import naflow_fx.export
+
+    img = sample_paths()[0]
+    for out in ("", "  "):
+        code, out_text, err = run(capsys, "explain", img, "--model", "shapes", "--out", out)
+        assert_one_line_error(code, err, "--out is empty", "pass a folder")
+        assert "compiled" not in out_text
+    for number, advice, other in (
+        (errno.EACCES, "not writable; pass another folder", "free some space"),
+        (errno.EROFS, "not writable; pass another folder", "free some space"),
+        (errno.ENOSPC, "free some space or pass another folder", "not writable"),
+    ):
+
+        def failing(*args, number=number, **kwargs):
+            raise OSError(number, os.strerror(number))
+
+        monkeypatch.setattr(naflow_fx.export, "save_maps", failing)
+        argv = ("explain", img, "--model", "shapes", "--size", "32", "--layers", "blocks", "--compare", "none")
+        code, _, err = run(capsys, *argv, "--out", str(tmp_path / str(number)), "-q")
+        assert_one_line_error(code, err, "writing the results failed", os.strerror(number), advice)
+        assert other not in err
+
+
+def test_unreadable_images_say_why(capsys, tmp_path):
+    data = open(sample_paths()[0], "rb").read()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "explain", str(tmp_path / "trunc.png"), "--model", "shapes")
+    assert_one_line_error(code, err, "cannot read image", "trunc.png", "image file is truncated")
+    (tmp_path / "imgs").mkdir()
+    code, _, err = run(capsys, "explain", str(tmp_path / "imgs"), "--model", "shapes")
+    assert_one_line_error(code, err, "imgs is a folder, not an image", os.path.join(str(tmp_path / "imgs"), "*.png"))
+
+
+def test_layers_and_solver_option_errors_name_the_options(capsys):
+    img = sample_paths()[0]
+    base = ("explain", img, "--model", "shapes", "--size", "32", "--compare", "none", "-q")
+    for text, expected in ((" all ", "all"), ("ALL", "all"), (" Blocks", "blocks"), (" conv1 , maxpool ", None)):
+        args = build_parser().parse_args([*base, "--layers", text])
+        assert args.layers == (expected or ["conv1", "maxpool"]), text
+    with pytest.raises(SystemExit):
+        main([*base, "--layers", "blocks,conv1"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "all, conv and blocks cannot be combined with other names" in err, err
+    code, _, err = run(capsys, *base, "--layers", "")
+    assert_one_line_error(code, err, "--layers is empty")
+    code, _, err = run(capsys, *base, "--layers", "bogus")
+    assert_one_line_error(code, err, "--layers: layer 'bogus' is not an explainable layer")
+    for flag, value, expected in (
+        ("--max-iter", "0", "--max-iter must be a whole number ≥ 1, got 0"),
+        ("--tol", "0", "--tol must be a finite number > 0"),
+        ("--damping", "-1", "--damping must be a finite number ≥ 0"),
+    ):
+        code, _, err = run(capsys, *base, flag, value)
+        assert_one_line_error(code, err, expected)
+        assert "max_iter" not in err
+
+
+def test_max_columns_caps_the_demo_grid(capsys, tmp_path):
+    argv = ("demo", "--images", "1", "--layers", "blocks", "--out", str(tmp_path))
+    code, out, err = run(capsys, *argv, "--max-columns", "2")
+    assert code == 0, err
+    assert "the grid shows 2 of the 5 layers" in out
+
+
+def test_unconverged_solves_and_all_zero_maps_are_one_warning_line_each(capsys, toys):
+    img = sample_paths()[0]
+    argv = ("explain", img, "--model", "shapes", "--size", "32", "--layers", "blocks", "--compare", "none")
+    code, _, err = run(capsys, *argv, "--solver", "iterative", "--max-iter", "1", "--out", "it")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("naflow: warning: "), err
+    assert "least-squares solves did not converge within --max-iter 1" in err and "naflow.json" in err, err
+    assert "larger --max-iter" in err
+    code, _, err = run(capsys, *argv, "--solver", "iterative", "--max-iter", "1", "--out", "itq", "-q")
+    assert code == 0 and err == "", err
+    paths = sample_paths()[:2]
+    code, _, err = run(capsys, "explain", *paths, "--model", "toys:dead", "--size", "16", "--out", "dead")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    for line, path in zip(lines, paths):
+        assert line.startswith(f"naflow: warning: every NAFlow map of {path} is zero"), line
+    code, _, err = run(capsys, "explain", *paths, "--model", "toys:dead", "--size", "16", "--out", "deadq", "-q")
+    assert code == 0 and err == "", err
+
+
+def test_large_images_load_quietly_and_the_limit_quoted_is_pils_error_threshold(tmp_path, monkeypatch):
+    import warnings
+
+    from naflow_fx.cli import load_images
+
+    side = Image.open(sample_paths()[0]).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", side[0] * side[1] - 1)  # warned about, not refused
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_images(sample_paths()[:1], 16).shape == (1, 3, 16, 16)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(CLIError, match=r"more pixels than PIL's safety limit \(2,000\)"):
+        load_images(sample_paths()[:1], 16)
+
+
+def test_special_words_are_case_insensitive_and_counts_agree(capsys, toys):
+    img = sample_paths()[0]
+    for word in ("AUTO", " Auto "):
+        assert build_parser().parse_args(["explain", img, "--model", "shapes", "--target", word]).target is None
+    args = build_parser().parse_args(["explain", img, "--model", "shapes", "--compare", "GradCAM,None"])
+    assert args.compare == ["gradcam"]
+    code, _, err = run(capsys, "explain", img, "--model", "toys:returns_int")
+    assert_one_line_error(code, err, "gives an int, not a torch.nn.Module")
+    code, _, err = run(capsys, "explain", img, "--model", "toys:one_class", "--size", "16", "--target", "3")
+    assert_one_line_error(code, err, "has 1 class (0–0)")
+    code, out, err = run(capsys, "explain", img, "--model", "shapes", "--size", "32", "--layers", "maxpool")
+    assert code == 0, err
+    assert "1 layer, last" in out and "flow over 1 layer for 1 image(s)" in out
