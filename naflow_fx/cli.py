@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .errors import ConfigError, NAFlowError, NumericalWarning, ZeroMapsWarning
+from .errors import ConfigError, InputError, NAFlowError, NumericalWarning, ZeroMapsWarning
 from .solvers import SolverConfig
 
 __all__ = ["main", "build_parser", "load_model", "load_images", "with_input", "ModelSpec", "CLIError"]
@@ -440,7 +440,7 @@ def run_explain(
     from . import compile_naflow
     from .export import save_maps
     from .result import concat, non_finite_layers
-    from .viz import flow_gif, flow_grid
+    from .viz import _GIF_MAX_SIDE, _check_gif_room, _check_grid_room, flow_gif, flow_grid
 
     dev = torch.device(device)
     model = spec.model.to(dev)
@@ -468,6 +468,20 @@ def run_explain(
             raise CLIError(
                 f"--target {target} is out of range: {spec.name} has {_count(n, 'class', 'classes')} (0–{n - 1})"
             )
+    columns = _grid_layers(grid_layers(list(nf.layers)) if grid_layers is not None else list(nf.layers), max_columns)
+    rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
+    # The figures must fit before the flows run: a GIF frame holds every image side by side, so many images
+    # get smaller ones; a grid too large for matplotlib stops the run now rather than after all the work.
+    gif_size = max(1, min(gif_size, _GIF_MAX_SIDE // len(labels)))
+    try:
+        hw = tuple(images.shape[-2:])
+        _check_grid_room(len(labels) * len(rows), len(columns) + 1, 1.15, dpi, figure_format, hw, "the grid")
+        _check_gif_room(len(labels), len(nf.layers), gif_size, "the GIF")
+    except InputError as exc:
+        raise CLIError(
+            f"{str(exc).rsplit(': ', 1)[0]}; nothing was computed. Explain fewer images per run, show fewer layers "
+            "(--max-columns, --layers) or drop --compare"
+        ) from None
     flows, cams = [], {m: [] for m in compare}
     start = time.perf_counter()
     with _progress(len(labels) * nf.num_steps, quiet, "NAFlow") as bar, warnings.catch_warnings():
@@ -499,8 +513,6 @@ def run_explain(
         say(line)
     results = [flow] + [concat(cams[m]) for m in compare]
     written = {}
-    columns = _grid_layers(grid_layers(list(nf.layers)) if grid_layers is not None else list(nf.layers), max_columns)
-    rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
     # Each file is written atomically, so a failure here leaves no half-written file.
     try:
         os.makedirs(out, exist_ok=True)
@@ -537,9 +549,25 @@ def run_explain(
     for key, path in written.items():
         say(f"wrote {path}" + (" (+ .json)" if key not in ("grid", "gif") else ""))
     if not quiet:
-        for line in _result_warnings(flow, labels, options, written.get("naflow", "naflow.npz")):
+        lines = _result_warnings(flow, labels, options, written.get("naflow", "naflow.npz"))
+        for line in lines + _earlier_outputs(out, written):
             print(f"naflow: warning: {line}", file=sys.stderr)
     return {"written": written, "flow": flow, "baselines": results[1:], "naflow": nf}
+
+
+def _earlier_outputs(out: str, written: dict) -> list[str]:
+    """A line naming the files an earlier run left in ``out`` that this run did not replace."""
+    outputs = [f"flow_grid.{ext}" for ext in FIGURE_FORMATS] + ["flow.gif"]
+    outputs += [f"{method}.{ext}" for method in ("naflow", "gradcam", "layercam") for ext in ("npz", "json")]
+    now = {os.path.basename(p) for p in written.values()}
+    now |= {os.path.splitext(n)[0] + ".json" for n in now if n.endswith(".npz")}
+    stale = [n for n in outputs if n not in now and os.path.exists(os.path.join(out, n))]
+    if not stale:
+        return []
+    return [
+        f"{out} still holds {', '.join(stale)} from an earlier run, which this one did not write (another "
+        "--figure-format or --compare); remove them, or pass a new --out, to keep runs apart"
+    ]
 
 
 def _write_advice(exc: OSError) -> str:

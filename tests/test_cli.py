@@ -801,3 +801,33 @@ def test_special_words_are_case_insensitive_and_counts_agree(capsys, toys):
     code, out, err = run(capsys, "explain", img, "--model", "shapes", "--size", "32", "--layers", "maxpool")
     assert code == 0, err
     assert "1 layer, last" in out and "flow over 1 layer for 1 image(s)" in out
+
+
+def test_figures_that_cannot_be_drawn_stop_the_run_before_the_flows(capsys, tmp_path, monkeypatch):
+    import naflow_fx.viz
+
+    images = sample_paths()[:2]
+    argv = ("explain", *images, "--model", "shapes", "--size", "32", "--layers", "blocks", "--compare", "none")
+    monkeypatch.setattr(naflow_fx.viz, "_AGG_MAX_SIDE", 300)  # a grid wider than matplotlib could draw
+    code, out_text, err = run(capsys, *argv, "--out", str(tmp_path / "wide"), "-q")
+    assert_one_line_error(code, err, "the grid: a figure of 2×", "nothing was computed", "fewer images per run")
+    assert not (tmp_path / "wide").exists()
+    monkeypatch.undo()
+    # a GIF frame holds every image side by side: with many images, each gets fewer pixels instead of an error
+    monkeypatch.setattr(naflow_fx.viz, "_GIF_MAX_SIDE", 300)
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "gif"), "-q")
+    assert code == 0, err
+    with Image.open(tmp_path / "gif" / "flow.gif") as gif:
+        assert gif.size[0] == 2 * 150
+
+
+def test_files_of_an_earlier_run_in_the_same_out_folder_are_named(capsys, tmp_path):
+    img = sample_paths()[0]
+    argv = ("explain", img, "--model", "shapes", "--size", "32", "--layers", "blocks", "--out", str(tmp_path))
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "earlier run" not in err
+    code, _, err = run(capsys, *argv, "--compare", "none", "--figure-format", "svg")
+    assert code == 0
+    warning = [line for line in err.splitlines() if "earlier run" in line]
+    assert len(warning) == 1 and "flow_grid.png, gradcam.npz, gradcam.json" in warning[0], err
+    assert "naflow.npz" not in warning[0]  # replaced by this run
