@@ -4,6 +4,7 @@ state-dict loading with one clear error for every way the file can be wrong."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -40,6 +41,15 @@ def _temporary(path: str) -> str:
     return tmp
 
 
+def _keep_copy(path: str, copy: str) -> None:
+    """``copy`` (an existing temporary) becomes a copy of ``path``: a hard link, else a real copy."""
+    os.remove(copy)
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copy2(path, copy)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -58,10 +68,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
 def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[str]:
     """:func:`atomic_write` of several files that belong together: all are replaced, or none.
 
-    Every file is written to its temporary first. Then each replaces its target in turn, the old
-    target set aside; if one cannot (a file that may not be replaced, a full disk), the ones
-    already replaced get their old contents back, or are removed if they are new. So a pair such
-    as maps and their sidecar never describe two different runs. No temporary is left.
+    Every file is written to its temporary first. Then each replaces its target in turn (one
+    atomic rename, so a target is never missing, even if the process dies), a copy of the old
+    target kept aside (a hard link where the file system allows); if one cannot (a file that may
+    not be replaced, a full disk), the ones already replaced get their old contents back, or are
+    removed if they are new. So a pair such as maps and their sidecar never describe two
+    different runs. No temporary is left.
     """
     paths = [os.fspath(p) for p, _ in files]
     temporaries: list[str] = []
@@ -74,14 +86,14 @@ def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], No
             os.chmod(temporaries[-1], 0o666 & ~umask)
             write(temporaries[-1])
         try:
-            for path, tmp in zip(paths, temporaries):
+            for path, tmp in zip(paths, list(temporaries)):
                 old = None
-                if os.path.lexists(path):
+                if len(paths) > 1 and os.path.lexists(path):
                     old = _temporary(path)
                     temporaries.append(old)
-                    os.replace(path, old)
+                    _keep_copy(path, old)
+                os.replace(tmp, path)  # if this fails, path still holds its old file
                 replaced.append((path, old))
-                os.replace(tmp, path)
         except BaseException:
             for path, old in reversed(replaced):
                 if old is not None:

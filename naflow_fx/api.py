@@ -21,7 +21,7 @@ from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .targets import resolve_target
-from .tracing import trace
+from .tracing import trace, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -206,6 +206,8 @@ class NAFlow:
             return
         if self._mixing is None:
             found = passes.first_mixing_node(self.graph_module, x[:1].detach())
+            if found is not None and found[0] is None:
+                return  # the probe failed: the recording pass reports any failure, and the next call checks again
             if found is None:
                 self._mixing = ""
             elif found[1] == "folds":
@@ -245,6 +247,13 @@ class NAFlow:
                     f"the model failed on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}"
                 ) from None
             values = dict(zip(self._recorded, values))
+            if isinstance(output, Tensor) and (output.dim() == 0 or output.shape[0] != x.shape[0]):
+                raise InputError(
+                    f"the model's output has shape {tuple(output.shape)} for a batch of {x.shape[0]} image(s), but "
+                    "its first dim must be the batch, one row per image: it reduces or flattens the batch away "
+                    "(a .sum(), nn.Flatten(0), .view(-1), or a .squeeze() that also drops a batch of 1). Make forward "
+                    "return [B, ...], e.g. with nn.Flatten() (from dim 1), .squeeze(-1) or .view(x.shape[0], -1)"
+                )
             scores, classes = resolve_target(target, output)
             bad = ~torch.isfinite(scores.detach())
             if bool(bad.any()):
@@ -658,6 +667,7 @@ def compile_naflow(
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
     gm = passes.check_scope(gm)
     gm = passes.normalize(gm)
+    warn_forward_hooks(model, gm)
     gm = passes.propagate_shapes(gm, example)
     gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
     gm = passes.assign_inverse_rules(gm, fallback)

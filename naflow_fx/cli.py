@@ -635,15 +635,14 @@ _LAYER_SETS = ("all", "conv", "blocks")
 
 
 def _parse_layers(text: str) -> object:
-    """``all``, ``conv`` or ``blocks`` (any case, spaces around ignored), else the list of layer names."""
+    """``all``, ``conv`` or ``blocks`` alone (any case, spaces around ignored), else the list of layer names.
+
+    In a list, ``blocks`` or ``conv`` is a layer or module name (timm's EfficientNet has a module ``blocks``).
+    """
     items = [t.strip() for t in text.split(",") if t.strip()]
-    sets = [t for t in items if t.lower() in _LAYER_SETS]
-    if sets and len(items) > 1:
-        raise argparse.ArgumentTypeError(
-            f"all, conv and blocks cannot be combined with other names, got {text!r}; pass one of them alone, or "
-            "only layer names"
-        )
-    return sets[0].lower() if sets else items
+    if len(items) == 1 and items[0].lower() in _LAYER_SETS:
+        return items[0].lower()
+    return items
 
 
 def _parse_columns(text: str) -> int:

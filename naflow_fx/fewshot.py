@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -103,9 +104,18 @@ def _resolve_naflow(
         return model
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"{caller} expects an nn.Module encoder or a compiled NAFlow, got {type(model).__name__}")
+    if compile_options is not None and not isinstance(compile_options, dict):
+        raise InputTypeError(
+            f"compile_options must be a dict of compile_naflow keyword arguments, e.g. {{'damping': 3e-2}}, got "
+            f"{type(compile_options).__name__}"
+        )
     options = dict(compile_options or {})
     if "layers" in options:
         raise ConfigError(f"pass layers= to {caller} directly, not inside compile_options")
+    known = [p for p in inspect.signature(compile_naflow).parameters if p not in ("model", "example_input", "layers")]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ConfigError(f"compile_options has {unknown}, which compile_naflow does not take; it takes {known}")
     return compile_naflow(model, example[:1], layers="all" if layers is None else layers, **options)
 
 

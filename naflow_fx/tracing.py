@@ -13,12 +13,10 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import ConfigError, InputTypeError, UnsupportedModelError
 
-__all__ = ["NAFlowTracer", "ShapeTracer", "trace"]
+__all__ = ["NAFlowTracer", "ShapeTracer", "trace", "warn_forward_hooks"]
 
 _TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")  # with the separator: not torchvision/
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
@@ -32,27 +30,31 @@ _HOOK_DICTS = (
 )
 
 
-def _warn_forward_hooks(model: nn.Module) -> None:
-    """Warn that forward hooks are not part of the explained graph (docs/naflow.md, decision 3).
+def warn_forward_hooks(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Warn that forward hooks of modules the graph does not call are not run (docs/naflow.md, decision 3).
 
-    The hooks of the older ``torch.nn.utils.weight_norm`` / ``spectral_norm`` are not counted:
-    the weights they compute are (``normalize``).
+    Modules left as ``call_module`` nodes (leaf modules such as an LSTM) are called, hooks and all.
+    Hooks that compute a weight (the older weight and spectral norms, pruning masks) are not
+    counted: the graph computes those weights itself (``normalize``).
     """
-    legacy = (WeightNorm, SpectralNorm)
+    from .passes.normalize import computes_weights
+
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     hooked = [
         name or type(model).__name__
         for name, m in model.named_modules()
-        if any(not isinstance(h, legacy) for d in _FORWARD_HOOKS for h in getattr(m, d, {}).values())
+        if name not in called
+        and any(not computes_weights(h) for d in _FORWARD_HOOKS for h in getattr(m, d, {}).values())
     ]
     if hooked:
         more = f" and {len(hooked) - 3} more modules" if len(hooked) > 3 else ""
         warnings.warn(
             f"the model has forward hooks on {', '.join(map(repr, hooked[:3]))}{more}. The flow explains the traced "
-            "graph, which runs no hooks: a hook that only reads (a feature extractor, pytorch-grad-cam) is harmless, "
-            "but if one changes an output, what is explained differs from model(x). Move such a change into the "
-            "module's forward to explain it.",
+            "graph, which does not run them: a hook that only reads (a feature extractor, pytorch-grad-cam) is "
+            "harmless, but if one changes an output, what is explained differs from model(x). Move such a change "
+            "into the module's forward to explain it.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
 
@@ -364,7 +366,6 @@ def trace(
         raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapper(model)
     _check_concrete_args(model, concrete_args)
-    _warn_forward_hooks(model)
     name = type(model).__name__
     concrete_args = {**_defaults(model), **(concrete_args or {})} or None
     tracer: fx.Tracer = NAFlowTracer(leaf_modules)

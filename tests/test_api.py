@@ -207,8 +207,13 @@ def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
     flow = nf(x, lambda out: out[:, 1].flatten(1).sum(1))  # the hint, with k = 1
     assert flow.classes is None and flow.maps[nf.last_layer].shape == (2, SIZE, SIZE)
     pooled = nn.Sequential(*fcn[:2], nn.AdaptiveAvgPool2d(1), nn.Flatten(0)).eval()  # [B·4]: the batch flattened away
-    with pytest.raises(UnsupportedModelError, match=r"output has shape \(4,\) for a batch of 1 image.*nn\.Flatten\(\)"):
-        compile_naflow(pooled, x)
+    with pytest.raises(InputError, match=r"output has shape \(8,\) for a batch of 2 image.*nn\.Flatten\(\)"):
+        compile_naflow(pooled, x)(x, lambda out: out)
+    squeezed = nn.Sequential(*pooled[:3], nn.Flatten(), nn.Linear(4, 3), Squeeze()).eval()  # [B, 3] for B > 1
+    nf = compile_naflow(squeezed, x)  # compiled at batch 1, where .squeeze() drops the batch too
+    assert nf(x).maps[nf.last_layer].shape == (2, SIZE, SIZE)
+    with pytest.raises(InputError, match=r"output has shape \(3,\) for a batch of 1 image.*\.squeeze\(\) that also"):
+        nf(x[:1])
     regressor = nn.Sequential(*pooled[:3], nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0)).eval()  # one score each: [B]
     nf = compile_naflow(regressor, x)
     with pytest.raises(TargetError, match=r"e\.g\. target=lambda out: out \(it is already one score per sample\)"):
@@ -403,6 +408,11 @@ def test_unknown_layer_and_invalid_last_layer():
         compile_naflow(model, x, last_layer="head")  # not a 4-D feature map
 
 
+class Squeeze(nn.Module):
+    def forward(self, x):
+        return x.squeeze()
+
+
 class PerFrame(nn.Module):
     """A 2-D CNN applied to every frame of a video [B, C, T, H, W], averaged over time."""
 
@@ -423,7 +433,7 @@ def test_models_that_are_not_2d_cnns_on_image_batches_are_told_so():
     with pytest.raises(UnsupportedModelError, match=r"last_layer='0' .* This model has none\. The input is 5-D"):
         compile_naflow(video.eval(), frames, last_layer="0")
     # a per-frame CNN folds the frames into the batch: its maps would be [B·T, h, w], not one per video
-    with pytest.raises(UnsupportedModelError, match=r"layer 'reshape' has 4 samples for a batch of 1 image.*frames"):
+    with pytest.raises(UnsupportedModelError, match=r"layer 'cnn\.1' has 4 samples for a batch of 1 image.*frames"):
         compile_naflow(PerFrame().eval(), frames)
     signal = nn.Sequential(nn.Conv1d(1, 4, 5), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(InputError, match=r"3 dims: naflow_fx explains 2-D CNNs .*1-D signal model"):
@@ -661,6 +671,62 @@ def test_independent_samples_pass_the_batch_check_and_it_runs_once(model, monkey
     assert calls == [1] and nf._mixing == ""
 
 
+class CondConv(nn.Module):
+    """timm's CondConv: per-image kernels mixed from experts by a routing of the input, applied as one
+    grouped conv over the batch folded into the channels."""
+
+    def __init__(self, experts: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.route = nn.Linear(4, experts)
+        self.experts = nn.Parameter(torch.randn(experts, 4 * 4 * 3 * 3) * 0.2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        b, c, h, w = x.shape
+        kernels = (torch.sigmoid(self.route(x.mean((2, 3)))) @ self.experts).view(b * 4, c, 3, 3)
+        y = nn.functional.conv2d(x.reshape(1, b * c, h, w), kernels, padding=1, groups=b)
+        return self.head(torch.relu(y.permute(1, 0, 2, 3).view(b, 4, h, w)))
+
+
+class RecurrentHead(nn.Module):
+    """A CRNN-style head: the columns of the last feature map as a sequence, batch second (batch_first=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.rnn, self.fc = nn.LSTM(4 * SIZE, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        seq = self.features(x).permute(3, 0, 1, 2).flatten(2)  # [W, B, C·H]
+        return self.fc(self.rnn(seq)[0][-1])
+
+
+def test_batch_layouts_that_keep_images_apart_are_not_refused():
+    """CondConv's input-made kernels get no map and it explains at batch 1; a head after N may move the batch;
+    a 0-d value that reads the input (an assert's condition) is judged where it is used."""
+    x = batch(2)
+    condconv = compile_naflow(CondConv().eval(), batch(1))
+    assert "view" not in condconv.layers and "view_1" in condconv.layers  # the kernels [B·4, 4, 3, 3] get no map
+    one = condconv(x[:1])
+    assert all(m.shape == (1, SIZE, SIZE) and bool(torch.isfinite(m).all()) for m in one.maps.values())
+    with pytest.raises(UnsupportedModelError, match="moves the batch out of the leading dim at 'reshape'"):
+        condconv(x)
+    rnn = compile_naflow(RecurrentHead().eval(), batch(1))
+    both = rnn(x)
+    for i in range(2):
+        torch.testing.assert_close(rnn(x[i : i + 1]).maps["features.1"], both.maps["features.1"][i : i + 1])
+    checked = compile_naflow(nn.Sequential(Asserts(), conv4(hidden=4, num_classes=3)).eval(), batch(1))
+    assert checked(x).maps[checked.last_layer].shape[0] == 2
+
+
+class Asserts(nn.Module):
+    def forward(self, x):
+        torch._assert((x.abs() < 100).all(), "the input is normalised")
+        return x
+
+
 @pytest.mark.parametrize(
     ("wrap", "advice"),
     [
@@ -760,11 +826,20 @@ def test_forward_hooks_are_warned_about_and_other_hooks_are_not():
     # and the hooks of the older weight and spectral norms are the weights they compute
     handles.append(model.features.register_full_backward_hook(lambda *a: None))  # a traced (non-leaf) module
     model.head = torch.nn.utils.spectral_norm(model.head)
+    torch.nn.utils.prune.l1_unstructured(model.features[0], "weight", amount=0.5)  # a pre-forward hook sets weight
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        compile_naflow(model, x)
+        flow = compile_naflow(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(flow(x).output, model.eval()(x))  # the pruned weight is the one explained
     for handle in handles[1:]:
         handle.remove()
+    # a module the graph calls (an LSTM stays a module) runs its hooks: nothing to warn about
+    rnn = RecurrentHead().eval()
+    rnn.rnn.register_forward_hook(lambda m, i, o: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compile_naflow(rnn, x)
 
 
 def test_unsupported_ops_are_all_listed_and_linearize_fallback_works():

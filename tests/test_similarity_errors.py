@@ -465,3 +465,13 @@ def test_plot_with_numpy_query_index_writes_the_figure(which, lazy_episode, matc
     _plot(which, lazy_episode, match)(np.int64(1), path, layers=["4"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["grid.png"]
+
+
+def test_compile_options_that_compile_naflow_does_not_take_are_named(encoder):
+    support, query = images(4, 1), images(1, 2)
+    with pytest.raises(
+        ConfigError, match=r"compile_options has \['foo'\], which compile_naflow does not take; .*'damping'"
+    ):
+        explain_episode(encoder, support, [0, 0, 1, 1], query, compile_options={"foo": 1})
+    with pytest.raises(InputTypeError, match=r"compile_options must be a dict .* got list"):
+        explain_match(encoder, query, support, compile_options=["x"])

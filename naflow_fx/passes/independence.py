@@ -39,22 +39,25 @@ def _probe(image: Tensor) -> Tensor:
     return torch.cat([image, image + noise.to(image.device, image.dtype) * scale])
 
 
-def _mixes(alone: object, together: object) -> str | None:
+def _mixes(alone: object, together: object, solved: bool) -> str | None:
     """How ``together`` (the batch of two) fails to be ``alone`` (the first image) plus a second sample.
 
-    ``"folds"``: the batch is no longer the leading dim (folded into another dim, reduced over,
-    or split). ``"mixes"``: the first image's values changed. None: independent.
+    ``"folds"``: the batch is no longer the leading dim (folded into another dim, or split), which
+    matters only where the flow solves (``solved``: between the input and N); the head after N is
+    only differentiated, so there only a change of the image's values counts. ``"mixes"``: the
+    first image's values changed. None: independent, or nothing to compare (a 0-d value, a
+    Python value, a tensor the batch does not lead): what reads it shows whether it mixes.
     """
     if isinstance(alone, (tuple, list)) and isinstance(together, (tuple, list)):
         # split along the batch if the lengths differ; otherwise the items are checked where they
         # are read (getitem nodes), so an unused one need not keep the batch first (an LSTM's h_n)
-        return "folds" if len(alone) != len(together) else None
-    if not isinstance(alone, Tensor) or not isinstance(together, Tensor):
-        return None  # sizes and other Python values legitimately follow the batch size
+        return "folds" if solved and len(alone) != len(together) else None
+    if not isinstance(alone, Tensor) or not isinstance(together, Tensor) or alone.dim() == 0:
+        return None  # sizes, and scalars such as an assert's condition, are checked where they are used
     if alone.shape == together.shape and _close(alone, together):
         return None  # the same in both runs, such as an input-independent value built with the input's sizes
-    if alone.dim() == 0 or together.shape[1:] != alone.shape[1:] or together.shape[0] != 2 * alone.shape[0]:
-        return "folds"
+    if together.shape[1:] != alone.shape[1:] or together.shape[0] != 2 * alone.shape[0]:
+        return "folds" if solved else None
     return None if _close(alone, together[: alone.shape[0]]) else "mixes"
 
 
@@ -69,13 +72,15 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return float((a - b).abs().max()) <= _RTOL * float(a.abs().max()) + 1e-30
 
 
-def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node, str] | None:
+def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None, str] | None:
     """The first node of ``gm`` whose output for ``image`` (``[1, C, H, W]``) changes when a second image joins it.
 
-    Returns ``(node, how)``: ``how`` is ``"folds"`` if the node's output no longer has the batch
-    as its leading dim, ``"mixes"`` if the image's values there changed. None if the images stay
-    independent, or if the graph fails on a batch of two (the caller's own forward pass then
-    reports that failure with the real batch).
+    Returns ``(node, how)``: ``how`` is ``"folds"`` if a node the flow solves no longer has the
+    batch as its leading dim, ``"mixes"`` if the image's values changed (at the output too).
+    ``(None, "failed")`` if the graph fails on the probe (the caller's own forward pass then
+    reports any failure with the real batch). None if the images stay independent. Nodes are
+    solved between the input and N (``node.meta["naflow.role"]``, set by ``partition_stages``);
+    without roles, every node counts as solved.
 
     Example:
         >>> import torch, torch.fx as fx
@@ -100,9 +105,10 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node, str] 
     reads_input: set[fx.Node] = set()
     with torch.no_grad():
         for node in gm.graph.nodes:
-            if node.op == "output":
-                return None
             try:
+                if node.op == "output":
+                    how = _mixes(alone.run_node(node), together.run_node(node), solved=False)
+                    return None if how is None else (node, how)
                 if node.op == "placeholder":
                     a, b = next(inputs)
                     reads_input.add(node)
@@ -111,9 +117,10 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node, str] 
                     reads_input.add(node)
                 else:  # weights and constants: the same in both runs
                     a = b = alone.run_node(node)
-            except Exception:  # noqa: BLE001 - the model cannot run two images; the real forward says why
-                return None
-            how = _mixes(a, b) if node in reads_input else None
+            except Exception:  # noqa: BLE001 - the model cannot run the probe; the real forward says why
+                return None, "failed"
+            solved = node.meta.get("naflow.role", "inner") in ("input", "articulation", "inner")
+            how = _mixes(a, b, solved) if node in reads_input else None
             if how is not None:
                 return node, how
             alone.env[node], together.env[node] = a, b

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
@@ -33,9 +33,10 @@ from ..canonical import bind_canonical, is_canonical
 from ..errors import UnsupportedOpError
 from .partition import feature_subgraph
 
-__all__ = ["normalize", "refresh_derived_weights"]
+__all__ = ["normalize", "refresh_derived_weights", "computes_weights"]
 
-_LEGACY = (_LegacyWeightNorm, _LegacySpectralNorm)  # hook-based torch.nn.utils.weight_norm / spectral_norm
+# hook-based weights: torch.nn.utils.weight_norm / spectral_norm, and torch.nn.utils.prune's masks
+_LEGACY = (_LegacyWeightNorm, _LegacySpectralNorm, prune.BasePruningMethod)
 _IDENTITY = object()  # marker: the node is replaced by its first argument
 
 # --- call_module lowering: module -> (canonical target, args after the input, kwargs) -----------
@@ -333,8 +334,8 @@ def _derived(mod: nn.Module, name: str) -> Callable[[], torch.Tensor] | None:
     """How ``mod`` computes its tensor ``name`` from its parameters on every call; None for a plain one.
 
     These are ``torch.nn.utils.parametrizations`` (``weight_norm``, ``spectral_norm``) and the
-    older hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm``, whose pre-forward hook
-    sets a plain ``mod.weight`` that fx would freeze at trace time. The returned function
+    older hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` and ``torch.nn.utils.prune``,
+    whose pre-forward hook sets a plain ``mod.weight`` that fx would freeze at trace time. The returned function
     computes the tensor without gradient, in eval mode: no power iteration, and the user's flags
     and buffers are left as they were.
     """
@@ -352,15 +353,26 @@ def _derived(mod: nn.Module, name: str) -> Callable[[], torch.Tensor] | None:
                     m.training = mode
 
         return parametrized
-    hook = next(
-        (h for h in mod._forward_pre_hooks.values() if isinstance(h, _LEGACY) and getattr(h, "name", None) == name),
-        None,
-    )
+    hook = next((h for h in mod._forward_pre_hooks.values() if _hook_name(h) == name), None)
     if isinstance(hook, _LegacyWeightNorm):
         return torch.no_grad()(lambda: hook.compute_weight(mod).detach())
     if isinstance(hook, _LegacySpectralNorm):
         return torch.no_grad()(lambda: hook.compute_weight(mod, do_power_iteration=False).detach())
+    if isinstance(hook, prune.BasePruningMethod):
+        return torch.no_grad()(lambda: hook.apply_mask(mod).detach())
     return None
+
+
+def _hook_name(hook: object) -> str | None:
+    """The tensor a weight-computing pre-forward hook sets (``_LEGACY``), else None."""
+    if isinstance(hook, prune.BasePruningMethod):
+        return getattr(hook, "_tensor_name", None)
+    return getattr(hook, "name", None) if isinstance(hook, _LEGACY) else None
+
+
+def computes_weights(hook: object) -> bool:
+    """Whether a module's pre-forward hook computes one of its weights (then the graph computes it too)."""
+    return _hook_name(hook) is not None
 
 
 def _derived_snapshot(gm: fx.GraphModule, target: str, name: str, compute: Callable[[], torch.Tensor]) -> str:

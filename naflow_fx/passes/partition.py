@@ -120,16 +120,24 @@ def _is_global_pool(node: fx.Node) -> bool:
     return any(_is_4d(a) and tuple(tensor_meta(a).shape[2:]) != (1, 1) for a in node.all_input_nodes)
 
 
-def _default_last(candidates: list[fx.Node]) -> fx.Node | None:
-    """The deepest 4-D articulation node that is not (and does not follow) a global pool."""
-    last = None
+def _default_last(candidates: list[fx.Node], batch: int) -> fx.Node | None:
+    """The deepest 4-D articulation node that is not (and does not follow) a global pool.
+
+    Nodes whose first dim is not the batch (a head that turns the columns of a feature map into a
+    sequence, ``[W, B, C, H]``) are passed over; if every node is such, the deepest is returned,
+    for ``_check_batch_dim`` to say why it cannot be N.
+    """
+    last = other = None
     for n in candidates:
         if not _is_4d(n) or n.op == "placeholder":
             continue
         if _is_global_pool(n):
             break
-        last = n
-    return last
+        if _per_image(n, batch):
+            last = n
+        else:
+            other = n
+    return last or other
 
 
 def _output_value(result: object) -> object:
@@ -169,35 +177,29 @@ def _wrapper_hint(result: object) -> str:
     )
 
 
-def _check_output_batch(source: fx.Node, result: fx.Node) -> None:
-    """The output's first dim must be the batch: one row of scores per image."""
-    batch, shape = tensor_meta(source).shape[0], tuple(tensor_meta(result).shape)
-    if not shape or shape[0] != batch:
-        raise UnsupportedModelError(
-            f"the model's output has shape {shape} for a batch of {batch} image(s), but its first dim must be the "
-            "batch, one row per image: it reduces or flattens the batch away (a .sum(), nn.Flatten(0), "
-            ".view(-1)). Make forward return [B, ...], e.g. nn.Flatten() (from dim 1) or .view(x.shape[0], -1)"
-        )
+def _per_image(node: fx.Node, batch: int) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and len(meta.shape) > 0 and meta.shape[0] == batch
 
 
-def _check_batch_dim(graph: fx.Graph, source: fx.Node, layers: tuple[str, ...]) -> None:
-    """Every explained layer must keep the input's batch: one map per image.
+def _check_batch_dim(last: fx.Node, source: fx.Node) -> None:
+    """N must keep the input's batch: one map per image.
 
     A model that folds another dim into the batch (a per-frame CNN over a video reshaped to
     ``[B·T, C, H, W]``, crops or patches) has feature maps of ``B·T`` samples for ``B`` images.
-    Its flows would return maps of the wrong batch size, so it is refused at compile time.
+    Its flows would return maps of the wrong batch size, so it is refused at compile time. Other
+    4-D nodes without the batch first, such as the kernels timm's CondConv computes from its
+    input and its folded conv output, are not feature maps of the images and get no map.
     """
     batch = tensor_meta(source).shape[0]
-    nodes = {n.name: n for n in graph.nodes}
-    for name in layers:
-        node = nodes[name]
-        size = tensor_meta(node).shape[0]
-        if size != batch:
+    for node in (last,):
+        if not _per_image(node, batch):
+            size = tensor_meta(node).shape[0] if tensor_meta(node) is not None else "?"
             raise UnsupportedModelError(
-                f"layer {node.meta.get('naflow.name', name)!r} has {size} samples for a batch of {batch} image(s): "
-                "the model folds another dim into the batch (video frames, crops or patches), so its maps would "
-                "not be one per image. Explain the network it applies to each of them, on a batch of those: "
-                "e.g. compile_naflow(model.<per-frame network>, frames) with frames of shape [B·T, C, H, W]"
+                f"layer {node.meta.get('naflow.name', node.name)!r} has {size} samples for a batch of {batch} "
+                "image(s): the model folds another dim into the batch (video frames, crops or patches), so its "
+                "maps would not be one per image. Explain the network it applies to each of them, on a batch of "
+                "those: e.g. compile_naflow(model.<per-frame network>, frames) with frames of shape [B·T, C, H, W]"
             )
 
 
@@ -226,7 +228,6 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
             f"{_describe_output(result)}. Wrap the model so that forward returns the tensor to explain: "
             f"{_wrapper_hint(result)}"
         )
-    _check_output_batch(source, result)
     whole = feature_subgraph(graph, source, result)
     if source not in whole:
         raise UnsupportedModelError(_no_feature_path_message(graph, source, result))
@@ -241,7 +242,7 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
         else ""
     )
     if last_layer is None:
-        last = _default_last(candidates)
+        last = _default_last(candidates, tensor_meta(source).shape[0])
         if last is None:
             raise UnsupportedModelError(
                 "found no 4-D feature map that every path from the input to the output passes through"
@@ -278,7 +279,8 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
             n.meta["naflow.role"] = "inner"
         else:
             n.meta["naflow.role"] = "head" if is_feature_node(n) else "static"
-    layers = tuple(n.name for n in nodes if n is not source and _is_4d(n))
-    _check_batch_dim(graph, source, layers)
+    _check_batch_dim(last, source)
+    batch = tensor_meta(source).shape[0]
+    layers = tuple(n.name for n in nodes if n is not source and _is_4d(n) and _per_image(n, batch))
     gm.meta["naflow.plan"] = Plan(input=source.name, last=last.name, stages=tuple(stages), layers=layers)
     return gm
