@@ -15,9 +15,10 @@ Example:
     ...                       nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
     ...                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
     >>> gallery = torch.randn(10, 3, 12, 12)
-    >>> m = explain_match(model, gallery[3], gallery, k=2)
-    >>> m.indices[0, 0].item(), round(m.similarities[0, 0].item(), 4)  # the query itself is in the gallery
-    (3, 1.0)
+    >>> query = gallery[3] + 0.5 * torch.randn(3, 12, 12)  # a noisy copy of gallery image 3
+    >>> m = explain_match(model, query, gallery, k=2)
+    >>> m.indices.shape, bool(m.similarities[0, 0] >= m.similarities[0, 1])  # [Q, k], best match first
+    (torch.Size([1, 2]), True)
     >>> m.query_flow.maps["4"].shape[0], m.match_flow.maps["4"].shape[0]  # Q·k rows each
     (2, 2)
 """
@@ -194,6 +195,15 @@ def explain_match(
             f"the model embeds gallery image(s) {_first(picked)} to the zero vector, so their cosine similarity to "
             f"the query is undefined, yet they are among the top {k} matches; lower k, or check or remove "
             "those images (e.g. blank or wrongly normalised)"
+        )
+    same = (1 - top.abs()) <= 100 * torch.finfo(top.dtype).eps  # the query itself, or a copy, in the gallery
+    if bool(same.any()):
+        q, j = same.nonzero()[0].tolist()
+        raise TargetError(
+            f"gallery image {int(order[q, j])} matches query {q} with cosine {float(top[q, j]):.8g}, 1 up to float "
+            "rounding: it is the query itself or a copy, and a match with itself has nothing to explain (the "
+            "cosine's gradient is 0 at its maximum); leave the query out of the gallery, e.g. "
+            "gallery[torch.arange(len(gallery)) != i]"
         )
     queries = query.repeat_interleave(k, dim=0)
     query_flow = nf(queries, SimilarityTarget(g_emb[flat]))

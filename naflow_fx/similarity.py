@@ -166,6 +166,17 @@ class SimilarityTarget:
             # by ~1e-6), and ω would explain that rounding.
             query, ref = self._pair(output)
             scale = 1e-8 * ((query.detach() ** 2).sum(1, keepdim=True) + (ref**2).sum(1, keepdim=True))
+        if self.metric == "cosine":
+            # At cosine ±1 (the query is the reference, or its mirror image, up to float rounding)
+            # the cosine is at its extremum: its gradient is 0, and ω would explain rounding.
+            flat = (1 - sim.abs()) <= 100 * torch.finfo(sim.dtype).eps
+            if bool(flat.any()):
+                i = int(flat.reshape(-1).nonzero()[0])
+                raise TargetError(
+                    f"the cosine similarity of sample {i} to its reference is {float(sim.reshape(-1)[i]):.8g}, ±1 up "
+                    "to float rounding, as when the query image is the reference itself: the cosine is at its "
+                    "extremum there, so its gradient is 0 and there is nothing to explain; choose another reference"
+                )
         zero = sim.abs() <= scale
         if bool(zero.any()):
             i = int(zero.reshape(-1).nonzero()[0])

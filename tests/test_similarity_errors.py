@@ -475,3 +475,15 @@ def test_compile_options_that_compile_naflow_does_not_take_are_named(encoder):
         explain_episode(encoder, support, [0, 0, 1, 1], query, compile_options={"foo": 1})
     with pytest.raises(InputTypeError, match=r"compile_options must be a dict .* got list"):
         explain_match(encoder, query, support, compile_options=["x"])
+
+
+def test_a_cosine_self_match_is_refused_instead_of_explaining_rounding(nf, encoder):
+    """At cosine 1 the gradient of the cosine is 0: the maps of a query against itself would be float noise."""
+    x = images(3, 4)
+    own = nf.graph_module(x).detach()
+    with pytest.raises(TargetError, match=r"cosine similarity of sample 0 .* ±1 up to float rounding"):
+        nf(x[:1], SimilarityTarget(own[0], metric="cosine"))
+    with pytest.raises(TargetError, match=r"gallery image 2 matches query 0 with cosine .*leave the query out"):
+        explain_match(encoder, x[2], x, k=2)
+    match = explain_match(encoder, x[2], x[:2], k=1)  # without itself, the query is explained against a neighbour
+    assert match.query_flow.maps[match.naflow.last_layer].abs().max() > 1e-6
