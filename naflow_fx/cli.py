@@ -455,7 +455,13 @@ def run_explain(
         x = x.to(param.dtype)  # a float64 model gets float64 images (float16 is refused by compile_naflow)
     start = time.perf_counter()
     options = dict(solver_options or {})
-    nf = compile_naflow(model, x[:1], layers=layers, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        nf = compile_naflow(model, x[:1], layers=layers, **options)
+    notes = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)]
+    for w in caught:
+        if not issubclass(w.category, UserWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # others as they were
     layer_count = _count(len(nf.layers), "layer")
     say(f"{spec.name}: compiled in {time.perf_counter() - start:.1f}s, {layer_count}, last {nf.last_layer}")
     with torch.no_grad():
@@ -472,7 +478,9 @@ def run_explain(
     rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
     # The figures must fit before the flows run: a GIF frame holds every image side by side, so many images
     # get smaller ones; a grid too large for matplotlib stops the run now rather than after all the work.
-    gif_size = max(1, min(gif_size, _GIF_MAX_SIDE // len(labels)))
+    if gif_size * len(labels) > _GIF_MAX_SIDE:
+        gif_size = max(1, _GIF_MAX_SIDE // len(labels))
+        notes.append(f"the GIF shows each of the {len(labels)} images at {gif_size} pixels, so that a frame fits a GIF")
     try:
         hw = tuple(images.shape[-2:])
         _check_grid_room(len(labels) * len(rows), len(columns) + 1, 1.15, dpi, figure_format, hw, "the grid")
@@ -550,7 +558,7 @@ def run_explain(
         say(f"wrote {path}" + (" (+ .json)" if key not in ("grid", "gif") else ""))
     if not quiet:
         lines = _result_warnings(flow, labels, options, written.get("naflow", "naflow.npz"))
-        for line in lines + _earlier_outputs(out, written):
+        for line in notes + lines + _earlier_outputs(out, written):
             print(f"naflow: warning: {line}", file=sys.stderr)
     return {"written": written, "flow": flow, "baselines": results[1:], "naflow": nf}
 
@@ -1063,6 +1071,11 @@ _ADVICE = (
         "--fallback linearize but cannot mark leaf modules)",
     ),
     (re.compile(r"compile_naflow\(\.\.\., fallback='linearize'\)"), "--fallback linearize"),
+    (
+        re.compile(r"compile_naflow\(\.\.\., leaf_modules=\[TheModuleClass or 'its\.qualified\.name'\]\)"),
+        "compile_naflow(..., leaf_modules=[...]) from Python",
+    ),
+    (re.compile(r"concrete_args=\{'flag': value\}"), "concrete_args={'flag': value} from Python"),
     (re.compile(r"fallback='linearize'"), "--fallback linearize"),
     (re.compile(r"\(compile_naflow\(\.\.\., last_layer=(<[^>]*>)\)\)"), r"(--last-layer \1)"),
     (re.compile(r"pass last_layer='<layer name>'"), "pass --last-layer NAME"),

@@ -242,7 +242,9 @@ def explain_knn(
     bank_n = F.normalize(bank, dim=1)
 
     sims = F.normalize(emb, dim=1) @ bank_n.T  # [B, M]
-    top_sims, top_idx = torch.topk(sims, k, dim=1)  # most similar first
+    # most similar first; equal similarities keep the bank's order (lower index first), as retrieval does
+    top_sims, top_idx = torch.sort(sims, dim=1, descending=True, stable=True)
+    top_sims, top_idx = top_sims[:, :k], top_idx[:, :k]
     top_labels = labels[top_idx]
     home = float64_device(emb.device)  # MPS has no float64: the vote is counted on the CPU there
     votes = torch.exp(top_sims.to(home, torch.float64) / float(tau))

@@ -287,6 +287,15 @@ def test_a_sample_whose_maps_are_all_zero_is_warned_about(nf, keep):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         nf(x, keep=keep)  # every sample has a map: no warning
+    dead = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    with torch.no_grad():
+        dead[0].bias.fill_(-1e3)  # the last layer's activation is zero, its gradient is not
+    with pytest.warns(
+        naflow_fx.ZeroMapsWarning, match=r"sample\(s\) \[0, 1, 2\] is zero: Σ_c Λ·BPFM is nowhere positive"
+    ):
+        compile_naflow(dead.eval(), x[:1])(x, keep=keep)
 
 
 def test_argument_errors():

@@ -611,6 +611,12 @@ def fft():
 
 def returns_int():
     return 3
+
+
+def hooked():
+    m = _classifier()
+    m[0].register_forward_hook(lambda mod, i, o: o + 1)
+    return m
 """
 
 
@@ -829,3 +835,23 @@ def test_files_of_an_earlier_run_in_the_same_out_folder_are_named(capsys, tmp_pa
     warning = [line for line in err.splitlines() if "earlier run" in line]
     assert len(warning) == 1 and "flow_grid.png, gradcam.npz, gradcam.json" in warning[0], err
     assert "naflow.npz" not in warning[0]  # replaced by this run
+
+
+def test_library_warnings_are_warning_lines(capsys, toys):
+    """A library UserWarning at compile time (forward hooks the graph does not run) is a naflow: warning: line."""
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "toys:hooked", "--size", "16", "--out", "h")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "forward hooks" in line]
+    assert len(lines) == 1 and lines[0].startswith("naflow: warning: the model has forward hooks on '0'"), err
+    assert "UserWarning" not in err and "warnings.warn" not in err
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "toys:hooked", "--size", "16", "-q")
+    assert code == 0 and err == "", err
+
+
+def test_untraceable_model_advice_says_what_is_python_only(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # tests/models.py
+    code, _, err = run(capsys, "inspect", "--model", "models:DataDependentBranch", "--size", "16")
+    assert code == 2, err
+    advice = " ".join(err.split())
+    assert "leaf_modules=[...]) from Python" in advice and "--fallback linearize" in advice
+    assert "concrete_args={'flag': value} from Python" in advice

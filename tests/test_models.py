@@ -285,7 +285,7 @@ def test_dense_solver_with_float32_jacobians_as_on_mps(monkeypatch, build, size,
     Emulated by building them in float32 on the CPU, which takes the same path.
     """
     from naflow_fx.rules import generic
-    from naflow_fx.solvers import operator
+    from naflow_fx.solvers import dense, operator
 
     model = build()
     x = batch((2, 3, size, size), seed=3)
@@ -294,7 +294,14 @@ def test_dense_solver_with_float32_jacobians_as_on_mps(monkeypatch, build, size,
     as_on_mps = lambda device: built.append(device) or torch.float32  # noqa: E731
     monkeypatch.setattr(operator, "jacobian_dtype", as_on_mps)
     monkeypatch.setattr(generic, "jacobian_dtype", as_on_mps)
+    homes, solved = [], []
+    monkeypatch.setattr(dense, "float64_device", lambda device: homes.append(device) or torch.device("cpu"))
+    real_svd_solve = dense.svd_solve
+    monkeypatch.setattr(
+        dense, "svd_solve", lambda j, b, *a: solved.append((j.dtype, b.dtype)) or real_svd_solve(j, b, *a)
+    )
     narrow = compile_naflow(model, x, solver="dense", layers=layers)(x)
+    assert homes and set(solved) == {(torch.float64, torch.float64)}  # widened for the SVD, wherever it runs
     assert len(built) > 1 and "dense" in {r.method for r in narrow.diagnostics.values()}
     for name in wide.layers:
         assert narrow.maps[name].dtype == torch.float32

@@ -202,6 +202,14 @@ def test_knn_accepts_numpy_numbers_like_python_ones(nf):
     torch.testing.assert_close(got.flow.maps["4"], ref.flow.maps["4"])
 
 
+def test_knn_ties_keep_the_banks_order_as_retrieval_does(nf):
+    x = images(1, 4)
+    e = nf.graph_module(images(1, 5)).detach()
+    got = explain_knn(nf, x, torch.cat([e] * 6), [2, 1, 0, 1, 2, 2], k=3, num_classes=3)
+    assert got.neighbours.tolist() == [[0, 1, 2]]  # six equal similarities: the lowest indices
+    assert got.prediction.tolist() == [0]  # a three-way tie of classes 2, 1, 0: the lower class
+
+
 @pytest.mark.parametrize("num_classes", [True, 2.0, 0, "2"])
 def test_knn_num_classes_must_be_a_positive_int(nf, num_classes):
     with pytest.raises(TargetError, match=r"num_classes must be a positive int \(or None\), got"):
