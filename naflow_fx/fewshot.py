@@ -119,6 +119,32 @@ def _resolve_naflow(
     return compile_naflow(model, example[:1], layers="all" if layers is None else layers, **options)
 
 
+def _check_pairs(support: Tensor, queries: Tensor, support_index: Tensor, query_index: Tensor, label: int) -> None:
+    """Refuse a (support, query) pair whose cosine cannot be explained, naming both images.
+
+    A cosine of 0 (orthogonal embeddings, common with non-negative ReLU features) makes the
+    weights ω = c / |Σ c| undefined; ±1 (a support image that is the query) has zero gradient.
+    :class:`~naflow_fx.SimilarityTarget` refuses both too, but names a row of the batched call.
+    """
+    c = F.normalize(support, dim=1)[:, None, :] * F.normalize(queries, dim=1)[None, :, :]  # [K, Q, D]
+    cos = c.sum(2)
+    zero = cos.abs() <= 1e-6 * c.abs().sum(2)
+    flat = (1 - cos.abs()) <= 100 * torch.finfo(cos.dtype).eps
+    bad = zero | flat
+    if bool(bad.any()):
+        s, q = bad.nonzero()[0].tolist()
+        why = (
+            "their embeddings are orthogonal, so the weights ω = c / |Σ c| are undefined"
+            if bool(zero[s, q])
+            else "the support image is the query itself (or a copy), where the cosine's gradient is 0"
+        )
+        raise TargetError(
+            f"support image {int(support_index[s])} (class {label}) has cosine {float(cos[s, q]):.3g} with query "
+            f"{int(query_index[q])}: {why}; remove that support image, or pass explain_support=False to skip "
+            "the support flows"
+        )
+
+
 def _first(index: Tensor, n: int = 5) -> str:
     """The first ``n`` entries of a 1-D index tensor, for error messages: ``[0, 3, 4, ...]``."""
     shown = index[:n].tolist()
@@ -493,6 +519,7 @@ def explain_episode(
             qs = (prediction == c).nonzero()[:, 0]
             idx = (labels == c).nonzero()[:, 0]
             k = idx.shape[0]
+            _check_pairs(sup_emb[idx], qry_emb[qs], idx, qs, int(c))
             batch = support[idx].repeat(qs.shape[0], 1, 1, 1)  # [|qs|·K]: query-major
             refs = qry_emb[qs].repeat_interleave(k, dim=0)
             out = nf(batch, SimilarityTarget(refs))

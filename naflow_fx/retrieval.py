@@ -196,6 +196,7 @@ def explain_match(
             f"the query is undefined, yet they are among the top {k} matches; lower k, or check or remove "
             "those images (e.g. blank or wrongly normalised)"
         )
+    _check_zero_matches(q_emb, g_emb, order, explain_matches)
     same = (1 - top.abs()) <= 100 * torch.finfo(top.dtype).eps  # the query itself, or a copy, in the gallery
     if bool(same.any()):
         q, j = same.nonzero()[0].tolist()
@@ -222,6 +223,19 @@ def explain_match(
         query=query,
         gallery=gallery,
     )
+
+
+def _check_zero_matches(q_emb: Tensor, g_emb: Tensor, order: Tensor, explain_matches: bool) -> None:
+    """Refuse a (query, match) pair whose cosine is 0 (orthogonal embeddings): ω = c / |Σ c| is undefined."""
+    c = F.normalize(q_emb, dim=1)[:, None, :] * F.normalize(g_emb, dim=1)[order]  # [Q, k, D]
+    zero = c.sum(2).abs() <= 1e-6 * c.abs().sum(2)
+    if bool(zero.any()):
+        q, j = zero.nonzero()[0].tolist()
+        raise TargetError(
+            f"gallery image {int(order[q, j])}, match {j + 1} of query {q}, has cosine 0 with it (orthogonal "
+            "embeddings), so the weights ω = c / |Σ c| of the pair are undefined; lower k to the matches with a "
+            "non-zero similarity" + ("" if not explain_matches else ", or remove that gallery image")
+        )
 
 
 def _check_given_embeddings(emb: object) -> None:

@@ -495,3 +495,32 @@ def test_a_cosine_self_match_is_refused_instead_of_explaining_rounding(nf, encod
         explain_match(encoder, x[2], x, k=2)
     match = explain_match(encoder, x[2], x[:2], k=1)  # without itself, the query is explained against a neighbour
     assert match.query_flow.maps[match.naflow.last_layer].abs().max() > 1e-6
+
+
+def _channel_encoder() -> nn.Module:
+    """Embeds an image to the positive part of its mean colour: one-hot colours have orthogonal embeddings."""
+    conv = nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(3)[:, :, None, None])
+        conv.bias.zero_()
+    return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def _colour(*values: float) -> Tensor:
+    """An image of one colour, embedded by ``_channel_encoder`` to ``relu(values)``."""
+    return torch.tensor(values, dtype=torch.float32)[:, None, None].expand(3, SIZE, SIZE).clone()
+
+
+@pytest.mark.filterwarnings("ignore::naflow_fx.ZeroMapsWarning")  # the toy encoder's match flows: see the test
+def test_a_pair_with_zero_cosine_names_the_support_or_gallery_image():
+    enc = _channel_encoder()
+    query = _colour(1, -1, 0.5)  # embedded (1, 0, 0.5)
+    support = torch.stack([_colour(-1, -1, 1), _colour(-1, -1, 1), _colour(1, -1, -1), _colour(-1, 1, -1)])
+    # class 0's prototype (0.5, 0.5, 0) is the nearest; its support image 3, (0, 1, 0), is orthogonal to the query
+    with pytest.raises(TargetError, match=r"support image 3 \(class 0\) has cosine 0 with query 0: .*orthogonal"):
+        explain_episode(enc, support, [1, 1, 0, 0], query)
+    assert explain_episode(enc, support, [1, 1, 0, 0], query, explain_support=False).prediction.tolist() == [0]
+    gallery = torch.stack([_colour(1, -1, 0.3), _colour(-1, 1, -1), _colour(-1, -1, 1)])
+    with pytest.raises(TargetError, match=r"gallery image 1, match 3 of query 0, has cosine 0 .*lower k"):
+        explain_match(enc, query, gallery, k=3)
+    assert explain_match(enc, query, gallery, k=2).indices.tolist() == [[0, 2]]
