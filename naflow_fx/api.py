@@ -154,8 +154,7 @@ class NAFlow:
         """The model's weights must still have the dtype and device the flow was compiled for.
 
         Weights the model derives from its parameters on every call (weight and spectral norms,
-        pruning masks)
-        are recomputed from them (decision 3).
+        pruning masks) are recomputed from them (decision 3).
         """
         param = next((p for p in self.graph_module.parameters() if p.is_floating_point()), None)
         if param is not None and (param.dtype, param.device) != (self._dtype, self._device):
