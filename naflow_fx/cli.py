@@ -1107,6 +1107,9 @@ def _cli_advice(message: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``naflow`` console script."""
+    for stream in (sys.stdout, sys.stderr):  # help and messages use σ, ×, ≥: never crash on an ASCII terminal
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():

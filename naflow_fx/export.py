@@ -2,8 +2,8 @@
 
 ``save_maps(result, "out/maps.npz", ...)`` writes ``out/maps.npz`` (one ``float32 [B, h, w]``
 array per layer, at the layer's own resolution) and ``out/maps.json`` (model, method, target,
-predicted class and score per sample, layers with their shapes, and for NAFlow the solver
-diagnostics of every inverse step). ``load_maps`` reads them back.
+score and, for class targets, the predicted class per sample, layers with their shapes, and
+for NAFlow the solver diagnostics of every inverse step). ``load_maps`` reads them back.
 
 Everything is checked and the sidecar is serialised before anything is written; then both files
 are written atomically, so a bad argument or a failed write leaves no file and no temporary
@@ -124,7 +124,7 @@ def _summary(result, model, class_names, images, extra, caller: str) -> dict:
             if class_names is not None and 0 <= t < len(class_names):
                 row["target_name"] = class_names[t]
         row["score"] = float(result.scores[b])
-        if output.dim() == 2:
+        if output.dim() == 2 and result.classes is not None:  # logits; an embedding's argmax is no class
             probs = torch.softmax(output[b], 0)
             p = int(output[b].argmax())
             row["predicted"] = p

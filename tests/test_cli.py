@@ -855,3 +855,11 @@ def test_untraceable_model_advice_says_what_is_python_only(capsys, monkeypatch):
     advice = " ".join(err.split())
     assert "leaf_modules=[...]) from Python" in advice and "--fallback linearize" in advice
     assert "concrete_args={'flag': value} from Python" in advice
+
+
+def test_help_and_errors_on_an_ascii_terminal():
+    """The help and messages use σ, × and ≥; a terminal that cannot show them gets '?' instead of a crash."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    cli = [sys.executable, "-m", "naflow_fx.cli"]
+    done = subprocess.run([*cli, "explain", "--help"], capture_output=True, text=True, env=env, errors="replace")
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "--max-columns" in done.stdout, done.stderr

@@ -289,3 +289,18 @@ def test_an_upper_case_extension_is_kept_and_a_json_path_is_refused(flow, tmp_pa
     with pytest.raises(InputError, match=r"f.json names the sidecar; pass the .npz path \(.*f.npz\)"):
         save_maps(flow, tmp_path / "f.json")
     assert files(tmp_path) == ["g.NPZ", "g.json"]
+
+
+def test_an_embedding_flow_records_no_predicted_class(tmp_path):
+    """The argmax of an embedding is no class: only flows of class targets record a prediction."""
+    from naflow_fx import SimilarityTarget
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    x = torch.randn(2, 3, 8, 8)
+    nf = compile_naflow(encoder.eval(), x[:1])
+    _, meta = load_maps(save_maps(nf(x, SimilarityTarget(torch.rand(4) + 0.5)), tmp_path / "sim")[0])
+    assert all("predicted" not in row and "predicted_probability" not in row for row in meta["samples"])
+    assert all("score" in row for row in meta["samples"])
