@@ -151,9 +151,17 @@ def _first(index: Tensor, n: int = 5) -> str:
     return str(shown) if index.numel() <= n else str(shown)[:-1] + ", ...]"
 
 
+def _scalar(value: object) -> object:
+    """A one-element tensor (``torch.tensor(0.1)``) as its Python number; anything else unchanged."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+        return value.item()
+    return value
+
+
 def _count(value: object, message: str, hint: str, error: type[Exception], *, high: int | None = None) -> int:
-    """``value`` as an int in ``1..high`` (any integer type such as numpy's, but not bool), else
-    ``error(f"{message}, got {value!r}{hint}")``."""
+    """``value`` as an int in ``1..high`` (any integer type such as numpy's or a one-element integer
+    tensor, but not bool), else ``error(f"{message}, got {value!r}{hint}")``."""
+    value = _scalar(value) if not (isinstance(value, Tensor) and value.is_floating_point()) else value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         if 1 <= int(value) and (high is None or int(value) <= high):
             return int(value)
@@ -489,6 +497,7 @@ def explain_episode(
     support = _as_batch(support, "support")
     query = _as_batch(query, "query")
     _same_images(query, support, "query", "support")
+    temperature = _scalar(temperature)
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .api import NAFlow
 from .errors import ConfigError, InputError, InputTypeError, TargetError
-from .fewshot import _as_batch, _count, _embed, _first, _labels_tensor, _nonzero_rows, _resolve_naflow
+from .fewshot import _as_batch, _count, _embed, _first, _labels_tensor, _nonzero_rows, _resolve_naflow, _scalar
 from .result import FlowResult
 from .similarity import SimilarityTarget
 from .solvers.operator import float64_device
@@ -199,6 +199,7 @@ def explain_knn(
             "undefined; fill them with embeddings or drop them (with their labels) from the bank"
         )
     k = _count(k, f"k must be an int between 1 and the bank size {size}", "; lower k", TargetError, high=size)
+    tau = _scalar(tau)
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
         raise ConfigError(f"tau must be a positive number, got {tau!r}")
     if num_classes is not None:

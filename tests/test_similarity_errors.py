@@ -200,6 +200,15 @@ def test_knn_accepts_numpy_numbers_like_python_ones(nf):
     assert got.neighbours.tolist() == ref.neighbours.tolist()
     torch.testing.assert_close(got.class_scores, ref.class_scores)
     torch.testing.assert_close(got.flow.maps["4"], ref.flow.maps["4"])
+    as_tensors = explain_knn(nf, x, BANK, BANK_LABELS, k=torch.tensor(3), tau=torch.tensor(0.1), num_classes=2)
+    torch.testing.assert_close(as_tensors.class_scores, ref.class_scores)  # one-element tensors are numbers too
+    with pytest.raises(TargetError, match=r"k must be an int .*got tensor\(3\.\)"):
+        explain_knn(nf, x, BANK, BANK_LABELS, k=torch.tensor(3.0))
+    support, query = images(4, 1), images(1, 2)
+    ten = explain_episode(nf, support, [0, 0, 1, 1], query, temperature=torch.tensor(10.0), explain_support=False)
+    torch.testing.assert_close(
+        ten.logits, explain_episode(nf, support, [0, 0, 1, 1], query, explain_support=False).logits
+    )
 
 
 def test_knn_ties_keep_the_banks_order_as_retrieval_does(nf):
