@@ -20,6 +20,7 @@ from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
 from .result import FlowResult, LayerMaps, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
+from .solvers.operator import widest_float
 from .targets import resolve_target
 from .tracing import trace, warn_forward_hooks
 
@@ -137,7 +138,7 @@ class NAFlow:
         """
         tensors = [t.detach() for t in (*self.graph_module.parameters(), *self.graph_module.buffers())]
         ids = tuple((t.data_ptr(), t._version) for t in tensors)
-        wide = torch.float32 if self._device.type == "mps" else torch.float64  # MPS has no float64
+        wide = widest_float(self._device)  # MPS has no float64
         sums = [t.sum(dtype=wide) for t in tensors if t.is_floating_point() and t.numel()]
         seen = (ids, torch.stack(sums).cpu() if sums else None)
         if not self._weights_seen or ids != self._weights_seen[0] or not _same(seen[1], self._weights_seen[1]):

@@ -53,7 +53,7 @@ from ._io import check_parent
 from .api import NAFlow, compile_naflow, exact_mode
 from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .result import FlowResult, LayerMaps
-from .similarity import SimilarityTarget
+from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
 
 __all__ = ["explain_episode", "EpisodeExplanation"]
 
@@ -119,28 +119,30 @@ def _resolve_naflow(
     return compile_naflow(model, example[:1], layers="all" if layers is None else layers, **options)
 
 
-def _check_pairs(support: Tensor, queries: Tensor, support_index: Tensor, query_index: Tensor, label: int) -> None:
+def _check_pairs(support: Tensor, refs: Tensor, support_index: Tensor, query_index: Tensor, label: int) -> None:
     """Refuse a (support, query) pair whose cosine cannot be explained, naming both images.
 
-    A cosine of 0 (orthogonal embeddings, common with non-negative ReLU features) makes the
-    weights ω = c / |Σ c| undefined; ±1 (a support image that is the query) has zero gradient.
-    :class:`~naflow_fx.SimilarityTarget` refuses both too, but names a row of the batched call.
+    ``support`` and ``refs`` are the pairs' embeddings as the batched call explains them
+    (query-major: row ``r`` is query ``r // K`` and support ``r % K``). A cosine of 0 (orthogonal
+    embeddings, common with non-negative ReLU features) makes the weights ω = c / |Σ c|
+    undefined; ±1 (a support image that is the query) has zero gradient. The
+    :class:`~naflow_fx.SimilarityTarget` of that call refuses both by the same criteria, but
+    names a row of the batch.
     """
-    c = F.normalize(support, dim=1)[:, None, :] * F.normalize(queries, dim=1)[None, :, :]  # [K, Q, D]
-    cos = c.sum(2)
-    zero = cos.abs() <= 1e-6 * c.abs().sum(2)
-    flat = (1 - cos.abs()) <= 100 * torch.finfo(cos.dtype).eps
+    c = METRICS["cosine"](support, refs)
+    zero, flat = similarity_is_zero(c), cosine_at_extremum(c.sum(1))
     bad = zero | flat
     if bool(bad.any()):
-        s, q = bad.nonzero()[0].tolist()
+        r = int(bad.nonzero()[0])
+        k = support_index.shape[0]
         why = (
             "their embeddings are orthogonal, so the weights ω = c / |Σ c| are undefined"
-            if bool(zero[s, q])
+            if bool(zero[r])
             else "the support image is the query itself (or a copy), where the cosine's gradient is 0"
         )
         raise TargetError(
-            f"support image {int(support_index[s])} (class {label}) has cosine {float(cos[s, q]):.3g} with query "
-            f"{int(query_index[q])}: {why}; remove that support image, or pass explain_support=False to skip "
+            f"support image {int(support_index[r % k])} (class {label}) has cosine {float(c[r].sum()):.3g} with query "
+            f"{int(query_index[r // k])}: {why}; remove that support image, or pass explain_support=False to skip "
             "the support flows"
         )
 
@@ -528,9 +530,9 @@ def explain_episode(
             qs = (prediction == c).nonzero()[:, 0]
             idx = (labels == c).nonzero()[:, 0]
             k = idx.shape[0]
-            _check_pairs(sup_emb[idx], qry_emb[qs], idx, qs, int(c))
             batch = support[idx].repeat(qs.shape[0], 1, 1, 1)  # [|qs|·K]: query-major
             refs = qry_emb[qs].repeat_interleave(k, dim=0)
+            _check_pairs(sup_emb[idx].repeat(qs.shape[0], 1), refs, idx, qs, int(c))
             out = nf(batch, SimilarityTarget(refs))
             for j, q in enumerate(qs.tolist()):
                 support_flows[q] = _take(out, torch.arange(j * k, (j + 1) * k))

@@ -49,7 +49,7 @@ from .fewshot import (
     _take,
 )
 from .result import FlowResult
-from .similarity import SimilarityTarget
+from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
 
 __all__ = ["explain_match", "MatchExplanation"]
 
@@ -197,7 +197,7 @@ def explain_match(
             "those images (e.g. blank or wrongly normalised)"
         )
     _check_zero_matches(q_emb, g_emb, order, explain_matches)
-    same = (1 - top.abs()) <= 100 * torch.finfo(top.dtype).eps  # the query itself, or a copy, in the gallery
+    same = cosine_at_extremum(top)  # the query itself, or a copy, in the gallery
     if bool(same.any()):
         q, j = same.nonzero()[0].tolist()
         raise TargetError(
@@ -227,10 +227,10 @@ def explain_match(
 
 def _check_zero_matches(q_emb: Tensor, g_emb: Tensor, order: Tensor, explain_matches: bool) -> None:
     """Refuse a (query, match) pair whose cosine is 0 (orthogonal embeddings): ω = c / |Σ c| is undefined."""
-    c = F.normalize(q_emb, dim=1)[:, None, :] * F.normalize(g_emb, dim=1)[order]  # [Q, k, D]
-    zero = c.sum(2).abs() <= 1e-6 * c.abs().sum(2)
+    k = order.shape[1]
+    zero = similarity_is_zero(METRICS["cosine"](q_emb.repeat_interleave(k, dim=0), g_emb[order.reshape(-1)]))
     if bool(zero.any()):
-        q, j = zero.nonzero()[0].tolist()
+        q, j = divmod(int(zero.nonzero()[0]), k)
         raise TargetError(
             f"gallery image {int(order[q, j])}, match {j + 1} of query {q}, has cosine 0 with it (orthogonal "
             "embeddings), so the weights ω = c / |Σ c| of the pair are undefined; lower k to the matches with a "

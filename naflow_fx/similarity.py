@@ -65,6 +65,24 @@ def register_metric(name: str, contributions: Metric) -> Metric:
 
 
 register_metric("cosine", lambda q, s: F.normalize(q, dim=1) * F.normalize(s, dim=1))
+
+
+def similarity_is_zero(c: Tensor) -> Tensor:
+    """Per pair (``c``: contributions ``[B, D]``): ``Σ c`` is 0 up to rounding, ``|Σ c| ≤ 1e-6 Σ |c|``.
+
+    Then the weights ω = c / |Σ c| are undefined (orthogonal embeddings, for the cosine).
+    """
+    return c.sum(1).abs() <= 1e-6 * c.abs().sum(1)
+
+
+def cosine_at_extremum(cos: Tensor) -> Tensor:
+    """Per pair: a cosine of ±1 up to float rounding, ``1 − |cos| ≤ 100 eps`` (the query is the reference).
+
+    There the cosine's gradient is 0, and ω would explain rounding.
+    """
+    return (1 - cos.abs()) <= 100 * torch.finfo(cos.dtype).eps
+
+
 register_metric("dot", lambda q, s: q * s)
 register_metric("euclidean", lambda q, s: -((q - s) ** 2))
 
@@ -158,18 +176,18 @@ class SimilarityTarget:
     def _omega(self, output: Tensor) -> Tensor:
         c = self.contributions(output)
         sim = c.detach().sum(1, keepdim=True)
-        scale = 1e-6 * c.detach().abs().sum(1, keepdim=True)
+        zero = similarity_is_zero(c.detach())
         if self.metric == "euclidean":
             # Every c_d ≤ 0, so |Σ c| = Σ |c| and the test above never fires: compare the distance
             # with the embeddings' size instead. Closer than about 1e-4 of their norm, the query is
             # the reference up to float rounding (the same image embedded in another batch moves
             # by ~1e-6), and ω would explain that rounding.
             query, ref = self._pair(output)
-            scale = 1e-8 * ((query.detach() ** 2).sum(1, keepdim=True) + (ref**2).sum(1, keepdim=True))
+            zero = sim[:, 0].abs() <= 1e-8 * ((query.detach() ** 2).sum(1) + (ref**2).sum(1))
         if self.metric == "cosine":
             # At cosine ±1 (the query is the reference, or its mirror image, up to float rounding)
             # the cosine is at its extremum: its gradient is 0, and ω would explain rounding.
-            flat = (1 - sim.abs()) <= 100 * torch.finfo(sim.dtype).eps
+            flat = cosine_at_extremum(sim)
             if bool(flat.any()):
                 i = int(flat.reshape(-1).nonzero()[0])
                 raise TargetError(
@@ -177,7 +195,6 @@ class SimilarityTarget:
                     "to float rounding, as when the query image is the reference itself: the cosine is at its "
                     "extremum there, so its gradient is 0 and there is nothing to explain; choose another reference"
                 )
-        zero = sim.abs() <= scale
         if bool(zero.any()):
             i = int(zero.reshape(-1).nonzero()[0])
             raise TargetError(

@@ -292,8 +292,8 @@ def test_dense_solver_with_float32_jacobians_as_on_mps(monkeypatch, build, size,
     wide = compile_naflow(model, x, solver="dense", layers=layers)(x)
     built = []
     as_on_mps = lambda device: built.append(device) or torch.float32  # noqa: E731
-    monkeypatch.setattr(operator, "jacobian_dtype", as_on_mps)
-    monkeypatch.setattr(generic, "jacobian_dtype", as_on_mps)
+    monkeypatch.setattr(operator, "widest_float", as_on_mps)
+    monkeypatch.setattr(generic, "widest_float", as_on_mps)
     homes, solved = [], []
     monkeypatch.setattr(dense, "float64_device", lambda device: homes.append(device) or torch.device("cpu"))
     real_svd_solve = dense.svd_solve

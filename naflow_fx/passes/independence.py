@@ -93,13 +93,6 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None
         >>> first_mixing_node(fx.symbolic_trace(torch.nn.Conv2d(3, 4, 3)), torch.randn(1, 3, 8, 8)) is None
         True
     """
-    last_use: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        for used in node.all_input_nodes:
-            last_use[used] = node
-    dead: dict[fx.Node, list[fx.Node]] = {}
-    for used, user in last_use.items():
-        dead.setdefault(user, []).append(used)
     alone, together = fx.Interpreter(gm), fx.Interpreter(gm)
     inputs = iter([(image, _probe(image))])
     reads_input: set[fx.Node] = set()
@@ -124,6 +117,6 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None
             if how is not None:
                 return node, how
             alone.env[node], together.env[node] = a, b
-            for used in dead.get(node, ()):
+            for used in alone.user_to_last_uses.get(node, ()):  # values are freed after their last use
                 del alone.env[used], together.env[used]
     return None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..solvers.linearize import linearize_graph
-from ..solvers.operator import jacobian_dtype, linearized_map
+from ..solvers.operator import linearized_map, widest_float
 from . import recorded
 
 __all__ = ["linearized_inverse", "region_inverse", "elementwise_affine_inverse", "affine_piece"]
@@ -22,7 +22,7 @@ def _float64_call(stage: nn.Module, extras: tuple):
 
     def call(x: Tensor) -> Tensor:
         if not copies:
-            wide = jacobian_dtype(x.device)
+            wide = widest_float(x.device)
             to64 = lambda v: v.to(wide) if isinstance(v, Tensor) and v.is_floating_point() else v  # noqa: E731
             copies.append({k: to64(v) for k, v in [*stage.named_parameters(), *stage.named_buffers()]})
             copies.append(tuple(to64(e) for e in extras))

@@ -21,15 +21,16 @@ __all__ = [
     "batch_norm2",
     "batch_dot",
     "per_sample",
-    "jacobian_dtype",
+    "widest_float",
     "float64_device",
 ]
 
 
-def jacobian_dtype(device: torch.device) -> torch.dtype:
-    """The dtype dense Jacobians are built in: float64, or float32 on MPS, which has no float64.
+def widest_float(device: torch.device) -> torch.dtype:
+    """The widest float ``device`` computes in: float64, or float32 on MPS, which has no float64.
 
-    MPS Jacobians are widened to float64 on the CPU for the SVD (:func:`float64_device`).
+    Dense Jacobians are built in it; MPS ones are widened to float64 on the CPU for the SVD
+    (:func:`float64_device`).
     """
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -75,7 +76,7 @@ class LinearOperator:
     ``matvec`` maps ``Tensor[B, *in_shape]`` → ``Tensor[B, *out_shape]``, ``rmatvec`` is its adjoint.
     ``shared`` says every sample has the same matrix (a conv), so one dense Jacobian serves the
     batch. ``jacobian(b)`` returns sample ``b``'s matrix as a float64 ``Tensor[q, p]`` (float32 on
-    MPS: :func:`jacobian_dtype`).
+    MPS: :func:`widest_float`).
     """
 
     matvec: Callable[[Tensor], Tensor]
@@ -115,7 +116,7 @@ def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
         cols = []
         for start in range(0, p, 4096):
             stop = min(p, start + 4096)
-            basis = torch.zeros((stop - start, p), dtype=jacobian_dtype(like.device), device=like.device)
+            basis = torch.zeros((stop - start, p), dtype=widest_float(like.device), device=like.device)
             basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
             cols.append(fn(basis.reshape(-1, *in_shape)).reshape(stop - start, -1))
         return torch.cat(cols).T
@@ -158,7 +159,7 @@ def linearized_map(
     def jacobian(b: int) -> Tensor:
         # ``fn`` may close over other per-sample tensors (a stage's extra inputs, full batch), so
         # sample b is differentiated in place inside the batch rather than on its own.
-        base = point.to(jacobian_dtype(point.device))
+        base = point.to(widest_float(point.device))
         f = fn64 or fn
 
         def row(x0: Tensor) -> Tensor:
