@@ -4,6 +4,8 @@ state-dict loading with one clear error for every way the file can be wrong."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -119,19 +121,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
 
 
 def load_state_dict_file(
-    model: nn.Module, path: str, name: str, *, prefix: str = "", missing_hint: str, mismatch_hint: str
+    model: nn.Module,
+    path: str,
+    name: str,
+    *,
+    prefix: str = "",
+    missing_hint: str,
+    mismatch_hint: str,
+    pickled_hint: str = "save model.state_dict() instead: torch.save(model.state_dict(), path)",
 ) -> None:
     """Load the state dict saved in ``path`` into ``model`` (named ``name`` in messages).
 
     A ``{"state_dict": ...}`` checkpoint is unwrapped. A missing or unreadable file, a file that
     holds no state dict, or keys that do not fit the model are one :class:`InputError`, starting
-    with ``prefix`` and ending with ``missing_hint`` or ``mismatch_hint``; the model is untouched then.
+    with ``prefix`` and ending with ``missing_hint`` or ``mismatch_hint`` (``pickled_hint`` for a
+    file of pickled objects, such as a whole model, which is never unpickled); the model is untouched then.
     """
     if not os.path.isfile(path):
         raise InputError(f"{prefix}weights file not found: {path}; {missing_hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the caller's to fix
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            # torch.load(weights_only=True) refuses pickled objects other than tensors and containers: most often
+            # a whole model saved with torch.save(model), which is never unpickled here (that could run any code)
+            raise InputError(
+                f"{prefix}weights {path} hold pickled Python objects ({found[1]}), not only tensors: a whole model "
+                f"saved with torch.save(model)?; {pickled_hint}"
+            ) from None
         raise InputError(
             f"{prefix}cannot read weights {path} ({type(exc).__name__}); save them with "
             "torch.save(model.state_dict(), path)"

@@ -105,6 +105,7 @@ def _load_state_dict(model: nn.Module, path: str, name: str, torchvision: bool =
         name,
         missing_hint="pass an existing state-dict file" + (" or a torchvision weights name" if torchvision else ""),
         mismatch_hint="pass weights saved from this architecture",
+        pickled_hint="pass a whole-model file as --model FILE, or save model.state_dict() for --weights",
     )
 
 
@@ -287,6 +288,9 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
             raise CLIError(
                 f"{path} is a folder, not an image; pass the images in it (e.g. {os.path.join(path, '*.png')})"
             )
+        if not os.path.isfile(path):
+            # a FIFO would block open() until something writes to it; a device or socket is no image either
+            raise CLIError(f"{path} is not a regular file (a pipe, device or socket); save the image to a file")
         try:
             with _open_image(path) as im:
                 im.load()

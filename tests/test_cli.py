@@ -723,6 +723,21 @@ def test_unreadable_images_say_why(capsys, tmp_path):
     (tmp_path / "imgs").mkdir()
     code, _, err = run(capsys, "explain", str(tmp_path / "imgs"), "--model", "shapes")
     assert_one_line_error(code, err, "imgs is a folder, not an image", os.path.join(str(tmp_path / "imgs"), "*.png"))
+    if hasattr(os, "mkfifo"):
+        # a FIFO would block reading until something writes to it
+        os.mkfifo(tmp_path / "pipe.png")
+        code, _, err = run(capsys, "explain", str(tmp_path / "pipe.png"), "--model", "shapes")
+        assert_one_line_error(code, err, "pipe.png is not a regular file", "save the image to a file")
+
+
+def test_a_whole_model_passed_as_weights_is_steered_to_model(capsys, tmp_path):
+    from naflow_fx.zoo.shapes import shapes_resnet
+
+    torch.save(shapes_resnet(pretrained=False), tmp_path / "whole.pt")
+    code, _, err = run(
+        capsys, "explain", sample_paths()[0], "--model", "shapes", "--weights", str(tmp_path / "whole.pt")
+    )
+    assert_one_line_error(code, err, "hold pickled Python objects", "torch.save(model)", "--model FILE")
 
 
 def test_layers_and_solver_option_errors_name_the_options(capsys):

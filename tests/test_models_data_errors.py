@@ -426,6 +426,9 @@ def test_shapes_resnet_checks_pretrained_and_weights(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(InputError, match="hold a Tensor, not a state dict"):
         shapes_resnet(weights=str(tmp_path / "tensor.pt"))
+    torch.save(ShapesResNet(), tmp_path / "whole.pt")
+    with pytest.raises(InputError, match=r"pickled Python objects.*save model.state_dict\(\) instead"):
+        shapes_resnet(weights=str(tmp_path / "whole.pt"))
     torch.save(ShapesResNet(num_classes=3).state_dict(), tmp_path / "three.pt")
     with pytest.raises(InputError, match=r"with another shape \(e.g. fc.weight\)"):
         shapes_embedding(weights=str(tmp_path / "three.pt"))
