@@ -30,10 +30,12 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 
 from ._io import atomic_write_all, check_parent
 from .errors import InputError, InputTypeError
@@ -169,6 +171,36 @@ def _summary(result, model, class_names, images, extra, caller: str) -> dict:
     return meta
 
 
+def _members(layers: Sequence[str]) -> dict[str, str]:
+    """Layer name → its ``.npz`` member ``name + ".npy"``, or a library error for a name a zip cannot hold."""
+    members = {}
+    for name in layers:
+        if not isinstance(name, str):
+            raise InputTypeError(f"save_maps: layer names must be str, got {type(name).__name__} {name!r}")
+        member = name + ".npy"
+        try:
+            size = len(member.encode("utf-8"))
+        except UnicodeEncodeError:
+            size = None
+        if size is None:
+            why = "is not valid Unicode text (it holds a lone surrogate)"
+        elif size > 0xFFFF:
+            why = "is longer than the 65535 bytes of a zip member name"
+        elif "\0" in name:
+            why = "holds a NUL character, where zip readers cut the name"
+        elif "\\" in name:
+            why = "holds a backslash, which zip readers on Windows turn into '/'"
+        else:
+            why = ""
+        if why:
+            raise InputError(
+                f"save_maps: layer name {name[:60]!r} {why}, so the .npz cannot hold it; rename the layer "
+                "(its entries in result.layers and result.maps) before saving"
+            )
+        members[name] = member
+    return members
+
+
 def _npz_path(path) -> str:
     """The ``.npz`` path ``save_maps`` writes for ``path``, after checking it can be a file."""
     if not isinstance(path, (str, os.PathLike)):
@@ -220,11 +252,14 @@ def save_maps(
 
     Raises:
         InputTypeError: ``result`` is not a result, ``path`` not a path, ``images`` not a list,
-            ``extra`` not a dict or not JSON-serialisable.
-        InputError: ``images`` has the wrong length, ``extra`` reuses a recorded field, or ``path``
-            has no file name, is a folder or lies under a file.
+            ``extra`` not a dict or not JSON-serialisable, a layer name not a str.
+        InputError: ``images`` has the wrong length, ``extra`` reuses a recorded field, ``path``
+            has no file name, is a folder or lies under a file, or a layer name cannot be a zip
+            member name (a NUL or backslash, a lone surrogate, over 65535 bytes).
         OSError: the files could not be written (e.g. no permission, disk full); the error names
             the file, and neither file is left half-written.
+
+    Each layer's map is the member ``NAME.npy`` of the ``.npz``, so ``np.load(path)[name]`` reads it too.
 
     All checks run and the sidecar is serialised before anything is written, so a bad argument
     leaves no file behind. Both files are fully written to temporaries before either replaces an
@@ -245,16 +280,21 @@ def save_maps(
         naflow_fx.errors.InputTypeError: save_maps: extra['when'] is not JSON-serialisable (...
     """
     meta = _summary(result, model, class_names, images, extra, "save_maps")
+    members = _members(result.layers)
     for key, value in (extra or {}).items():  # name the culprit before serialising the whole sidecar
         _json_text({key: value}, f"extra[{key!r}]")
     text = _json_text(meta, "the sidecar (model, class_names or images)")
     path = _npz_path(path)
     side = sidecar_path(path)
-    arrays = {name: result.maps[name].detach().float().cpu().numpy() for name in result.layers}
+    arrays = {members[name]: result.maps[name].detach().float().cpu().numpy() for name in result.layers}
 
     def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: numpy does not append ".npz" to the name
-            np.savez_compressed(fh, **arrays)
+        # what np.savez_compressed writes, but with each member named exactly NAME.npy: savez takes
+        # names as keyword arguments, so it fails on "file" and drops "allow_pickle"
+        with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+            for member, array in arrays.items():
+                with zf.open(member, "w", force_zip64=True) as out:
+                    npy_format.write_array(out, array, allow_pickle=False)
 
     def write_sidecar(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -297,10 +337,26 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise _bad_file(path, "is a single .npy array, not the .npz archive of maps save_maps writes")
     if not head.startswith(b"PK"):
         raise _bad_file(path, "is empty, not an .npz archive" if not head else "is not an .npz archive")
+    # each layer from its exact member NAME.npy: np.load's data["a.npy"] would read member a.npy (the
+    # layer "a"), not a.npy.npy
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        with zipfile.ZipFile(path) as zf:
+            maps = {}
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as fh:
+                        maps[info.filename[: -len(".npy")]] = npy_format.read_array(fh, allow_pickle=False)
+            return maps
+    except (
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        zlib.error,
+        NotImplementedError,  # a compression method zipfile does not know
+        RuntimeError,  # an encrypted member
+    ) as exc:
         raise _bad_file(path, f"is a damaged or foreign .npz archive ({type(exc).__name__}: {exc})") from None
 
 

@@ -73,7 +73,7 @@ def _normalize(maps: Tensor, eps: float) -> Tensor:
     return out.reshape(maps.shape)
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerMaps:
     """One attention map per layer: ``maps[name]`` is ``Tensor[B, h, w]`` at the layer's resolution.
 
@@ -85,6 +85,19 @@ class LayerMaps:
         classes: the explained class per sample (``LongTensor[B]``) for class targets, else None.
         input_size: ``(H, W)`` of the input batch.
         method: ``"naflow"``, ``"gradcam"`` or ``"layercam"``.
+
+    Its ``repr`` is a one-line summary, not the tensors. Results compare by identity: ``a == b``
+    only if ``a is b`` (tensors have no single truth value); compare maps with ``torch.equal``.
+
+    Example:
+        >>> names = ["c1", "c2", "c3"]
+        >>> cam = LayerMaps(names, {n: torch.zeros(2, 4, 4) for n in names}, torch.zeros(2, 5), torch.zeros(2),
+        ...                 torch.tensor([3, 0]), (8, 8), "gradcam")
+        >>> cam  # doctest: +NORMALIZE_WHITESPACE
+        LayerMaps(method='gradcam', batch=2, 3 layers 'c1' ... 'c3', input_size=(8, 8), maps: float32 on cpu,
+                  classes=[3, 0])
+        >>> cam == cam, cam == replace(cam)
+        (True, False)
     """
 
     layers: list[str]
@@ -140,6 +153,41 @@ class LayerMaps:
             out[:, i] = _normalize(up, 1e-12) if normalize else up
         return out
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_describe(self)})"
+
+
+def _describe(res: LayerMaps) -> str:
+    """The fields of ``repr(res)``: a summary, never the tensors' values (and a malformed result still prints)."""
+    layers = list(res.layers) if isinstance(res.layers, (list, tuple)) else []
+    first = res.maps.get(layers[0]) if layers and isinstance(res.maps, dict) else None
+    if isinstance(first, Tensor) and first.dim():
+        batch = first.shape[0]
+    else:
+        batch = res.scores.shape[0] if isinstance(res.scores, Tensor) and res.scores.dim() else "?"
+
+    def short(n: object) -> str:
+        text = repr(n)
+        return text if len(text) <= 40 else text[:36] + "..."
+
+    if len(layers) > 2:
+        names = f" {short(layers[0])} ... {short(layers[-1])}"
+    else:
+        names = "".join(f"{', ' if i else ' '}{short(n)}" for i, n in enumerate(layers))
+    size = res.input_size
+    parts = [
+        f"method={res.method!r}",
+        f"batch={batch}",
+        f"{len(layers)} layer{'' if len(layers) == 1 else 's'}{names}",
+        f"input_size={tuple(size) if isinstance(size, (list, tuple)) else size!r}",
+    ]
+    if isinstance(first, Tensor):
+        parts.append(f"maps: {str(first.dtype).removeprefix('torch.')} on {first.device}")
+    if isinstance(res.classes, Tensor):
+        values = res.classes.flatten()[:7].tolist()
+        parts.append(f"classes=[{', '.join(map(str, values[:6]))}{', ...' if len(values) > 6 else ''}]")
+    return ", ".join(parts)
+
 
 def _free_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on ``device``: Linux's MemAvailable on the CPU, the free device
@@ -185,7 +233,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # LayerMaps' short repr and identity equality
 class FlowResult(LayerMaps):
     """A NAFlow result: maps plus the back-propagated feature maps, coefficients and diagnostics.
 
@@ -194,6 +242,8 @@ class FlowResult(LayerMaps):
         coefficients: layer name → ``Tensor[B, C, h, w]``, ``Λ_v = ∂s/∂a_v``.
         diagnostics: one :class:`~naflow_fx.solvers.SolveRecord` per inverse step, keyed by the
             layer whose inverse it is (deep → shallow).
+
+    Like :class:`LayerMaps`, its ``repr`` is a one-line summary and it compares by identity.
     """
 
     bpfm: dict[str, Tensor] = field(default_factory=dict)

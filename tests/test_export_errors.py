@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import naflow_fx.export
 from naflow_fx import compile_naflow
 from naflow_fx.errors import InputError, InputTypeError
 from naflow_fx.export import load_maps, save_maps, sidecar_path
-from naflow_fx.result import LayerMaps
+from naflow_fx.result import FlowResult, LayerMaps
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_a_failed_write_names_the_users_file_and_leaves_nothing(flow, tmp_path, 
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "maps.json")
     assert files(tmp_path) == []  # no .npz without its sidecar
     with monkeypatch.context() as m:
-        m.setattr(np, "savez_compressed", full_disk)
+        m.setattr(np.lib.format, "write_array", full_disk)
         with pytest.raises(OSError) as info:
             save_maps(flow, tmp_path / "maps.npz")
     assert info.value.filename == str(tmp_path / "maps.npz")
@@ -118,7 +119,7 @@ def test_an_old_pair_stays_whole_when_rewriting_it_fails(flow, tmp_path, monkeyp
     npz, side = save_maps(flow, tmp_path / "maps.npz", model="old")
     doubled = dataclasses.replace(flow, maps={k: 2 * v for k, v in flow.maps.items()})
     with monkeypatch.context() as m:
-        m.setattr(np, "savez_compressed", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        m.setattr(np.lib.format, "write_array", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
         with pytest.raises(OSError):
             save_maps(doubled, npz, model="new")
     maps, meta = load_maps(npz)
@@ -304,3 +305,105 @@ def test_an_embedding_flow_records_no_predicted_class(tmp_path):
     _, meta = load_maps(save_maps(nf(x, SimilarityTarget(torch.rand(4) + 0.5)), tmp_path / "sim")[0])
     assert all("predicted" not in row and "predicted_probability" not in row for row in meta["samples"])
     assert all("score" in row for row in meta["samples"])
+
+
+# --- layer names --------------------------------------------------------------------------------
+
+
+def cam_of(names, batch=2, classes=None) -> LayerMaps:
+    """A LayerMaps with these layers, each map filled with values of its own."""
+    gen = torch.Generator().manual_seed(0)
+    return LayerMaps(
+        layers=list(names),
+        maps={n: torch.rand(batch, 2 + i % 3, 3, generator=gen) + i for i, n in enumerate(names)},
+        output=torch.zeros(batch, 2),
+        scores=torch.zeros(batch),
+        classes=classes,
+        input_size=(8, 8),
+        method="gradcam",
+    )
+
+
+def test_any_storable_layer_name_round_trips_exactly(tmp_path):
+    """numpy's own savez/load took "file" and "allow_pickle" for its keywords and "a.npy" for "a"."""
+    names = ["file", "allow_pickle", "a", "a.npy", "a.npy.npy", "blocks/0/conv", "/lead", "..", "", "схема λ"]
+    cam = cam_of(names)
+    npz, side = save_maps(cam, tmp_path / "odd.npz")
+    with zipfile.ZipFile(npz) as zf:
+        assert zf.namelist() == [n + ".npy" for n in names]  # one member per layer, named exactly
+    maps, meta = load_maps(npz)
+    assert list(maps) == names and [layer["name"] for layer in meta["layers"]] == names
+    for n in names:
+        assert maps[n].dtype == np.float32
+        np.testing.assert_array_equal(maps[n], cam.maps[n].numpy(), err_msg=repr(n))
+    assert files(tmp_path) == ["odd.json", "odd.npz"]
+
+
+def test_numpy_reads_the_maps_of_ordinary_layers_itself(flow, tmp_path):
+    npz, _ = saved(flow, tmp_path)
+    with np.load(npz) as data:  # a standard .npz
+        assert data.files == flow.layers
+        np.testing.assert_array_equal(data["0"], flow.maps["0"].numpy())
+    npz, _ = save_maps(cam_of(["file", "allow_pickle", "layer1.0.conv1"]), tmp_path / "cam.npz")
+    with np.load(npz) as data:
+        for n in ["file", "allow_pickle", "layer1.0.conv1"]:
+            np.testing.assert_array_equal(data[n], load_maps(npz)[0][n])
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("a\0b", "holds a NUL character"),
+        ("a\\b", "holds a backslash"),
+        ("bad\udcff", "is not valid Unicode text"),
+        ("x" * 70_000, "is longer than the 65535 bytes of a zip member name"),
+    ],
+)
+def test_a_layer_name_a_zip_cannot_hold_is_refused_before_anything_is_written(tmp_path, name, problem):
+    with pytest.raises(
+        InputError, match=f"save_maps: layer name .* {problem}.*, so the .npz cannot hold it; rename the layer"
+    ):
+        save_maps(cam_of(["fine", name]), tmp_path / "d" / "maps.npz")
+    with pytest.raises(InputTypeError, match="save_maps: layer names must be str, got int 3"):
+        save_maps(cam_of(["fine", 3]), tmp_path / "d" / "maps.npz")
+    assert files(tmp_path) == []
+
+
+def test_load_an_npz_with_a_damaged_member(flow, tmp_path):
+    npz, _ = saved(flow, tmp_path)
+    data = bytearray(open(npz, "rb").read())
+    data[100:110] = b"\xff" * 10  # inside the first member's compressed data
+    open(npz, "wb").write(data)
+    with pytest.raises(InputError, match=f"load_maps: {npz} is a damaged or foreign .npz archive"):
+        load_maps(npz)
+
+
+# --- repr and equality --------------------------------------------------------------------------
+
+
+def test_a_result_prints_as_one_short_line(flow):
+    names = [f"features.{i}.block.conv" for i in range(200)]
+    big = torch.zeros(16, 64, 32, 32)
+    many = FlowResult(
+        **vars(cam_of(names, batch=16, classes=torch.arange(16))) | {"method": "naflow"},
+        bpfm=dict.fromkeys(names, big),
+        coefficients=dict.fromkeys(names, big),
+    )
+    text = repr(many)
+    assert len(text) < 600 and "\n" not in text, text
+    assert text.startswith("FlowResult(method='naflow', batch=16, 200 layers 'features.0.block.conv' ... ")
+    assert "'features.199.block.conv'" in text and "input_size=(8, 8)" in text and "float32 on cpu" in text
+    assert "classes=[0, 1, 2, 3, 4, 5, ...]" in text and "tensor" not in text
+    assert repr(flow).startswith(f"FlowResult(method='naflow', batch=2, {len(flow.layers)} layers")
+    cam = cam_of(["conv"])
+    assert repr(cam) == "LayerMaps(method='gradcam', batch=2, 1 layer 'conv', input_size=(8, 8), maps: float32 on cpu)"
+    assert str(cam) == repr(cam)
+
+
+def test_results_compare_by_identity_without_raising(flow):
+    twin = dataclasses.replace(flow)  # equal, but separate tensors
+    assert flow == flow and not (flow != flow)
+    assert twin != flow and not (twin == flow)
+    cam = cam_of(["a", "b"])
+    assert cam == cam and cam != cam_of(["a", "b"])
+    assert len({flow, twin, cam}) == 3  # hashable, by identity
