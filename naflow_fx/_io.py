@@ -3,10 +3,12 @@ state-dict loading with one clear error for every way the file can be wrong."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -77,7 +79,8 @@ def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], No
     removed if they are new. So a pair such as maps and their sidecar never describe two
     different runs. No temporary is left.
     """
-    paths = [os.fspath(p) for p, _ in files]
+    given = [os.fspath(p) for p, _ in files]
+    paths = [write_target(path) for path in given]
     temporaries: list[str] = []
     replaced: list[tuple[str, str | None]] = []  # (path, where its old file was set aside)
     try:
@@ -107,7 +110,29 @@ def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], No
         for tmp in temporaries:
             if os.path.lexists(tmp):
                 os.remove(tmp)
-    return paths
+    return given
+
+
+def write_target(path: str) -> str:
+    """The file a write to ``path`` replaces: a symbolic link's target (the link stays a link).
+
+    A target that is not a regular file (a device such as ``/dev/null``, a pipe, a socket) or that
+    may not be written (read-only) is an :class:`InputError`: renaming over it would replace it.
+    """
+    real = os.path.realpath(path) if os.path.islink(path) else path
+    if not os.path.lexists(real):
+        return real
+    mode = os.stat(real).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a socket"
+        )
+        raise InputError(f"cannot write {path}: it is {kind}, not a regular file; choose a file path")
+    if not os.access(real, os.W_OK):
+        raise InputError(f"cannot write {path}: the file is read-only; make it writable or choose another path")
+    return real
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:

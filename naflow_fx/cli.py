@@ -1115,6 +1115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
+    if "matplotlib.pyplot" not in sys.modules:  # a command draws files only: no GUI backend (a session's stays)
+        os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         with warnings.catch_warnings():
             if getattr(args, "quiet", False):

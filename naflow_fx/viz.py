@@ -9,13 +9,14 @@ import errno
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._io import atomic_write, check_parent, existing_folder
+from ._io import atomic_write, check_parent, existing_folder, write_target
 from .errors import InputError, InputTypeError
 from .result import LayerMaps, _check_room, check_layer_maps, check_maps, normalize_maps
 
@@ -23,7 +24,11 @@ __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savef
 
 
 def _abbreviate(name: str) -> str:
-    return name.replace("features.", "f.").replace("layer", "l").replace("classifier.", "c.")
+    """Whole dotted parts only: a leading ``features`` / ``classifier`` → ``f`` / ``c``, ``layer3`` → ``l3``."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[0] in ("features", "classifier"):
+        parts[0] = parts[0][0]
+    return ".".join(re.sub(r"^layer(\d+)$", r"l\1", part) for part in parts)
 
 
 def _truncate(short: str, width: int) -> str:
@@ -131,6 +136,9 @@ def _check_layers(layers: object, results: Sequence[LayerMaps], fn: str) -> list
             layers = list(layers)
         except TypeError:
             raise InputTypeError(f"{fn}: layers must be a list of layer names, got {type(layers).__name__}") from None
+    for name in layers:
+        if not isinstance(name, str):
+            raise InputTypeError(f"{fn}: layers must be layer names (str), got {type(name).__name__} {name!r}")
     for i, res in enumerate(results):
         missing = [name for name in layers if name not in res.maps]
         if missing:
@@ -144,8 +152,27 @@ def _check_maps(res: LayerMaps, layers: Sequence[str], batch: int, fn: str, what
     hint = "pass the images the result was computed for (same batch, same order)"
     check_maps(res, layers, batch, fn, what, "images", hint)
     if res.classes is not None and (not isinstance(res.classes, Tensor) or res.classes.numel() != batch):
-        n = res.classes.numel() if isinstance(res.classes, Tensor) else type(res.classes).__name__
-        raise InputError(f"{fn}: {what} has {n} classes for {batch} images; pass the images it was computed for")
+        if isinstance(res.classes, Tensor):
+            n = res.classes.numel()
+            raise InputError(f"{fn}: {what} has {n} classes for {batch} images; pass the images it was computed for")
+        raise InputTypeError(
+            f"{fn}: {what}'s classes must be a Tensor of class indices (one per image) or None, got "
+            f"{type(res.classes).__name__}"
+        )
+
+
+def _check_shape(res: LayerMaps, image_hw: tuple[int, int], fn: str, what: str = "the result") -> None:
+    """The images have the shape (height to width) of the inputs the maps were computed for, so the maps fit them."""
+    if res.input_size is None:
+        return
+    big_h, big_w = (int(v) for v in res.input_size)
+    h, w = image_hw
+    if abs(h * big_w - w * big_h) > 0.02 * max(h * big_w, w * big_h):  # more than rounding apart
+        raise InputError(
+            f"{fn}: the images are {h}×{w} but {what} was computed for {big_h}×{big_w} inputs, so its maps would be "
+            "stretched onto them; pass the images it was computed for (the same images resized to the same "
+            "shape are fine)"
+        )
 
 
 def _check_path(path: object, fn: str) -> str:
@@ -156,7 +183,13 @@ def _check_path(path: object, fn: str) -> str:
         raise InputError(f"{fn}: path must be a non-empty file path, got {path!r}")
     if os.path.isdir(path):
         raise InputError(f"{fn}: path {path!r} is a folder; pass a file inside it, e.g. {os.path.join(path, 'x')!r}")
+    if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise InputError(f"{fn}: path {path!r} ends with a separator, so it names a folder; pass a file inside it")
     check_parent(path, fn)
+    try:
+        write_target(path)  # a device, pipe or read-only file, refused before anything is drawn
+    except InputError as exc:
+        raise InputError(f"{fn}: {exc}") from None
     return path
 
 
@@ -169,6 +202,8 @@ def _write_file(path: str, write: Callable[[str], None], fn: str, what: str) -> 
     """
     try:
         return atomic_write(path, write)
+    except InputError as exc:  # the target became a device, a pipe or read-only since _check_path
+        raise InputError(f"{fn}: {exc}") from None
     except OSError as exc:
         if exc.errno is None:
             raise
@@ -217,6 +252,7 @@ _VECTOR_FORMATS = frozenset({"pdf", "svg", "svgz", "eps", "ps", "pgf"})  # not d
 _AGG_MAX_SIDE = 2**23 - 1  # matplotlib's Agg renderer draws less than 2^23 pixels per side
 _GIF_MAX_SIDE = 2**16 - 1  # a GIF stores its width and height in 16 bits
 _GIF_HEADER = 14  # pixels above the images of a GIF frame, for the layer's name
+_GIF_MAX_DELAY_MS = 655350  # a GIF frame's delay: 16 bits of hundredths of a second
 
 
 def _pixels(x: float) -> str:
@@ -268,14 +304,25 @@ def _check_grid_room(
     return what, todo, nbytes
 
 
-def _check_gif_room(batch: int, frames: int, size: int, fn: str) -> tuple[str, str, int]:
-    """Refuse a GIF larger than the format allows or than the free memory; returns ``(what, todo, nbytes)``."""
-    width, height = size * batch, size + _GIF_HEADER
+def _gif_image_size(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
+    """``(h, w)`` of each image in a GIF: its longer side ``size``, its shape kept."""
+    h, w = image_hw
+    return max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+
+
+def _check_gif_room(
+    batch: int, frames: int, size: int, fn: str, image_hw: tuple[int, int] = (1, 1)
+) -> tuple[str, str, int]:
+    """Refuse a GIF larger than the format allows or than the free memory; returns ``(what, todo, nbytes)``.
+
+    ``image_hw`` is the images' shape (square by default): their longer side becomes ``size``."""
+    h, w = _gif_image_size(image_hw, size)
+    width, height = w * batch, h + _GIF_HEADER
     largest = min(_GIF_MAX_SIDE // batch, _GIF_MAX_SIDE - _GIF_HEADER)
     # the resized images (float32), every frame (RGB, and its palette copy while the GIF is encoded,
     # with room to spare), one overlay being made (float64 RGBA and blends)
-    nbytes = 12 * batch * size * size + 8 * frames * width * height + 256 * size * size
-    what = f"{fn}: {frames} frame(s) of {batch} image(s) of {size}×{size} pixels"
+    nbytes = 12 * batch * h * w + 8 * frames * width * height + 256 * h * w
+    what = f"{fn}: {frames} frame(s) of {batch} image(s) of {h}×{w} pixels"
     todo = f"pass a smaller size (pixels per image side, e.g. the default 192; at most {largest} here), or fewer layers"
     if max(width, height) > _GIF_MAX_SIDE:
         raise InputError(
@@ -316,22 +363,34 @@ def _check_heatmap(heatmap: object) -> Tensor:
 
 
 def _image_to_numpy(image: Tensor) -> np.ndarray:
-    """``[C, H, W]`` tensor (any range) → ``[H, W, 3]`` float array in [0, 1] for display."""
-    img = image.detach().float().cpu()
+    """``[C, H, W]`` tensor → ``[H, W, 3]`` float array in [0, 1] for display.
+
+    An image in [0, 1] is shown as it is, a ``uint8`` one divided by 255. Any other range (an image
+    normalised for the model) is min-max scaled over the whole image, all channels together.
+    """
+    img = image.detach().cpu()
+    scale_255 = img.dtype == torch.uint8
+    img = img.float()
     if img.dim() == 3 and img.shape[0] in (1, 3):
         img = img.permute(1, 2, 0)
     img = img.numpy()
     if img.ndim == 2 or img.shape[-1] == 1:
         img = np.repeat(img.reshape(*img.shape[:2], 1), 3, axis=-1)
+    if scale_255:
+        return img / 255.0
     lo, hi = float(img.min()), float(img.max())
+    if lo >= 0 and hi <= 1:
+        return img
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
 def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inferno") -> np.ndarray:
     """Blend a map (any resolution, any range) onto an image: ``[H, W, 3]`` float array in [0, 1].
 
-    ``image`` is ``[C, H, W]`` (C = 1 or 3) or ``[H, W]``; ``heatmap`` is one map ``[h, w]``;
-    ``alpha`` in [0, 1] is the map's weight. Bad arguments raise :class:`~naflow_fx.InputError`.
+    ``image`` is ``[C, H, W]`` (C = 1 or 3) or ``[H, W]``, shown as it is in [0, 1] (or ``uint8``)
+    and min-max scaled otherwise; ``heatmap`` is one map ``[h, w]``, scaled to [0, 1] on its own;
+    ``alpha`` in [0, 1] is the map's weight (torchcam's ``overlay_mask`` weighs the image instead).
+    Bad arguments raise :class:`~naflow_fx.InputError`.
 
     Example:
         >>> overlay(torch.rand(3, 8, 8), torch.rand(4, 4)).shape
@@ -419,7 +478,10 @@ def flow_grid(
     """One row per image (and per method), one column per layer, maps overlaid on the image.
 
     Args:
-        images: ``Tensor[B, C, H, W]`` (displayed min-max scaled).
+        images: ``Tensor[B, C, H, W]``, the images the result was computed for, or the same
+            images at another size of the same shape (e.g. before resizing). Images in [0, 1]
+            (or ``uint8``) are shown as they are; any other range, such as images normalised for
+            the model, is min-max scaled per image.
         results: one :class:`~naflow_fx.LayerMaps` (e.g. a flow) or several (e.g. NAFlow and
             Grad-CAM on the same layers); each image gets one row per result.
         path: where to save the PNG (atomically); None to only return the figure. Another
@@ -465,7 +527,9 @@ def flow_grid(
         raise InputError(f"{fn}: results is empty; pass a LayerMaps (e.g. nf(x)) or a list of them")
     layers = _check_layers(layers, results, fn)
     for i, res in enumerate(results):
-        _check_maps(res, layers, batch, fn, "the result" if len(results) == 1 else f"results[{i}] ({res.method})")
+        what = "the result" if len(results) == 1 else f"results[{i}] ({res.method})"
+        _check_maps(res, layers, batch, fn, what)
+        _check_shape(res, tuple(images.shape[-2:]), fn, what)
     if row_labels is None:
         labels = [r.method for r in results]
     else:
@@ -485,19 +549,21 @@ def flow_grid(
     _check_cmap(cmap, fn)
     _check_number(cell, "cell", fn, low=0.0, low_open=True)
     _check_number(dpi, "dpi", fn, low=0.0, low_open=True)
+    if cell * dpi < 8:
+        raise InputError(
+            f"{fn}: cell={cell:g} inches at dpi={dpi:g} draws each image on {cell * dpi:.2g} pixels; pass a cell "
+            "and dpi whose product is at least 8 (the defaults: 1.15 inches at 150 dpi)"
+        )
     fmt = _figure_format(path, fn) if path is not None else None
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the user's backend, untouched (matplotlib picks Agg on a headless machine)
 
     rows, cols = batch * len(results), len(layers) + 1
     what, todo, nbytes = _check_grid_room(rows, cols, cell, dpi, fmt, tuple(images.shape[-2:]), fn)
 
     def draw() -> None:
         axes = fig.subplots(rows, cols, squeeze=False)
-        _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap)
+        _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell)
 
     try:
         fig = plt.figure(figsize=(cell * cols, cell * rows + 0.3))
@@ -508,9 +574,32 @@ def flow_grid(
         raise InputError(f"{what} would need about {_gib(nbytes)}, more than can be allocated: {todo}") from None
 
 
-def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap) -> None:
+def _wrap(text: str, width: int, max_lines: int, sep: str) -> str:
+    """``text`` on lines of at most ``width`` characters, broken after ``sep`` where possible (else anywhere),
+    at most ``max_lines`` of them (the last one cut with "…"); ``$`` escaped (matplotlib's mathtext)."""
+    lines: list[str] = []
+    for paragraph in str(text).split("\n"):
+        line = ""
+        for piece in re.findall(rf"[^{re.escape(sep)}]*(?:{re.escape(sep)}|$)", paragraph):
+            while len(line) + len(piece) > width and (line or len(piece) > width):
+                if line:
+                    lines.append(line.rstrip(" "))
+                    line = ""
+                else:
+                    lines.append(piece[:width])
+                    piece = piece[width:]
+            line += piece
+        lines.append(line.rstrip(" "))
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [lines[max_lines - 1][: max(1, width - 1)] + "…"]
+    return "\n".join(lines).replace("$", r"\$")
+
+
+def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell) -> None:
     batch = images.shape[0]
     titles = _column_titles(layers)
+    fontsize = min(max(6 * cell / 1.15, 4.0), 14.0)  # 6 pt at the default cell, growing with it
+    chars = max(6, int(cell * 72 / (0.6 * fontsize)))  # characters across one cell at that size
     for b in range(batch):
         for k, res in enumerate(results):
             r = b * len(results) + k
@@ -520,13 +609,13 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, c
             if res.classes is not None:
                 c = int(res.classes[b])
                 cls = f"\n{class_names[c]}" if class_names is not None and 0 <= c < len(class_names) else f" c={c}"
-            ax.set_ylabel(f"{labels[k]}{cls}", fontsize=6)
+            ax.set_ylabel(_wrap(f"{labels[k]}{cls}", chars, 4, " "), fontsize=fontsize)
             for j, name in enumerate(layers):
                 axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
                 if r == 0:
-                    axes[r, j + 1].set_title(titles[j], fontsize=6)
+                    axes[r, j + 1].set_title(_wrap(titles[j], chars, 3, "."), fontsize=fontsize)
             if r == 0:
-                axes[r, 0].set_title("input", fontsize=6)
+                axes[r, 0].set_title("input", fontsize=fontsize)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -553,7 +642,8 @@ def flow_gif(
         result: the per-layer maps (a flow or a baseline).
         path: the ``.gif`` to write (atomically).
         layers: the frames (default: every layer of ``result``).
-        size: side of each image in the GIF, in pixels (a positive int).
+        size: the longer side of each image in the GIF, in pixels (a positive int); the images
+            keep their shape.
         duration: milliseconds per frame (the last frame is held three times as long).
 
     Every argument is checked before any frame is drawn (:class:`~naflow_fx.InputError`,
@@ -584,6 +674,7 @@ def flow_gif(
     if not layers:
         raise InputError(f"{fn}: needs at least one layer (one frame per layer), got none")
     _check_maps(result, layers, batch, fn)
+    _check_shape(result, tuple(images.shape[-2:]), fn)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
         raise InputTypeError(f"{fn}: size must be an int (pixels per image side), got {type(size).__name__} {size!r}")
     if size < 1:
@@ -591,18 +682,28 @@ def flow_gif(
     size = int(size)
     _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
     _check_cmap(cmap, fn)
-    _check_number(duration, "duration", fn, low=0.0)
+    # a GIF stores a frame's delay in hundredths of a second, 16 bits, and the last frame is held 3 times as long
+    _check_number(duration, "duration", fn, low=0.0, high=_GIF_MAX_DELAY_MS // 3)
     path = _check_path(path, fn)
-    what, todo, nbytes = _check_gif_room(batch, len(layers), size, fn)
+    image_hw = tuple(images.shape[-2:])
+    what, todo, nbytes = _check_gif_room(batch, len(layers), size, fn, image_hw)
+    h, w = _gif_image_size(image_hw, size)
     header = _GIF_HEADER
     frames = []
     try:
-        small = torch.nn.functional.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear")
+        # resized in the display range (uint8 → [0, 1]), so that overlay shows them as they are
+        pixels = images.detach().cpu()
+        pixels = pixels.float() / 255 if pixels.dtype == torch.uint8 else pixels.float()
+        small = torch.nn.functional.interpolate(
+            pixels, size=(h, w), mode="bilinear", antialias=h < image_hw[0] or w < image_hw[1], align_corners=False
+        )
+        lo, hi = pixels.amin((1, 2, 3)), pixels.amax((1, 2, 3))
+        small = torch.stack([small[b].clamp(lo[b], hi[b]) for b in range(batch)])  # no overshoot out of [0, 1]
         for name in layers:
-            frame = Image.new("RGB", (size * batch, size + header), "white")
+            frame = Image.new("RGB", (w * batch, h + header), "white")
             for b in range(batch):
                 rgb = overlay(small[b], result.maps[name][b].cpu(), alpha=alpha, cmap=cmap)
-                frame.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (b * size, header))
+                frame.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (b * w, header))
             ImageDraw.Draw(frame).text((3, 1), f"{result.method}: {name}", fill="black")
             frames.append(frame)
     except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown

@@ -509,3 +509,120 @@ def test_mask_energy_checks_results_labels_and_masks():
         mask_energy([_res()], _mask(3))
     table = mask_energy(_res(), _mask()[:, None].float())  # one result; a [B, 1, H, W] mask
     assert table.splitlines()[-1].split()[-1] == "0.50"  # the mask's area, right half
+
+
+# ------------------------------------------------------------------ targets that are not plain files
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("writer", ["grid", "gif"])
+def test_a_pipe_as_the_target_is_refused_not_replaced(writer, tmp_path):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    with pytest.raises(InputError, match=f"flow_{writer}: cannot write .*pipe.png: it is a pipe, not a regular file"):
+        if writer == "grid":
+            flow_grid(_images(), _res(), pipe)
+        else:
+            flow_gif(_images(), _res(), pipe)
+    assert os.path.exists(pipe) and not os.path.isfile(pipe)  # still the FIFO
+    assert sorted(os.listdir(tmp_path)) == ["pipe.png"]
+
+
+def test_a_symbolic_link_as_the_target_writes_through_it(tmp_path):
+    (tmp_path / "figures").mkdir()
+    real = tmp_path / "figures" / "grid.png"
+    real.write_bytes(b"old")
+    link = tmp_path / "grid.png"
+    link.symlink_to(real)
+    flow_grid(_images(), _res(), link, dpi=50)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path / "figures")) == ["grid.png"]  # no temporary left beside the target
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_read_only_file_is_refused_not_replaced(tmp_path, monkeypatch):
+    target = tmp_path / "flow.gif"
+    target.write_bytes(b"keep")
+    target.chmod(0o444)
+    if os.geteuid() == 0:  # root may write any file: what the check sees for other users
+        monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK or not str(path).endswith("flow.gif"))
+    with pytest.raises(InputError, match="flow_gif: cannot write .*the file is read-only"):
+        flow_gif(_images(), _res(), target)
+    assert target.read_bytes() == b"keep"
+
+
+def test_a_path_ending_with_a_separator_names_a_folder(tmp_path):
+    with pytest.raises(InputError, match="ends with a separator, so it names a folder"):
+        flow_grid(_images(), _res(), str(tmp_path / "new") + os.sep)
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------ what the figures show
+
+
+def test_flow_grid_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    matplotlib.use("pdf")
+    try:
+        flow_grid(_images(), _res(), tmp_path / "grid.png", dpi=50)
+        assert matplotlib.get_backend().lower() == "pdf"
+    finally:
+        matplotlib.use("Agg")
+
+
+def test_images_in_0_1_are_shown_as_they_are_and_others_scaled():
+    grey = torch.full((1, 4, 4), 0.2)
+    grey[:, :2] = 0.5
+    shown = viz._image_to_numpy(grey)
+    assert shown.shape == (4, 4, 3) and sorted(set(shown.ravel().round(6).tolist())) == pytest.approx([0.2, 0.5])
+    assert viz._image_to_numpy(torch.full((3, 2, 2), 51, dtype=torch.uint8)).max() == pytest.approx(0.2)
+    normalised = torch.linspace(-2, 2, 48).reshape(3, 4, 4)
+    shown = viz._image_to_numpy(normalised)
+    assert shown.min() == 0 and shown.max() == 1
+
+
+def test_images_of_another_shape_than_the_inputs_are_refused(tmp_path):
+    wide = torch.rand(2, 3, 8, 16)
+    for call in (lambda: flow_grid(wide, _res()), lambda: flow_gif(wide, _res(), tmp_path / "f.gif")):
+        with pytest.raises(InputError, match=r"the images are 8×16 but the result was computed for 8×8 inputs"):
+            call()
+    fig = flow_grid(torch.rand(2, 3, 32, 32), _res())  # the same images at another size: fine
+    plt.close(fig)
+
+
+def test_flow_gif_keeps_the_images_shape(tmp_path):
+    from PIL import Image
+
+    res = _res()
+    res.input_size = (8, 16)
+    gif = flow_gif(torch.rand(2, 3, 8, 16), res, tmp_path / "wide.gif", size=32)
+    assert Image.open(gif).size == (2 * 32, 16 + viz._GIF_HEADER)
+
+
+def test_layer_titles_abbreviate_whole_parts_and_wrap_to_the_cell(tmp_path):
+    assert short_layer_name("features.denseblock2.denselayer16.conv2", width=60) == "f.denseblock2.denselayer16.conv2"
+    assert short_layer_name("player1.conv", width=60) == "player1.conv"
+    assert short_layer_name("encoder.layers.0", width=60) == "encoder.layers.0"
+    assert short_layer_name("layer3.1.conv2") == "l3.1.conv2"
+    wrapped = viz._wrap("features.denseblock4.denselayer16.conv2", 23, 3, ".")
+    assert wrapped.split("\n") == ["features.denseblock4.", "denselayer16.conv2"]
+    assert viz._wrap("a" * 50, 10, 3, ".").split("\n") == ["a" * 10, "a" * 10, "a" * 9 + "…"]
+    names = ["a$b^$", "c.d"]  # mathtext characters are shown literally
+    fig = flow_grid(_images(), _res(layers=names), tmp_path / "dollar.png", cell=3, dpi=30)
+    titles = [ax.get_title() for ax in fig.axes[:3]]
+    assert titles == ["input", r"a\$b^\$", "c.d"]
+    assert fig.axes[1].title.get_fontsize() > 6  # the font grows with the cell
+
+
+def test_more_figure_arguments_are_checked(tmp_path):
+    with pytest.raises(InputError, match="dpi=0.01 draws each image on 0.011 pixels"):
+        flow_grid(_images(), _res(), tmp_path / "g.png", dpi=0.01)
+    with pytest.raises(InputError, match="duration must be >= 0 and <= 218450"):
+        flow_gif(_images(), _res(), tmp_path / "f.gif", duration=10**9)
+    with pytest.raises(InputTypeError, match=r"layers must be layer names \(str\), got list \[1\]"):
+        flow_grid(_images(), _res(), layers=[[1]])
+    res = _res()
+    res.classes = [0, 0]
+    with pytest.raises(InputTypeError, match="classes must be a Tensor of class indices"):
+        flow_grid(_images(), res)
+    assert not os.listdir(tmp_path)
