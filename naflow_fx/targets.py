@@ -1,9 +1,10 @@
 """Targets: what scalar score per sample the flow explains.
 
 ``target`` may be ``None`` (argmax per sample), an ``int``, a ``list[int]`` of length B, a
-``LongTensor[B]``, a :class:`ClassTarget`, any callable ``output -> Tensor[B]``, or a list with
-one target per sample as pytorch-grad-cam takes them (``[ClassifierOutputTarget(281), ...]``):
-each a :class:`ClassTarget`, an int, or a callable called on that sample's output alone.
+``LongTensor[B]`` (any integer dtype, on any device), an integer numpy array, a :class:`ClassTarget`,
+any callable ``output -> Tensor[B]``, or a list with one target per sample as pytorch-grad-cam takes
+them (``[ClassifierOutputTarget(281), ...]``): each a :class:`ClassTarget`, an int, or a callable
+called on that sample's output alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,12 +27,21 @@ class ClassTarget:
     """The logit of a class (per sample when a sequence), like pytorch-grad-cam's
     ``ClassifierOutputTarget``.
 
+    ``category`` is one class index for every sample or one per sample: an ``int``, a list or
+    tuple of ints (numpy integers and 0-d integer tensors count as ints, so ``list(labels)``
+    works), an integer tensor of any dtype and device, or an integer numpy array.
+
     Example:
         >>> ClassTarget(2)(torch.tensor([[0.0, 1.0, 5.0]])).tolist()
         [5.0]
+        >>> logits = torch.tensor([[0.0, 1.0, 5.0], [3.0, 1.0, 0.0]])
+        >>> ClassTarget(np.array([2, 0])).indices(logits).tolist()
+        [2, 0]
+        >>> ClassTarget(list(torch.tensor([1, 1]))).indices(logits).tolist()
+        [1, 1]
     """
 
-    category: int | Sequence[int] | Tensor
+    category: int | Sequence[int] | Tensor | np.ndarray
 
     def indices(self, output: Tensor) -> Tensor:
         if output.dim() != 2:
@@ -40,25 +51,44 @@ class ClassTarget:
             )
         batch, classes = _classes(output)
         cat = self.category
+        shape = None
+        if _is_numpy(cat):
+            cat = _from_numpy(cat, classes, "the class target")
         if isinstance(cat, Tensor):
-            idx = cat.to(device=output.device).reshape(-1)
-            if idx.is_floating_point() or idx.dtype == torch.bool:
-                raise TargetError(f"class targets must be integers, got a {idx.dtype} tensor")
+            idx = _read_tensor(cat, "the class target")
+            shape = tuple(idx.shape)
+            if sum(d != 1 for d in shape) > 1:
+                raise TargetError(
+                    f"class targets are one class index per sample (shape [B] = [{batch}]), got shape {shape}"
+                    + _one_hot_hint(shape, output)
+                )
+            idx = idx.reshape(-1).to(output.device)
         elif isinstance(cat, bool):
             raise TargetError("class targets must be integers, got a bool")
         elif isinstance(cat, numbers.Integral):  # int, numpy integers
             idx = torch.full((batch,), _in_range(int(cat), classes), device=output.device)
         elif isinstance(cat, Sequence) and not isinstance(cat, (str, bytes)):
-            if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in cat):
-                raise TargetError(f"class targets must be integers, got {list(cat)!r}")
-            idx = torch.tensor([_in_range(int(c), classes) for c in cat], device=output.device, dtype=torch.long)
+            values = []
+            for i, c in enumerate(cat):
+                value = _scalar_index(c, classes, f"targets[{i}]")
+                if value is None:
+                    raise TargetError(
+                        f"class targets must be integers, one class index per sample; got targets[{i}] = {c!r} "
+                        f"({type(c).__name__})"
+                    )
+                values.append(_in_range(value, classes))
+            idx = torch.tensor(values, device=output.device, dtype=torch.long)
         else:
-            raise TargetError(f"cannot use {cat!r} as a class target: pass an int, a list of ints or a LongTensor")
+            raise TargetError(
+                f"cannot use {cat!r} as a class target: pass an int, a list of ints, an integer tensor or an "
+                "integer numpy array"
+            )
         if idx.numel() == 1 and batch != 1:
             idx = idx.expand(batch)
         if idx.numel() != batch:
             raise TargetError(
                 f"got {idx.numel()} class targets for a batch of {batch}: pass one per sample, or a single int"
+                + (_one_hot_hint(shape, output) if shape is not None else "")
             )
         bad = (idx < 0) | (idx >= classes)
         if bool(bad.any()):
@@ -68,6 +98,96 @@ class ClassTarget:
     def __call__(self, output: Tensor) -> Tensor:
         idx = self.indices(output)
         return output.gather(1, idx[:, None])[:, 0]
+
+
+_INT_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64} | {
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)
+}
+
+
+def _is_numpy(value: object) -> bool:
+    """A numpy array, or a numpy scalar that is not an integer (``np.int64`` is one already)."""
+    return isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, numbers.Integral)
+
+
+def _not_integers(who: str, dtype: object, kind: str) -> TargetError:
+    """The error for class indices of a non-integer dtype, with the conversion that fixes the usual case."""
+    name = str(dtype).removeprefix("torch.")
+    numpy = kind != "tensor"
+    if name == "bool":
+        hint = " (class indices are ints 0..classes-1, not a mask)"
+    elif "float" in name:
+        to_int = ".astype(int)" if numpy else ".long()"
+        hint = f" (if it holds whole numbers use {to_int}; for one-hot labels or probabilities use .argmax(-1))"
+    elif name == "object":
+        hint = " (if it holds ints use .astype(int))"
+    elif numpy and np.dtype(dtype).kind in "US":
+        hint = " (map class names to their indices first)"
+    else:
+        hint = ""
+    article = "an" if name[0] in "aeiou" else "a"
+    return TargetError(f"class targets must be integers, but {who} is {article} {dtype} {kind}{hint}")
+
+
+def _from_numpy(value: np.ndarray | np.generic, classes: int, who: str) -> Tensor:
+    """An integer numpy array or scalar as an int64 Tensor of the same shape."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise _not_integers(who, array.dtype, "array" if isinstance(value, np.ndarray) else "numpy scalar")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        _in_range(int(array.max()), classes)  # would wrap around as int64
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _read_tensor(value: Tensor, who: str) -> Tensor:
+    """The values of an integer tensor as a dense int64 Tensor (on its own device)."""
+    if value.is_meta:
+        raise TargetError(
+            f"{who} is a {value.dtype} tensor on the meta device, which has a shape but no values: pass the "
+            "class indices themselves (e.g. a LongTensor on the CPU or on the model's device)"
+        )
+    if value.dtype not in _INT_DTYPES:
+        raise _not_integers(who, value.dtype, "tensor")
+    try:
+        if value.is_nested:
+            raise TypeError("a nested tensor holds no single index per sample")
+        if value.layout != torch.strided:
+            value = value.to_dense()
+        return value.to(torch.long)
+    except Exception as exc:  # noqa: BLE001 - an exotic tensor type whose values cannot be read
+        layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TargetError(
+            f"cannot read class indices from {who}, a {layout} {value.dtype} tensor ({type(exc).__name__}: "
+            f"{exc}): pass a plain dense LongTensor of one class index per sample"
+        ) from None
+
+
+def _scalar_index(value: object, classes: int, who: str) -> int | None:
+    """One class index from an int, a numpy integer, or a one-element integer tensor/array.
+
+    ``None`` when ``value`` is not a single number (the caller says what it expected); a
+    TargetError when it is one but not a usable integer (float or bool dtype, meta tensor).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if _is_numpy(value):
+        if np.size(value) != 1:
+            return None
+        value = _from_numpy(value, classes, who)
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            return None
+        return int(_read_tensor(value, who).reshape(()).item())
+    return None
+
+
+def _one_hot_hint(shape: tuple[int, ...] | None, output: Tensor) -> str:
+    """A hint when the target has the output's shape [B, classes]: one-hot labels or scores."""
+    if shape == tuple(output.shape) and output.shape[1] > 1:
+        return ": it has the output's shape [B, classes]; for one-hot labels or scores pass .argmax(1)"
+    return ""
 
 
 def _classes(output: Tensor) -> tuple[int, int]:
@@ -162,14 +282,13 @@ def _per_sample_scores(targets: Sequence, output: Tensor) -> tuple[Tensor, Tenso
             )
         if isinstance(t, ClassTarget) or not callable(t):
             cat = t.category if isinstance(t, ClassTarget) else t
-            if isinstance(cat, Tensor) and cat.numel() == 1:
-                cat = cat.reshape(()).item() if not cat.is_floating_point() else cat
-            if isinstance(cat, bool) or not isinstance(cat, numbers.Integral):
+            index = _scalar_index(cat, output.shape[-1], f"targets[{i}]")
+            if index is None:
                 raise TargetError(
                     f"targets[{i}] = {t!r}: in a list of per-sample targets, each is one class index, a "
                     "ClassTarget of one class, or a callable scoring that sample's output"
                 )
-            idx = ClassTarget(int(cat)).indices(output[i : i + 1])
+            idx = ClassTarget(index).indices(output[i : i + 1])
             scores.append(output[i, idx[0]])
             classes.append(idx[0])
             continue
