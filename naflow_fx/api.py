@@ -75,6 +75,28 @@ def exact_mode(device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def leaves_in_eval(gm: fx.GraphModule) -> Iterator[None]:
+    """The modules ``gm`` calls as leaves (``leaf_modules``, unknown layers) in eval mode, then as they were.
+
+    The flow computes with eval semantics (running statistics, no dropout), and a leaf in training
+    mode would update the user's buffers on every run. Only the ``training`` flags are set, directly:
+    no ``train()`` override of the user's runs.
+    """
+    modes = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            for mod in gm.get_submodule(node.target).modules():
+                modes.setdefault(mod, mod.training)
+    try:
+        for mod in modes:
+            mod.training = False
+        yield
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+
+
 class NAFlow:
     """A compiled NAFlow explainer: build once, call on many batches.
 
@@ -119,6 +141,7 @@ class NAFlow:
         self._mixing: str | None = None  # where the model mixes a batch's images, "" if nowhere; None: not checked
         self._weights_seen: tuple = ()
         self._recipe: tuple | None = None  # (model, example shape, options), set by compile_naflow
+        self._bindings: list[tuple[str, object]] = []  # NOTE [replaced weights], set by compile_naflow
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
         nodes = {n.name: n for n in graph_module.graph.nodes}
         self._to_nchw = {}
@@ -164,7 +187,35 @@ class NAFlow:
                 f"{param.device} (model.to(...), .double() or .half() after compile_naflow); compile it again: "
                 "compile_naflow(model, x)"
             )
+        if self._recipe is not None:
+            self._follow_replaced(self._recipe[0])
         refresh_derived_weights(self.graph_module)
+
+    def _follow_replaced(self, model: nn.Module) -> None:
+        """Hold the tensors and modules now on ``model`` where it replaced them (NOTE [replaced weights])."""
+        stale = [(t, held, _lookup(model, t)) for t, held in self._bindings if _lookup(model, t) is not held]
+        if not stale:
+            return
+        for target, held, live in stale:
+            why = _not_followable(model, target, held, live)
+            if why:
+                raise InputError(
+                    f"{why} since compile_naflow, so the flow cannot use it in place of the one it holds: "
+                    "compile it again, compile_naflow(model, x)"
+                )
+        swap = {id(held): live for _, held, live in stale}
+        users = {id(m) for m in model.modules()}
+        roots = [self.graph_module, self._recorder, self._program.module]
+        roots += [self._maps.module] if self._maps is not None else []
+        for root in roots:
+            for mod in root.modules():
+                if id(mod) in users:
+                    continue  # the user's own modules are never written to
+                for slots in (mod._parameters, mod._buffers, mod._modules):
+                    for key, value in list(slots.items()):
+                        if value is not None and id(value) in swap:
+                            slots[key] = swap[id(value)]
+        self._bindings = [(t, swap.get(id(held), held)) for t, held in self._bindings]
 
     def _check_input(self, x: object) -> Tensor:
         self._check_model()
@@ -242,7 +293,7 @@ class NAFlow:
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)
             try:
-                output, values = self._recorder(xin)
+                output, values = self._recorder.forward(xin)  # not __call__: fx would print a traceback
             except Exception as exc:  # noqa: BLE001 - the model itself rejected this input
                 raise InputError(
                     f"the model failed on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}"
@@ -280,6 +331,7 @@ class NAFlow:
         x: Tensor,
         target: object = None,
         *,
+        targets: object = None,
         keep: str = "all",
         progress: Callable[[SolveRecord], None] | None = None,
     ) -> FlowResult:
@@ -292,13 +344,15 @@ class NAFlow:
         and ``coefficients`` empty), and frees each layer's BPFM and Λ as soon as its map is made,
         for a much lower peak memory (NOTE [memory]). ``progress``, if given, is called with each
         inverse step's :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps`
-        calls), e.g. to drive a progress bar.
+        calls), e.g. to drive a progress bar. ``targets=`` is another name for ``target``, as
+        pytorch-grad-cam and Captum spell it.
         """
+        target = _one_target(target, targets)
         if keep not in _KEEP:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
         if progress is not None and not callable(progress):
             raise InputTypeError(f"progress must be a function of one SolveRecord, got {type(progress).__name__}")
-        with exact_mode(self._device):
+        with exact_mode(self._device), leaves_in_eval(self.graph_module):
             return self._flow(x, target, keep, progress)
 
     def _flow(self, x: Tensor, target: object, keep: str, progress) -> FlowResult:
@@ -348,7 +402,7 @@ class NAFlow:
         return self._maps
 
     def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
-        with exact_mode(self._device):
+        with exact_mode(self._device), leaves_in_eval(self.graph_module):
             return self._cam_maps(x, target, method)
 
     def _cam_maps(self, x: Tensor, target: object, method: str) -> LayerMaps:
@@ -363,13 +417,13 @@ class NAFlow:
                 maps[name] = torch.relu((torch.relu(g) * a).sum(1))
         return LayerMaps(list(self.layers), maps, output, scores, classes, tuple(x.shape[-2:]), method)
 
-    def gradcam(self, x: Tensor, target: object = None) -> LayerMaps:
+    def gradcam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
         """Grad-CAM on exactly the same layers: ``ReLU(Σ_c mean_hw(∂s/∂a)_c · a_c)``, batched, on-device."""
-        return self._cam(x, target, "gradcam")
+        return self._cam(x, _one_target(target, targets), "gradcam")
 
-    def layercam(self, x: Tensor, target: object = None) -> LayerMaps:
+    def layercam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
         """LayerCAM on the same layers: ``ReLU(Σ_c ReLU(∂s/∂a) ⊙ a)``, batched, on-device."""
-        return self._cam(x, target, "layercam")
+        return self._cam(x, _one_target(target, targets), "layercam")
 
     # ------------------------------------------------------------------ inspection
     def layer_table(self) -> str:
@@ -409,6 +463,79 @@ class NAFlow:
 
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
+
+
+def _one_target(target: object, targets: object) -> object:
+    """``target``, or ``targets`` (pytorch-grad-cam's and Captum's name for it); not both."""
+    if targets is None:
+        return target
+    if target is not None:
+        raise ConfigError("pass the target once: as target or as targets (the same argument), not both")
+    return targets
+
+
+# NOTE [replaced weights]: the flow's graph modules hold the model's parameters, buffers and leaf
+# modules by reference, so changes made in place (load_state_dict, an optimiser step, .data) are
+# followed (NOTE [weight cache]). A tensor or module *replaced* on the model (assign=True, a new
+# head, a buffer reassigned, .float() after .double()) is another object, and fx copied the old
+# reference into every graph module of the flow. Each call compares the model's current objects
+# with those the flow holds. A replacement like the old one (same shape, dtype and device; a
+# module of the same class) is put in the flow's own containers in place of the old one; any
+# other (another shape, a weight now computed by pruning or a parametrization) makes the call
+# an InputError asking to compile again, since the plan was made for the old layer.
+
+
+def _bindings(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, object]]:
+    """``(target, object)`` of every parameter, buffer and called module the graph shares with ``model``."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        held = _lookup(gm, target)
+        if held is not None and _lookup(model, target) is held:
+            out.append((target, held))
+    return out
+
+
+def _lookup(root: nn.Module, target: str) -> object:
+    obj: object = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _not_followable(model: nn.Module, target: str, held: object, live: object) -> str | None:
+    """Why the flow cannot hold ``live`` in place of ``held`` at ``target``; None when it can.
+
+    It can when ``live`` is registered on its module (not a weight computed by a hook or a
+    parametrization added since, which changes on every call) and is like ``held``: a tensor of
+    the same shape, dtype and device, or a module of the same class.
+    """
+    kind = "module" if isinstance(held, nn.Module) else "parameter" if isinstance(held, nn.Parameter) else "tensor"
+    owner_name, _, field = target.rpartition(".")
+    owner = _lookup(model, owner_name) if owner_name else model
+    if live is None or not isinstance(owner, nn.Module):
+        return f"{kind} {target!r} of the model was removed"
+    slots = (owner._modules,) if isinstance(held, nn.Module) else (owner._parameters, owner._buffers)
+    if not any(slot.get(field) is live for slot in slots):
+        return (
+            f"{kind} {target!r} of the model was removed or is now computed on every call (pruning or a "
+            "parametrization added)"
+        )
+    if isinstance(held, nn.Module):
+        if type(live) is not type(held):
+            was, now = type(held).__name__, type(live).__name__
+            return f"module {target!r} of the model was replaced by a {now} (it was a {was})"
+        return None
+    if (live.shape, live.dtype, live.device) != (held.shape, held.dtype, held.device):
+        return (
+            f"{kind} {target!r} of the model was replaced by one of shape {tuple(live.shape)}, {live.dtype} on "
+            f"{live.device} (it was {tuple(held.shape)}, {held.dtype} on {held.device})"
+        )
+    return None
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -661,6 +788,7 @@ def compile_naflow(
             "in bfloat16 no solve converges); explain a float32 copy: "
             "compile_naflow(copy.deepcopy(model).float(), x.float())"
         )
+    _check_weights_usable(model)
     if isinstance(example_input, Tensor) and example_input.device != device:
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)
@@ -669,17 +797,43 @@ def compile_naflow(
     gm = passes.check_scope(gm)
     gm = passes.normalize(gm)
     warn_forward_hooks(model, gm)
-    gm = passes.propagate_shapes(gm, example)
-    gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
-    gm = passes.assign_inverse_rules(gm, fallback)
-    chosen = _select_layers(gm, model, layers)
-    flow = NAFlow(gm, chosen, config, reduction, example)
+    with leaves_in_eval(gm):
+        gm = passes.propagate_shapes(gm, example)
+        gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
+        gm = passes.assign_inverse_rules(gm, fallback)
+        chosen = _select_layers(gm, model, layers)
+        flow = NAFlow(gm, chosen, config, reduction, example)
     options = dict(
         solver=solver, damping=damping, tol=tol, max_iter=max_iter, last_layer=flow.last_layer, layers=flow.layers
     )
     options.update(reduction=reduction, fallback=fallback, leaf_modules=leaf_modules)
     flow._recipe = (model, tuple(example.shape), options | ({"concrete_args": concrete_args} if concrete_args else {}))
+    flow._bindings = _bindings(gm, model)
     return flow
+
+
+def _check_weights_usable(model: nn.Module) -> None:
+    """Refuse weights autograd cannot use and observers that would record every run into the model."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_inference() for t in tensors):
+        raise InputError(
+            "the model's weights were made under torch.inference_mode() (it was built or loaded inside it), and "
+            "autograd, which NAFlow needs for its coefficients, cannot use such tensors: build or load the model "
+            "outside inference_mode (torch.no_grad() is fine there)"
+        )
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    for name, mod in model.named_modules():
+        observing = isinstance(mod, ObserverBase) or (
+            isinstance(mod, FakeQuantizeBase) and bool(getattr(mod, "observer_enabled", torch.ones(1))[0])
+        )
+        if observing:
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(mod).__name__}) is a quantization observer, which records statistics into "
+                "the model on every forward: explain the float model (before prepare / prepare_qat), or, for a "
+                "QAT model, stop its observers first: model.apply(torch.ao.quantization.disable_observer)"
+            )
 
 
 def _recompile(model: nn.Module, shape: tuple, options: dict) -> NAFlow:
