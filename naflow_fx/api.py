@@ -22,7 +22,7 @@ from .result import FlowResult, LayerMaps, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import trace, warn_forward_hooks
+from .tracing import not_a_module, trace, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -221,6 +221,9 @@ class NAFlow:
         self._check_model()
         if not isinstance(x, Tensor):
             raise InputTypeError(f"the input must be a torch.Tensor batch [B, C, H, W], got {type(x).__name__}")
+        if x.is_nested or x.layout != torch.strided:
+            layout = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
+            raise InputError(f"the input is a {layout} tensor; pass a dense one, e.g. x.to_dense()")
         rank = len(self._example_shape)
         if x.dim() != rank:
             hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == rank - 1 else ""
@@ -774,7 +777,7 @@ def compile_naflow(
         (torch.Size([2, 8, 8]), torch.Size([2, 5, 16, 16]))
     """
     if not isinstance(model, nn.Module):
-        raise InputTypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(not_a_module(model))
     if reduction not in REDUCTIONS:
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     config = SolverConfig(solver=solver, damping=damping, tol=tol, max_iter=max_iter)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError, InputTypeError, UnsupportedModelError
 
-__all__ = ["NAFlowTracer", "ShapeTracer", "trace", "warn_forward_hooks"]
+__all__ = ["NAFlowTracer", "ShapeTracer", "not_a_module", "trace", "warn_forward_hooks"]
 
 _TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")  # with the separator: not torchvision/
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
@@ -80,12 +80,38 @@ class NAFlowTracer(fx.Tracer):
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
 
+    def is_user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Whether ``leaf_modules`` names ``m`` (by qualified name or type)."""
+        return module_qualified_name in self._leaf_names or (bool(self._leaf_types) and isinstance(m, self._leaf_types))
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names:
-            return True
-        if self._leaf_types and isinstance(m, self._leaf_types):
+        if self.is_user_leaf(m, module_qualified_name):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """fx's placeholders for ``forward``'s arguments, with ``*args`` and ``**kwargs`` bound as ``model(x)``
+        binds them: to ``()`` and to the ``concrete_args`` that name no other argument (usually ``{}``).
+
+        fx would make each a placeholder, that is a proxy for a tuple or dict of unknown contents:
+        ``kwargs.get("mask")`` would then be a proxy, not None, and the graph would need three inputs.
+        """
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        code = inspect.unwrap(root_fn).__code__
+        flags = [f for f in (inspect.CO_VARARGS, inspect.CO_VARKEYWORDS) if code.co_flags & f]
+        if not is_module or not flags or isinstance(self.graph._codegen, fx.graph._PyTreeCodeGen):
+            return fn, args
+        start = len(args) - len(flags)
+        if not all(isinstance(a, fx.Proxy) and a.node.op == "placeholder" for a in args[start:]):
+            return fn, args
+        named = set(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+        extra = {k: v for k, v in (concrete_args or {}).items() if k not in named}
+        for i, flag in enumerate(flags, start):
+            node = args[i].node
+            args[i] = () if flag == inspect.CO_VARARGS else extra
+            getattr(self, "values", {}).pop(node, None)
+            self.graph.erase_node(node)
+        return fn, args
 
 
 # NOTE [fixed shapes]
@@ -225,10 +251,10 @@ def _check_concrete_args(model: nn.Module, concrete_args: object) -> None:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return
-    if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params):
-        return  # *args / **kwargs: any name may be meant
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return  # **kwargs: any name may be meant
     name = type(model).__name__
-    others = [p.name for p in params[1:]]
+    others = [p.name for p in params[1:] if p.kind != inspect.Parameter.VAR_POSITIONAL]
     for key in concrete_args:
         if params and key == params[0].name:
             raise ConfigError(
@@ -240,6 +266,60 @@ def _check_concrete_args(model: nn.Module, concrete_args: object) -> None:
                 f"concrete_args names {key!r}, which is not an argument of {name}.forward; its arguments after the "
                 f"images are: {', '.join(others) or 'none'}"
             )
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _wrap_hint(call: str) -> str:
+    return (
+        "class Explained(torch.nn.Module):\n    def __init__(self, model): super().__init__(); self.model = model\n"
+        f"    def forward(self, x): return self.model({call})\nthen compile_naflow(Explained(model), x)"
+    )
+
+
+def _check_signature(model: nn.Module, concrete_args: dict | None) -> None:
+    """``forward`` must take the images first, by position, and need nothing else a flow does not give.
+
+    A flow calls ``model(x)``: every argument after the images needs a default or a value in
+    ``concrete_args``; ``*args`` and ``**kwargs`` after them are bound empty.
+    """
+    name = type(model).__name__
+    if type(model).forward is nn.Module.forward:
+        raise UnsupportedModelError(f"{name} defines no forward: pass the module that computes the model's output")
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if not params:
+        raise UnsupportedModelError(
+            f"{name}.forward takes no argument, but naflow_fx explains a model of one image tensor: its forward "
+            "must take the images as its first argument"
+        )
+    first = params[0]
+    if first.kind not in _POSITIONAL:
+        if first.kind == inspect.Parameter.VAR_POSITIONAL:
+            how, call, note = f"as *{first.name}", "x", ""
+        elif first.kind == inspect.Parameter.KEYWORD_ONLY:
+            how, call, note = f"by keyword only ({first.name}=...)", f"{first.name}=x", ""
+        else:
+            how, call, note = f"as **{first.name}", "x=x", " (with the keyword it reads)"
+        raise UnsupportedModelError(
+            f"{name}.forward takes its inputs {how}, but naflow_fx feeds forward one image tensor, by position. "
+            f"Wrap the model in a module whose forward takes one image tensor{note}:\n{_wrap_hint(call)}"
+        )
+    given = concrete_args or {}
+    missing = [p.name for p in params[1:] if p.kind not in _VARIADIC and p.default is p.empty and p.name not in given]
+    if missing:
+        values = ", ".join(f"{m!r}: value" for m in missing)
+        them = "it" if len(missing) == 1 else "them"
+        raise ConfigError(
+            f"{name}.forward needs {', '.join(map(repr, missing))} after the images, with no default, but a flow "
+            f"calls model(x) with the images alone: give {them} the value to explain the model at with "
+            f"compile_naflow(..., concrete_args={{{values}}}), or wrap the model in a module whose forward takes "
+            "only the image tensor"
+        )
 
 
 def _is_specialization_check(node: fx.Node) -> bool:
@@ -289,18 +369,89 @@ def _user_frame(tb) -> traceback.FrameSummary | None:
     return frames[-1] if frames else None
 
 
-def _refuse_wrapper(model: nn.Module) -> None:
-    """Wrappers fx cannot see through (data parallel, ``torch.compile``, TorchScript), with the fix."""
+def _exported_types() -> tuple[type, ...]:
+    """The module classes torch.export makes: ``ep.module()``'s and ``torch.export.unflatten``'s."""
+    found: list[type] = []
+    for where, what in (
+        ("torch.export._unlift", "_StatefulGraphModule"),
+        ("torch.export.unflatten", "UnflattenedModule"),
+    ):
+        try:
+            found.append(getattr(__import__(where, fromlist=[what]), what))
+        except (ImportError, AttributeError):  # another torch: the marker below still finds ep.module()
+            pass
+    return tuple(found)
+
+
+def _is_exported(m: nn.Module) -> bool:
+    """``ep.module()`` (a GraphModule of ATen ops carrying the export's range constraints) or an unflattened one."""
+    types = _exported_types()
+    if types and isinstance(m, types):
+        return True
+    return isinstance(m, fx.GraphModule) and hasattr(m, "range_constraints")
+
+
+def _wrapper_fix(m: nn.Module, where: str) -> tuple[str, str, str | None] | None:
+    """Why fx cannot trace through ``m``, the module to pass instead, and a Python expression for it
+    (``where`` names ``m``); None for a plain module."""
+    if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        why = f"{type(m).__name__} only runs its .module on several devices"
+        return why, f"{where}.module", f"{where}.module"
+    if isinstance(getattr(m, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        return "torch.compile wraps the module", f"the module you compiled ({where}._orig_mod)", f"{where}._orig_mod"
+    if isinstance(m, torch.jit.ScriptModule):
+        scripted = getattr(m, "original_name", None)
+        what = "the nn.Module before torch.jit.script/trace"
+        if isinstance(scripted, str) and scripted != type(m).__name__:
+            what += f" (the {scripted} it was made from)"
+        return "TorchScript modules have no Python forward to trace", what, None
+    if _is_exported(m):
+        why = "torch.export's modules (ep.module(), unflatten) run a graph of ATen ops, not the model's layers"
+        return why, "the original nn.Module you gave torch.export.export", None
+    return None
+
+
+def _refuse_wrapper(model: nn.Module, leaves: NAFlowTracer | None = None) -> None:
+    """Refuse wrappers fx cannot see through (data parallel, ``torch.compile``, TorchScript, torch.export),
+    at the root or anywhere inside, with the module to pass instead.
+
+    Inside the model, fx would keep a TorchScript module as one opaque call and the flow would
+    silently stop before it. A sub-module the user made a leaf (``leaves.is_user_leaf``) is opaque
+    by request: it and what it holds are not checked.
+    """
     name = type(model).__name__
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        fix = f"{name} only runs its .module on several devices: pass model.module"
-    elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-        fix = "torch.compile wraps the module: pass the module you compiled (model._orig_mod)"
-    elif isinstance(model, torch.jit.ScriptModule):
-        fix = "TorchScript modules have no Python forward to trace: pass the nn.Module before torch.jit.script/trace"
-    else:
-        return
-    raise UnsupportedModelError(f"torch.fx cannot trace {name}: {fix}")
+    fix = _wrapper_fix(model, "model")
+    if fix is not None:
+        raise UnsupportedModelError(f"torch.fx cannot trace {name}: {fix[0]}: pass {fix[1]}")
+    opaque: tuple[str, ...] = ()
+    for qualname, m in model.named_modules():
+        if not qualname or qualname.startswith(opaque):
+            continue
+        if leaves is not None and leaves.is_user_leaf(m, qualname):
+            opaque += (f"{qualname}.",)
+            continue
+        fix = _wrapper_fix(m, f"model.get_submodule({qualname!r})")
+        if fix is not None:
+            why, what, expr = fix
+            raise UnsupportedModelError(
+                f"torch.fx cannot trace {name}: its sub-module {qualname!r} ({type(m).__name__}) is opaque to fx: the "
+                f"flow could explain at most the layers before it. {why}: put {what} in its place, e.g. "
+                f"model.set_submodule({qualname!r}, {expr or 'original'}), and compile that. To keep it as one "
+                f"opaque step on purpose instead, list it in leaf_modules=[{qualname!r}]"
+            )
+
+
+def not_a_module(model: object) -> str:
+    """The message for a ``model`` that is not an ``nn.Module``, with what to pass for the usual mistakes."""
+    message = f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}"
+    if type(model).__module__.startswith("torch.export"):  # an ExportedProgram
+        return (
+            f"{message}, torch.export's program of ATen ops, which has lost the model's layers: pass the original "
+            "nn.Module you gave torch.export.export (not ep.module() either)"
+        )
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        return f"{message} (the class itself): pass an instance, {model.__name__}(...)"
+    return message
 
 
 def _where(exc: BaseException) -> str:
@@ -312,13 +463,47 @@ def _where(exc: BaseException) -> str:
     return f" at {frame.filename}:{frame.lineno} in {frame.name}(): `{line}`"
 
 
+_STATE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
+    """Each module's attributes and its parameter, buffer and sub-module dicts, to put back after tracing."""
+    state = []
+    for m in model.modules():
+        attrs = dict(vars(m))
+        tables = {k: dict(attrs[k]) for k in _STATE_DICTS if isinstance(attrs.get(k), dict)}  # not TorchScript's
+        state.append((m, attrs, tables))
+    return state
+
+
+def _restore(snapshot: list[tuple[nn.Module, dict, dict]]) -> None:
+    """Give every module back exactly the attributes it had: NOTE [the model is not changed]."""
+    for m, attrs, tables in snapshot:
+        for d, saved in ((vars(m), attrs), *((attrs[k], v) for k, v in tables.items())):
+            for k in [k for k in d if k not in saved]:
+                del d[k]
+            for k, v in saved.items():
+                if k not in d or d[k] is not v:
+                    d[k] = v
+
+
+# NOTE [the model is not changed]
+# Tracing runs the model's forward with the model as fx's root, and fx writes to that root: a tensor
+# made in forward (`std = torch.tensor([...])`) is stored on it as `_tensor_constant0`, other
+# constants as `_<Class>_constant_0` (Tracer.create_arg), and a forward that caches something on
+# `self` stores a proxy. The GraphModule copies what its graph reads when it is built; then `trace`
+# puts back every module's attributes, parameters, buffers and sub-modules as they were, so the
+# graph keeps its own references and the user's model has nothing added, left or replaced.
+
+
 def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None) -> fx.Graph:
     """``tracer.trace(model)`` in eval mode with the user's hooks detached; both restored after.
 
     NOTE [trace in eval mode]: Python branches on ``self.training`` (auxiliary heads, stochastic
     depth, functional dropout) are baked into the graph at trace time, so trace with every module
-    in eval mode and give each module back its own flag afterwards. User hooks must not run on
-    fx proxies while tracing either: detach them for the trace.
+    in eval mode and give each module back its own flag afterwards. The flags are set directly:
+    ``model.eval()`` would run a ``train()`` the model overrides, side effects and all (torch.export's
+    modules refuse it). User hooks must not run on fx proxies while tracing either: detach them.
     """
     modes = {m: m.training for m in model.modules()}
     hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
@@ -326,8 +511,11 @@ def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None)
         for m, saved in hooks.items():
             for h, d in saved.items():
                 setattr(m, h, type(d)())
-        model.eval()
-        return tracer.trace(model, concrete_args=concrete_args)
+        for m in modes:
+            m.training = False
+        with warnings.catch_warnings():  # a tensor in concrete_args: fx cannot add a check, and need not
+            warnings.filterwarnings("ignore", message="Was not able to add assertion to guarantee correct input")
+            return tracer.trace(model, concrete_args=concrete_args)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -353,9 +541,18 @@ def trace(
     shape. ``gm.meta["naflow.fixed_shape"]`` then holds the example's ``(C, H, W)`` and where the
     first trace failed.
 
+    Nothing is added to or left on ``model`` (NOTE [the model is not changed]): the graph module
+    holds the constants tracing made. ``*args`` and ``**kwargs`` of ``forward`` after the images
+    are bound as ``model(x)`` binds them.
+
     Raises:
-        UnsupportedModelError: fx cannot trace the model. The message names the offending
-            line of the model's source and the ways around it.
+        UnsupportedModelError: fx cannot trace the model, or it holds a module fx cannot look
+            inside (``torch.compile``, TorchScript, torch.export, data parallel), or its forward
+            does not take the images first by position. The message names the offending line of the
+            model's source or the sub-module, and the ways around it.
+        ConfigError: an argument of ``forward`` after the images has no default and no value in
+            ``concrete_args``, or ``concrete_args`` names something else.
+        InputTypeError: ``model`` is not an ``nn.Module``.
 
     Example:
         >>> gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
@@ -363,18 +560,28 @@ def trace(
         ['placeholder', 'call_module', 'call_module', 'output']
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"compile_naflow expects a torch.nn.Module, got {type(model).__name__}")
-    _refuse_wrapper(model)
+        raise InputTypeError(not_a_module(model))
+    tracer: fx.Tracer = NAFlowTracer(leaf_modules)
+    _refuse_wrapper(model, tracer)
     _check_concrete_args(model, concrete_args)
+    _check_signature(model, concrete_args)
+    state = _snapshot(model)  # NOTE [the model is not changed]
+    try:
+        return _trace(model, tracer, leaf_modules, concrete_args, example, state)
+    finally:
+        _restore(state)
+
+
+def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.GraphModule:
     name = type(model).__name__
     concrete_args = {**_defaults(model), **(concrete_args or {})} or None
-    tracer: fx.Tracer = NAFlowTracer(leaf_modules)
     fixed = None
     try:
         graph = _run_tracer(tracer, model, concrete_args)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one readable error
         again = ""
         if example is not None:
+            _restore(state)  # what the failed trace left on the model
             try:
                 tracer = ShapeTracer(example, leaf_modules, concrete_args)
                 graph = _run_tracer(tracer, model, concrete_args)

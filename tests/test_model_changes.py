@@ -150,3 +150,9 @@ def test_targets_is_another_name_for_target():
     assert nf.gradcam(X, targets=[3, 0]).classes.tolist() == [3, 0]
     with pytest.raises(ConfigError, match="pass the target once"):
         nf(X, 1, targets=[1, 2])
+
+
+def test_a_sparse_input_is_refused_clearly():
+    nf = compile_naflow(_net(), X[:1])
+    with pytest.raises(InputError, match=r"the input is a sparse_coo tensor; pass a dense one, e.g. x.to_dense\(\)"):
+        nf(X.to_sparse())
