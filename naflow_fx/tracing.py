@@ -25,7 +25,7 @@ _HOOK_DICTS = (
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
     "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",  # a full backward hook wraps the module's output, which fails on proxies
+    "_backward_hooks",  # a full backward hook would wrap a proxy output: torch warns it will not be called
     "_backward_pre_hooks",
 )
 
