@@ -220,7 +220,12 @@ class NAFlow:
     def _check_input(self, x: object) -> Tensor:
         self._check_model()
         if not isinstance(x, Tensor):
-            raise InputTypeError(f"the input must be a torch.Tensor batch [B, C, H, W], got {type(x).__name__}")
+            hint = ""
+            if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x):
+                hint = "; for a list of images [C, H, W] of one size, pass torch.stack(images)"
+            elif type(x).__module__ == "numpy":
+                hint = "; convert it with torch.from_numpy(x) (channels first, [B, C, H, W])"
+            raise InputTypeError(f"the input must be a torch.Tensor batch [B, C, H, W], got {type(x).__name__}{hint}")
         if x.is_nested or x.layout != torch.strided:
             layout = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
             raise InputError(f"the input is a {layout} tensor; pass a dense one, e.g. x.to_dense()")

@@ -567,9 +567,97 @@ def trace(
     _check_signature(model, concrete_args)
     state = _snapshot(model)  # NOTE [the model is not changed]
     try:
-        return _trace(model, tracer, leaf_modules, concrete_args, example, state)
+        gm = _trace(model, tracer, leaf_modules, concrete_args, example, state)
+        if example is not None:
+            _restore(state)  # the model as the user has it, for the comparison
+            _check_faithful(model, gm, example, concrete_args)
+        return gm
     finally:
         _restore(state)
+
+
+# NOTE [faithful trace]
+# fx runs forward on proxies, not tensors, so code that asks what its input is takes another path
+# while tracing: `isinstance(x, torch.Tensor)` is False for a proxy, and torchvision's v2 transforms
+# (Normalize, Resize, ...) pass anything that is not a plain tensor through unchanged. The graph
+# then silently lacks that step and every map explains another model. So after tracing, the graph
+# and the model run once on the example, in eval mode, hooks detached, with the same random seed,
+# and must give the same output.
+
+
+def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
+    """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
+    modes = {m: m.training for m in model.modules()}
+    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
+    try:
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, type(d)())
+        for m in modes:
+            m.training = False
+        outputs = []
+        for module, kwargs in ((model, concrete_args or {}), (gm, {})):
+            # on copies of the weights: a forward may update buffers in place even in eval mode
+            # (F.instance_norm with running statistics), and the model must not change
+            copies = {k: v.detach().clone() for k, v in (*module.named_parameters(), *module.named_buffers())}
+            with torch.random.fork_rng(devices=[example.device] if example.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    outputs.append(torch.func.functional_call(module, copies, (example,), kwargs))
+    except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
+        return
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, d)
+    expected, got = outputs
+    if _same_output(expected, got):
+        return
+    name = type(model).__name__
+    v2 = [q for q, m in model.named_modules() if type(m).__module__.startswith("torchvision.transforms.v2")]
+    cause = (
+        f"its torchvision.transforms.v2 module(s) {', '.join(map(repr, v2[:3]))} pass fx's traced values through "
+        "unchanged (they act on plain tensors only): apply them to the images before the model, or write them "
+        "with torch ops, e.g. (x - mean) / std"
+        if v2
+        else "its forward takes another path for fx's traced values than for tensors (e.g. an "
+        "isinstance(x, torch.Tensor) check, or a library call that passes unknown types through): move that "
+        "step out of the model, or write it with torch ops"
+    )
+    raise UnsupportedModelError(
+        f"the traced graph of {name} does not compute what the model computes on the example "
+        f"({_describe_difference(expected, got)}), so its maps would explain another model: {cause}"
+    )
+
+
+def _same_output(expected: object, got: object) -> bool:
+    if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor):
+        if expected.shape != got.shape or expected.dtype != got.dtype:
+            return False
+        if not expected.is_floating_point():
+            return bool(torch.equal(expected, got))
+        scale = float(expected.abs().nan_to_num(0.0, 0.0, 0.0).max()) if expected.numel() else 0.0
+        return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-3), equal_nan=True))
+    if isinstance(expected, (tuple, list)) and isinstance(got, (tuple, list)) and len(expected) == len(got):
+        return all(_same_output(e, g) for e, g in zip(expected, got))
+    if isinstance(expected, dict) and isinstance(got, dict) and expected.keys() == got.keys():
+        return all(_same_output(expected[k], got[k]) for k in expected)
+    if isinstance(expected, torch.Tensor) or isinstance(got, torch.Tensor):
+        return False
+    return True  # other outputs (None, numbers) are checked by the passes that need a tensor
+
+
+def _describe_difference(expected: object, got: object) -> str:
+    if isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor):
+        if expected.shape != got.shape:
+            return f"the model gives shape {tuple(expected.shape)}, the graph {tuple(got.shape)}"
+        if expected.is_floating_point() and got.is_floating_point():
+            diff = float((expected.double() - got.double()).abs().max())
+            return f"largest difference {diff:.3g} on outputs up to {float(expected.abs().max()):.3g}"
+    return f"the model gives a {type(expected).__name__}, the graph a {type(got).__name__}"
 
 
 def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.GraphModule:

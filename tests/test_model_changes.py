@@ -156,3 +156,14 @@ def test_a_sparse_input_is_refused_clearly():
     nf = compile_naflow(_net(), X[:1])
     with pytest.raises(InputError, match=r"the input is a sparse_coo tensor; pass a dense one, e.g. x.to_dense\(\)"):
         nf(X.to_sparse())
+
+
+def test_a_list_or_array_of_images_is_told_how_to_make_a_batch():
+
+    from naflow_fx.errors import InputTypeError
+
+    nf = compile_naflow(_net(), X[:1])
+    with pytest.raises(InputTypeError, match=r"got list; for a list of images .* torch.stack\(images\)"):
+        nf(list(X))
+    with pytest.raises(InputTypeError, match=r"got ndarray; convert it with torch.from_numpy\(x\)"):
+        nf(X.numpy())

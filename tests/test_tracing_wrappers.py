@@ -324,3 +324,52 @@ def test_concrete_args_names_are_checked_when_only_args_could_take_them():
     with pytest.raises(ConfigError, match=r"'bogus', which is not an argument of Rest\.forward"):
         compile_naflow(Rest().eval(), images(1), concrete_args={"bogus": 1})
     compile_naflow(Rest().eval(), images(1))
+
+
+# ------------------------------------------------------------------ NOTE [faithful trace]
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+class _TensorsOnly(nn.Module):
+    """Scales real tensors only: fx's proxy is not a Tensor, so tracing would skip the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = _cnn()
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            x = x * 2
+        return self.cnn(x)
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = _cnn()
+
+    def forward(self, x):
+        return self.cnn(x + 0.01 * torch.randn_like(x))
+
+
+def test_a_graph_that_skips_a_step_of_the_model_is_refused():
+    from torchvision.transforms import v2
+
+    x = torch.rand(1, 3, 16, 16)
+    model = nn.Sequential(v2.Normalize([0.5] * 3, [0.2] * 3), _cnn()).eval()
+    with pytest.raises(UnsupportedModelError, match=r"does not compute what the model computes.*transforms.v2 .*'0'"):
+        compile_naflow(model, x)
+    with pytest.raises(UnsupportedModelError, match=r"_TensorsOnly does not compute .*isinstance\(x, torch.Tensor\)"):
+        compile_naflow(_TensorsOnly(), x)
+
+
+def test_a_model_that_draws_random_numbers_is_compared_at_the_same_seed():
+    model, x = _Noisy().eval(), torch.rand(1, 3, 16, 16)
+    state = torch.random.get_rng_state()
+    trace(model, example=x)  # graph and model draw the same noise: not refused
+    assert torch.equal(torch.random.get_rng_state(), state)  # the comparison leaves the caller's random stream
+    compile_naflow(model, x)
