@@ -167,3 +167,25 @@ def test_a_list_or_array_of_images_is_told_how_to_make_a_batch():
         nf(list(X))
     with pytest.raises(InputTypeError, match=r"got ndarray; convert it with torch.from_numpy\(x\)"):
         nf(X.numpy())
+
+
+def test_a_dataclass_output_is_named_with_its_fields_and_the_field_to_return():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        feats: torch.Tensor
+        logits: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            f = self.conv(x).relu()
+            return Out(f, self.fc(f.mean((2, 3))))
+
+    with pytest.raises(UnsupportedModelError, match=r"returns an Out dataclass with fields \['feats', 'logits'\]") as e:
+        compile_naflow(Net().eval(), X[:1])
+    assert "return self.model(x).logits" in str(e.value)

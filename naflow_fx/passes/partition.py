@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,8 +147,15 @@ def _output_value(result: object) -> object:
         value = result.meta.get("val", result.meta.get("tensor_meta"))
         if tensor_meta(result) is not None:  # one tensor: its metadata is a named tuple, not the output
             return result
+        if result.op == "call_function" and dataclasses.is_dataclass(result.target):
+            return result.target  # a dataclass made in forward: its class names the fields
         return value if isinstance(value, (tuple, list, dict)) else result
     return result
+
+
+def _is_dataclass(value: object) -> bool:
+    """A dataclass instance, or the class of one built in forward (see ``_output_value``)."""
+    return dataclasses.is_dataclass(value)
 
 
 def _describe_output(result: object) -> str:
@@ -157,6 +165,10 @@ def _describe_output(result: object) -> str:
         return f"a dict with keys {list(result)}"
     if isinstance(result, tuple) and hasattr(result, "_fields"):
         return f"a {type(result).__name__} with fields {list(result._fields)}"
+    if _is_dataclass(result):
+        kind = result.__name__ if isinstance(result, type) else type(result).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        return f"{article} {kind} dataclass with fields {[f.name for f in dataclasses.fields(result)]}"
     if isinstance(result, (tuple, list)):
         return f"a {type(result).__name__} of {len(result)}"
     return repr(result)
@@ -169,6 +181,9 @@ def _wrapper_hint(result: object) -> str:
         pick = f"[{key!r}]"
     elif isinstance(result, tuple) and hasattr(result, "_fields"):
         pick = f".{result._fields[0]}"
+    elif _is_dataclass(result):
+        names = [f.name for f in dataclasses.fields(result)]
+        pick = "." + ("logits" if "logits" in names else names[0] if names else "logits")
     else:
         pick = "[0]"
     return (
