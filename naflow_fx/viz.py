@@ -268,6 +268,18 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "alloc" in str(exc))
 
 
+def _cell_size(cell: float, image_hw: tuple[int, int]) -> tuple[float, float]:
+    """``(width, height)`` in inches of one grid cell: the image's longer side is ``cell``, its shape kept."""
+    h, w = image_hw
+    return cell * w / max(h, w), cell * h / max(h, w)
+
+
+def _figure_size(rows: int, cols: int, cell: float, image_hw: tuple[int, int]) -> tuple[float, float]:
+    """A grid figure's ``(width, height)`` in inches, with room for the column titles."""
+    cell_w, cell_h = _cell_size(cell, image_hw)
+    return cell_w * cols, cell_h * rows + 0.3
+
+
 def _check_grid_room(
     rows: int, cols: int, cell: float, dpi: float, fmt: str | None, image_hw: tuple[int, int], fn: str
 ) -> tuple[str, str, float]:
@@ -279,7 +291,7 @@ def _check_grid_room(
     import matplotlib
 
     fig_dpi = float(matplotlib.rcParams["figure.dpi"])  # tight_layout renders at the figure's dpi
-    width, height = cell * cols, cell * rows + 0.3  # inches, as flow_grid sizes the figure
+    width, height = _figure_size(rows, cols, cell, image_hw)
     dpis = [fig_dpi] + ([float(dpi)] if fmt is not None and fmt not in _VECTOR_FORMATS else [])
     h, w = image_hw
     nbytes = 4 * width * height * fig_dpi**2  # the RGBA canvas of tight_layout
@@ -490,8 +502,8 @@ def flow_grid(
         layers: the columns (default: every layer of the first result).
         row_labels: one label per result (default: the results' ``method``).
         class_names: class index → name, to label each row with the explained class.
-        alpha: the maps' weight in [0, 1]; cmap: a matplotlib colormap name; cell: inches per
-            image; dpi: the saved figure's resolution.
+        alpha: the maps' weight in [0, 1]; cmap: a matplotlib colormap name; cell: inches of
+            each image's longer side (its shape is kept); dpi: the saved figure's resolution.
 
     Every argument is checked before any drawing: bad input raises
     :class:`~naflow_fx.InputError` or :class:`~naflow_fx.InputTypeError`, and no figure is
@@ -566,7 +578,7 @@ def flow_grid(
         _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell)
 
     try:
-        fig = plt.figure(figsize=(cell * cols, cell * rows + 0.3))
+        fig = plt.figure(figsize=_figure_size(rows, cols, cell, tuple(images.shape[-2:])))
         return _finish_figure(fig, draw, path, dpi, fmt, fn)
     except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown
         if not _out_of_memory(exc):
@@ -599,7 +611,9 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, c
     batch = images.shape[0]
     titles = _column_titles(layers)
     fontsize = min(max(6 * cell / 1.15, 4.0), 14.0)  # 6 pt at the default cell, growing with it
-    chars = max(6, int(cell * 72 / (0.6 * fontsize)))  # characters across one cell at that size
+    cell_w, cell_h = _cell_size(cell, tuple(images.shape[-2:]))
+    chars = max(6, int(cell_w * 72 / (0.6 * fontsize)))  # characters across one cell at that size
+    label_chars = max(6, int(cell_h * 72 / (0.6 * fontsize)))  # and along its side, for the row labels
     for b in range(batch):
         for k, res in enumerate(results):
             r = b * len(results) + k
@@ -609,7 +623,7 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, c
             if res.classes is not None:
                 c = int(res.classes[b])
                 cls = f"\n{class_names[c]}" if class_names is not None and 0 <= c < len(class_names) else f" c={c}"
-            ax.set_ylabel(_wrap(f"{labels[k]}{cls}", chars, 4, " "), fontsize=fontsize)
+            ax.set_ylabel(_wrap(f"{labels[k]}{cls}", label_chars, 4, " "), fontsize=fontsize)
             for j, name in enumerate(layers):
                 axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
                 if r == 0:

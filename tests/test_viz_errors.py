@@ -626,3 +626,12 @@ def test_more_figure_arguments_are_checked(tmp_path):
     with pytest.raises(InputTypeError, match="classes must be a Tensor of class indices"):
         flow_grid(_images(), res)
     assert not os.listdir(tmp_path)
+
+
+def test_grid_cells_keep_the_images_shape():
+    res = _res()
+    res.input_size = (8, 16)
+    fig = flow_grid(torch.rand(2, 3, 8, 16), res, cell=2.0)
+    width, height = fig.get_size_inches()
+    assert (width, height) == pytest.approx((2.0 * 3, 1.0 * 2 + 0.3))  # 3 columns, 2 rows of half-height cells
+    plt.close(fig)
