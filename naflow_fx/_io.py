@@ -122,7 +122,10 @@ def write_target(path: str) -> str:
     real = os.path.realpath(path) if os.path.islink(path) else path
     if not os.path.lexists(real):
         return real
-    mode = os.stat(real).st_mode
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:  # a loop of symbolic links, a target that vanished
+        raise InputError(f"cannot write {path}: {exc.strerror}; choose another path") from None
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     if not stat.S_ISREG(mode):
@@ -172,8 +175,8 @@ def load_state_dict_file(
             # torch.load(weights_only=True) refuses pickled objects other than tensors and containers: most often
             # a whole model saved with torch.save(model), which is never unpickled here (that could run any code)
             raise InputError(
-                f"{prefix}weights {path} hold pickled Python objects ({found[1]}), not only tensors: a whole model "
-                f"saved with torch.save(model)?; {pickled_hint}"
+                f"{prefix}weights {path} hold pickled Python objects ({found[1]}), not only tensors (a whole model "
+                f"saved with torch.save(model), or a checkpoint holding other objects); {pickled_hint}"
             ) from None
         raise InputError(
             f"{prefix}cannot read weights {path} ({type(exc).__name__}); save them with "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -141,7 +142,7 @@ class NAFlow:
         self._mixing: str | None = None  # where the model mixes a batch's images, "" if nowhere; None: not checked
         self._weights_seen: tuple = ()
         self._recipe: tuple | None = None  # (model, example shape, options), set by compile_naflow
-        self._bindings: list[tuple[str, object]] = []  # NOTE [replaced weights], set by compile_naflow
+        self._bindings: _Bindings | None = None  # NOTE [replaced weights], set by compile_naflow
         # NOTE [layouts]: channels-last layers (inside ConvNeXt blocks) are reported on their NCHW view
         nodes = {n.name: n for n in graph_module.graph.nodes}
         self._to_nchw = {}
@@ -192,33 +193,44 @@ class NAFlow:
         refresh_derived_weights(self.graph_module)
 
     def _follow_replaced(self, model: nn.Module) -> None:
-        """Hold the tensors and modules now on ``model`` where it replaced them (NOTE [replaced weights])."""
-        stale = [(t, held, _lookup(model, t)) for t, held in self._bindings if _lookup(model, t) is not held]
-        if not stale:
+        """Hold the tensors ``model`` replaced on its own modules (NOTE [replaced weights]); refuse other changes."""
+        bound = self._bindings
+        if bound is None:
             return
+        for path, module in bound.modules:
+            now = _lookup(model, path)
+            if now is not module:
+                kind = type(now).__name__
+                what = "removed" if now is None else f"replaced by {'an' if kind[0] in 'AEIOU' else 'a'} {kind}"
+                raise InputError(
+                    f"module {path!r} ({type(module).__name__}) of the model was {what} since compile_naflow, "
+                    "and the flow was planned for the old one: compile it again, compile_naflow(model, x)"
+                )
+        stale = [(t, held, _lookup(model, t)) for t, held in bound.tensors if _lookup(model, t) is not held]
         for target, held, live in stale:
             why = _not_followable(model, target, held, live)
             if why:
-                raise InputError(
-                    f"{why} since compile_naflow, so the flow cannot use it in place of the one it holds: "
-                    "compile it again, compile_naflow(model, x)"
-                )
-        swap = {id(held): live for _, held, live in stale}
-        users = {id(m) for m in model.modules()}
+                raise InputError(f"{why} since compile_naflow: compile it again, compile_naflow(model, x)")
+        if not stale:
+            return
+        users = bound.users | {id(m) for m in model.modules()}
         roots = [self.graph_module, self._recorder, self._program.module]
         roots += [self._maps.module] if self._maps is not None else []
-        for root in roots:
-            for mod in root.modules():
-                if id(mod) in users:
+        holders = {id(g): g for r in roots for g in r.modules() if isinstance(g, fx.GraphModule) and id(g) not in users}
+        for target, held, live in stale:
+            owner_path, _, field = target.rpartition(".")
+            for graph_module in holders.values():  # each holds the tensor at the target's own path
+                owner = _lookup(graph_module, owner_path) if owner_path else graph_module
+                if not isinstance(owner, nn.Module) or id(owner) in users:
                     continue  # the user's own modules are never written to
-                for slots in (mod._parameters, mod._buffers, mod._modules):
-                    for key, value in list(slots.items()):
-                        if value is not None and id(value) in swap:
-                            slots[key] = swap[id(value)]
-        self._bindings = [(t, swap.get(id(held), held)) for t, held in self._bindings]
+                for slots in (owner._parameters, owner._buffers):
+                    if slots.get(field) is held:
+                        slots[field] = live
+        replaced = {t: live for t, _, live in stale}
+        bound.tensors = [(t, replaced.get(t, held)) for t, held in bound.tensors]
 
     def _check_input(self, x: object) -> Tensor:
-        self._check_model()
+        """``x`` as a batch the flow can explain (call :meth:`_check_model` first), else a library error."""
         if not isinstance(x, Tensor):
             hint = ""
             if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x):
@@ -360,8 +372,10 @@ class NAFlow:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
         if progress is not None and not callable(progress):
             raise InputTypeError(f"progress must be a function of one SolveRecord, got {type(progress).__name__}")
-        with exact_mode(self._device), leaves_in_eval(self.graph_module):
-            return self._flow(x, target, keep, progress)
+        with exact_mode(self._device):
+            self._check_model()  # first: it may put replaced weights into the graph modules
+            with leaves_in_eval(self.graph_module):
+                return self._flow(x, target, keep, progress)
 
     def _flow(self, x: Tensor, target: object, keep: str, progress) -> FlowResult:
         x = self._check_input(x)
@@ -410,8 +424,10 @@ class NAFlow:
         return self._maps
 
     def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
-        with exact_mode(self._device), leaves_in_eval(self.graph_module):
-            return self._cam_maps(x, target, method)
+        with exact_mode(self._device):
+            self._check_model()
+            with leaves_in_eval(self.graph_module):
+                return self._cam_maps(x, target, method)
 
     def _cam_maps(self, x: Tensor, target: object, method: str) -> LayerMaps:
         x = self._check_input(x)
@@ -484,29 +500,45 @@ def _one_target(target: object, targets: object) -> object:
 
 # NOTE [replaced weights]: the flow's graph modules hold the model's parameters, buffers and leaf
 # modules by reference, so changes made in place (load_state_dict, an optimiser step, .data) are
-# followed (NOTE [weight cache]). A tensor or module *replaced* on the model (assign=True, a new
-# head, a buffer reassigned, .float() after .double()) is another object, and fx copied the old
-# reference into every graph module of the flow. Each call compares the model's current objects
-# with those the flow holds. A replacement like the old one (same shape, dtype and device; a
-# module of the same class) is put in the flow's own containers in place of the old one; any
-# other (another shape, a weight now computed by pruning or a parametrization) makes the call
-# an InputError asking to compile again, since the plan was made for the old layer.
+# followed (NOTE [weight cache]). A tensor or module *replaced* on the model (assign=True, a
+# buffer reassigned, .float() after .double(), a new head) is another object, and fx copied the
+# old reference into every graph module of the flow. Each call compares the model's current objects
+# with those the flow holds. Every module the graph went through must be the same object: a new
+# layer may compute otherwise with weights of the same shape (another padding, another
+# activation), and the plan was made for the old one, so that is an InputError asking to
+# compile again. A tensor replaced on its own module by one like it (same shape, dtype and
+# device) is put at its path in the flow's own graph modules, never in the user's modules;
+# any other (another shape, a weight now computed by pruning or a parametrization) is refused.
 
 
-def _bindings(gm: fx.GraphModule, model: nn.Module) -> list[tuple[str, object]]:
-    """``(target, object)`` of every parameter, buffer and called module the graph shares with ``model``."""
-    out = []
+@dataclasses.dataclass
+class _Bindings:
+    """What the flow shares with the model (NOTE [replaced weights])."""
+
+    tensors: list[tuple[str, Tensor]]  # (get_attr target, the parameter or buffer held)
+    modules: list[tuple[str, nn.Module]]  # (qualified name, module) of every module the graph went through
+    users: set[int]  # ids of the model's modules at compile time: never written to
+
+
+def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
+    tensors, paths = [], {}
     for node in gm.graph.nodes:
-        if node.op not in ("get_attr", "call_module"):
-            continue
-        target = str(node.target)
-        held = _lookup(gm, target)
-        if held is not None and _lookup(model, target) is held:
-            out.append((target, held))
-    return out
+        for path, *_ in (node.meta.get("nn_module_stack") or {}).values():
+            paths.setdefault(str(path), None)
+        if node.op == "call_module":
+            paths.setdefault(str(node.target), None)
+        elif node.op == "get_attr":
+            target = str(node.target)
+            held = _lookup(gm, target)
+            if isinstance(held, Tensor) and _lookup(model, target) is held:
+                tensors.append((target, held))
+                paths.setdefault(target.rpartition(".")[0], None)
+    modules = [(p, m) for p in paths if p and isinstance(m := _lookup(model, p), nn.Module)]
+    return _Bindings(tensors, modules, {id(m) for m in model.modules()})
 
 
 def _lookup(root: nn.Module, target: str) -> object:
+    """``root``'s attribute at the dotted ``target``; None where it has none."""
     obj: object = root
     for part in target.split("."):
         obj = getattr(obj, part, None)
@@ -515,34 +547,27 @@ def _lookup(root: nn.Module, target: str) -> object:
     return obj
 
 
-def _not_followable(model: nn.Module, target: str, held: object, live: object) -> str | None:
-    """Why the flow cannot hold ``live`` in place of ``held`` at ``target``; None when it can.
+def _not_followable(model: nn.Module, target: str, held: Tensor, live: object) -> str | None:
+    """Why the flow cannot hold ``live`` in place of ``held`` at ``target`` (its module being the same); None if it can.
 
-    It can when ``live`` is registered on its module (not a weight computed by a hook or a
-    parametrization added since, which changes on every call) and is like ``held``: a tensor of
-    the same shape, dtype and device, or a module of the same class.
+    It can when ``live`` is a tensor registered on that module (not a weight computed by a hook
+    or a parametrization added since) like ``held``: same shape, dtype and device, usable by autograd.
     """
-    kind = "module" if isinstance(held, nn.Module) else "parameter" if isinstance(held, nn.Parameter) else "tensor"
-    owner_name, _, field = target.rpartition(".")
-    owner = _lookup(model, owner_name) if owner_name else model
-    if live is None or not isinstance(owner, nn.Module):
-        return f"{kind} {target!r} of the model was removed"
-    slots = (owner._modules,) if isinstance(held, nn.Module) else (owner._parameters, owner._buffers)
-    if not any(slot.get(field) is live for slot in slots):
+    kind = "parameter" if isinstance(held, nn.Parameter) else "buffer"
+    owner_path, _, field = target.rpartition(".")
+    owner = _lookup(model, owner_path) if owner_path else model
+    if not isinstance(live, Tensor) or not any(s.get(field) is live for s in (owner._parameters, owner._buffers)):
         return (
             f"{kind} {target!r} of the model was removed or is now computed on every call (pruning or a "
             "parametrization added)"
         )
-    if isinstance(held, nn.Module):
-        if type(live) is not type(held):
-            was, now = type(held).__name__, type(live).__name__
-            return f"module {target!r} of the model was replaced by a {now} (it was a {was})"
-        return None
     if (live.shape, live.dtype, live.device) != (held.shape, held.dtype, held.device):
         return (
             f"{kind} {target!r} of the model was replaced by one of shape {tuple(live.shape)}, {live.dtype} on "
             f"{live.device} (it was {tuple(held.shape)}, {held.dtype} on {held.device})"
         )
+    if live.is_inference():
+        return f"{kind} {target!r} of the model was replaced by one made under torch.inference_mode()"
     return None
 
 
@@ -823,6 +848,11 @@ def compile_naflow(
 def _check_weights_usable(model: nn.Module) -> None:
     """Refuse weights autograd cannot use and observers that would record every run into the model."""
     tensors = [*model.parameters(), *model.buffers()]
+    if any(nn.parameter.is_lazy(t) for t in tensors):
+        raise InputError(
+            "the model has lazy layers (nn.LazyConv2d, nn.LazyLinear, ...) whose weights are not made yet: run it "
+            "once on a batch, model(x), before compile_naflow"
+        )
     if any(t.is_inference() for t in tensors):
         raise InputError(
             "the model's weights were made under torch.inference_mode() (it was built or loaded inside it), and "

@@ -1115,8 +1115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
-    if "matplotlib.pyplot" not in sys.modules:  # a command draws files only: no GUI backend (a session's stays)
-        os.environ.setdefault("MPLBACKEND", "Agg")
+    # a command draws files only: no GUI backend, unless matplotlib is already set up (a session's stays)
+    backend = "matplotlib" not in sys.modules and "MPLBACKEND" not in os.environ
+    if backend:
+        os.environ["MPLBACKEND"] = "Agg"
     try:
         with warnings.catch_warnings():
             if getattr(args, "quiet", False):
@@ -1129,6 +1131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first, *rest = _cli_advice(str(exc)).splitlines() or [type(exc).__name__]
         print("\n".join([f"naflow: error: {first}", *(f"  {line}" for line in rest if line.strip())]), file=sys.stderr)
         return 2
+    finally:
+        if backend:
+            os.environ.pop("MPLBACKEND", None)
 
 
 if __name__ == "__main__":  # pragma: no cover

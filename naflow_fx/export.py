@@ -254,7 +254,8 @@ def save_maps(
         InputTypeError: ``result`` is not a result, ``path`` not a path, ``images`` not a list,
             ``extra`` not a dict or not JSON-serialisable, a layer name not a str.
         InputError: ``images`` has the wrong length, ``extra`` reuses a recorded field, ``path``
-            has no file name, is a folder or lies under a file, or a layer name cannot be a zip
+            has no file name, is a folder or lies under a file, or either file is a device, a pipe
+            or read-only (a symbolic link is written through), or a layer name cannot be a zip
             member name (a NUL or backslash, a lone surrogate, over 65535 bytes).
         OSError: the files could not be written (e.g. no permission, disk full); the error names
             the file, and neither file is left half-written.
@@ -302,6 +303,8 @@ def save_maps(
 
     try:  # both files, or neither: a sidecar must never describe other maps
         atomic_write_all([(side, write_sidecar), (path, write_npz)])
+    except InputError as exc:  # a target that is a device, a pipe or read-only
+        raise InputError(f"save_maps: {exc}") from None
     except OSError as exc:  # name the user's file, not the hidden temporary one
         if exc.errno is None:
             raise

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import check_parent
-from .api import NAFlow, compile_naflow, exact_mode
+from .api import NAFlow, compile_naflow, exact_mode, leaves_in_eval
 from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .result import FlowResult, LayerMaps
 from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
@@ -207,10 +207,12 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
         raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
     outs = []
     with torch.no_grad(), exact_mode(nf._device):
+        nf._check_model()
         for chunk in x.split(int(batch_size)) if batch_size else (x,):
             chunk = nf._check_input(chunk.to(nf._device) if stream else chunk)
             try:
-                out = nf.graph_module(chunk)
+                with leaves_in_eval(nf.graph_module):  # NOTE [replaced weights]; no fx traceback printed
+                    out = nf.graph_module.forward(chunk)
             except Exception as exc:  # noqa: BLE001 - the model itself rejected these images
                 first_line = str(exc).partition("\n")[0]  # torch.fx appends the generated code
                 raise InputError(

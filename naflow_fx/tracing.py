@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
 import re
 import traceback
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -99,7 +100,8 @@ class NAFlowTracer(fx.Tracer):
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
         code = inspect.unwrap(root_fn).__code__
         flags = [f for f in (inspect.CO_VARARGS, inspect.CO_VARKEYWORDS) if code.co_flags & f]
-        if not is_module or not flags or isinstance(self.graph._codegen, fx.graph._PyTreeCodeGen):
+        pytree = getattr(fx.graph, "_PyTreeCodeGen", ())  # a private class: () if a torch renames it
+        if not is_module or not flags or (pytree and isinstance(self.graph._codegen, pytree)):
             return fn, args
         start = len(args) - len(flags)
         if not all(isinstance(a, fx.Proxy) and a.node.op == "placeholder" for a in args[start:]):
@@ -493,7 +495,9 @@ def _restore(snapshot: list[tuple[nn.Module, dict, dict]]) -> None:
 # constants as `_<Class>_constant_0` (Tracer.create_arg), and a forward that caches something on
 # `self` stores a proxy. The GraphModule copies what its graph reads when it is built; then `trace`
 # puts back every module's attributes, parameters, buffers and sub-modules as they were, so the
-# graph keeps its own references and the user's model has nothing added, left or replaced.
+# graph keeps its own references and the user's model has nothing added, left or replaced. This
+# is one level deep: a forward that appends to a list or dict it keeps on `self` leaves the
+# appended values there, as calling the model would.
 
 
 def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None) -> fx.Graph:
@@ -505,23 +509,10 @@ def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None)
     ``model.eval()`` would run a ``train()`` the model overrides, side effects and all (torch.export's
     modules refuse it). User hooks must not run on fx proxies while tracing either: detach them.
     """
-    modes = {m: m.training for m in model.modules()}
-    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
-    try:
-        for m, saved in hooks.items():
-            for h, d in saved.items():
-                setattr(m, h, type(d)())
-        for m in modes:
-            m.training = False
-        with warnings.catch_warnings():  # a tensor in concrete_args: fx cannot add a check, and need not
-            warnings.filterwarnings("ignore", message="Was not able to add assertion to guarantee correct input")
-            return tracer.trace(model, concrete_args=concrete_args)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for m, saved in hooks.items():
-            for h, d in saved.items():
-                setattr(m, h, d)
+    with _eval_without_hooks(model), warnings.catch_warnings():
+        # a tensor in concrete_args: fx cannot add a check, and need not
+        warnings.filterwarnings("ignore", message="Was not able to add assertion to guarantee correct input")
+        return tracer.trace(model, concrete_args=concrete_args)
 
 
 def trace(
@@ -581,12 +572,15 @@ def trace(
 # while tracing: `isinstance(x, torch.Tensor)` is False for a proxy, and torchvision's v2 transforms
 # (Normalize, Resize, ...) pass anything that is not a plain tensor through unchanged. The graph
 # then silently lacks that step and every map explains another model. So after tracing, the graph
-# and the model run once on the example, in eval mode, hooks detached, with the same random seed,
-# and must give the same output.
+# and the model run once on the example, in eval mode, hooks detached, on copies of the buffers and
+# of the input, from the same random state (the caller's, put back after each run), and must give
+# the same output.
 
 
-def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
-    """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
+@contextlib.contextmanager
+def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode (flags set directly, NOTE [trace in eval mode]) and without
+    hooks, each given back its own flag and hook dicts afterwards."""
     modes = {m: m.training for m in model.modules()}
     hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
     try:
@@ -595,24 +589,51 @@ def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
                 setattr(m, h, type(d)())
         for m in modes:
             m.training = False
-        outputs = []
-        for module, kwargs in ((model, concrete_args or {}), (gm, {})):
-            # on copies of the weights: a forward may update buffers in place even in eval mode
-            # (F.instance_norm with running statistics), and the model must not change
-            copies = {k: v.detach().clone() for k, v in (*module.named_parameters(), *module.named_buffers())}
-            with torch.random.fork_rng(devices=[example.device] if example.device.type == "cuda" else []):
-                torch.manual_seed(0)
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    outputs.append(torch.func.functional_call(module, copies, (example,), kwargs))
-    except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
-        return
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
         for m, saved in hooks.items():
             for h, d in saved.items():
                 setattr(m, h, d)
+
+
+def _random_state(device: torch.device) -> Callable[[], None]:
+    """A function that puts back the random state of the CPU and of ``device`` as they are now."""
+    cpu = torch.random.get_rng_state()
+    module = getattr(torch, device.type, None) if device.type != "cpu" else None
+    get = getattr(module, "get_rng_state", None)
+    index = device.index if device.type == "cuda" and device.index is not None else None
+    accel = None if get is None else (get(index) if index is not None else get())
+
+    def restore() -> None:
+        torch.random.set_rng_state(cpu)
+        if accel is not None:
+            module.set_rng_state(accel, index) if index is not None else module.set_rng_state(accel)
+
+    return restore
+
+
+def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
+    """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
+    restore_random = _random_state(example.device)
+    deterministic = contextlib.nullcontext()
+    if example.device.type == "cuda":  # the same kernels for both runs (no autotuning, no TF32)
+        deterministic = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
+    outputs = []
+    try:
+        with _eval_without_hooks(model), deterministic, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for module, kwargs in ((model, concrete_args or {}), (gm, {})):
+                # on copies of the buffers and of the input: a forward may update them in place even in
+                # eval mode (F.instance_norm with running statistics, x.div_(255)), and neither may change
+                buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+                restore_random()  # both runs draw the same random numbers, and the caller's stream is kept
+                outputs.append(torch.func.functional_call(module, buffers, (example.clone(),), kwargs))
+    except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
+        return
+    finally:
+        restore_random()
     expected, got = outputs
     if _same_output(expected, got):
         return
@@ -655,7 +676,7 @@ def _describe_difference(expected: object, got: object) -> str:
         if expected.shape != got.shape:
             return f"the model gives shape {tuple(expected.shape)}, the graph {tuple(got.shape)}"
         if expected.is_floating_point() and got.is_floating_point():
-            diff = float((expected.double() - got.double()).abs().max())
+            diff = float((expected.cpu().double() - got.cpu().double()).abs().max())  # MPS has no float64
             return f"largest difference {diff:.3g} on outputs up to {float(expected.abs().max()):.3g}"
     return f"the model gives a {type(expected).__name__}, the graph a {type(got).__name__}"
 

@@ -391,8 +391,8 @@ def _image_to_numpy(image: Tensor) -> np.ndarray:
     if scale_255:
         return img / 255.0
     lo, hi = float(img.min()), float(img.max())
-    if lo >= 0 and hi <= 1:
-        return img
+    if lo >= -1e-3 and hi <= 1 + 1e-3:  # [0, 1] up to rounding (a resized image)
+        return img.clip(0, 1)
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 

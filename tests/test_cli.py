@@ -726,7 +726,18 @@ def test_unreadable_images_say_why(capsys, tmp_path):
     if hasattr(os, "mkfifo"):
         # a FIFO would block reading until something writes to it
         os.mkfifo(tmp_path / "pipe.png")
+        import threading
+
+        def unblock() -> None:  # had the CLI opened the FIFO, it would wait for a writer: end that wait
+            try:
+                os.close(os.open(tmp_path / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader: the CLI did not open it
+
+        timer = threading.Timer(10, unblock)
+        timer.start()
         code, _, err = run(capsys, "explain", str(tmp_path / "pipe.png"), "--model", "shapes")
+        timer.cancel()
         assert_one_line_error(code, err, "pipe.png is not a regular file", "save the image to a file")
 
 

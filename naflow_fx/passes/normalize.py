@@ -30,7 +30,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from ..canonical import bind_canonical, is_canonical
-from ..errors import UnsupportedOpError
+from ..errors import InputError, UnsupportedOpError
 from .partition import feature_subgraph
 
 __all__ = ["normalize", "refresh_derived_weights", "computes_weights"]
@@ -397,7 +397,15 @@ def refresh_derived_weights(gm: fx.GraphModule) -> None:
     An unchanged weight is not written, so the weight cache (NOTE [weight cache]) stays valid.
     """
     for attr_name, compute in gm.meta.get("naflow.derived", {}).items():
-        buffer, value = gm.get_buffer(attr_name), compute()
+        try:
+            value = compute()
+        except Exception as exc:  # noqa: BLE001 - prune.remove / remove_parametrizations since compile
+            raise InputError(
+                f"the weight behind {attr_name.removeprefix('naflow_derived_')!r} can no longer be computed "
+                f"({type(exc).__name__}: {exc}): the model's pruning, weight norm or parametrization changed since "
+                "compile_naflow; compile it again, compile_naflow(model, x)"
+            ) from None
+        buffer = gm.get_buffer(attr_name)
         if value.shape != buffer.shape or value.dtype != buffer.dtype or value.device != buffer.device:
             continue  # the model was cast, moved or reshaped: the flow refuses it (NAFlow._check_model)
         if not torch.equal(value, buffer):
