@@ -23,7 +23,7 @@ from .result import FlowResult, LayerMaps, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import not_a_module, trace, warn_forward_hooks
+from .tracing import not_a_module, trace, training_off, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -84,18 +84,12 @@ def leaves_in_eval(gm: fx.GraphModule) -> Iterator[None]:
     mode would update the user's buffers on every run. Only the ``training`` flags are set, directly:
     no ``train()`` override of the user's runs.
     """
-    modes = {}
+    leaves = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            for mod in gm.get_submodule(node.target).modules():
-                modes.setdefault(mod, mod.training)
-    try:
-        for mod in modes:
-            mod.training = False
+            leaves.update(dict.fromkeys(gm.get_submodule(node.target).modules()))
+    with training_off(leaves):
         yield
-    finally:
-        for mod, mode in modes.items():
-            mod.training = mode
 
 
 class NAFlow:

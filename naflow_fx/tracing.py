@@ -578,21 +578,33 @@ def trace(
 
 
 @contextlib.contextmanager
-def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
-    """Every module of ``model`` in eval mode (flags set directly, NOTE [trace in eval mode]) and without
-    hooks, each given back its own flag and hook dicts afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
+def training_off(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Each of ``modules`` in eval mode, then given back its own flag.
+
+    The flags are set directly (NOTE [trace in eval mode]): ``eval()`` would run a ``train()``
+    the model overrides, side effects and all.
+    """
+    modes = {m: m.training for m in modules}
     try:
-        for m, saved in hooks.items():
-            for h, d in saved.items():
-                setattr(m, h, type(d)())
         for m in modes:
             m.training = False
         yield
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextlib.contextmanager
+def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode and without hooks, each given back its flag and hook dicts after."""
+    hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
+    try:
+        for m, saved in hooks.items():
+            for h, d in saved.items():
+                setattr(m, h, type(d)())
+        with training_off(model.modules()):
+            yield
+    finally:
         for m, saved in hooks.items():
             for h, d in saved.items():
                 setattr(m, h, d)

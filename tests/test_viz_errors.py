@@ -533,7 +533,10 @@ def test_a_symbolic_link_as_the_target_writes_through_it(tmp_path):
     real = tmp_path / "figures" / "grid.png"
     real.write_bytes(b"old")
     link = tmp_path / "grid.png"
-    link.symlink_to(real)
+    try:
+        link.symlink_to(real)
+    except OSError:  # Windows without the right to make symbolic links
+        pytest.skip("cannot make symbolic links here")
     flow_grid(_images(), _res(), link, dpi=50)
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert real.read_bytes()[:4] == b"\x89PNG"
