@@ -512,6 +512,7 @@ class _Bindings:
     tensors: list[tuple[str, Tensor]]  # (get_attr target, the parameter or buffer held)
     modules: list[tuple[str, nn.Module]]  # (qualified name, module) of every module the graph went through
     users: set[int]  # ids of the model's modules at compile time: never written to
+    alive: list[nn.Module]  # those modules, kept alive so that no other object takes one of their ids
 
 
 def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
@@ -528,7 +529,8 @@ def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
                 tensors.append((target, held))
                 paths.setdefault(target.rpartition(".")[0], None)
     modules = [(p, m) for p in paths if p and isinstance(m := _lookup(model, p), nn.Module)]
-    return _Bindings(tensors, modules, {id(m) for m in model.modules()})
+    owners = list(model.modules())
+    return _Bindings(tensors, modules, {id(m) for m in owners}, owners)
 
 
 def _lookup(root: nn.Module, target: str) -> object:
