@@ -274,14 +274,26 @@ def _cell_size(cell: float, image_hw: tuple[int, int]) -> tuple[float, float]:
     return cell * w / max(h, w), cell * h / max(h, w)
 
 
-def _figure_size(rows: int, cols: int, cell: float, image_hw: tuple[int, int]) -> tuple[float, float]:
-    """A grid figure's ``(width, height)`` in inches, with room for the column titles."""
+_COLORBAR_INCHES = 0.55  # the width a grid's colour bar and its label add to the figure
+
+
+def _figure_size(
+    rows: int, cols: int, cell: float, image_hw: tuple[int, int], colorbar: bool = False
+) -> tuple[float, float]:
+    """A grid figure's ``(width, height)`` in inches, with room for the column titles (and the colour bar)."""
     cell_w, cell_h = _cell_size(cell, image_hw)
-    return cell_w * cols, cell_h * rows + 0.3
+    return cell_w * cols + (_COLORBAR_INCHES if colorbar else 0.0), cell_h * rows + 0.3
 
 
 def _check_grid_room(
-    rows: int, cols: int, cell: float, dpi: float, fmt: str | None, image_hw: tuple[int, int], fn: str
+    rows: int,
+    cols: int,
+    cell: float,
+    dpi: float,
+    fmt: str | None,
+    image_hw: tuple[int, int],
+    fn: str,
+    colorbar: bool = False,
 ) -> tuple[str, str, float]:
     """Refuse a grid figure that matplotlib cannot draw or that cannot fit in memory.
 
@@ -291,7 +303,7 @@ def _check_grid_room(
     import matplotlib
 
     fig_dpi = float(matplotlib.rcParams["figure.dpi"])  # tight_layout renders at the figure's dpi
-    width, height = _figure_size(rows, cols, cell, image_hw)
+    width, height = _figure_size(rows, cols, cell, image_hw, colorbar)
     dpis = [fig_dpi] + ([float(dpi)] if fmt is not None and fmt not in _VECTOR_FORMATS else [])
     h, w = image_hw
     nbytes = 4 * width * height * fig_dpi**2  # the RGBA canvas of tight_layout
@@ -486,6 +498,7 @@ def flow_grid(
     cmap: str = "inferno",
     cell: float = 1.15,
     dpi: int = 150,
+    colorbar: bool = False,
 ):
     """One row per image (and per method), one column per layer, maps overlaid on the image.
 
@@ -504,6 +517,8 @@ def flow_grid(
         class_names: class index → name, to label each row with the explained class.
         alpha: the maps' weight in [0, 1]; cmap: a matplotlib colormap name; cell: inches of
             each image's longer side (its shape is kept); dpi: the saved figure's resolution.
+        colorbar: add the colormap's scale at the right. Each map is min-max scaled to [0, 1] on
+            its own (decision 41), so the bar reads within one map, not across maps.
 
     Every argument is checked before any drawing: bad input raises
     :class:`~naflow_fx.InputError` or :class:`~naflow_fx.InputTypeError`, and no figure is
@@ -561,6 +576,8 @@ def flow_grid(
     _check_cmap(cmap, fn)
     _check_number(cell, "cell", fn, low=0.0, low_open=True)
     _check_number(dpi, "dpi", fn, low=0.0, low_open=True)
+    if not isinstance(colorbar, (bool, np.bool_)):
+        raise InputTypeError(f"{fn}: colorbar must be True or False, got {type(colorbar).__name__} {colorbar!r}")
     if cell * dpi < 8:
         raise InputError(
             f"{fn}: cell={cell:g} inches at dpi={dpi:g} draws each image on {cell * dpi:.2g} pixels; pass a cell "
@@ -571,14 +588,14 @@ def flow_grid(
     import matplotlib.pyplot as plt  # the user's backend, untouched (matplotlib picks Agg on a headless machine)
 
     rows, cols = batch * len(results), len(layers) + 1
-    what, todo, nbytes = _check_grid_room(rows, cols, cell, dpi, fmt, tuple(images.shape[-2:]), fn)
+    what, todo, nbytes = _check_grid_room(rows, cols, cell, dpi, fmt, tuple(images.shape[-2:]), fn, bool(colorbar))
 
     def draw() -> None:
         axes = fig.subplots(rows, cols, squeeze=False)
-        _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell)
+        _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell, bool(colorbar))
 
     try:
-        fig = plt.figure(figsize=_figure_size(rows, cols, cell, tuple(images.shape[-2:])))
+        fig = plt.figure(figsize=_figure_size(rows, cols, cell, tuple(images.shape[-2:]), bool(colorbar)))
         return _finish_figure(fig, draw, path, dpi, fmt, fn)
     except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown
         if not _out_of_memory(exc):
@@ -607,7 +624,7 @@ def _wrap(text: str, width: int, max_lines: int, sep: str) -> str:
     return "\n".join(lines).replace("$", r"\$")
 
 
-def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell) -> None:
+def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell, colorbar) -> None:
     batch = images.shape[0]
     titles = _column_titles(layers)
     fontsize = min(max(6 * cell / 1.15, 4.0), 14.0)  # 6 pt at the default cell, growing with it
@@ -633,7 +650,21 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, c
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout(pad=0.2)
+    if not colorbar:
+        fig.tight_layout(pad=0.2)
+        return
+    import matplotlib
+
+    width = fig.get_figwidth()
+    fig.tight_layout(pad=0.2, rect=(0.0, 0.0, 1.0 - _COLORBAR_INCHES / width, 1.0))
+    top, bottom = axes[0, -1].get_position().y1, axes[-1, -1].get_position().y0
+    cax = fig.add_axes((1.0 - 0.78 * _COLORBAR_INCHES / width, bottom, 0.1 / width, top - bottom))
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, 1.0), matplotlib.colormaps[cmap])
+    bar = fig.colorbar(scale, cax=cax, ticks=[0.0, 0.5, 1.0])
+    bar.ax.tick_params(labelsize=fontsize, length=2, pad=1)
+    room = (top - bottom) * fig.get_figheight() * 72 / (0.6 * fontsize)  # characters along the bar
+    label = next((t for t in ("each map, min-max scaled", "min-max scaled") if len(t) <= room), "")
+    bar.set_label(label, fontsize=fontsize, labelpad=2)
 
 
 def flow_gif(

@@ -638,3 +638,16 @@ def test_grid_cells_keep_the_images_shape():
     width, height = fig.get_size_inches()
     assert (width, height) == pytest.approx((2.0 * 3, 1.0 * 2 + 0.3))  # 3 columns, 2 rows of half-height cells
     plt.close(fig)
+
+
+def test_flow_grid_can_show_the_colormaps_scale(tmp_path):
+    plain = flow_grid(_images(), _res())
+    fig = flow_grid(_images(), _res(), tmp_path / "bar.png", colorbar=True, cell=2.0)
+    assert len(fig.axes) == len(plain.axes) + 1  # the colour bar's own axis
+    bar = fig.axes[-1]
+    assert bar.get_ylabel() == "each map, min-max scaled" and bar.get_ylim() == (0.0, 1.0)
+    assert fig.get_figwidth() == pytest.approx(2.0 * 3 + viz._COLORBAR_INCHES)
+    assert bar.get_position().x0 > max(ax.get_position().x1 for ax in fig.axes[:-1])  # beside the grid
+    plt.close(plain)
+    with pytest.raises(InputTypeError, match="colorbar must be True or False, got str 'yes'"):
+        flow_grid(_images(), _res(), colorbar="yes")
