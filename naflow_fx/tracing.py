@@ -98,7 +98,9 @@ class NAFlowTracer(fx.Tracer):
         ``kwargs.get("mask")`` would then be a proxy, not None, and the graph would need three inputs.
         """
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
-        code = inspect.unwrap(root_fn).__code__
+        code = getattr(inspect.unwrap(root_fn), "__code__", None)
+        if code is None:  # not a Python function: fx's placeholders as they are
+            return fn, args
         flags = [f for f in (inspect.CO_VARARGS, inspect.CO_VARKEYWORDS) if code.co_flags & f]
         pytree = getattr(fx.graph, "_PyTreeCodeGen", ())  # a private class: () if a torch renames it
         if not is_module or not flags or (pytree and isinstance(self.graph._codegen, pytree)):
