@@ -200,14 +200,14 @@ class NAFlow:
                     f"module {path!r} ({type(module).__name__}) of the model was {what} since compile_naflow, "
                     "and the flow was planned for the old one: compile it again, compile_naflow(model, x)"
                 )
-        stale = [(t, held, _lookup(model, t)) for t, held in bound.tensors if _lookup(model, t) is not held]
+        stale = [(t, held, live) for t, held in bound.tensors if (live := _lookup(model, t)) is not held]
         for target, held, live in stale:
             why = _not_followable(model, target, held, live)
             if why:
                 raise InputError(f"{why} since compile_naflow: compile it again, compile_naflow(model, x)")
         if not stale:
             return
-        users = bound.users | {id(m) for m in model.modules()}
+        users = {id(m) for m in (*bound.owners, *model.modules())}
         roots = [self.graph_module, self._recorder, self._program.module]
         roots += [self._maps.module] if self._maps is not None else []
         holders = {id(g): g for r in roots for g in r.modules() if isinstance(g, fx.GraphModule) and id(g) not in users}
@@ -511,8 +511,7 @@ class _Bindings:
 
     tensors: list[tuple[str, Tensor]]  # (get_attr target, the parameter or buffer held)
     modules: list[tuple[str, nn.Module]]  # (qualified name, module) of every module the graph went through
-    users: set[int]  # ids of the model's modules at compile time: never written to
-    alive: list[nn.Module]  # those modules, kept alive so that no other object takes one of their ids
+    owners: list[nn.Module]  # the model's modules at compile time, never written to (kept alive: their ids stay theirs)
 
 
 def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
@@ -529,8 +528,7 @@ def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
                 tensors.append((target, held))
                 paths.setdefault(target.rpartition(".")[0], None)
     modules = [(p, m) for p in paths if p and isinstance(m := _lookup(model, p), nn.Module)]
-    owners = list(model.modules())
-    return _Bindings(tensors, modules, {id(m) for m in owners}, owners)
+    return _Bindings(tensors, modules, list(model.modules()))
 
 
 def _lookup(root: nn.Module, target: str) -> object:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import linecache
+import operator
 import os
 import re
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -210,7 +211,7 @@ class ShapeTracer(NAFlowTracer):
         try:
             with torch.no_grad():
                 if node.op == "get_attr":
-                    return _fetch(self.root, str(node.target))
+                    return operator.attrgetter(str(node.target))(self.root)
                 if node.op == "call_function":
                     return node.target(*args, **kwargs)
                 if node.op == "call_method":
@@ -357,13 +358,6 @@ def _bind_concrete(gm: fx.GraphModule, concrete_args: dict) -> None:
         if not ph.users and (key is not None or ph.args):
             graph.erase_node(ph)
     gm.recompile()
-
-
-def _fetch(root: nn.Module, target: str) -> object:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _user_frame(tb) -> traceback.FrameSummary | None:
@@ -612,27 +606,11 @@ def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
                 setattr(m, h, d)
 
 
-def _random_state(device: torch.device) -> Callable[[], None]:
-    """A function that puts back the random state of the CPU and of ``device`` as they are now."""
-    cpu = torch.random.get_rng_state()
-    module = getattr(torch, device.type, None) if device.type != "cpu" else None
-    get = getattr(module, "get_rng_state", None)
-    index = device.index if device.type == "cuda" and device.index is not None else None
-    accel = None if get is None else (get(index) if index is not None else get())
-
-    def restore() -> None:
-        torch.random.set_rng_state(cpu)
-        if accel is not None:
-            module.set_rng_state(accel, index) if index is not None else module.set_rng_state(accel)
-
-    return restore
-
-
 def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
     """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
-    restore_random = _random_state(example.device)
+    device = example.device
     deterministic = contextlib.nullcontext()
-    if example.device.type == "cuda":  # the same kernels for both runs (no autotuning, no TF32)
+    if device.type == "cuda":  # the same kernels for both runs (no autotuning, no TF32)
         deterministic = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
     outputs = []
     try:
@@ -642,12 +620,13 @@ def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
                 # on copies of the buffers and of the input: a forward may update them in place even in
                 # eval mode (F.instance_norm with running statistics, x.div_(255)), and neither may change
                 buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
-                restore_random()  # both runs draw the same random numbers, and the caller's stream is kept
-                outputs.append(torch.func.functional_call(module, buffers, (example.clone(),), kwargs))
+                # each run starts from the caller's random state, given back after it: both runs draw the
+                # same random numbers, and the caller's stream (of the CPU and of the device) is kept
+                cpu = device.type == "cpu"
+                with torch.random.fork_rng(devices=[] if cpu else [device], device_type=None if cpu else device.type):
+                    outputs.append(torch.func.functional_call(module, buffers, (example.clone(),), kwargs))
     except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
         return
-    finally:
-        restore_random()
     expected, got = outputs
     if _same_output(expected, got):
         return
