@@ -23,7 +23,7 @@ from .result import FlowResult, LayerMaps, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import not_a_module, trace, training_off, warn_forward_hooks
+from .tracing import ieee_float32, not_a_module, trace, training_off, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -66,13 +66,19 @@ _KEEP = ("all", "maps")
 # NOTE [caller's modes]
 # Explainers are often called inside `torch.inference_mode()` (which records no graph, so every Λ
 # and map came out wrong without an error) or `torch.autocast` (which runs the convolutions of the
-# solves in bfloat16/float16, far coarser than their 1e-4 stopping rule). A flow leaves both for
-# its own work; an inference tensor as input is copied to a normal one (`_check_input`). The
-# caller's modes hold again when the flow returns.
+# solves in bfloat16/float16, far coarser than their 1e-4 stopping rule). TF32 on a GPU (cuDNN's
+# default for float32 convolutions) and bfloat16 for float32 on a CPU with AMX
+# (`torch.backends.mkldnn.conv.fp32_precision = "bf16"`) are as coarse. A flow leaves all of them
+# for its own work, and so does compiling (whose computed weights and tensor constants must not be
+# inference tensors); an inference tensor as input is copied to a normal one (`_check_input`). The
+# caller's modes and settings hold again when the flow returns.
 @contextlib.contextmanager
 def exact_mode(device: torch.device) -> Iterator[None]:
-    """Inference mode and autocast off on ``device``, whatever the caller's context (NOTE [caller's modes])."""
-    with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+    """Inference mode, autocast and reduced-precision float32 kernels off, whatever the caller's context.
+
+    NOTE [caller's modes]; the settings are the caller's again afterwards.
+    """
+    with torch.inference_mode(False), torch.autocast(device.type, enabled=False), ieee_float32():
         yield
 
 
@@ -104,6 +110,9 @@ class NAFlow:
         graph_module: the normalised forward graph the flow runs on.
         config: the :class:`~naflow_fx.solvers.SolverConfig`.
         reduction: ``"sum_relu"`` (Eq. 2) or ``"relu_sum"`` (the authors' code).
+        plan: the stages and regions (:class:`~naflow_fx.passes.Plan`) the inverse network follows.
+        fixed_shape: ``None``, or the ``(C, H, W)`` the model was traced at and where in its forward
+            a size was read in Python (inputs must then have that size).
     """
 
     def __init__(
@@ -436,11 +445,19 @@ class NAFlow:
         return LayerMaps(list(self.layers), maps, output, scores, classes, tuple(x.shape[-2:]), method)
 
     def gradcam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
-        """Grad-CAM on exactly the same layers: ``ReLU(Σ_c mean_hw(∂s/∂a)_c · a_c)``, batched, on-device."""
+        """Grad-CAM on exactly the same layers: ``ReLU(Σ_c mean_hw(∂s/∂a)_c · a_c)``, batched, on-device.
+
+        ``x`` and ``target`` (or ``targets=``) are those of a flow call: ``None`` explains each
+        sample's argmax.
+        """
         return self._cam(x, _one_target(target, targets), "gradcam")
 
     def layercam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
-        """LayerCAM on the same layers: ``ReLU(Σ_c ReLU(∂s/∂a) ⊙ a)``, batched, on-device."""
+        """LayerCAM on the same layers: ``ReLU(Σ_c ReLU(∂s/∂a) ⊙ a)``, batched, on-device.
+
+        ``x`` and ``target`` (or ``targets=``) are those of a flow call: ``None`` explains each
+        sample's argmax.
+        """
         return self._cam(x, _one_target(target, targets), "layercam")
 
     # ------------------------------------------------------------------ inspection
@@ -820,11 +837,12 @@ def compile_naflow(
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)
 
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
-    gm = passes.check_scope(gm)
-    gm = passes.normalize(gm)
+    with exact_mode(device):  # NOTE [caller's modes]: no inference-mode constants or computed weights
+        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
+        gm = passes.check_scope(gm)
+        gm = passes.normalize(gm)
     warn_forward_hooks(model, gm)
-    with leaves_in_eval(gm):
+    with exact_mode(device), leaves_in_eval(gm):
         gm = passes.propagate_shapes(gm, example)
         gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
         gm = passes.assign_inverse_rules(gm, fallback)
@@ -847,6 +865,13 @@ def _check_weights_usable(model: nn.Module) -> None:
             "the model has lazy layers (nn.LazyConv2d, nn.LazyLinear, ...) whose weights are not made yet: run it "
             "once on a batch, model(x), before compile_naflow"
         )
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise InputError(
+            f"the model's weights are on the meta device ({_listed(meta)}): they hold no values, as when a model is "
+            "built under torch.device('meta'); load them first, e.g. model.load_state_dict(state_dict, assign=True), "
+            "or model.to_empty(device='cpu') and then load_state_dict"
+        )
     if any(t.is_inference() for t in tensors):
         raise InputError(
             "the model's weights were made under torch.inference_mode() (it was built or loaded inside it), and "
@@ -866,6 +891,12 @@ def _check_weights_usable(model: nn.Module) -> None:
                 "the model on every forward: explain the float model (before prepare / prepare_qat), or, for a "
                 "QAT model, stop its observers first: model.apply(torch.ao.quantization.disable_observer)"
             )
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    """``'a', 'b', 'c' and 4 more``: the first few of ``names``, quoted."""
+    shown = ", ".join(map(repr, names[:most]))
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _recompile(model: nn.Module, shape: tuple, options: dict) -> NAFlow:

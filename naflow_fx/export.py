@@ -102,6 +102,9 @@ def summary(
 ) -> dict:
     """The JSON-ready description of ``result`` that :func:`save_maps` writes as the sidecar.
 
+    ``model``, ``class_names``, ``images`` and ``extra`` are those of :func:`save_maps`: the
+    model's name, class index → name, one label per sample, and more fields.
+
     Raises :class:`~naflow_fx.errors.InputTypeError` if ``result`` is not a result, ``images`` is
     not a list or ``extra`` not a dict, and :class:`~naflow_fx.errors.InputError` if ``images``
     does not have one label per sample or ``extra`` reuses a field this function writes.

@@ -433,8 +433,9 @@ class EpisodeExplanation:
 
     def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):
         """Query ``q`` (w.r.t. its predicted prototype) above the supports of the predicted class
-        (each w.r.t. the query): one row per image, one column per layer. Saves a PNG when
-        ``path`` is given; returns the matplotlib figure. Needs matplotlib (``vision`` extra)."""
+        (each w.r.t. the query): one row per image, one column per layer (``layers``, default: all
+        of the flow's). Saves a PNG when ``path`` is given; returns the matplotlib figure. Needs
+        matplotlib (``vision`` extra)."""
         q = _index(
             q,
             self.query.shape[0],

@@ -178,8 +178,11 @@ def explain_knn(
         TargetError: ``k`` not in ``1..M``, ``num_classes`` not a positive int, labels outside
             ``0..num_classes-1``, so many classes that ``class_scores`` would exceed 1 GiB, a
             model that does not output ``[B, D]``, or an image it embeds to the zero vector.
-        ConfigError: ``tau <= 0``, or a ``tau`` so small that the votes ``exp(s_j/τ)`` overflow
-            or underflow float64.
+        ConfigError: ``tau <= 0``, a ``tau`` so small that the votes ``exp(s_j/τ)`` overflow
+            or underflow float64, ``layers`` or ``compile_options`` together with a compiled
+            NAFlow, or a ``compile_options`` key that ``compile_naflow`` does not take.
+        InputTypeError: ``bank`` is not a tensor, ``model`` neither an ``nn.Module`` nor a
+            NAFlow, or ``compile_options`` not a dict.
     """
     x = _as_batch(x, "x")
     if not isinstance(bank, Tensor):

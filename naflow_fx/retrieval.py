@@ -96,8 +96,8 @@ class MatchExplanation:
 
     def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):
         """For each of query ``q``'s matches: a row of the query (w.r.t. the match) and a row of the
-        match (w.r.t. the query); one column per layer. Saves a PNG when ``path`` is given; returns
-        the figure. Needs matplotlib (``vision`` extra)."""
+        match (w.r.t. the query); one column per layer (``layers``, default: all of the flow's).
+        Saves a PNG when ``path`` is given; returns the figure. Needs matplotlib (``vision`` extra)."""
         nq = self.indices.shape[0]
         q = _index(q, nq, f"query index {q!r} is out of range: there are {nq} queries (0..{nq - 1})")
         fmt, layers = _check_figure(path, layers, self.query_flow, "MatchExplanation.plot")
@@ -151,9 +151,13 @@ def explain_match(
         InputError: empty or malformed query / gallery, images of different shapes, images the
             model fails on, NaN / Inf embeddings, or ``gallery_embeddings`` of the wrong shape,
             not floating point, not finite or with all-zero rows.
-        InputTypeError: ``gallery_embeddings`` is not a tensor.
+        InputTypeError: ``gallery_embeddings`` is not a tensor, ``model`` neither an ``nn.Module``
+            nor a NAFlow, or ``compile_options`` not a dict.
         TargetError: ``k`` not in ``1..G``, a model that does not output ``[B, D]``, or a query
             or one of its top-k matches that the model embeds to the zero vector.
+        ConfigError: ``layers`` or ``compile_options`` together with a compiled NAFlow, a
+            ``compile_options`` key that ``compile_naflow`` does not take (or ``layers`` in it),
+            or a ``batch_size`` that is not a positive int or None.
     """
     query = _as_batch(query, "query")
     if isinstance(gallery, Tensor) and gallery.dim() >= 1 and gallery.shape[0] == 0:

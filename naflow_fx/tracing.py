@@ -591,6 +591,49 @@ def training_off(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products in full float32, then the caller's settings again.
+
+    A user may let float32 run in TF32 on a GPU (cuDNN's default for convolutions) or in bfloat16
+    on a CPU with AMX (``torch.backends.mkldnn``), for speed; both keep about 3 significant digits,
+    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). Only torch's
+    per-operator ``fp32_precision`` settings are read and written: reading the older ``allow_tf32``
+    flags fails once both kinds were set, and the caller can still read theirs after this.
+    """
+    backends = torch.backends
+    leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
+    leaves = [leaf for leaf in leaves if leaf is not None and hasattr(leaf, "fp32_precision")]  # torch < 2.9: none
+    saved = [leaf.fp32_precision for leaf in leaves]
+    try:
+        for leaf, value in zip(leaves, saved):
+            if value != "ieee":
+                leaf.fp32_precision = "ieee"
+        yield
+    finally:
+        for leaf, value in zip(leaves, saved):
+            if leaf.fp32_precision != value:
+                leaf.fp32_precision = value
+
+
+_FP32_LEAVES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "conv"), ("mkldnn", "matmul"))
+
+
+@contextlib.contextmanager
+def _same_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, no cuDNN autotuning and deterministic kernels, then the caller's settings again."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    try:
+        cudnn.benchmark, cudnn.deterministic = False, True
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+
+
+@contextlib.contextmanager
 def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
     """Every module of ``model`` in eval mode and without hooks, each given back its flag and hook dicts after."""
     hooks = {m: {h: getattr(m, h) for h in _HOOK_DICTS if hasattr(m, h)} for m in model.modules()}
@@ -609,12 +652,15 @@ def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
 def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
     """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
     device = example.device
-    deterministic = contextlib.nullcontext()
-    if device.type == "cuda":  # the same kernels for both runs (no autotuning, no TF32)
-        deterministic = torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False)
     outputs = []
-    try:
-        with _eval_without_hooks(model), deterministic, torch.no_grad(), warnings.catch_warnings():
+    try:  # the same kernels for both runs: no autotuning, no TF32 or bfloat16 for float32
+        with (
+            _eval_without_hooks(model),
+            _same_kernels(device),
+            ieee_float32(),
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             for module, kwargs in ((model, concrete_args or {}), (gm, {})):
                 # on copies of the buffers and of the input: a forward may update them in place even in

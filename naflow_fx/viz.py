@@ -413,8 +413,8 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
 
     ``image`` is ``[C, H, W]`` (C = 1 or 3) or ``[H, W]``, shown as it is in [0, 1] (or ``uint8``)
     and min-max scaled otherwise; ``heatmap`` is one map ``[h, w]``, scaled to [0, 1] on its own;
-    ``alpha`` in [0, 1] is the map's weight (torchcam's ``overlay_mask`` weighs the image instead).
-    Bad arguments raise :class:`~naflow_fx.InputError`.
+    ``alpha`` in [0, 1] is the map's weight (torchcam's ``overlay_mask`` weighs the image instead);
+    ``cmap`` is a matplotlib colormap name. Bad arguments raise :class:`~naflow_fx.InputError`.
 
     Example:
         >>> overlay(torch.rand(3, 8, 8), torch.rand(4, 4)).shape
@@ -689,6 +689,8 @@ def flow_gif(
         layers: the frames (default: every layer of ``result``).
         size: the longer side of each image in the GIF, in pixels (a positive int); the images
             keep their shape.
+        alpha: the maps' weight over the images, in [0, 1] (as in :func:`overlay`).
+        cmap: a matplotlib colormap name.
         duration: milliseconds per frame (the last frame is held three times as long).
 
     Every argument is checked before any frame is drawn (:class:`~naflow_fx.InputError`,

@@ -171,7 +171,7 @@ def test_deep_naflow_maps_concentrate_on_the_object(shapes_flow):
 
 
 def test_the_default_damping_is_solved_reliably_in_float32(shapes_flow):
-    """docs/naflow.md, "Choosing the damping": at the default damping and tolerance, float32 CGLS
+    """docs/naflow.md, decision 32: at the default damping and tolerance, float32 CGLS
     gives every layer the map of the float64, tightly converged solve of the same problem (at
     damping 1e-3 ``max_iter=500`` is not enough: mean r 0.915 at ``layer1.0.conv2`` over 40
     held-out images)."""
