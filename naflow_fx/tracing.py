@@ -8,6 +8,7 @@ import linecache
 import operator
 import os
 import re
+import threading
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator
@@ -599,20 +600,36 @@ def ieee_float32() -> Iterator[None]:
     far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). Only torch's
     per-operator ``fp32_precision`` settings are read and written: reading the older ``allow_tf32``
     flags fails once both kinds were set, and the caller can still read theirs after this.
+
+    The settings are process-wide, so the first of nested or concurrent (threaded) uses saves them
+    and the last one out gives them back; one thread's flow never ends another's full precision.
     """
-    backends = torch.backends
-    leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
-    leaves = [leaf for leaf in leaves if leaf is not None and hasattr(leaf, "fp32_precision")]  # torch < 2.9: none
-    saved = [leaf.fp32_precision for leaf in leaves]
+    global _ieee_users, _ieee_saved
+    with _IEEE_LOCK:
+        if _ieee_users == 0:
+            backends = torch.backends
+            leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
+            leaves = [leaf for leaf in leaves if leaf is not None and hasattr(leaf, "fp32_precision")]  # older torch
+            _ieee_saved = [(leaf, leaf.fp32_precision) for leaf in leaves]
+            for leaf, value in _ieee_saved:
+                if value != "ieee":
+                    leaf.fp32_precision = "ieee"
+        _ieee_users += 1
     try:
-        for leaf, value in zip(leaves, saved):
-            if value != "ieee":
-                leaf.fp32_precision = "ieee"
         yield
     finally:
-        for leaf, value in zip(leaves, saved):
-            if leaf.fp32_precision != value:
-                leaf.fp32_precision = value
+        with _IEEE_LOCK:
+            _ieee_users -= 1
+            if _ieee_users == 0:
+                for leaf, value in _ieee_saved:
+                    if leaf.fp32_precision != value:
+                        leaf.fp32_precision = value
+                _ieee_saved = []
+
+
+_IEEE_LOCK = threading.Lock()
+_ieee_users = 0  # the ieee_float32 contexts open now, in any thread
+_ieee_saved: list = []  # (setting, the caller's value) saved by the first of them
 
 
 _FP32_LEAVES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "conv"), ("mkldnn", "matmul"))

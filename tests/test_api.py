@@ -431,6 +431,58 @@ def test_reduced_precision_float32_kernels_are_off_for_the_flow_and_the_callers_
         torch.testing.assert_close(got.maps[name], ref.maps[name])
 
 
+def test_concurrent_flows_keep_full_precision_until_the_last_one_ends(monkeypatch):
+    """ieee_float32 is process-wide: the first flow in saves the caller's settings and the last one
+    out gives them back. Thread "a" enters first and ends while thread "b" is still solving."""
+    import threading
+
+    from naflow_fx.solvers import context
+
+    model, x = small_net(), batch(2)
+    flows = {name: compile_naflow(model, x[:1], solver="iterative") for name in "ab"}
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = [], []
+    real = context.cgls
+
+    def spy(*args, **kwargs):
+        me = threading.current_thread().name
+        if me == "a" and not a_inside.is_set():
+            a_inside.set()
+            assert b_inside.wait(60)
+        if me == "b" and not b_inside.is_set():
+            b_inside.set()
+            assert a_done.wait(60)  # "a" has left its flow; "b" goes on solving
+        if me == "b":
+            seen.append(_fp32_settings())
+        return real(*args, **kwargs)
+
+    def run(name):
+        try:
+            if name == "b":
+                assert a_inside.wait(60)
+            flows[name](x)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            if name == "a":
+                a_done.set()
+
+    monkeypatch.setattr(context, "cgls", spy)
+    before = torch.backends.mkldnn.conv.fp32_precision
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    try:
+        threads = [threading.Thread(target=run, args=(name,), name=name) for name in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert seen and all(s[2] == "ieee" for s in seen)  # "a" leaving did not end "b"'s full precision
+        assert torch.backends.mkldnn.conv.fp32_precision == "bf16"  # given back by the last one out
+    finally:
+        torch.backends.mkldnn.conv.fp32_precision = before
+
+
 def test_a_model_on_the_meta_device_is_refused_with_how_to_load_its_weights():
     with torch.device("meta"):
         model = small_net()
