@@ -73,6 +73,9 @@ class ModelSpec:
         mean, std: per-channel input normalisation (after scaling pixels to [0, 1]).
         class_names: class index → name, when known.
         resize: ``"crop"`` (shorter side to size, centre crop; ImageNet style) or ``"stretch"``.
+        crop_fraction: with ``"crop"``, the side of the central square as a fraction of the shorter
+            side: torchvision's ``crop_size / resize_size`` for its models (224 / 256 unless the
+            weights say otherwise), 1.0 (the whole central square) for others.
         random_weights: a torchvision architecture built without weights.
         known_input: whether ``mean``/``std`` are the model's own (False for a user's model, which
             gets ImageNet's unless ``--mean``/``--std`` say otherwise).
@@ -85,6 +88,7 @@ class ModelSpec:
     std: tuple[float, ...] = IMAGENET_STD
     class_names: Sequence[str] | None = None
     resize: str = "crop"
+    crop_fraction: float = 1.0
     random_weights: bool = False
     known_input: bool = True
 
@@ -221,7 +225,7 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
         model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
             _load_state_dict(model, weights, name, torchvision=True)
-        return ModelSpec(model.eval(), name, random_weights=weights is None)
+        return ModelSpec(model.eval(), name, crop_fraction=_IMAGENET_CROP, random_weights=weights is None)
     enum = torchvision.models.get_model_weights(name)
     try:
         chosen = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
@@ -235,9 +239,17 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
             f"could not load {name} weights {chosen.name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "download them where there is internet, or pass a state-dict file with --weights"
         ) from None
-    crop = chosen.transforms().crop_size
+    # the weights' own evaluation transform: shorter side to resize_size, centre crop of crop_size
+    transform = chosen.transforms()
+    crop, resize = (getattr(transform, k, None) for k in ("crop_size", "resize_size"))
     size = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
-    return ModelSpec(model.eval(), name, size, class_names=chosen.meta.get("categories"))
+    resize = int(resize[0] if isinstance(resize, (list, tuple)) else resize) if resize else size
+    spec = ModelSpec(model.eval(), name, size, class_names=chosen.meta.get("categories"))
+    spec.crop_fraction = min(1.0, size / resize)
+    return spec
+
+
+_IMAGENET_CROP = 224 / 256  # torchvision's ImageNet evaluation: shorter side to 256, centre crop of 224
 
 
 def load_model(spec: str, weights: str | None = None) -> ModelSpec:
@@ -262,15 +274,24 @@ def load_model(spec: str, weights: str | None = None) -> ModelSpec:
 
 
 # ---------------------------------------------------------------------------------------- images
-def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.Tensor:
+def load_images(
+    paths: Sequence[str],
+    size: int,
+    resize: str = "crop",
+    crop_fraction: float = 1.0,
+    notes: list[str] | None = None,
+) -> torch.Tensor:
     """Read image files as ``float Tensor[N, 3, size, size]`` in [0, 1] (raises :class:`CLIError`).
 
-    ``resize="crop"``: the central square (ImageNet style: the shorter side scaled to ``size``);
-    ``"stretch"``: the whole image to ``size × size``. An image with an EXIF orientation (a photo
-    stored sideways) is turned upright first, as viewers show it. Only that square is resampled, so a very
-    long, thin image costs no more than a square one. 16-bit and 32-bit greyscale images are
-    scaled from their full range (65535, or 255 when no value exceeds it; float images from
-    [0, 1] when they fit in it), not clipped at 255.
+    ``resize="crop"``: a central square, ``crop_fraction`` of the shorter side, to ``size``
+    (ImageNet style: torchvision's models take 224 / 256 of it, as their resize to 256 and centre
+    crop of 224 do); ``"stretch"``: the whole image to ``size × size``. An image with an EXIF
+    orientation (a photo stored sideways) is turned upright first, as viewers show it. Only that
+    square is resampled, so a very long, thin image costs no more than a square one. Transparent
+    pixels are shown on white, and an animated or multi-page file gives its first frame; each is
+    said in ``notes`` (when a list is given). 16-bit and 32-bit greyscale images are scaled from
+    their full range (65535, or 255 when no value exceeds it; float images from [0, 1] when they
+    fit in it), not clipped at 255; negative, non-finite or over-16-bit values are an error.
 
     Example:
         >>> from naflow_fx.data.shapes import sample_paths
@@ -281,6 +302,7 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
     from PIL import Image, UnidentifiedImageError
 
     out = []
+    notes = [] if notes is None else notes
     for path in paths:
         if not os.path.exists(path):
             raise CLIError(f"image not found: {path}; check the path")
@@ -293,26 +315,26 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
             raise CLIError(f"{path} is not a regular file (a pipe, device or socket); save the image to a file")
         try:
             with _open_image(path) as im:
+                frames = getattr(im, "n_frames", 1)
                 im.load()
+                if frames > 1:
+                    notes.append(f"{path} has {frames} frames or pages; the first one is explained")
                 im = _upright(im)
                 w, h = im.size
                 box = (0, 0, w, h)
                 if resize == "crop":
-                    side = min(w, h)
-                    left, top = (w - side) // 2, (h - side) // 2
+                    side = min(w, h) * crop_fraction
+                    left, top = (w - side) / 2, (h - side) / 2
                     box = (left, top, left + side, top + side)
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                    grey = im.convert("F")
-                    array = np.asarray(grey.resize((size, size), Image.BILINEAR, box=box), np.float32)
-                    peak = grey.getextrema()[1]
-                    if im.mode.startswith("I;16"):
-                        scale = 65535.0
-                    elif im.mode == "F" and peak <= 1:
-                        scale = 1.0
-                    else:
-                        scale = 255.0 if peak <= 255 else 65535.0
-                    array = np.repeat((array / scale).clip(0, 1)[:, :, None], 3, axis=2)
+                    array = _deep_grey(im, path, size, box, notes)
                 else:
+                    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+                        # what a viewer shows on a white page, not the colours hidden under transparent pixels
+                        rgba = im.convert("RGBA")
+                        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                        if rgba.getextrema()[3][0] < 255:
+                            notes.append(f"{path} has transparent pixels: they are explained as white")
                     rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
                     array = np.asarray(rgb, np.float32) / 255.0
         except Image.DecompressionBombError:
@@ -334,6 +356,37 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> torch.
             ) from None
         out.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
+    """A 16-bit, 32-bit or float greyscale image as ``float32 [size, size, 3]`` in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    grey = im.convert("F")
+    low, peak = grey.getextrema()
+    if not (math.isfinite(low) and math.isfinite(peak)):
+        raise CLIError(f"cannot read image {path}: it has NaN or infinite pixel values; replace them first")
+    if low < 0:
+        raise CLIError(
+            f"cannot read image {path}: its values go down to {low:g}, and the CLI reads pixels as intensities "
+            "from 0; save it scaled to [0, 1] (or as an 8- or 16-bit image), or explain it from Python"
+        )
+    if im.mode.startswith("I;16"):
+        scale = 65535.0
+    elif im.mode == "F" and peak <= 1:
+        scale = 1.0
+    elif peak <= 65535:
+        scale = 255.0 if peak <= 255 else 65535.0
+    else:
+        raise CLIError(
+            f"cannot read image {path}: its values reach {peak:g}, beyond 16 bits (65535); save it scaled to 16 "
+            "bits or to [0, 1], or explain it from Python"
+        )
+    if 0 < peak < scale / 20:
+        notes.append(f"{path} uses values up to {peak:g} of the 0–{scale:g} range it is read from, so it looks dark")
+    array = np.asarray(grey.resize((size, size), Image.BILINEAR, box=box), np.float32)
+    return np.repeat((array / scale).clip(0, 1)[:, :, None], 3, axis=2)
 
 
 def _open_image(path: str):
@@ -431,6 +484,7 @@ def run_explain(
     gif_size: int = 192,
     figure_format: str = "png",
     say: Callable[[str], None] = print,
+    image_notes: Sequence[str] = (),
 ) -> dict:
     """Explain every image, write the grid, the GIF and the ``.npz``/JSON files; returns what was written.
 
@@ -440,12 +494,19 @@ def run_explain(
     side of each image in the GIF, ``figure_format`` the grid's file type (``png``, ``pdf``, ``svg``).
     ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``, and ``fallback`` and
     ``last_layer`` if set) go to ``compile_naflow`` and into the NAFlow sidecar as ``"options"``.
+    ``image_notes`` (from :func:`load_images`) are printed with the warnings and kept in the sidecars.
     """
     from . import compile_naflow
     from .export import save_maps
     from .result import concat, non_finite_layers
     from .viz import _GIF_MAX_SIDE, _check_gif_room, _check_grid_room, flow_gif, flow_grid
 
+    files = [f"flow_grid.{figure_format}", "flow.gif"] + [
+        f"{m}.{e}" for m in ("naflow", *compare) for e in ("npz", "json")
+    ]
+    taken = [os.path.join(out, f) for f in files if os.path.isdir(os.path.join(out, f))]
+    if taken:  # before any work: the results could not be written there
+        raise CLIError(f"--out {out}: {taken[0]} is a folder where a result file goes; remove it or pass another --out")
     dev = torch.device(device)
     model = spec.model.to(dev)
     mean = torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1)
@@ -462,7 +523,9 @@ def run_explain(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         nf = compile_naflow(model, x[:1], layers=layers, **options)
-    notes = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)]
+    notes = list(image_notes) + [
+        " ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)
+    ]
     for w in caught:
         if not issubclass(w.category, UserWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # others as they were
@@ -530,6 +593,7 @@ def run_explain(
         os.makedirs(out, exist_ok=True)
         written["grid"] = os.path.join(out, f"flow_grid.{figure_format}")
         grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
+        grid_args["image_labels"] = _short_names(labels)
         flow_grid(images, results, written["grid"], **grid_args)
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
         names = [str(p) for p in labels]  # as given: star.png and imgdir/star.png stay apart
@@ -541,6 +605,10 @@ def run_explain(
             "mean": list(spec.mean),
             "std": list(spec.std),
         }
+        if spec.resize == "crop":
+            preprocessing["crop_fraction"] = spec.crop_fraction  # of the shorter side, before resizing to size
+        if image_notes:
+            preprocessing["notes"] = list(image_notes)
         for res in results:
             extra = {"input": preprocessing} | ({"options": recorded} if res.method == "naflow" else {})
             npz, _ = save_maps(
@@ -565,6 +633,12 @@ def run_explain(
         for line in notes + lines + _earlier_outputs(out, written):
             print(f"naflow: warning: {line}", file=sys.stderr)
     return {"written": written, "flow": flow, "baselines": results[1:], "naflow": nf}
+
+
+def _short_names(paths: Sequence[str]) -> list[str]:
+    """The images' file names for the grid's rows, or the paths as given where two names are the same."""
+    names = [os.path.basename(str(p)) or str(p) for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
 
 
 def _earlier_outputs(out: str, written: dict) -> list[str]:
@@ -764,7 +838,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     spec = with_input(load_model(args.model, args.weights), args.mean, args.std)
     size = _check_size(args.size if args.size is not None else spec.size)
-    images = load_images(args.images, size, spec.resize)
+    image_notes: list[str] = []
+    images = load_images(args.images, size, spec.resize, spec.crop_fraction, image_notes)
     say = (lambda s: None) if args.quiet else print
     if spec.random_weights:
         say(f"note: {spec.name} has random weights; pass --weights DEFAULT (or a file) for trained ones")
@@ -786,6 +861,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         solver_options=options,
         figure_format=args.figure_format,
         say=say,
+        image_notes=image_notes,
     )
     return 0
 
@@ -970,11 +1046,17 @@ def _solver_options(args: argparse.Namespace) -> dict:
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors, like the CLI's other errors (``naflow: error: ...``, exit 2)."""
 
+    argv: list[str] = []  # the command line being parsed, for error()'s hint about files named like options
+
     def error(self, message: str):  # type: ignore[override]
+        dashed = [a for a in _Parser.argv if len(a) > 1 and a.startswith("-") and os.path.isfile(a)]
+        if dashed:
+            message += f"; {dashed[0]} is a file read as an option: write ./{dashed[0]}, or put the images after --"
         self.exit(2, f"naflow: error: {message} (see '{self.prog} --help')\n")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         """As argparse's, but an unknown option is reported by its command's parser, which names its help."""
+        _Parser.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             commands = getattr(self, "commands", {})  # set by build_parser: command name → its parser

@@ -499,6 +499,7 @@ def flow_grid(
     cell: float = 1.15,
     dpi: int = 150,
     colorbar: bool = False,
+    image_labels: Sequence[str] | None = None,
 ):
     """One row per image (and per method), one column per layer, maps overlaid on the image.
 
@@ -519,6 +520,7 @@ def flow_grid(
             each image's longer side (its shape is kept); dpi: the saved figure's resolution.
         colorbar: add the colormap's scale at the right. Each map is min-max scaled to [0, 1] on
             its own (decision 41), so the bar reads within one map, not across maps.
+        image_labels: one name per image (e.g. its file), written above the labels of its first row.
 
     Every argument is checked before any drawing: bad input raises
     :class:`~naflow_fx.InputError` or :class:`~naflow_fx.InputTypeError`, and no figure is
@@ -572,6 +574,14 @@ def flow_grid(
         raise InputTypeError(
             f"{fn}: class_names must be a list of str (index → name), got {type(class_names).__name__}"
         )
+    if image_labels is not None:
+        if isinstance(image_labels, str) or not isinstance(image_labels, Sequence):
+            got = f"{type(image_labels).__name__} {image_labels!r}"
+            raise InputTypeError(f"{fn}: image_labels must be a list of str, one per image, got {got}")
+        if len(image_labels) != batch:
+            raise InputError(
+                f"{fn}: image_labels has {len(image_labels)} label(s) for {batch} image(s); pass one label per image"
+            )
     _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
     _check_cmap(cmap, fn)
     _check_number(cell, "cell", fn, low=0.0, low_open=True)
@@ -592,7 +602,8 @@ def flow_grid(
 
     def draw() -> None:
         axes = fig.subplots(rows, cols, squeeze=False)
-        _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell, bool(colorbar))
+        args = (labels, class_names, image_labels, alpha, cmap, cell, bool(colorbar))
+        _draw_grid(fig, axes, images, results, layers, *args)
 
     try:
         fig = plt.figure(figsize=_figure_size(rows, cols, cell, tuple(images.shape[-2:]), bool(colorbar)))
@@ -624,7 +635,7 @@ def _wrap(text: str, width: int, max_lines: int, sep: str) -> str:
     return "\n".join(lines).replace("$", r"\$")
 
 
-def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, cmap, cell, colorbar) -> None:
+def _draw_grid(fig, axes, images, results, layers, labels, class_names, image_labels, alpha, cmap, cell, colorbar):
     batch = images.shape[0]
     titles = _column_titles(layers)
     fontsize = min(max(6 * cell / 1.15, 4.0), 14.0)  # 6 pt at the default cell, growing with it
@@ -640,7 +651,8 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, alpha, c
             if res.classes is not None:
                 c = int(res.classes[b])
                 cls = f"\n{class_names[c]}" if class_names is not None and 0 <= c < len(class_names) else f" c={c}"
-            ax.set_ylabel(_wrap(f"{labels[k]}{cls}", label_chars, 4, " "), fontsize=fontsize)
+            name = f"{image_labels[b]}\n" if image_labels is not None and k == 0 else ""
+            ax.set_ylabel(_wrap(f"{name}{labels[k]}{cls}", label_chars, 4, " "), fontsize=fontsize)
             for j, name in enumerate(layers):
                 axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
                 if r == 0:

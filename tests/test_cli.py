@@ -462,6 +462,134 @@ def test_load_images_follows_the_exif_orientation(tmp_path):
     assert x[0, :, :8].mean() > 0.9 and x[2, :, 8:].mean() > 0.9
 
 
+def test_load_images_shows_transparency_on_white_and_says_so(tmp_path):
+    from naflow_fx.cli import load_images
+
+    icon = np.zeros((16, 16, 4), np.uint8)  # a black square on a transparent background
+    icon[4:12, 4:12, 3] = 255
+    path = tmp_path / "icon.png"
+    Image.fromarray(icon, "RGBA").save(path)
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.paste(1, (0, 0, 8, 16))  # left half red, right half palette entry 0, declared transparent
+    palette.save(tmp_path / "palette.png", transparency=0)
+    notes = []
+    x = load_images([str(path), str(tmp_path / "palette.png")], 16, "stretch", notes=notes)
+    assert float(x[0, :, 6:10, 6:10].max()) == 0 and float(x[0, :, :2].min()) == 1  # the square, on white
+    assert float(x[1, 0, :, :6].min()) > 0.99 and float(x[1, 1:, :, :6].max()) < 0.01  # red
+    assert float(x[1, :, :, 10:].min()) == 1  # transparent: white, not palette entry 0's black
+    assert notes == [
+        f"{p} has transparent pixels: they are explained as white" for p in (path, tmp_path / "palette.png")
+    ]
+    opaque = tmp_path / "opaque.png"
+    Image.fromarray(np.full((8, 8, 4), 255, np.uint8), "RGBA").save(opaque)
+    notes.clear()
+    load_images([str(opaque)], 8, notes=notes)
+    assert notes == []  # an alpha channel with nothing transparent is not worth a note
+
+
+def test_load_images_crops_torchvision_models_as_their_evaluation_transform(tmp_path):
+    from naflow_fx.cli import load_images, load_model
+
+    pixels = np.zeros((256, 256, 3), np.uint8)
+    pixels[..., 1] = 255  # green, inside a red frame 16 pixels wide: what Resize(256) + CenterCrop(224) drops
+    pixels[:16], pixels[-16:], pixels[:, :16], pixels[:, -16:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+    path = tmp_path / "framed.png"
+    Image.fromarray(pixels).save(path)
+    spec = load_model("resnet18")
+    assert spec.crop_fraction == 224 / 256 and load_model("shapes").crop_fraction == 1.0
+    x = load_images([str(path)], 224, spec.resize, spec.crop_fraction)[0]
+    assert float(x[0].max()) < 0.01 and float(x[1].min()) > 0.99  # no frame left
+    whole = load_images([str(path)], 224)[0]  # the whole central square, frame included
+    assert float(whole[0].max()) > 0.99
+
+
+def test_load_images_refuses_values_it_cannot_read_as_intensities(tmp_path):
+    from naflow_fx.cli import CLIError, load_images
+
+    def save(name, array, mode=None):
+        path = tmp_path / name
+        Image.fromarray(array, mode).save(path)
+        return str(path)
+
+    nan = np.ones((8, 8), np.float32)
+    nan[0, 0] = np.nan
+    with pytest.raises(CLIError, match=r"nan.tif: it has NaN or infinite pixel values"):
+        load_images([save("nan.tif", nan)], 8)
+    with pytest.raises(CLIError, match=r"negative.tif: its values go down to -1, .*scaled to \[0, 1\]"):
+        load_images([save("negative.tif", np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8))], 8)
+    with pytest.raises(CLIError, match=r"wide.tif: its values reach 131070, beyond 16 bits"):
+        load_images([save("wide.tif", np.full((8, 8), 131070, np.int32))], 8)
+    notes = []
+    dim = load_images([save("dim.tif", np.full((8, 8), 1000, np.float32))], 8, notes=notes)
+    torch.testing.assert_close(dim, torch.full((1, 3, 8, 8), 1000 / 65535))
+    assert notes == [
+        f"{tmp_path / 'dim.tif'} uses values up to 1000 of the 0–65535 range it is read from, so it looks dark"
+    ]
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    notes.clear()
+    first = load_images([str(tmp_path / "anim.gif")], 8, notes=notes)[0]
+    assert float(first[0].min()) > 0.9 and notes == [
+        f"{tmp_path / 'anim.gif'} has 2 frames or pages; the first one is explained"
+    ]
+
+
+def test_explain_names_each_image_in_the_grid_and_keeps_the_notes_in_the_sidecar(capsys, tmp_path, monkeypatch):
+    from naflow_fx import viz
+
+    icon = np.zeros((24, 24, 4), np.uint8)
+    icon[6:18, 6:18, 3] = 255
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        Image.fromarray(icon, "RGBA").save(tmp_path / folder / "same.png")
+    Image.fromarray(icon[..., :3]).save(tmp_path / "other.png")
+    seen = {}
+    real = viz.flow_grid
+    monkeypatch.setattr(viz, "flow_grid", lambda *a, **k: seen.update(k) or real(*a, **k))
+    paths = [str(tmp_path / "a" / "same.png"), str(tmp_path / "b" / "same.png"), str(tmp_path / "other.png")]
+    code, _, err = run(
+        capsys, "explain", *paths, "--model", "shapes", "--out", str(tmp_path / "out"), "--layers", "blocks"
+    )
+    assert code == 0, err
+    assert seen["image_labels"] == [paths[0], paths[1], "other.png"]  # file names, or the paths where two are alike
+    assert f"naflow: warning: {paths[0]} has transparent pixels: they are explained as white" in err
+    meta = json.loads((tmp_path / "out" / "naflow.json").read_text())
+    assert meta["input"]["notes"][:2] == [f"{p} has transparent pixels: they are explained as white" for p in paths[:2]]
+    fig = viz.flow_grid(torch.rand(2, 3, 8, 8), _maps(2), image_labels=["cat.jpg", "dog.jpg"])
+    assert fig.axes[0].get_ylabel().startswith("cat.jpg\n") and not fig.axes[2].get_ylabel().startswith("cat")
+    with pytest.raises(naflow_fx_errors().InputError, match="image_labels has 1 label.* for 2 image"):
+        viz.flow_grid(torch.rand(2, 3, 8, 8), _maps(2), image_labels=["cat.jpg"])
+
+
+def naflow_fx_errors():
+    import naflow_fx.errors
+
+    return naflow_fx.errors
+
+
+def _maps(batch: int):
+    from naflow_fx import LayerMaps
+
+    maps = {"a": torch.rand(batch, 4, 4)}
+    return LayerMaps(["a"], maps, torch.zeros(batch, 3), torch.zeros(batch), None, (8, 8), "naflow")
+
+
+def test_result_files_blocked_by_folders_and_files_named_like_options_are_explained(capsys, tmp_path, monkeypatch):
+    (tmp_path / "out" / "flow.gif").mkdir(parents=True)
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "flow.gif is a folder where a result file goes; remove it or pass another --out")
+    assert not (tmp_path / "out" / "flow_grid.png").exists()  # refused before any work
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "-dash.png")
+    for argv in (["-dash.png"], ["-dash.png", sample_paths()[0]]):
+        with pytest.raises(SystemExit) as exited:  # argparse's error
+            main(["explain", *argv, "--model", "shapes"])
+        hint = "-dash.png is a file read as an option: write ./-dash.png, or put the images after --"
+        assert_one_line_error(exited.value.code, capsys.readouterr().err, hint)
+
+
 def test_sidecars_record_image_paths_as_given(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     star = sample_paths()[CLASSES.index("star")]
