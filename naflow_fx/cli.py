@@ -301,6 +301,10 @@ def load_images(
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(crop_fraction, bool) or not isinstance(crop_fraction, (int, float)) or not 0 < crop_fraction <= 1:
+        raise CLIError(
+            f"crop_fraction must be a number in (0, 1], the central part of the shorter side; got {crop_fraction!r}"
+        )
     out = []
     notes = [] if notes is None else notes
     for path in paths:
@@ -315,9 +319,11 @@ def load_images(
             raise CLIError(f"{path} is not a regular file (a pipe, device or socket); save the image to a file")
         try:
             with _open_image(path) as im:
-                frames = getattr(im, "n_frames", 1)
+                frames = _frames(im)
                 im.load()
-                if frames > 1:
+                # a camera's MPO JPEG is the photo and its previews; a PSD's "frames" are its layers, and PIL
+                # gives the merged image
+                if frames > 1 and im.format not in ("MPO", "PSD"):
                     notes.append(f"{path} has {frames} frames or pages; the first one is explained")
                 im = _upright(im)
                 w, h = im.size
@@ -329,7 +335,7 @@ def load_images(
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                     array = _deep_grey(im, path, size, box, notes)
                 else:
-                    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+                    if im.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in im.info:
                         # what a viewer shows on a white page, not the colours hidden under transparent pixels
                         rgba = im.convert("RGBA")
                         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -358,15 +364,33 @@ def load_images(
     return torch.stack(out)
 
 
+def _frames(im) -> int:
+    """How many frames or pages ``im`` has (1 when that cannot be told: a damaged later page), at frame 0."""
+    try:
+        frames = int(getattr(im, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - PIL raises anything from a damaged page; the first one may be fine
+        frames = 1
+    try:
+        im.seek(0)  # where a failed count may have left another page
+    except Exception:  # noqa: BLE001 - as above; loading the first page then says what is wrong
+        pass
+    return frames
+
+
 def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
     """A 16-bit, 32-bit or float greyscale image as ``float32 [size, size, 3]`` in [0, 1]."""
     import numpy as np
     from PIL import Image
 
-    grey = im.convert("F")
-    low, peak = grey.getextrema()
-    if not (math.isfinite(low) and math.isfinite(peak)):
+    values = np.asarray(im.convert("F"), np.float32)
+    if not np.isfinite(values).all():
         raise CLIError(f"cannot read image {path}: it has NaN or infinite pixel values; replace them first")
+    key = im.info.get("transparency")  # a 16-bit PNG's tRNS: the grey value shown as transparent
+    clear = values == key if isinstance(key, (int, float)) and not isinstance(key, bool) else None
+    if clear is not None and not clear.any():
+        clear = None
+    seen = values[~clear] if clear is not None else values
+    low, peak = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 0.0)
     if low < 0:
         raise CLIError(
             f"cannot read image {path}: its values go down to {low:g}, and the CLI reads pixels as intensities "
@@ -385,8 +409,11 @@ def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
         )
     if 0 < peak < scale / 20:
         notes.append(f"{path} uses values up to {peak:g} of the 0–{scale:g} range it is read from, so it looks dark")
-    array = np.asarray(grey.resize((size, size), Image.BILINEAR, box=box), np.float32)
-    return np.repeat((array / scale).clip(0, 1)[:, :, None], 3, axis=2)
+    if clear is not None:  # as for colour images: what a viewer shows on a white page
+        values = np.where(clear, scale, values)
+        notes.append(f"{path} has transparent pixels: they are explained as white")
+    grey = Image.fromarray(values, "F").resize((size, size), Image.BILINEAR, box=box)
+    return np.repeat((np.asarray(grey, np.float32) / scale).clip(0, 1)[:, :, None], 3, axis=2)
 
 
 def _open_image(path: str):
@@ -636,9 +663,16 @@ def run_explain(
 
 
 def _short_names(paths: Sequence[str]) -> list[str]:
-    """The images' file names for the grid's rows, or the paths as given where two names are the same."""
-    names = [os.path.basename(str(p)) or str(p) for p in paths]
-    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+    """The images' names for the grid's rows: each file's name, with as many of its folders as tell
+    it apart from the others' (``a/same.png``, ``b/same.png``)."""
+    parts = [os.path.normpath(str(p)).split(os.sep) for p in paths]
+    names = []
+    for i, own in enumerate(parts):
+        depth = 1
+        while depth < len(own) and any(j != i and q[-depth:] == own[-depth:] for j, q in enumerate(parts)):
+            depth += 1
+        names.append(os.sep.join(own[-depth:]))
+    return names
 
 
 def _earlier_outputs(out: str, written: dict) -> list[str]:
@@ -1049,14 +1083,16 @@ class _Parser(argparse.ArgumentParser):
     argv: list[str] = []  # the command line being parsed, for error()'s hint about files named like options
 
     def error(self, message: str):  # type: ignore[override]
-        dashed = [a for a in _Parser.argv if len(a) > 1 and a.startswith("-") and os.path.isfile(a)]
+        argv = _Parser.argv[: _Parser.argv.index("--")] if "--" in _Parser.argv else _Parser.argv
+        dashed = [a for a in argv if len(a) > 1 and a.startswith("-") and os.path.isfile(a)]
         if dashed:
             message += f"; {dashed[0]} is a file read as an option: write ./{dashed[0]}, or put the images after --"
         self.exit(2, f"naflow: error: {message} (see '{self.prog} --help')\n")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         """As argparse's, but an unknown option is reported by its command's parser, which names its help."""
-        _Parser.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        args = list(sys.argv[1:] if args is None else args)  # once: an iterator is read here, not twice
+        _Parser.argv = [str(a) for a in args]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             commands = getattr(self, "commands", {})  # set by build_parser: command name → its parser

@@ -593,13 +593,14 @@ def training_off(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ieee_float32() -> Iterator[None]:
-    """float32 convolutions and matrix products in full float32, then the caller's settings again.
+    """float32 convolutions, matrix products and RNNs in full float32, then the caller's settings again.
 
     A user may let float32 run in TF32 on a GPU (cuDNN's default for convolutions) or in bfloat16
     on a CPU with AMX (``torch.backends.mkldnn``), for speed; both keep about 3 significant digits,
-    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). Only torch's
-    per-operator ``fp32_precision`` settings are read and written: reading the older ``allow_tf32``
-    flags fails once both kinds were set, and the caller can still read theirs after this.
+    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). From torch 2.9 only
+    torch's per-operator ``fp32_precision`` settings are read and written: reading the older
+    ``allow_tf32`` flags fails once both kinds were set, and the caller can still read theirs after
+    this. Older torch has only those flags, so they are the ones set there.
 
     The settings are process-wide, so the first of nested or concurrent (threaded) uses saves them
     and the last one out gives them back; one thread's flow never ends another's full precision.
@@ -607,13 +608,14 @@ def ieee_float32() -> Iterator[None]:
     global _ieee_users, _ieee_saved
     with _IEEE_LOCK:
         if _ieee_users == 0:
-            backends = torch.backends
-            leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
-            leaves = [leaf for leaf in leaves if leaf is not None and hasattr(leaf, "fp32_precision")]  # older torch
-            _ieee_saved = [(leaf, leaf.fp32_precision) for leaf in leaves]
-            for leaf, value in _ieee_saved:
-                if value != "ieee":
-                    leaf.fp32_precision = "ieee"
+            saved = _precision_settings()
+            try:
+                for setting, _ in saved:
+                    setting.set_full()
+            except BaseException:
+                _give_back(saved)
+                raise
+            _ieee_saved = saved
         _ieee_users += 1
     try:
         yield
@@ -621,18 +623,60 @@ def ieee_float32() -> Iterator[None]:
         with _IEEE_LOCK:
             _ieee_users -= 1
             if _ieee_users == 0:
-                for leaf, value in _ieee_saved:
-                    if leaf.fp32_precision != value:
-                        leaf.fp32_precision = value
-                _ieee_saved = []
+                saved, _ieee_saved = _ieee_saved, []
+                _give_back(saved)
+
+
+class _Setting:
+    """One process-wide float32 precision setting: its value, full precision, and setting a value back."""
+
+    def __init__(self, owner: object, attr: str, full: object) -> None:
+        self.owner, self.attr, self.full = owner, attr, full
+
+    def get(self) -> object:
+        return getattr(self.owner, self.attr)
+
+    def set_full(self) -> None:
+        if self.get() != self.full:
+            setattr(self.owner, self.attr, self.full)
+
+    def set(self, value: object) -> None:
+        if self.get() != value:
+            setattr(self.owner, self.attr, value)
+
+
+_FP32_LEAVES = (
+    ("cuda", "matmul"),
+    ("cudnn", "conv"),
+    ("cudnn", "rnn"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "rnn"),
+)
+
+
+def _precision_settings() -> list[tuple[_Setting, object]]:
+    """Every float32 precision setting this torch has, with the caller's value."""
+    backends = torch.backends
+    leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
+    settings = [_Setting(leaf, "fp32_precision", "ieee") for leaf in leaves if hasattr(leaf, "fp32_precision")]
+    if not settings:  # torch before 2.9: the allow_tf32 flags are the only ones
+        settings = [_Setting(backends.cudnn, "allow_tf32", False), _Setting(backends.cuda.matmul, "allow_tf32", False)]
+    return [(s, s.get()) for s in settings]
+
+
+def _give_back(saved: list[tuple[_Setting, object]]) -> None:
+    """Each setting to the caller's value, as many as can be (one that fails does not stop the others)."""
+    for setting, value in saved:
+        try:
+            setting.set(value)
+        except Exception:  # noqa: BLE001 - best effort: the others still go back
+            continue
 
 
 _IEEE_LOCK = threading.Lock()
 _ieee_users = 0  # the ieee_float32 contexts open now, in any thread
 _ieee_saved: list = []  # (setting, the caller's value) saved by the first of them
-
-
-_FP32_LEAVES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "conv"), ("mkldnn", "matmul"))
 
 
 @contextlib.contextmanager

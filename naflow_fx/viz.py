@@ -651,8 +651,13 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, image_la
             if res.classes is not None:
                 c = int(res.classes[b])
                 cls = f"\n{class_names[c]}" if class_names is not None and 0 <= c < len(class_names) else f" c={c}"
-            name = f"{image_labels[b]}\n" if image_labels is not None and k == 0 else ""
-            ax.set_ylabel(_wrap(f"{name}{labels[k]}{cls}", label_chars, 4, " "), fontsize=fontsize)
+            named = image_labels is not None and k == 0
+            label = _wrap(f"{labels[k]}{cls}", label_chars, 3 if named else 4, " ")
+            if named:  # the image's name on a line of its own, its end kept
+                who = str(image_labels[b])
+                who = who if len(who) <= label_chars else "…" + who[len(who) - label_chars + 1 :]
+                label = who.replace("$", r"\$") + "\n" + label
+            ax.set_ylabel(label, fontsize=fontsize)
             for j, name in enumerate(layers):
                 axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
                 if r == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import math
 import pickle
@@ -397,11 +398,22 @@ def test_a_flow_compiled_under_inference_mode_works_like_any_other():
     torch.testing.assert_close(flow(x).maps[flow.last_layer], changed.maps[flow.last_layer])
 
 
-def _fp32_settings() -> tuple[str, ...]:
-    return tuple(getattr(getattr(torch.backends, b), op).fp32_precision for b, op in FP32_LEAVES)
+def _fp32_settings() -> dict[str, str]:
+    from naflow_fx.tracing import _FP32_LEAVES
+
+    return {f"{b}.{op}": getattr(getattr(torch.backends, b), op).fp32_precision for b, op in _FP32_LEAVES}
 
 
-FP32_LEAVES = (("cuda", "matmul"), ("cudnn", "conv"), ("mkldnn", "conv"), ("mkldnn", "matmul"))
+@contextlib.contextmanager
+def _fp32_settings_kept():
+    """The test's changes to the float32 precision settings undone, whatever happens."""
+    before = _fp32_settings()
+    try:
+        yield before
+    finally:
+        for key, value in before.items():
+            b, op = key.split(".")
+            getattr(getattr(torch.backends, b), op).fp32_precision = value
 
 
 def test_reduced_precision_float32_kernels_are_off_for_the_flow_and_the_callers_settings_come_back(monkeypatch):
@@ -412,20 +424,17 @@ def test_reduced_precision_float32_kernels_are_off_for_the_flow_and_the_callers_
     model, x = small_net(), batch(2)
     flow = compile_naflow(model, x[:1], solver="iterative")
     ref = flow(x)
-    before = _fp32_settings()
     seen = []
     real = context.cgls
     monkeypatch.setattr(context, "cgls", lambda *a, **k: seen.append(_fp32_settings()) or real(*a, **k))
-    try:
+    with _fp32_settings_kept() as before:
         torch.backends.mkldnn.conv.fp32_precision = "bf16"
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
         torch.backends.cuda.matmul.allow_tf32 = True  # the older API: still readable afterwards
+        callers = _fp32_settings()
         got = flow(x)
-        assert torch.backends.mkldnn.conv.fp32_precision == "bf16" and torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision = before[0], before[2]
-        torch.backends.mkldnn.matmul.fp32_precision = before[3]
-    assert seen and all(s == ("ieee",) * 4 for s in seen)
+        assert _fp32_settings() == callers and torch.backends.cuda.matmul.allow_tf32
+    assert seen and all(set(s.values()) == {"ieee"} for s in seen)
     assert _fp32_settings() == before
     for name in flow.layers:
         torch.testing.assert_close(got.maps[name], ref.maps[name])
@@ -468,19 +477,43 @@ def test_concurrent_flows_keep_full_precision_until_the_last_one_ends(monkeypatc
                 a_done.set()
 
     monkeypatch.setattr(context, "cgls", spy)
-    before = torch.backends.mkldnn.conv.fp32_precision
-    torch.backends.mkldnn.conv.fp32_precision = "bf16"
-    try:
+    with _fp32_settings_kept():
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
         threads = [threading.Thread(target=run, args=(name,), name=name) for name in "ab"]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert not errors
-        assert seen and all(s[2] == "ieee" for s in seen)  # "a" leaving did not end "b"'s full precision
+        assert seen and all(s["mkldnn.conv"] == "ieee" for s in seen)  # "a" leaving did not end "b"'s
         assert torch.backends.mkldnn.conv.fp32_precision == "bf16"  # given back by the last one out
-    finally:
-        torch.backends.mkldnn.conv.fp32_precision = before
+
+
+def test_full_precision_is_set_all_or_nothing(monkeypatch):
+    """A setting that fails part-way gives back those already set, and the next use starts afresh."""
+    from naflow_fx import tracing
+
+    real = tracing._Setting.set_full
+    calls = []
+
+    def flaky(self):
+        calls.append(self.attr)
+        if len(calls) == 3:
+            raise RuntimeError("this backend refuses")
+        real(self)
+
+    with _fp32_settings_kept():
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        callers = _fp32_settings()
+        monkeypatch.setattr(tracing._Setting, "set_full", flaky)
+        with pytest.raises(RuntimeError, match="refuses"), tracing.ieee_float32():
+            pass
+        assert _fp32_settings() == callers and tracing._ieee_users == 0
+        monkeypatch.setattr(tracing._Setting, "set_full", real)
+        with tracing.ieee_float32():
+            assert set(_fp32_settings().values()) == {"ieee"}
+        assert _fp32_settings() == callers
 
 
 def test_a_model_on_the_meta_device_is_refused_with_how_to_load_its_weights():

@@ -513,7 +513,7 @@ def test_load_images_refuses_values_it_cannot_read_as_intensities(tmp_path):
         return str(path)
 
     nan = np.ones((8, 8), np.float32)
-    nan[0, 0] = np.nan
+    nan[4, 5] = np.nan  # not the first pixel: PIL's extrema skip NaN unless they start on it
     with pytest.raises(CLIError, match=r"nan.tif: it has NaN or infinite pixel values"):
         load_images([save("nan.tif", nan)], 8)
     with pytest.raises(CLIError, match=r"negative.tif: its values go down to -1, .*scaled to \[0, 1\]"):
@@ -533,6 +533,31 @@ def test_load_images_refuses_values_it_cannot_read_as_intensities(tmp_path):
     assert float(first[0].min()) > 0.9 and notes == [
         f"{tmp_path / 'anim.gif'} has 2 frames or pages; the first one is explained"
     ]
+    frames[0].save(tmp_path / "photo.jpg", "MPO", save_all=True, append_images=frames[1:])  # a camera's JPEG
+    notes.clear()
+    assert Image.open(tmp_path / "photo.jpg").n_frames == 2
+    load_images([str(tmp_path / "photo.jpg")], 8, notes=notes)
+    assert notes == []  # the photo and its preview: nothing to say
+    pages = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    pages[0].save(tmp_path / "two.tif", save_all=True, append_images=pages[1:])
+    second = Image.open(tmp_path / "two.tif")
+    assert second.n_frames == 2  # which finds where each page starts
+    data = (tmp_path / "two.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: second._frame_pos[1] + 2])  # the second page's header cut off
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):  # PIL's, on the damaged page
+        cut = load_images([str(tmp_path / "cut.tif")], 8)[0]
+    assert float(cut[0].min()) > 0.9  # the first page, which is whole
+    deep = np.full((8, 8), 40000, np.uint16)
+    deep[:, :4] = 0
+    Image.fromarray(deep).save(tmp_path / "keyed.png", transparency=0)  # a 16-bit grey PNG with a tRNS key
+    assert Image.open(tmp_path / "keyed.png").mode.startswith("I;16")
+    notes.clear()
+    keyed = load_images([str(tmp_path / "keyed.png")], 8, "stretch", notes=notes)[0]
+    assert float(keyed[:, :, :3].min()) == 1 and abs(float(keyed[:, :, 5:].mean()) - 40000 / 65535) < 1e-6
+    assert notes == [f"{tmp_path / 'keyed.png'} has transparent pixels: they are explained as white"]
+    for bad in (0, 1.5, -0.5, float("nan"), "half"):
+        with pytest.raises(CLIError, match="crop_fraction must be a number in"):
+            load_images([str(tmp_path / "keyed.png")], 8, crop_fraction=bad)
 
 
 def test_explain_names_each_image_in_the_grid_and_keeps_the_notes_in_the_sidecar(capsys, tmp_path, monkeypatch):
@@ -553,12 +578,14 @@ def test_explain_names_each_image_in_the_grid_and_keeps_the_notes_in_the_sidecar
         capsys, "explain", *paths, "--model", "shapes", "--out", str(tmp_path / "out"), "--layers", "blocks"
     )
     assert code == 0, err
-    assert seen["image_labels"] == [paths[0], paths[1], "other.png"]  # file names, or the paths where two are alike
+    assert seen["image_labels"] == [os.path.join("a", "same.png"), os.path.join("b", "same.png"), "other.png"]
     assert f"naflow: warning: {paths[0]} has transparent pixels: they are explained as white" in err
     meta = json.loads((tmp_path / "out" / "naflow.json").read_text())
     assert meta["input"]["notes"][:2] == [f"{p} has transparent pixels: they are explained as white" for p in paths[:2]]
-    fig = viz.flow_grid(torch.rand(2, 3, 8, 8), _maps(2), image_labels=["cat.jpg", "dog.jpg"])
-    assert fig.axes[0].get_ylabel().startswith("cat.jpg\n") and not fig.axes[2].get_ylabel().startswith("cat")
+    fig = viz.flow_grid(torch.rand(2, 3, 8, 8), _maps(2), image_labels=["cat.jpg", "/data/" + "x" * 80 + "/dog.jpg"])
+    assert fig.axes[0].get_ylabel() == "cat.jpg\nnaflow"
+    long = fig.axes[2].get_ylabel().split("\n")  # a long name keeps its end, and the method its own line
+    assert long[0].startswith("…") and long[0].endswith("/dog.jpg") and long[1] == "naflow"
     with pytest.raises(naflow_fx_errors().InputError, match="image_labels has 1 label.* for 2 image"):
         viz.flow_grid(torch.rand(2, 3, 8, 8), _maps(2), image_labels=["cat.jpg"])
 
@@ -581,6 +608,10 @@ def test_result_files_blocked_by_folders_and_files_named_like_options_are_explai
     code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, "flow.gif is a folder where a result file goes; remove it or pass another --out")
     assert not (tmp_path / "out" / "flow_grid.png").exists()  # refused before any work
+    (tmp_path / "pdf" / "layercam.json").mkdir(parents=True)
+    argv = ["--figure-format", "pdf", "--compare", "layercam", "--out", str(tmp_path / "pdf")]
+    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", *argv)
+    assert_one_line_error(code, err, "layercam.json is a folder where a result file goes")
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "-dash.png")
     for argv in (["-dash.png"], ["-dash.png", sample_paths()[0]]):
@@ -588,6 +619,10 @@ def test_result_files_blocked_by_folders_and_files_named_like_options_are_explai
             main(["explain", *argv, "--model", "shapes"])
         hint = "-dash.png is a file read as an option: write ./-dash.png, or put the images after --"
         assert_one_line_error(exited.value.code, capsys.readouterr().err, hint)
+    with pytest.raises(SystemExit):  # after --, the file is an image: another error, and no such hint
+        main(["explain", "--model", "shapes", "--size", "abc", "--", "-dash.png"])
+    assert "is a file read as an option" not in capsys.readouterr().err
+    assert build_parser().parse_args(iter(["inspect", "--model", "shapes"])).model == "shapes"  # any iterable
 
 
 def test_sidecars_record_image_paths_as_given(capsys, tmp_path, monkeypatch):
