@@ -32,20 +32,30 @@ def _abbreviate(name: str) -> str:
 
 
 def _truncate(short: str, width: int) -> str:
-    return short if len(short) <= width else "…" + short[-(width - 1) :]
+    """``short`` if it fits in ``width``, else "…" and its end: the whole dotted parts that fit
+    (``"…l1.0.relu#2"``, not ``"…l.l1.0.relu#2"``), or the last characters when no part does."""
+    if len(short) <= width:
+        return short
+    parts = short.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        tail = ".".join(parts[-k:])
+        if len(tail) <= width - 1:
+            return "…" + tail
+    return "…" + short[-(width - 1) :]
 
 
 def short_layer_name(name: str, width: int = 14, *, others: Iterable[str] = ()) -> str:
     """A compact column title: ``"features.10"`` stays, ``"layer1.0.conv1"`` → ``"l1.0.conv1"``.
 
-    A name longer than ``width`` keeps its end (``"…downsample.0"``). ``others`` are the other
-    names of the same figure: when the short name of ``name`` would equal that of one of them, it
-    keeps more of its leading path, one dotted part at a time, until it differs from theirs (the
-    same parts count of every other name), so the titles of one figure are unique.
+    A name longer than ``width`` keeps its end, in whole dotted parts where one fits
+    (``"…downsample.0"``). ``others`` are the other names of the same figure: when the short name
+    of ``name`` would equal that of one of them, it keeps more of its leading path, one dotted part
+    at a time, until it differs from theirs (the same parts count of every other name), so the
+    titles of one figure are unique.
 
     Example:
         >>> short_layer_name("layer2.0.downsample.0"), short_layer_name("layer1.0.conv1")
-        ('….downsample.0', 'l1.0.conv1')
+        ('…downsample.0', 'l1.0.conv1')
         >>> names = ["layer2.0.downsample.0", "layer4.0.downsample.0", "layer4.1.conv2"]
         >>> [short_layer_name(n, others=names) for n in names]
         ['l2.0.downsample.0', 'l4.0.downsample.0', 'l4.1.conv2']

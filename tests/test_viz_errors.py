@@ -301,9 +301,11 @@ def test_a_grid_and_a_gif_of_8_images_and_20_layers_are_written(tmp_path):
 def test_short_layer_name_is_unchanged_without_others_or_collisions():
     assert short_layer_name("features.10") == "f.10"
     assert short_layer_name("layer1.0.conv1") == "l1.0.conv1"
-    assert short_layer_name("layer2.0.downsample.0") == "….downsample.0"
+    assert short_layer_name("layer2.0.downsample.0") == "…downsample.0"  # whole parts: not "….downsample.0"
+    assert short_layer_name("model.layer1.0.relu#2") == "…l1.0.relu#2"  # not "…l.l1.0.relu#2"
+    assert short_layer_name("block.verylongmodulename_conv", width=10) == "…name_conv"  # no part fits: characters
     names = ["layer1.0.conv1", "layer2.0.downsample.0", "fc"]  # no two short names alike
-    assert [short_layer_name(n, others=names) for n in names] == ["l1.0.conv1", "….downsample.0", "fc"]
+    assert [short_layer_name(n, others=names) for n in names] == ["l1.0.conv1", "…downsample.0", "fc"]
 
 
 def test_short_layer_name_lengthens_colliding_names_until_they_differ():
