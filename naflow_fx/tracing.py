@@ -11,7 +11,7 @@ import re
 import threading
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -591,58 +591,62 @@ def training_off(modules: Iterable[nn.Module]) -> Iterator[None]:
             m.training = mode
 
 
-@contextlib.contextmanager
-def ieee_float32() -> Iterator[None]:
-    """float32 convolutions, matrix products and RNNs in full float32, then the caller's settings again.
-
-    A user may let float32 run in TF32 on a GPU (cuDNN's default for convolutions) or in bfloat16
-    on a CPU with AMX (``torch.backends.mkldnn``), for speed; both keep about 3 significant digits,
-    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). From torch 2.9 only
-    torch's per-operator ``fp32_precision`` settings are read and written: reading the older
-    ``allow_tf32`` flags fails once both kinds were set, and the caller can still read theirs after
-    this. Older torch has only those flags, so they are the ones set there.
-
-    The settings are process-wide, so the first of nested or concurrent (threaded) uses saves them
-    and the last one out gives them back; one thread's flow never ends another's full precision.
-    """
-    global _ieee_users, _ieee_saved
-    with _IEEE_LOCK:
-        if _ieee_users == 0:
-            saved = _precision_settings()
-            try:
-                for setting, _ in saved:
-                    setting.set_full()
-            except BaseException:
-                _give_back(saved)
-                raise
-            _ieee_saved = saved
-        _ieee_users += 1
-    try:
-        yield
-    finally:
-        with _IEEE_LOCK:
-            _ieee_users -= 1
-            if _ieee_users == 0:
-                saved, _ieee_saved = _ieee_saved, []
-                _give_back(saved)
-
-
 class _Setting:
-    """One process-wide float32 precision setting: its value, full precision, and setting a value back."""
+    """One process-wide torch setting: its value, the value the library needs, and setting a value back."""
 
-    def __init__(self, owner: object, attr: str, full: object) -> None:
-        self.owner, self.attr, self.full = owner, attr, full
+    def __init__(self, owner: object, attr: str, needed: object) -> None:
+        self.owner, self.attr, self.needed = owner, attr, needed
 
     def get(self) -> object:
         return getattr(self.owner, self.attr)
 
-    def set_full(self) -> None:
-        if self.get() != self.full:
-            setattr(self.owner, self.attr, self.full)
-
     def set(self, value: object) -> None:
         if self.get() != value:
             setattr(self.owner, self.attr, value)
+
+
+class _SharedSettings:
+    """Process-wide torch settings held at the values the library needs while any user is inside
+    :meth:`held`, in any thread: the first one in saves the caller's values and sets them all or
+    none, the last one out gives them back. So one thread's flow that ends never changes them under
+    another that still runs, and nested uses change nothing."""
+
+    def __init__(self, settings: Callable[[], list[_Setting]]) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self.users = 0
+        self._saved: list[tuple[_Setting, object]] = []
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self.users == 0:
+                saved = [(s, s.get()) for s in self._settings()]
+                try:
+                    for setting, _ in saved:
+                        setting.set(setting.needed)
+                except BaseException:
+                    _give_back(saved)
+                    raise
+                self._saved = saved
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.users -= 1
+                if self.users == 0:
+                    saved, self._saved = self._saved, []
+                    _give_back(saved)
+
+
+def _give_back(saved: list[tuple[_Setting, object]]) -> None:
+    """Each setting to the caller's value, as many as can be (one that fails does not stop the others)."""
+    for setting, value in saved:
+        try:
+            setting.set(value)
+        except Exception:  # noqa: BLE001 - best effort: the others still go back
+            continue
 
 
 _FP32_LEAVES = (
@@ -655,43 +659,39 @@ _FP32_LEAVES = (
 )
 
 
-def _precision_settings() -> list[tuple[_Setting, object]]:
-    """Every float32 precision setting this torch has, with the caller's value."""
+def _precision_settings() -> list[_Setting]:
+    """Every float32 precision setting this torch has, at full precision."""
     backends = torch.backends
     leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
     settings = [_Setting(leaf, "fp32_precision", "ieee") for leaf in leaves if hasattr(leaf, "fp32_precision")]
     if not settings:  # torch before 2.9: the allow_tf32 flags are the only ones
         settings = [_Setting(backends.cudnn, "allow_tf32", False), _Setting(backends.cuda.matmul, "allow_tf32", False)]
-    return [(s, s.get()) for s in settings]
+    return settings
 
 
-def _give_back(saved: list[tuple[_Setting, object]]) -> None:
-    """Each setting to the caller's value, as many as can be (one that fails does not stop the others)."""
-    for setting, value in saved:
-        try:
-            setting.set(value)
-        except Exception:  # noqa: BLE001 - best effort: the others still go back
-            continue
+_FULL_PRECISION = _SharedSettings(_precision_settings)
+_CUDNN_SAME_KERNELS = _SharedSettings(
+    lambda: [_Setting(torch.backends.cudnn, "benchmark", False), _Setting(torch.backends.cudnn, "deterministic", True)]
+)
 
 
-_IEEE_LOCK = threading.Lock()
-_ieee_users = 0  # the ieee_float32 contexts open now, in any thread
-_ieee_saved: list = []  # (setting, the caller's value) saved by the first of them
+def ieee_float32() -> contextlib.AbstractContextManager[None]:
+    """float32 convolutions, matrix products and RNNs in full float32, then the caller's settings again.
+
+    A user may let float32 run in TF32 on a GPU (cuDNN's default for convolutions) or in bfloat16
+    on a CPU with AMX (``torch.backends.mkldnn``), for speed; both keep about 3 significant digits,
+    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). From torch 2.9 only
+    torch's per-operator ``fp32_precision`` settings are read and written: reading the older
+    ``allow_tf32`` flags fails once both kinds were set, and the caller can still read theirs after
+    this. Older torch has only those flags, so they are the ones set there. The settings are
+    process-wide, so nested and concurrent (threaded) uses share them (:class:`_SharedSettings`).
+    """
+    return _FULL_PRECISION.held()
 
 
-@contextlib.contextmanager
-def _same_kernels(device: torch.device) -> Iterator[None]:
+def _same_kernels(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """On CUDA, no cuDNN autotuning and deterministic kernels, then the caller's settings again."""
-    if device.type != "cuda":
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    saved = cudnn.benchmark, cudnn.deterministic
-    try:
-        cudnn.benchmark, cudnn.deterministic = False, True
-        yield
-    finally:
-        cudnn.benchmark, cudnn.deterministic = saved
+    return _CUDNN_SAME_KERNELS.held() if device.type == "cuda" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

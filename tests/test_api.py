@@ -493,27 +493,43 @@ def test_full_precision_is_set_all_or_nothing(monkeypatch):
     """A setting that fails part-way gives back those already set, and the next use starts afresh."""
     from naflow_fx import tracing
 
-    real = tracing._Setting.set_full
+    real = tracing._Setting.set
     calls = []
 
-    def flaky(self):
+    def flaky(self, value):
         calls.append(self.attr)
         if len(calls) == 3:
             raise RuntimeError("this backend refuses")
-        real(self)
+        real(self, value)
 
     with _fp32_settings_kept():
         torch.backends.mkldnn.conv.fp32_precision = "bf16"
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         callers = _fp32_settings()
-        monkeypatch.setattr(tracing._Setting, "set_full", flaky)
+        monkeypatch.setattr(tracing._Setting, "set", flaky)
         with pytest.raises(RuntimeError, match="refuses"), tracing.ieee_float32():
             pass
-        assert _fp32_settings() == callers and tracing._ieee_users == 0
-        monkeypatch.setattr(tracing._Setting, "set_full", real)
+        assert _fp32_settings() == callers and tracing._FULL_PRECISION.users == 0
+        monkeypatch.setattr(tracing._Setting, "set", real)
         with tracing.ieee_float32():
             assert set(_fp32_settings().values()) == {"ieee"}
         assert _fp32_settings() == callers
+
+
+def test_the_faithful_checks_cudnn_flags_are_set_on_cuda_only_and_given_back():
+    from naflow_fx.tracing import _same_kernels
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark, cudnn.deterministic
+    try:
+        cudnn.benchmark, cudnn.deterministic = True, False  # a caller's autotuning
+        with _same_kernels(torch.device("cpu")):
+            assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+        with _same_kernels(torch.device("cuda")), _same_kernels(torch.device("cuda", 0)):
+            assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+        assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+    finally:
+        cudnn.benchmark, cudnn.deterministic = before
 
 
 def test_a_model_on_the_meta_device_is_refused_with_how_to_load_its_weights():
