@@ -623,7 +623,9 @@ def run_explain(
         grid_args["image_labels"] = _short_names(labels)
         flow_grid(images, results, written["grid"], **grid_args)
         written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
-        names = [str(p) for p in labels]  # as given: star.png and imgdir/star.png stay apart
+        # as given (star.png and imgdir/star.png stay apart), as text: a name that is not UTF-8 (Python
+        # holds its bytes as lone surrogates, which strict JSON readers refuse) shows those bytes as \xNN
+        names = [_text(str(p)) for p in labels]
         recorded = asdict(nf.config) | {k: options[k] for k in ("fallback", "last_layer") if options.get(k)}
         preprocessing = {
             "channels": spec.channels,
@@ -662,10 +664,18 @@ def run_explain(
     return {"written": written, "flow": flow, "baselines": results[1:], "naflow": nf}
 
 
+def _text(name: str) -> str:
+    """``name`` with the undecodable bytes of a file name (lone surrogates) written as ``\\xNN``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _short_names(paths: Sequence[str]) -> list[str]:
     """The images' names for the grid's rows: each file's name, with as many of its folders as tell
     it apart from the others' (``a/same.png``, ``b/same.png``)."""
-    parts = [os.path.normpath(str(p)).split(os.sep) for p in paths]
+    parts = [os.path.normpath(_text(str(p))).split(os.sep) for p in paths]
     names = []
     for i, own in enumerate(parts):
         depth = 1

@@ -646,6 +646,20 @@ def test_sidecars_record_image_paths_as_given(capsys, tmp_path, monkeypatch):
     assert all(m.shape[0] == 2 for m in maps.values()) and not np.allclose(*next(iter(maps.values())))
 
 
+def test_a_file_name_that_is_not_utf8_is_written_as_text(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = os.fsdecode(b"bad\xff.png")  # how Python holds a non-UTF-8 name: the byte as a lone surrogate
+    try:
+        Image.open(sample_paths()[0]).save(name)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    code, _, err = run(capsys, "explain", name, "--model", "shapes", "--size", "32", "--layers", "blocks")
+    assert code == 0, err
+    text = (tmp_path / "naflow-out" / "naflow.json").read_text("utf-8")
+    assert "\\udcff" not in text  # strict JSON readers refuse lone surrogates
+    assert json.loads(text)["samples"][0]["image"] == "bad\\xff.png"
+
+
 _CHATTY = """
 import warnings
 
