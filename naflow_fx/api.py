@@ -178,6 +178,16 @@ class NAFlow:
         return t if dims is None else t.permute(dims)
 
     # ------------------------------------------------------------------ inputs
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Where the flow runs the model: the caller's modes off (NOTE [caller's modes]), the model
+        checked (NOTE [replaced weights]: first, since it may put replaced weights into the graph
+        modules) and the leaf modules in eval mode."""
+        with exact_mode(self._device):
+            self._check_model()
+            with leaves_in_eval(self.graph_module):
+                yield
+
     def _check_model(self) -> None:
         """The model's weights must still have the dtype and device the flow was compiled for.
 
@@ -375,10 +385,8 @@ class NAFlow:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
         if progress is not None and not callable(progress):
             raise InputTypeError(f"progress must be a function of one SolveRecord, got {type(progress).__name__}")
-        with exact_mode(self._device):
-            self._check_model()  # first: it may put replaced weights into the graph modules
-            with leaves_in_eval(self.graph_module):
-                return self._flow(x, target, keep, progress)
+        with self._running():
+            return self._flow(x, target, keep, progress)
 
     def _flow(self, x: Tensor, target: object, keep: str, progress) -> FlowResult:
         x = self._check_input(x)
@@ -427,10 +435,8 @@ class NAFlow:
         return self._maps
 
     def _cam(self, x: Tensor, target: object, method: str) -> LayerMaps:
-        with exact_mode(self._device):
-            self._check_model()
-            with leaves_in_eval(self.graph_module):
-                return self._cam_maps(x, target, method)
+        with self._running():
+            return self._cam_maps(x, target, method)
 
     def _cam_maps(self, x: Tensor, target: object, method: str) -> LayerMaps:
         x = self._check_input(x)
@@ -841,13 +847,13 @@ def compile_naflow(
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
         gm = passes.check_scope(gm)
         gm = passes.normalize(gm)
-    warn_forward_hooks(model, gm)
-    with exact_mode(device), leaves_in_eval(gm):
-        gm = passes.propagate_shapes(gm, example)
-        gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
-        gm = passes.assign_inverse_rules(gm, fallback)
-        chosen = _select_layers(gm, model, layers)
-        flow = NAFlow(gm, chosen, config, reduction, example)
+        warn_forward_hooks(model, gm)
+        with leaves_in_eval(gm):
+            gm = passes.propagate_shapes(gm, example)
+            gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
+            gm = passes.assign_inverse_rules(gm, fallback)
+            chosen = _select_layers(gm, model, layers)
+            flow = NAFlow(gm, chosen, config, reduction, example)
     options = dict(
         solver=solver, damping=damping, tol=tol, max_iter=max_iter, last_layer=flow.last_layer, layers=flow.layers
     )
@@ -859,20 +865,20 @@ def compile_naflow(
 
 def _check_weights_usable(model: nn.Module) -> None:
     """Refuse weights autograd cannot use and observers that would record every run into the model."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(nn.parameter.is_lazy(t) for t in tensors):
+    named = [*model.named_parameters(), *model.named_buffers()]
+    if any(nn.parameter.is_lazy(t) for _, t in named):
         raise InputError(
             "the model has lazy layers (nn.LazyConv2d, nn.LazyLinear, ...) whose weights are not made yet: run it "
             "once on a batch, model(x), before compile_naflow"
         )
-    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    meta = [name for name, t in named if t.is_meta]
     if meta:
         raise InputError(
             f"the model's weights are on the meta device ({_listed(meta)}): they hold no values, as when a model is "
             "built under torch.device('meta'); load them first, e.g. model.load_state_dict(state_dict, assign=True), "
             "or model.to_empty(device='cpu') and then load_state_dict"
         )
-    if any(t.is_inference() for t in tensors):
+    if any(t.is_inference() for _, t in named):
         raise InputError(
             "the model's weights were made under torch.inference_mode() (it was built or loaded inside it), and "
             "autograd, which NAFlow needs for its coefficients, cannot use such tensors: build or load the model "

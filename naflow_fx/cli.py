@@ -244,9 +244,8 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
     crop, resize = (getattr(transform, k, None) for k in ("crop_size", "resize_size"))
     size = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
     resize = int(resize[0] if isinstance(resize, (list, tuple)) else resize) if resize else size
-    spec = ModelSpec(model.eval(), name, size, class_names=chosen.meta.get("categories"))
-    spec.crop_fraction = min(1.0, size / resize)
-    return spec
+    categories = chosen.meta.get("categories")
+    return ModelSpec(model.eval(), name, size, class_names=categories, crop_fraction=min(1.0, size / resize))
 
 
 _IMAGENET_CROP = 224 / 256  # torchvision's ImageNet evaluation: shorter side to 256, centre crop of 224
@@ -340,7 +339,7 @@ def load_images(
                         rgba = im.convert("RGBA")
                         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
                         if rgba.getextrema()[3][0] < 255:
-                            notes.append(f"{path} has transparent pixels: they are explained as white")
+                            notes.append(_transparent(path))
                     rgb = im.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
                     array = np.asarray(rgb, np.float32) / 255.0
         except Image.DecompressionBombError:
@@ -362,6 +361,10 @@ def load_images(
             ) from None
         out.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def _transparent(path: str) -> str:
+    return f"{path} has transparent pixels: they are explained as white"
 
 
 def _frames(im) -> int:
@@ -411,7 +414,7 @@ def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
         notes.append(f"{path} uses values up to {peak:g} of the 0–{scale:g} range it is read from, so it looks dark")
     if clear is not None:  # as for colour images: what a viewer shows on a white page
         values = np.where(clear, scale, values)
-        notes.append(f"{path} has transparent pixels: they are explained as white")
+        notes.append(_transparent(path))
     grey = Image.fromarray(values, "F").resize((size, size), Image.BILINEAR, box=box)
     return np.repeat((np.asarray(grey, np.float32) / scale).clip(0, 1)[:, :, None], 3, axis=2)
 

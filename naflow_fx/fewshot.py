@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import check_parent
-from .api import NAFlow, compile_naflow, exact_mode, leaves_in_eval
+from .api import NAFlow, compile_naflow
 from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .result import FlowResult, LayerMaps
 from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
@@ -206,26 +206,24 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
     ):
         raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
     outs = []
-    with torch.no_grad(), exact_mode(nf._device):
-        nf._check_model()  # NOTE [replaced weights]: before the leaves are set to eval mode
-        with leaves_in_eval(nf.graph_module):
-            for chunk in x.split(int(batch_size)) if batch_size else (x,):
-                chunk = nf._check_input(chunk.to(nf._device) if stream else chunk)
-                try:
-                    out = nf.graph_module.forward(chunk)  # not __call__: fx would print a traceback
-                except Exception as exc:  # noqa: BLE001 - the model itself rejected these images
-                    first_line = str(exc).partition("\n")[0]  # torch.fx appends the generated code
-                    raise InputError(
-                        f"the model failed on the {what} (shape {tuple(chunk.shape)}; it was compiled for "
-                        f"{tuple(nf._example_shape)}): {type(exc).__name__}: {first_line}"
-                    ) from None
-                if not isinstance(out, Tensor) or out.dim() != 2:
-                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise TargetError(
-                        f"embedding the {what} needs a model that outputs embeddings [B, D]; it returned {shape}. "
-                        "Explain the embedding network (e.g. the encoder up to its pooled, flattened features)"
-                    )
-                outs.append(out.detach())
+    with torch.no_grad(), nf._running():  # the caller's modes off, the model checked, leaves in eval mode
+        for chunk in x.split(int(batch_size)) if batch_size else (x,):
+            chunk = nf._check_input(chunk.to(nf._device) if stream else chunk)
+            try:
+                out = nf.graph_module.forward(chunk)  # not __call__: fx would print a traceback
+            except Exception as exc:  # noqa: BLE001 - the model itself rejected these images
+                first_line = str(exc).partition("\n")[0]  # torch.fx appends the generated code
+                raise InputError(
+                    f"the model failed on the {what} (shape {tuple(chunk.shape)}; it was compiled for "
+                    f"{tuple(nf._example_shape)}): {type(exc).__name__}: {first_line}"
+                ) from None
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise TargetError(
+                    f"embedding the {what} needs a model that outputs embeddings [B, D]; it returned {shape}. "
+                    "Explain the embedding network (e.g. the encoder up to its pooled, flattened features)"
+                )
+            outs.append(out.detach())
     emb = torch.cat(outs)
     bad = ~torch.isfinite(emb).all(1) if emb.is_floating_point() else torch.zeros(0, dtype=torch.bool)
     if bool(bad.any()):

@@ -233,13 +233,18 @@ def _concrete_name(node: fx.Node, concrete_args: dict) -> str | None:
 _SIMPLE = (bool, int, float, str)
 
 
+def _forward_params(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``model.forward``; None when Python cannot tell them (a builtin, a C extension)."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def _defaults(model: nn.Module) -> dict:
     """The default of every argument of ``model.forward`` after the images that is None or a number,
     bool or str: a flow calls ``model(x)``, so those are the values the graph must be traced for."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return {}
+    params = (_forward_params(model) or [])[1:]
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name: p.default for p in params if p.kind in kinds and (p.default is None or type(p.default) in _SIMPLE)}
 
@@ -253,9 +258,8 @@ def _check_concrete_args(model: nn.Module, concrete_args: object) -> None:
             f"concrete_args must be a dict of forward's arguments to fix, e.g. {{'flag': True}}, got "
             f"{type(concrete_args).__name__}"
         )
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    params = _forward_params(model)
+    if params is None:
         return
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
         return  # **kwargs: any name may be meant
@@ -294,9 +298,8 @@ def _check_signature(model: nn.Module, concrete_args: dict | None) -> None:
     name = type(model).__name__
     if type(model).forward is nn.Module.forward:
         raise UnsupportedModelError(f"{name} defines no forward: pass the module that computes the model's output")
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    params = _forward_params(model)
+    if params is None:
         return
     if not params:
         raise UnsupportedModelError(
@@ -713,6 +716,8 @@ def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
 def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
     """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
     device = example.device
+    # the random state of the CPU, and of the example's device
+    rng = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
     outputs = []
     try:  # the same kernels for both runs: no autotuning, no TF32 or bfloat16 for float32
         with (
@@ -729,8 +734,7 @@ def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
                 buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
                 # each run starts from the caller's random state, given back after it: both runs draw the
                 # same random numbers, and the caller's stream (of the CPU and of the device) is kept
-                cpu = device.type == "cpu"
-                with torch.random.fork_rng(devices=[] if cpu else [device], device_type=None if cpu else device.type):
+                with torch.random.fork_rng(**rng):
                     outputs.append(torch.func.functional_call(module, buffers, (example.clone(),), kwargs))
     except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
         return

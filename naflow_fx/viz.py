@@ -185,6 +185,17 @@ def _check_shape(res: LayerMaps, image_hw: tuple[int, int], fn: str, what: str =
         )
 
 
+def _check_labels(labels: object, name: str, count: int, per: str, fn: str) -> None:
+    """``labels`` is None or a list of ``count`` labels, one per ``per`` (a result, an image)."""
+    if labels is None:
+        return
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        got = f"{type(labels).__name__} {labels!r}"
+        raise InputTypeError(f"{fn}: {name} must be a list of str, one per {per}, got {got}")
+    if len(labels) != count:
+        raise InputError(f"{fn}: {name} has {len(labels)} label(s) for {count} {per}(s); pass one label per {per}")
+
+
 def _check_path(path: object, fn: str) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"{fn}: path must be a file path (str or os.PathLike), got {type(path).__name__}")
@@ -569,29 +580,13 @@ def flow_grid(
         what = "the result" if len(results) == 1 else f"results[{i}] ({res.method})"
         _check_maps(res, layers, batch, fn, what)
         _check_shape(res, tuple(images.shape[-2:]), fn, what)
-    if row_labels is None:
-        labels = [r.method for r in results]
-    else:
-        if isinstance(row_labels, str) or not isinstance(row_labels, Sequence):
-            got = f"{type(row_labels).__name__} {row_labels!r}"
-            raise InputTypeError(f"{fn}: row_labels must be a list of str, one per result, got {got}")
-        labels = list(row_labels)
-        if len(labels) != len(results):
-            raise InputError(
-                f"{fn}: row_labels has {len(labels)} label(s) for {len(results)} result(s); pass one label per result"
-            )
+    _check_labels(row_labels, "row_labels", len(results), "result", fn)
+    labels = [r.method for r in results] if row_labels is None else list(row_labels)
     if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
         raise InputTypeError(
             f"{fn}: class_names must be a list of str (index → name), got {type(class_names).__name__}"
         )
-    if image_labels is not None:
-        if isinstance(image_labels, str) or not isinstance(image_labels, Sequence):
-            got = f"{type(image_labels).__name__} {image_labels!r}"
-            raise InputTypeError(f"{fn}: image_labels must be a list of str, one per image, got {got}")
-        if len(image_labels) != batch:
-            raise InputError(
-                f"{fn}: image_labels has {len(image_labels)} label(s) for {batch} image(s); pass one label per image"
-            )
+    _check_labels(image_labels, "image_labels", batch, "image", fn)
     _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
     _check_cmap(cmap, fn)
     _check_number(cell, "cell", fn, low=0.0, low_open=True)
