@@ -35,6 +35,16 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+def tiny_cnn(num_classes: int = 3, seed: int = 0) -> nn.Module:
+    """Two padded 3×3 convs with ReLUs, pooled, and a linear head: a flow's smallest useful model."""
+
+    def build() -> nn.Module:
+        layers = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes)).eval()
+
+    return seeded(seed, build)
+
+
 def warm_batchnorm(model: nn.Module, input_shape: Sequence[int], steps: int = 3, seed: int = 0) -> nn.Module:
     """Randomise BN affine parameters and fill running stats with train-mode passes; return ``model.eval()``."""
     with torch.random.fork_rng(devices=[]):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from models import DataDependentBranch, PReLUNet, TwoUnsupportedOps, conv4, silu_chain
+from models import DataDependentBranch, PReLUNet, TwoUnsupportedOps, conv4, silu_chain, tiny_cnn
 from torch import Tensor, nn
 
 import naflow_fx
@@ -360,18 +360,12 @@ def test_the_callers_inference_mode_and_autocast_do_not_change_the_flow():
     torch.testing.assert_close(flow(frozen).maps[name], ref.maps[name])
 
 
-def small_net() -> nn.Sequential:
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
-
-
 class WithConstant(nn.Module):
     """A weight-normed conv (a computed weight) and a tensor made in forward (an fx tensor constant)."""
 
     def __init__(self):
         super().__init__()
-        self.net = small_net()
+        self.net = tiny_cnn()
         nn.utils.parametrizations.weight_norm(self.net[0])
 
     def forward(self, x):
@@ -421,7 +415,7 @@ def test_reduced_precision_float32_kernels_are_off_for_the_flow_and_the_callers_
     about 3 digits, so every solve ran coarser than its 1e-4 stopping rule."""
     from naflow_fx.solvers import context
 
-    model, x = small_net(), batch(2)
+    model, x = tiny_cnn(), batch(2)
     flow = compile_naflow(model, x[:1], solver="iterative")
     ref = flow(x)
     seen = []
@@ -447,7 +441,7 @@ def test_concurrent_flows_keep_full_precision_until_the_last_one_ends(monkeypatc
 
     from naflow_fx.solvers import context
 
-    model, x = small_net(), batch(2)
+    model, x = tiny_cnn(), batch(2)
     flows = {name: compile_naflow(model, x[:1], solver="iterative") for name in "ab"}
     a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
     seen, errors = [], []
@@ -534,7 +528,7 @@ def test_the_faithful_checks_cudnn_flags_are_set_on_cuda_only_and_given_back():
 
 def test_a_model_on_the_meta_device_is_refused_with_how_to_load_its_weights():
     with torch.device("meta"):
-        model = small_net()
+        model = tiny_cnn()
     with pytest.raises(
         InputError,
         match=r"weights are on the meta device \('0.weight', '0.bias', '2.weight' and \d+ more"

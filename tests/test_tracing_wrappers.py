@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import tiny_cnn
 from torch import nn
 
 from naflow_fx import ConfigError, InputTypeError, UnsupportedModelError, compile_naflow
@@ -18,17 +19,7 @@ def images(b: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def cnn() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(4, 4, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4, 2),
-        ).eval()
+    return tiny_cnn(num_classes=2)
 
 
 class Norm(nn.Module):
