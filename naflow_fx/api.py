@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -14,7 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import passes
-from .errors import ConfigError, InputError, InputTypeError, NumericalWarning, UnsupportedModelError, ZeroMapsWarning
+from .errors import (
+    ConfigError,
+    InputError,
+    InputTypeError,
+    NumericalWarning,
+    UnsupportedModelError,
+    ZeroMapsWarning,
+    warn_at_caller,
+)
 from .passes.codegen import gradients, layer_map
 from .passes.normalize import refresh_derived_weights
 from .passes.partition import Plan
@@ -160,14 +167,15 @@ class NAFlow:
         NOTE [weight cache]: the traced module shares the user's parameters, so loading other
         weights into the model (``load_state_dict``, an optimiser step, ``.to(device)``) changes
         the flow. An in-place change bumps a tensor's version counter and a replaced tensor has
-        a new storage, but a write through ``.data`` does neither, so each tensor's sum is
-        compared too (one pass over the weights, milliseconds against a flow's seconds).
+        a new storage, but a write through ``.data`` does neither, so each tensor's values are
+        compared too, by a fingerprint that also changes when they only move (two output channels
+        swapped keep the sum): two passes over the weights, milliseconds against a flow's seconds.
         """
         tensors = [t.detach() for t in (*self.graph_module.parameters(), *self.graph_module.buffers())]
         ids = tuple((t.data_ptr(), t._version) for t in tensors)
         wide = widest_float(self._device)  # MPS has no float64
-        sums = [t.sum(dtype=wide) for t in tensors if t.is_floating_point() and t.numel()]
-        seen = (ids, torch.stack(sums).cpu() if sums else None)
+        sums = [_fingerprint(t, wide) for t in tensors if t.is_floating_point() and t.numel()]
+        seen = (ids, torch.cat(sums).cpu() if sums else None)
         if not self._weights_seen or ids != self._weights_seen[0] or not _same(seen[1], self._weights_seen[1]):
             self._sigma_cache.clear()
         self._weights_seen = seen
@@ -219,6 +227,16 @@ class NAFlow:
                     f"module {path!r} ({type(module).__name__}) of the model was {what} since compile_naflow, "
                     "and the flow was planned for the old one: compile it again, compile_naflow(model, x)"
                 )
+        for path, module, traced in bound.settings:
+            now = _settings(module)
+            changed = next((k for k in traced.keys() | now.keys() if repr(traced.get(k)) != repr(now.get(k))), None)
+            if changed is not None:
+                raise InputError(
+                    f"{changed!r} of module {path!r} ({type(module).__name__}) was changed from "
+                    f"{traced.get(changed)!r} to {now.get(changed)!r} since compile_naflow, and the flow was traced "
+                    "with the old value: compile it again, compile_naflow(model, x)"
+                )
+        bound.hooks = warn_forward_hooks(model, self.graph_module, bound.hooks)
         stale = [(t, held, live) for t, held in bound.tensors if (live := _lookup(model, t)) is not held]
         for target, held, live in stale:
             why = _not_followable(model, target, held, live)
@@ -535,9 +553,22 @@ class _Bindings:
     tensors: list[tuple[str, Tensor]]  # (get_attr target, the parameter or buffer held)
     modules: list[tuple[str, nn.Module]]  # (qualified name, module) of every module the graph went through
     owners: list[nn.Module]  # the model's modules at compile time, never written to (kept alive: their ids stay theirs)
+    settings: list[tuple[str, nn.Module, dict]]  # torch.nn modules' settings (padding, eps, ...) as traced
+    hooks: frozenset[tuple[str, int]]  # forward hooks the graph does not run, already warned about
 
 
-def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
+def _settings(module: nn.Module) -> dict:
+    """A ``torch.nn`` module's settings: its public plain attributes (``padding``, ``eps``, ``kernel_size``),
+    which tracing turned into constants of the graph. ``inplace`` and ``momentum`` change nothing in eval."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k not in ("training", "inplace", "momentum") and isinstance(v, plain)
+    }
+
+
+def _bindings(gm: fx.GraphModule, model: nn.Module, hooks: frozenset[tuple[str, int]] = frozenset()) -> _Bindings:
     tensors, paths = [], {}
     for node in gm.graph.nodes:
         for path, *_ in (node.meta.get("nn_module_stack") or {}).values():
@@ -551,7 +582,8 @@ def _bindings(gm: fx.GraphModule, model: nn.Module) -> _Bindings:
                 tensors.append((target, held))
                 paths.setdefault(target.rpartition(".")[0], None)
     modules = [(p, m) for p in paths if p and isinstance(m := _lookup(model, p), nn.Module)]
-    return _Bindings(tensors, modules, list(model.modules()))
+    settings = [(p, m, _settings(m)) for p, m in modules if type(m).__module__.startswith("torch.nn.")]
+    return _Bindings(tensors, modules, list(model.modules()), settings, hooks)
 
 
 def _lookup(root: nn.Module, target: str) -> object:
@@ -586,6 +618,15 @@ def _not_followable(model: nn.Module, target: str, held: Tensor, live: object) -
     if live.is_inference():
         return f"{kind} {target!r} of the model was replaced by one made under torch.inference_mode()"
     return None
+
+
+def _fingerprint(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[Σ t, Σ_i i·(row sum)_i, Σ_j j·(column sum)_j]`` of ``t`` viewed as ``[t.shape[0], -1]``
+    (a vector as a column): values moved to another row or column change it (NOTE [weight cache])."""
+    view = t.reshape(t.shape[0] if t.dim() else 1, -1)
+    rows, cols = view.sum(1, dtype=dtype), view.sum(0, dtype=dtype)
+    ramp = torch.arange(1, max(rows.shape[0], cols.shape[0]) + 1, dtype=dtype, device=t.device)
+    return torch.stack([rows.sum(), rows @ ramp[: rows.shape[0]], cols @ ramp[: cols.shape[0]]])
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -694,7 +735,8 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         return selected
     qualname = {id(m): q for q, m in model.named_modules()}
     if isinstance(layers, str):
-        if layers not in names and layers not in set(qualname.values()):
+        known = layers in names or layers in set(qualname.values())
+        if not known and not _deeper_hint(gm, layers, qualname):  # a layer after N: named as such below
             raise InputError(
                 f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer or module name. "
                 f"Available layers: {', '.join(names)}"
@@ -723,8 +765,8 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
             else:
                 what = f"layer {item!r}"
             raise InputError(
-                f"{what} is not an explainable layer between the input and the last layer. "
-                f"Available: {', '.join(names)}"
+                f"{what} is not an explainable layer between the input and the last layer"
+                f"{_deeper_hint(gm, item, qualname)}. Available: {', '.join(names)}"
             )
         chosen.extend(m for m in match if m not in chosen)
     if not chosen:
@@ -733,18 +775,40 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
     return [n for n in names if n in chosen]  # shallow → deep
 
 
+def _deeper_hint(gm: fx.GraphModule, item: object, qualname: dict[int, str]) -> str:
+    """``" (it comes after the last layer 'N': ...)"`` when ``item`` names a node or module after N, else ``""``."""
+    plan: Plan = gm.meta["naflow.plan"]
+    nodes = list(gm.graph.nodes)
+    last = next(i for i, n in enumerate(nodes) if n.name == plan.last)
+    name = qualname.get(id(item)) if isinstance(item, nn.Module) else str(item)
+    if not name:
+        return ""
+    after = [
+        n
+        for n in nodes[last + 1 :]
+        if n.meta.get("naflow.name", n.name) == name
+        or any(q == name or q.startswith(name + ".") for q, _ in (n.meta.get("nn_module_stack") or {}).values())
+    ]
+    if not after:
+        return ""
+    n_name = nodes[last].meta.get("naflow.name", plan.last)
+    maps = [m for n in after if (m := tensor_meta(n)) is not None and len(m.shape) == 4 and m.shape[2] * m.shape[3] > 1]
+    if maps:
+        return f" (it comes after the last layer {n_name!r}: pass a deeper last_layer to explain it)"
+    return f" (it comes after the last layer {n_name!r}, and only feature maps up to there are explained)"
+
+
 def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torch.dtype) -> None:
     """A :class:`NumericalWarning` naming the deepest layer whose map has NaN/Inf (one device sync)."""
     bad = non_finite_layers(maps, list(layers))
     if bad:
-        warnings.warn(
+        warn_at_caller(
             NumericalWarning(
                 f"the maps of {len(bad)} of {len(layers)} layers contain NaN or Inf, from {bad[-1]!r} down: the "
                 f"back-propagated feature maps grew beyond the range of {dtype} (flow.bpfm and "
                 "flow.format_diagnostics() show where). Explain the model and input in float64 (model.double(), "
                 "x.double()), or try a larger damping (e.g. damping=3e-2)."
-            ),
-            stacklevel=4,
+            )
         )
 
 
@@ -766,7 +830,7 @@ def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: 
             "Σ_c Λ·BPFM is nowhere positive at any layer, e.g. because the score is negative (a logit or "
             "similarity below zero) or the last layer's activation is zero"
         )
-    warnings.warn(ZeroMapsWarning(f"every map of sample(s) {zero} is zero: {why}"), stacklevel=4)
+    warn_at_caller(ZeroMapsWarning(f"every map of sample(s) {zero} is zero: {why}"))
 
 
 def compile_naflow(
@@ -847,7 +911,7 @@ def compile_naflow(
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
         gm = passes.check_scope(gm)
         gm = passes.normalize(gm)
-        warn_forward_hooks(model, gm)
+        hooks = warn_forward_hooks(model, gm)
         with leaves_in_eval(gm):
             gm = passes.propagate_shapes(gm, example)
             gm = passes.partition_stages(gm, _resolve_last_layer(gm, model, last_layer))
@@ -859,7 +923,7 @@ def compile_naflow(
     )
     options.update(reduction=reduction, fallback=fallback, leaf_modules=leaf_modules)
     flow._recipe = (model, tuple(example.shape), options | ({"concrete_args": concrete_args} if concrete_args else {}))
-    flow._bindings = _bindings(gm, model)
+    flow._bindings = _bindings(gm, model, hooks)
     return flow
 
 

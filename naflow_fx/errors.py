@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = [
     "NAFlowError",
     "UnsupportedModelError",
@@ -49,3 +52,15 @@ class ZeroMapsWarning(UserWarning):
 
 class NumericalWarning(RuntimeWarning):
     """A flow gave non-finite (NaN/Inf) maps: the back-propagated feature maps overflowed."""
+
+
+def warn_at_caller(message: Warning | str, category: type[Warning] | None = None) -> None:
+    """``warnings.warn``, shown at the first line outside naflow_fx: the user's call.
+
+    However deep in the library the warning arises (``nf(x)`` itself, or ``explain_episode``
+    calling it), it names the user's file and line, and the user's warning filters apply there.
+    """
+    frame, level = sys._getframe(1), 2  # level 2: the function that called this one
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("naflow_fx", "contextlib"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

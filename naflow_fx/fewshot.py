@@ -45,6 +45,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -130,7 +131,7 @@ def _check_pairs(support: Tensor, refs: Tensor, support_index: Tensor, query_ind
     names a row of the batch.
     """
     c = METRICS["cosine"](support, refs)
-    zero, flat = similarity_is_zero(c), cosine_at_extremum(c.sum(1))
+    zero, flat = similarity_is_zero(c), cosine_at_extremum(support, refs)
     bad = zero | flat
     if bool(bad.any()):
         r = int(bad.nonzero()[0])
@@ -144,6 +145,30 @@ def _check_pairs(support: Tensor, refs: Tensor, support_index: Tensor, query_ind
             f"support image {int(support_index[r % k])} (class {label}) has cosine {float(c[r].sum()):.3g} with query "
             f"{int(query_index[r // k])}: {why}; remove that support image, or pass explain_support=False to skip "
             "the support flows"
+        )
+
+
+def _check_prototypes(queries: Tensor, protos: Tensor, labels: Tensor, shots: Tensor) -> None:
+    """Refuse a (query, prototype) pair whose cosine cannot be explained, naming the query and the class.
+
+    Row ``q`` of ``queries`` is explained against ``protos[q]``, the mean of the ``shots[q]``
+    support embeddings of class ``labels[q]``. The criteria are :func:`_check_pairs`'s.
+    """
+    c = METRICS["cosine"](queries, protos)
+    zero, flat = similarity_is_zero(c), cosine_at_extremum(queries, protos)
+    bad = zero | flat
+    if bool(bad.any()):
+        q = int(bad.nonzero()[0])
+        label, k = int(labels[q]), int(shots[q])
+        if bool(zero[q]):
+            why = "their embeddings are orthogonal, so the weights ω = c / |Σ c| are undefined"
+        elif k == 1:
+            why = "the query is that class's only support image (or a copy), where the cosine's gradient is 0"
+        else:
+            why = "the query embeds to the mean of that class's support embeddings, where the cosine's gradient is 0"
+        raise TargetError(
+            f"query image {q} has cosine {float(c[q].sum()):.8g} with the prototype of class {label} (the mean of "
+            f"its {k} support embedding{'s' if k != 1 else ''}): {why}; leave the query out of the support images"
         )
 
 
@@ -205,10 +230,17 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
         isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
     ):
         raise ConfigError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    outs = []
+    outs, start = [], 0
     with torch.no_grad(), nf._running():  # the caller's modes off, the model checked, leaves in eval mode
         for chunk in x.split(int(batch_size)) if batch_size else (x,):
-            chunk = nf._check_input(chunk.to(nf._device) if stream else chunk)
+            try:
+                chunk = nf._check_input(chunk.to(nf._device) if stream else chunk)
+            except InputError as exc:  # name the images: a call embeds several sets
+                rows = ""
+                if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+                    rows = f" {_first(start + (~torch.isfinite(chunk.flatten(1)).all(1)).nonzero()[:, 0])}"
+                raise InputError(f"{what}{rows}: {exc}") from None
+            start += chunk.shape[0]
             try:
                 out = nf.graph_module.forward(chunk)  # not __call__: fx would print a traceback
             except Exception as exc:  # noqa: BLE001 - the model itself rejected these images
@@ -317,6 +349,11 @@ def _labelled_grid(
 def _labels_tensor(labels: object, n: int, device: torch.device, what: str, images: str) -> Tensor:
     if isinstance(labels, Tensor):
         t = labels.detach()
+    elif isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in "iu":
+            fix = f"{what}.astype(int)" if labels.dtype.kind in "fb" else "np.unique(labels, return_inverse=True)[1]"
+            raise InputError(f"{what} must be integer class labels, got a numpy {labels.dtype} array; use {fix}")
+        t = torch.from_numpy(labels.astype(np.int64))
     elif isinstance(labels, Sequence) and not isinstance(labels, str):
         if any(isinstance(v, (Sequence, Tensor)) and not isinstance(v, str) for v in labels):
             raise InputError(
@@ -328,8 +365,8 @@ def _labels_tensor(labels: object, n: int, device: torch.device, what: str, imag
         t = torch.tensor([int(v) for v in labels], dtype=torch.long)
     else:
         raise InputTypeError(
-            f"{what} must be a LongTensor [{n}] or a list of ints, got {type(labels).__name__}; "
-            "convert it with torch.as_tensor(labels)"
+            f"{what} must be a LongTensor [{n}], an integer numpy array or a list of ints, got "
+            f"{type(labels).__name__}; convert it with torch.as_tensor(labels)"
         )
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise InputError(f"{what} must be integer class labels, got a {t.dtype} tensor; use labels.long()")
@@ -405,6 +442,9 @@ class EpisodeExplanation:
         col = self._column(c)
         label = int(self.classes[col])
         if label not in self.class_flows:
+            proto = self.prototypes[col].expand_as(self.query_embeddings)
+            shots = (self.support_labels == label).sum().expand(self.query.shape[0])
+            _check_prototypes(self.query_embeddings, proto, self.classes[col].expand(self.query.shape[0]), shots)
             self.class_flows[label] = self.naflow(self.query, SimilarityTarget(self.prototypes[col]))
         return self.class_flows[label]
 
@@ -426,6 +466,7 @@ class EpisodeExplanation:
         if (q, label) not in self._support_cache:
             idx = (self.support_labels == label).nonzero()[:, 0]
             ref = self.query_embeddings[q]
+            _check_pairs(self.support_embeddings[idx], ref.expand(idx.shape[0], -1), idx, torch.tensor([q]), label)
             self._support_cache[q, label] = self.naflow(self.support[idx], SimilarityTarget(ref))
         return self._support_cache[q, label]
 
@@ -453,7 +494,7 @@ class EpisodeExplanation:
 def explain_episode(
     encoder: nn.Module | NAFlow,
     support: Tensor,
-    support_labels: Tensor | Sequence[int],
+    support_labels: Tensor | np.ndarray | Sequence[int],
     query: Tensor,
     *,
     temperature: float = 10.0,
@@ -469,7 +510,7 @@ def explain_episode(
             :class:`~naflow_fx.NAFlow` compiled from one (used as is, never recompiled: compile
             once and reuse ``result.naflow`` across episodes).
         support: ``Tensor[S, C, H, W]``, the support images (any number per class).
-        support_labels: ``LongTensor[S]`` (or list of ints), any integer class labels.
+        support_labels: ``LongTensor[S]`` (or an integer numpy array, or a list of ints), any integer class labels.
         query: ``Tensor[Q, C, H, W]`` (or one image ``[C, H, W]``).
         temperature: the logit scale of MetaBaseline's cosine classifier (must be > 0; it does
             not change the prediction or the flows).
@@ -523,6 +564,8 @@ def explain_episode(
     cols = logits.argmax(1)
     prediction = episode_classes[cols]
 
+    shots = torch.stack([(labels == c).sum() for c in episode_classes])
+    _check_prototypes(qry_emb, protos[cols], prediction, shots[cols])
     flow = nf(query, SimilarityTarget(protos[cols]))
     support_indices = [(labels == prediction[q]).nonzero()[:, 0] for q in range(query.shape[0])]
     support_flows: list[FlowResult] = [None] * query.shape[0]  # type: ignore[list-item]

@@ -31,6 +31,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -101,6 +102,17 @@ class KNNTarget(SimilarityTarget):
         query, ref = self._pair(output)
         return F.normalize(query, dim=1) * ref
 
+    def _cosine_to_reference(self) -> bool:
+        return True  # Σ_j w_j cos(v, b_j) = ‖r‖ cos(v, r)
+
+    def _extremum_message(self, i: int, cos: float) -> str:
+        return (
+            f"the embedding of sample {i} points along the weighted mean of its neighbours (cosine {cos:.8g}, ±1 up "
+            "to float rounding), as when the image itself is in the bank and is its only neighbour of the predicted "
+            "class: the score's gradient is 0 there, so there is nothing to explain; leave the image's own row out "
+            "of the bank (and of its labels)"
+        )
+
     def _zero_reason(self, output: Tensor, i: int) -> str:
         if not bool(self.neighbour_weights[i].any()):
             return "all its neighbour weights are 0: give at least one neighbour a non-zero weight"
@@ -145,7 +157,7 @@ def explain_knn(
     model: nn.Module | NAFlow,
     x: Tensor,
     bank: Tensor,
-    bank_labels: Tensor | Sequence[int],
+    bank_labels: Tensor | np.ndarray | Sequence[int],
     k: int = 200,
     tau: float = 0.07,
     *,
@@ -160,7 +172,7 @@ def explain_knn(
             from one (used as is, never recompiled).
         x: ``Tensor[B, C, H, W]`` (or one image ``[C, H, W]``).
         bank: ``Tensor[M, D]``, the memory bank of embeddings (normalised or not: cosine is used).
-        bank_labels: ``LongTensor[M]`` (or list of ints), labels in ``0..num_classes-1``.
+        bank_labels: ``LongTensor[M]`` (or an integer numpy array, or a list of ints), labels in ``0..num_classes-1``.
         k: number of neighbours (``1 <= k <= M``; NPID uses 200).
         tau: the temperature τ > 0 (NPID: 0.07).
         num_classes: the number of classes (default: ``max(bank_labels) + 1``).

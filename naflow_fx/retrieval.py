@@ -69,7 +69,7 @@ class MatchExplanation:
             ``explain_matches=False``).
         query_embeddings: ``Tensor[Q, D]``; ``gallery_embeddings``: ``Tensor[G, D]``.
         naflow: the compiled :class:`~naflow_fx.NAFlow` (reuse it for the next query).
-        query, gallery: the inputs.
+        query, gallery: the inputs (``gallery`` is None when only its embeddings were given).
     """
 
     indices: Tensor
@@ -80,7 +80,7 @@ class MatchExplanation:
     gallery_embeddings: Tensor
     naflow: NAFlow = field(repr=False)
     query: Tensor = field(repr=False)
-    gallery: Tensor = field(repr=False)
+    gallery: Tensor | None = field(repr=False)
 
     @property
     def k(self) -> int:
@@ -118,7 +118,7 @@ class MatchExplanation:
 def explain_match(
     model: nn.Module | NAFlow,
     query: Tensor,
-    gallery: Tensor,
+    gallery: Tensor | None,
     k: int = 1,
     *,
     gallery_embeddings: Tensor | None = None,
@@ -135,6 +135,8 @@ def explain_match(
         query: ``Tensor[Q, C, H, W]`` or one image ``[C, H, W]``.
         gallery: ``Tensor[G, C, H, W]``, the images to search. It may stay on the CPU when the
             model is on a GPU: it is moved ``batch_size`` images at a time, and the matches to explain.
+            ``None`` for an index that keeps only embeddings: then pass ``gallery_embeddings`` and
+            ``explain_matches=False``.
         k: how many matches per query (``1 <= k <= G``).
         gallery_embeddings: precomputed ``Tensor[G, D]`` (skips embedding the gallery); they
             must come from the same model in eval mode.
@@ -160,14 +162,25 @@ def explain_match(
             or a ``batch_size`` that is not a positive int or None.
     """
     query = _as_batch(query, "query")
-    if isinstance(gallery, Tensor) and gallery.dim() >= 1 and gallery.shape[0] == 0:
-        raise InputError("the gallery is empty: pass at least one image [G, C, H, W] with G >= 1")
-    gallery = _as_batch(gallery, "gallery")
-    _same_images(query, gallery, "query", "gallery")
-    size = gallery.shape[0]
-    k = _count(k, f"k must be an int between 1 and the gallery size {size}", "", TargetError, high=size)
-    if gallery_embeddings is not None:
+    if gallery is None:  # an index that keeps only embeddings
+        if gallery_embeddings is None or explain_matches:
+            raise InputError(
+                "gallery=None needs gallery_embeddings (Tensor[G, D]) and explain_matches=False: without the "
+                "images, the gallery can be ranked and the query explained, but not the matches"
+            )
         _check_given_embeddings(gallery_embeddings)
+        if gallery_embeddings.dim() != 2 or 0 in gallery_embeddings.shape:
+            raise InputError(f"gallery_embeddings must be Tensor[G, D], got shape {tuple(gallery_embeddings.shape)}")
+        size = gallery_embeddings.shape[0]
+    else:
+        if isinstance(gallery, Tensor) and gallery.dim() >= 1 and gallery.shape[0] == 0:
+            raise InputError("the gallery is empty: pass at least one image [G, C, H, W] with G >= 1")
+        gallery = _as_batch(gallery, "gallery")
+        _same_images(query, gallery, "query", "gallery")
+        size = gallery.shape[0]
+        if gallery_embeddings is not None:
+            _check_given_embeddings(gallery_embeddings)
+    k = _count(k, f"k must be an int between 1 and the gallery size {size}", "", TargetError, high=size)
     nf = _resolve_naflow(model, query, layers, compile_options, "explain_match")
 
     q_emb = _embed(nf, query, what="query images")
@@ -201,7 +214,7 @@ def explain_match(
             "those images (e.g. blank or wrongly normalised)"
         )
     _check_zero_matches(q_emb, g_emb, order, explain_matches)
-    same = cosine_at_extremum(top)  # the query itself, or a copy, in the gallery
+    same = cosine_at_extremum(q_emb.repeat_interleave(k, dim=0), g_emb[flat]).reshape(-1, k)  # the query in the gallery
     if bool(same.any()):
         q, j = same.nonzero()[0].tolist()
         raise TargetError(

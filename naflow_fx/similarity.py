@@ -75,12 +75,19 @@ def similarity_is_zero(c: Tensor) -> Tensor:
     return c.sum(1).abs() <= 1e-6 * c.abs().sum(1)
 
 
-def cosine_at_extremum(cos: Tensor) -> Tensor:
-    """Per pair: a cosine of ±1 up to float rounding, ``1 − |cos| ≤ 100 eps`` (the query is the reference).
+def cosine_at_extremum(query: Tensor, reference: Tensor) -> Tensor:
+    """Per pair of embeddings (``Tensor[B, D]`` each): the same or opposite directions up to float rounding.
 
-    There the cosine's gradient is 0, and ω would explain rounding.
+    That is ``min(‖q̂ − r̂‖, ‖q̂ + r̂‖) ≤ √eps`` for the unit vectors (3.5e-4 in float32): the query
+    is the reference (or a copy), as when an image is compared with itself. There the cosine is at
+    its extremum, its gradient is 0, and ω would explain rounding. The same image embedded in
+    another batch moves by about 1e-6; distinct images are further apart, however close their
+    cosine is to 1 (decision 23). The test is on the distance, not on ``1 − |cos|``, which float32
+    rounds to 0 for directions up to about 5e-4 apart.
     """
-    return (1 - cos.abs()) <= 100 * torch.finfo(cos.dtype).eps
+    q, r = F.normalize(query.detach(), dim=1), F.normalize(reference.detach(), dim=1)
+    distance = torch.minimum((q - r).norm(dim=1), (q + r).norm(dim=1))
+    return distance <= torch.finfo(distance.dtype).eps ** 0.5
 
 
 register_metric("dot", lambda q, s: q * s)
@@ -138,6 +145,8 @@ class SimilarityTarget:
             )
         batch, dim = output.shape
         ref = self.reference.to(device=output.device, dtype=output.dtype)
+        if ref.is_inference():  # made under the caller's torch.inference_mode(): autograd cannot save it
+            ref = ref.clone()  # (a flow runs outside inference mode, so the clone is an ordinary tensor)
         if not bool(torch.isfinite(ref).all()):
             raise TargetError(
                 f"the reference embedding overflows the model's {output.dtype} (its largest magnitude is "
@@ -184,16 +193,15 @@ class SimilarityTarget:
             # by ~1e-6), and ω would explain that rounding.
             query, ref = self._pair(output)
             zero = sim[:, 0].abs() <= 1e-8 * ((query.detach() ** 2).sum(1) + (ref**2).sum(1))
-        if self.metric == "cosine":
+        if self._cosine_to_reference():
             # At cosine ±1 (the query is the reference, or its mirror image, up to float rounding)
             # the cosine is at its extremum: its gradient is 0, and ω would explain rounding.
-            flat = cosine_at_extremum(sim)
+            query, ref = self._pair(output)
+            flat = cosine_at_extremum(query, ref)
             if bool(flat.any()):
-                i = int(flat.reshape(-1).nonzero()[0])
+                i = int(flat.nonzero()[0])
                 raise TargetError(
-                    f"the cosine similarity of sample {i} to its reference is {float(sim.reshape(-1)[i]):.8g}, ±1 up "
-                    "to float rounding, as when the query image is the reference itself: the cosine is at its "
-                    "extremum there, so its gradient is 0 and there is nothing to explain; choose another reference"
+                    self._extremum_message(i, float(F.cosine_similarity(query[i].detach(), ref[i], dim=0)))
                 )
         if bool(zero.any()):
             i = int(zero.reshape(-1).nonzero()[0])
@@ -202,6 +210,18 @@ class SimilarityTarget:
                 f"weights ω = c / |Σ c| are undefined; {self._zero_reason(output, i)}"
             )
         return c / sim.abs()
+
+    def _cosine_to_reference(self) -> bool:
+        """The score is a positive multiple of ``cos(output, reference)`` (its gradient is 0 at ±1)."""
+        return self.metric == "cosine"
+
+    def _extremum_message(self, i: int, cos: float) -> str:
+        """The error for sample ``i``, whose cosine ``cos`` to its reference is ±1 up to rounding."""
+        return (
+            f"the cosine similarity of sample {i} to its reference is {cos:.8g}, ±1 up to float rounding, as when "
+            "the query image is the reference itself: the cosine is at its extremum there, so its gradient is 0 "
+            "and there is nothing to explain; choose another reference"
+        )
 
     def _zero_reason(self, output: Tensor, i: int) -> str:
         """Why sample ``i``'s similarity is 0, and what to do (for the error message)."""

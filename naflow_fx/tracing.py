@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ConfigError, InputTypeError, UnsupportedModelError
+from .errors import ConfigError, InputTypeError, UnsupportedModelError, warn_at_caller
 
 __all__ = ["NAFlowTracer", "ShapeTracer", "not_a_module", "trace", "warn_forward_hooks"]
 
@@ -33,32 +33,42 @@ _HOOK_DICTS = (
 )
 
 
-def warn_forward_hooks(model: nn.Module, gm: fx.GraphModule) -> None:
+def warn_forward_hooks(
+    model: nn.Module, gm: fx.GraphModule, known: frozenset[tuple[str, int]] | None = None
+) -> frozenset[tuple[str, int]]:
     """Warn that forward hooks of modules the graph does not call are not run (docs/naflow.md, decision 3).
 
     Modules left as ``call_module`` nodes (leaf modules such as an LSTM) are called, hooks and all.
     Hooks that compute a weight (the older weight and spectral norms, pruning masks) are not
     counted: the graph computes those weights itself (``normalize``).
+
+    Returns the hooks found, as (module name, hook id) pairs. Given ``known`` (those found
+    before), only hooks added since are warned about: a flow checks this on every call, so a hook
+    registered after ``compile_naflow`` is named once, like one registered before.
     """
     from .passes.normalize import computes_weights
 
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    hooked = [
-        name or type(model).__name__
+    hooks = [
+        (name or type(model).__name__, key)
         for name, m in model.named_modules()
         if name not in called
-        and any(not computes_weights(h) for d in _FORWARD_HOOKS for h in getattr(m, d, {}).values())
+        for d in _FORWARD_HOOKS
+        for key, h in getattr(m, d, {}).items()
+        if not computes_weights(h)
     ]
+    hooked = list(dict.fromkeys(name for name, key in hooks if known is None or (name, key) not in known))
     if hooked:
         more = f" and {len(hooked) - 3} more modules" if len(hooked) > 3 else ""
-        warnings.warn(
-            f"the model has forward hooks on {', '.join(map(repr, hooked[:3]))}{more}. The flow explains the traced "
-            "graph, which does not run them: a hook that only reads (a feature extractor, pytorch-grad-cam) is "
-            "harmless, but if one changes an output, what is explained differs from model(x). Move such a change "
+        since = "" if known is None else " added since compile_naflow"
+        warn_at_caller(
+            f"the model has forward hooks{since} on {', '.join(map(repr, hooked[:3]))}{more}. The flow explains the "
+            "traced graph, which does not run them: a hook that only reads (a feature extractor, pytorch-grad-cam) "
+            "is harmless, but if one changes an output, what is explained differs from model(x). Move such a change "
             "into the module's forward to explain it.",
             UserWarning,
-            stacklevel=3,
         )
+    return frozenset(hooks)
 
 
 class NAFlowTracer(fx.Tracer):

@@ -7,6 +7,8 @@ import contextlib
 import copy
 import math
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -559,6 +561,37 @@ def test_a_compiled_flow_pickles_and_copies_as_its_model_and_options(tmp_path):
             torch.testing.assert_close(got.maps[name], ref.maps[name])
 
 
+def test_the_generated_networks_alone_refuse_pickling_and_name_what_to_pickle():
+    """torch.fx would save them and then fail to load them; the NAFlow pickles (above)."""
+    model, x = conv4(hidden=4, num_classes=3).eval(), batch(1)
+    flow = compile_naflow(model, x)
+    flow(x, keep="maps")  # makes the maps network too
+    for module in (flow.inverse, flow._maps.module):
+        with pytest.raises(TypeError, match=r"cannot be pickled on its own: pickle the NAFlow .* instead"):
+            pickle.dumps(module)
+    assert copy.deepcopy(flow.inverse).code == flow.inverse.code  # copying in memory still works
+
+
+def test_the_first_flow_runs_under_warnings_as_errors_and_import_leaves_the_filters_alone():
+    """torch's first forward-mode call warns that torch.jit.script is deprecated; a user's
+    ``-W error`` must not turn that into a failed flow, and naflow_fx must not add global filters."""
+    script = (
+        "import warnings, torch\n"
+        "before = list(warnings.filters)\n"
+        "import naflow_fx\n"
+        "assert warnings.filters == before, 'import changed the warning filters'\n"
+        "warnings.simplefilter('error')\n"
+        "warnings.filterwarnings('ignore', category=naflow_fx.ZeroMapsWarning)  # a random net's maps may be 0\n"
+        "torch.manual_seed(0)\n"
+        "net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU(), torch.nn.Conv2d(4, 4, 3),\n"
+        "    torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()\n"
+        "x = torch.randn(1, 3, 10, 10)\n"
+        "naflow_fx.compile_naflow(net, x)(x)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_model_cast_or_moved_after_compiling_asks_to_compile_again():
     model = conv4(hidden=4, num_classes=3).eval()
     x = batch(1)
@@ -576,8 +609,13 @@ def test_unknown_layer_and_invalid_last_layer():
     x = batch(1)
     with pytest.raises(InputError, match="layer 'features.99' is not an explainable layer.*Available: features.0, "):
         compile_naflow(model, x, layers=["features.4", "features.99"])
-    with pytest.raises(InputError, match=r"module 'head' \(Linear\) is not an explainable layer"):
-        compile_naflow(model, x, layers=[model.head])  # after the last layer
+    with pytest.raises(
+        InputError, match=r"module 'head' \(Linear\) is not an explainable layer .*after the last layer "
+    ):
+        compile_naflow(model, x, layers=[model.head])  # after the last layer, and not a feature map
+    for layers in (["features.8"], "features.8", [model.features[8]]):  # a feature map after an earlier last layer
+        with pytest.raises(InputError, match=r"comes after the last layer 'features.5': pass a deeper last_layer"):
+            compile_naflow(model, x, layers=layers, last_layer="features.5")
     with pytest.raises(InputError, match="a ReLU that is not a module of the model is not an explainable layer"):
         compile_naflow(model, x, layers=[nn.ReLU()])
     with pytest.raises(InputError, match="the model itself is not an explainable layer"):

@@ -6,6 +6,7 @@ time."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -82,6 +83,14 @@ _UNLIKE = {
         lambda m: m.__setitem__(1, nn.Identity()),
         r"module '1' \(BatchNorm2d\) of the model was replaced by an Identity",
     ),
+    "padding-changed-in-place": (
+        lambda m: setattr(m[3], "padding", (2, 2)),
+        r"'padding' of module '3' \(Conv2d\) was changed from \(1, 1\) to \(2, 2\)",
+    ),
+    "eps-changed-in-place": (
+        lambda m: setattr(m[1], "eps", 10.0),
+        r"'eps' of module '1' \(BatchNorm2d\) was changed from 1e-05 to 10.0",
+    ),
 }
 
 
@@ -103,6 +112,43 @@ def test_weights_changed_in_place_are_followed_without_recompiling():
     with torch.no_grad():
         model[3].weight.mul_(2)
     torch.testing.assert_close(nf(X, keep="maps").output, model(X))
+
+
+def test_settings_that_change_nothing_in_eval_may_change_after_compile():
+    model = _net()
+    nf = compile_naflow(model, X[:1])
+    model[2].inplace, model[1].momentum = True, 0.5
+    torch.testing.assert_close(nf(X).output, model(X))
+
+
+def test_a_data_write_that_only_moves_weights_is_followed():
+    """NOTE [weight cache]: swapping two output channels through ``.data`` keeps every sum and every
+    version counter; the cached closed-form inverse of the 1×1 conv must still be made again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
+    nf = compile_naflow(model, X[:1])
+    nf(X)  # caches the 1×1 conv's SVD
+    weight = model[2].weight
+    weight.data.copy_(weight.data[[1, 0, 2, 3, 4, 5, 6, 7]])
+    flow, fresh = nf(X), compile_naflow(model, X[:1])(X)
+    assert all(bool(flow.maps[name].any()) for name in nf.layers)
+    for name in nf.layers:
+        torch.testing.assert_close(flow.maps[name], fresh.maps[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_forward_hook_added_after_compile_is_warned_about_once():
+    model = _net()
+    nf = compile_naflow(model, X[:1])
+    handle = model[3].register_forward_hook(lambda m, i, o: o * 0.1)
+    with pytest.warns(UserWarning, match=r"forward hooks added since compile_naflow on '3'\. .*differs from model"):
+        nf(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf(X)  # said once
+        handle.remove()
+        nf(X)
 
 
 class _Block(nn.Module):

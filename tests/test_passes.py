@@ -642,3 +642,37 @@ def test_an_op_without_forward_mode_derivative_in_a_region_is_named():
     flow = compile_naflow(model, x)
     with pytest.raises(UnsupportedOpError, match=r"lstm.*no forward-mode derivative in torch.*last_layer="):
         flow(x)
+
+
+class _LikeNamed(nn.Module):
+    """Layers ``conv.1`` (a ReLU in a Sequential) and ``conv_1`` (a conv) spell the same attribute name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.conv_1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.head(self.conv_1(self.conv(x)))
+
+
+def test_layers_whose_names_spell_the_same_attribute_keep_their_own_stage_modules():
+    torch.manual_seed(0)
+    model = _LikeNamed().eval()
+    x = torch.randn(2, 3, 8, 8)
+    nf = compile_naflow(model, x[:1], solver="dense")
+    children = [name for name, _ in nf.inverse.named_children()]
+    assert {"stage_conv_1_coefficients", "stage_conv_1_2_coefficients"} <= set(children)
+    flow = nf(x)
+    seen = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+        for name, module in (("conv.0", model.conv[0]), ("conv.1", model.conv[1]), ("conv_1", model.conv_1))
+    ]
+    out = model(x)
+    for handle in hooks:
+        handle.remove()
+    grads = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), list(seen.values()))
+    for name, grad in zip(seen, grads):
+        torch.testing.assert_close(flow.coefficients[name], grad)  # each layer's Λ, from its own stage

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 
 import matplotlib.figure
 import matplotlib.pyplot as plt
@@ -18,7 +19,15 @@ import torch
 from models import seeded
 from torch import Tensor, nn
 
-from naflow_fx import ConfigError, InputError, InputTypeError, SimilarityTarget, TargetError, compile_naflow
+from naflow_fx import (
+    ConfigError,
+    InputError,
+    InputTypeError,
+    SimilarityTarget,
+    TargetError,
+    ZeroMapsWarning,
+    compile_naflow,
+)
 from naflow_fx.fewshot import explain_episode
 from naflow_fx.knn import KNNTarget, explain_knn
 from naflow_fx.retrieval import explain_match
@@ -286,6 +295,18 @@ def test_a_nan_embedding_is_an_input_error_naming_the_images(helper):
         _call(helper, nf, images(2, 5))
 
 
+def test_images_refused_by_the_input_checks_are_named_by_their_set_and_row(nf):
+    """A helper embeds several sets of images; a NaN, a dtype or a channel count names the set (and the rows)."""
+    x, gallery = images(2, 5), images(6, 6)
+    gallery[4, 0, 1, 1] = float("nan")
+    with pytest.raises(InputError, match=r"^gallery images \[4\]: the input contains NaN or Inf values$"):
+        explain_match(nf, x[0], gallery, k=1, batch_size=2)  # row 4 is in the third chunk
+    with pytest.raises(InputError, match=r"^support images \[1\]: the input contains NaN"):
+        explain_episode(nf, torch.cat([x[:1], gallery[4:5]]), [0, 1], x)
+    with pytest.raises(InputError, match=r"^query images: the input is torch.float64 but the model computes in"):
+        explain_episode(nf, x, [0, 1], x.double())
+
+
 def test_a_query_that_embeds_to_zero_is_named(nf_no_bias):
     blank = torch.zeros(1, 3, SIZE, SIZE)
     support = images(4, 6)
@@ -335,6 +356,25 @@ def test_gallery_embeddings_are_checked(nf, encoder):
         explain_match(nf, q, g, gallery_embeddings=e.double() * 1e300)
 
 
+def test_an_index_of_embeddings_only_ranks_and_explains_the_query(nf, encoder):
+    """gallery=None with gallery_embeddings and explain_matches=False: the images are not needed."""
+    q, g = images(2, 8), images(4, 9)
+    e = embed(encoder, g)
+    want = explain_match(nf, q, g, k=2, gallery_embeddings=e, explain_matches=False)
+    got = explain_match(nf, q, None, k=2, gallery_embeddings=e, explain_matches=False)
+    assert torch.equal(got.indices, want.indices) and got.gallery is None and got.match_flow is None
+    assert all(torch.equal(got.query_flow.maps[n], want.query_flow.maps[n]) for n in nf.layers)
+    assert got.plot(1).axes  # the query rows only
+    plt.close("all")
+    for kwargs in ({}, {"gallery_embeddings": e}, {"explain_matches": False}):
+        with pytest.raises(InputError, match=r"gallery=None needs gallery_embeddings .* and explain_matches=False"):
+            explain_match(nf, q, None, **kwargs)
+    with pytest.raises(InputError, match=r"gallery_embeddings must be Tensor\[G, D\], got shape \(0, 8\)"):
+        explain_match(nf, q, None, gallery_embeddings=e[:0], explain_matches=False)
+    with pytest.raises(TargetError, match=r"k must be an int between 1 and the gallery size 4"):
+        explain_match(nf, q, None, k=5, gallery_embeddings=e, explain_matches=False)
+
+
 def test_match_accepts_numpy_k_and_indices_and_refuses_a_bool_batch_size(nf):
     q, g = images(2, 8), images(4, 9)
     m = explain_match(nf, q, g, k=np.int64(2))
@@ -359,8 +399,14 @@ def test_episode_labels_numpy_ints_are_labels_and_bad_shapes_say_how_to_flatten(
         explain_episode(nf, s, [[0, 0], [1, 1]], q)
     with pytest.raises(InputError, match=r"shape \(2, 2\) but there are 4 support images.*support_labels.reshape"):
         explain_episode(nf, s, torch.tensor([[0, 0], [1, 1]]), q)
-    with pytest.raises(InputTypeError, match=r"got ndarray; convert it with torch.as_tensor"):
-        explain_episode(nf, s, np.array([0, 0, 1, 1]), q)
+    for labels in (np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1], dtype=np.uint8)):
+        torch.testing.assert_close(explain_episode(nf, s, labels, q, explain_support=False).logits, ref.logits)
+    with pytest.raises(InputError, match=r"got a numpy float64 array; use support_labels.astype\(int\)"):
+        explain_episode(nf, s, np.array([0.0, 0, 1, 1]), q)
+    with pytest.raises(InputError, match=r"got a numpy <U1 array; use np.unique\(labels, return_inverse=True\)\[1\]"):
+        explain_episode(nf, s, np.array(list("aabb")), q)
+    with pytest.raises(InputTypeError, match=r"got dict; convert it with torch.as_tensor"):
+        explain_episode(nf, s, {0: 0, 1: 0, 2: 1, 3: 1}, q)
     with pytest.raises(InputError, match=r"got \(2, 2, 3, 12, 12\); .*support.flatten\(0, 1\)"):
         explain_episode(nf, s.reshape(2, 2, 3, SIZE, SIZE), [0, 0, 1, 1], q)
 
@@ -533,3 +579,70 @@ def test_a_pair_with_zero_cosine_names_the_support_or_gallery_image():
     with pytest.raises(TargetError, match=r"gallery image 1, match 3 of query 0, has cosine 0 .*lower k"):
         explain_match(enc, query, gallery, k=3)
     assert explain_match(enc, query, gallery, k=2).indices.tolist() == [[0, 2]]
+
+
+@pytest.mark.filterwarnings("ignore::naflow_fx.ZeroMapsWarning")  # the toy encoder zeroes negative colours
+def test_distinct_images_with_a_cosine_near_1_are_explained_and_copies_are_named():
+    """Self-matches are told apart from close neighbours by the distance of the unit embeddings (decision 23).
+
+    The two colours below differ by 0.0025 in one channel: cosine 1 − 2e-6, which the earlier test
+    ``1 − |cos| ≤ 100 eps`` (1.2e-5 in float32) refused as "the query itself", though their
+    unit embeddings are 2e-3 apart and the cosine's gradient is well defined.
+    """
+    enc = _channel_encoder()
+    query, near = _colour(1, 0.5, 0.25), _colour(1, 0.5, 0.2525)
+    cos = float(torch.nn.functional.cosine_similarity(embed(enc, query[None]), embed(enc, near[None])))
+    assert 0 < 1 - cos < 100 * torch.finfo(torch.float32).eps
+    match = explain_match(enc, query, near[None], k=1)  # refused before
+    assert match.query_flow.scores.tolist() == [1.0] and match.match_flow.scores.tolist() == [1.0]
+    episode = explain_episode(enc, torch.stack([near, _colour(0, 1, 0)]), [0, 1], query)
+    assert episode.prediction.tolist() == [0]
+    # the query itself as its class's only support image: named as such, not as "sample 0 to its reference"
+    with pytest.raises(
+        TargetError, match=r"query image 1 has cosine \S+ with the prototype of class 7 \(the mean of its 1 "
+    ):
+        explain_episode(enc, torch.stack([near, query]), [3, 7], torch.stack([near * 0.5 + 0.1, query]))
+    # a copy of the query among another class's supports, explained on demand
+    episode = explain_episode(
+        enc, torch.stack([near, query, _colour(0, 1, 0)]), [0, 1, 1], query, explain_support=False
+    )
+    assert episode.prediction.tolist() == [0]
+    with pytest.raises(TargetError, match=r"support image 1 \(class 1\) has cosine 1 with query 0: .*is the query"):
+        episode.support_flow(0, 1)
+
+
+def test_knn_refuses_a_query_that_is_its_own_only_neighbour(nf, encoder):
+    """KNNTarget's score is ‖r‖·cos(v, r): at v ∥ r its gradient is 0, as for a cosine self-match."""
+    x = images(4, 6)
+    bank, labels = embed(encoder, x), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(TargetError, match=r"sample 0 points along the weighted mean of its neighbours .*own row"):
+        explain_knn(nf, x[1], bank, labels, k=1)
+    knn = explain_knn(nf, x[1], bank[[0, 2, 3]], labels[[0, 2, 3]], k=1)  # without its own row
+    assert knn.flow.maps[nf.last_layer].abs().max() > 1e-6
+
+
+def test_references_made_under_inference_mode_work_for_every_metric(nf, encoder):
+    """A flow runs outside the caller's inference mode; a reference made inside it is an inference tensor,
+    which autograd cannot save for the backward pass of a dot product."""
+    x = images(3, 7)
+    with torch.inference_mode():
+        ref = encoder(x[1:2])[0]
+    assert ref.is_inference()
+    plain = embed(encoder, x[1:2])[0]
+    for metric in ("cosine", "dot", "euclidean"):
+        got, want = nf(x[:1], SimilarityTarget(ref, metric=metric)), nf(x[:1], SimilarityTarget(plain, metric=metric))
+        assert all(torch.equal(got.maps[k], want.maps[k]) for k in nf.layers)
+    with torch.inference_mode():
+        knn = explain_knn(nf, x[0], encoder(x[1:]), [0, 1], k=2)
+    want = explain_knn(nf, x[0], embed(encoder, x[1:]), [0, 1], k=2)
+    assert all(torch.equal(knn.flow.maps[k], want.flow.maps[k]) for k in nf.layers)
+
+
+def test_warnings_from_the_helpers_point_at_the_users_call():
+    """A flow run inside explain_match warns at the caller's line, not at the library's call of nf(...)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gallery = torch.stack([_colour(1, -1, 0.3), _colour(-1, -1, 1)])  # the second: no positive Λ·BPFM
+        explain_match(_channel_encoder(), _colour(1, -1, 0.5), gallery, k=2)
+    zero = [w for w in caught if w.category is ZeroMapsWarning]
+    assert zero and all(w.filename == __file__ for w in zero)

@@ -26,16 +26,17 @@ in ``api.py``).
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.func import jvp
 
 from ..rules import abandon
 from ..rules.generic import elementwise_affine_inverse, linearized_inverse, region_inverse
 from ..solvers.linearize import linearize_graph
+from ..solvers.operator import jvp
 from .partition import Plan
 from .shape_prop import layout
 
@@ -144,8 +145,32 @@ def region_images(inner: nn.Module, input: Tensor, bpfm_in: Tensor, *extras) -> 
     return tuple(p + t for p, t in zip(primal, tangent))
 
 
-def _attr_path(name: str) -> str:
-    return "stage_" + name.replace(".", "_").replace("#", "_")
+def _attr_path(name: str, taken: set[str]) -> str:
+    """A fresh attribute name for the stage ending at layer ``name``: ``stage_<name>``, ``.`` and ``#``
+    as ``_``, with its ``_coefficients`` and ``_inner`` variants reserved in ``taken`` too.
+
+    Layers ``conv.1`` and ``conv_1`` would both be ``stage_conv_1``: the second gets a numbered
+    suffix instead of replacing the first one's module.
+    """
+    base = "stage_" + re.sub(r"\W", "_", name)
+    path, i = base, 1
+    while any(p in taken for p in (path, path + "_coefficients", path + "_inner")):
+        i += 1
+        path = f"{base}_{i}"
+    taken.update((path, path + "_coefficients", path + "_inner"))
+    return path
+
+
+def _not_pickled_alone(self: fx.GraphModule) -> None:
+    """The generated networks are pickled with their NAFlow, which compiles them again when loaded.
+
+    Pickled alone, ``torch.fx`` would save them and then fail to load them: it re-traces their code,
+    which calls the solvers with symbolic values.
+    """
+    raise TypeError(
+        f"the generated {type(self).__name__} network cannot be pickled on its own: pickle the NAFlow it belongs "
+        "to instead (pickle.dumps(nf), torch.save(nf, path)), which compiles it again when loaded"
+    )
 
 
 class _Lazy(dict):
@@ -187,6 +212,7 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     requested = sorted(set(requested), key=order.__getitem__)
     shallowest = order[requested[0]] if requested else order[plan.last]
     root: dict[str, object] = {}
+    taken = {str(n.target).partition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}  # copied into root
 
     # 1. Plan: which stages run, and which recorded values they read. Only Λ_N is fed; every
     # other Λ is chained stage by stage from it (NOTE [chained Λ]).
@@ -197,7 +223,7 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
         s = step.stage
         w, u = nodes[s.output], nodes[s.input]
         body = [nodes[b] for b in s.body]
-        path = _attr_path(layer[w.name])
+        path = _attr_path(layer[w.name], taken)
         inner = [nodes[b] for b in s.body[:-1] if b in requested]
         acts.add(u.name)
         extras: list[fx.Node] = []
@@ -302,4 +328,5 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     else:
         graph.output({layer[r]: out_maps[r] for r in requested})
     module = fx.GraphModule(root, graph, class_name="NAFlowInverse" if maps is None else "NAFlowMaps")
+    type(module).__reduce__ = _not_pickled_alone  # fx makes a class per GraphModule: this one only
     return InverseProgram(module, act_order, (plan.last,), len(steps))

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import jvp
 
 from ..canonical import short_op_name
+from ..solvers.operator import jvp
 from . import register_inverse
 
 __all__ = ["register_pointwise", "pointwise_derivative"]

@@ -46,10 +46,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.func import jvp, vjp
+from torch.func import vjp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UnsupportedOpError
+from .operator import jvp
 
 __all__ = ["linearize_graph"]
 

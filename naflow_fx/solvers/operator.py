@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, jvp, vjp
-
-# torch.func's first forward-mode call scripts a decomposition with torch.jit and warns that
-# torch.jit.script is deprecated: an internal detail of torch, not something users can act on.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+from torch.func import jacrev, vjp
 
 __all__ = [
     "LinearOperator",
@@ -24,6 +21,28 @@ __all__ = [
     "widest_float",
     "float64_device",
 ]
+
+
+@functools.cache
+def _jvp_decompositions() -> None:
+    """Load torch's forward-mode decompositions once, without their warning.
+
+    torch loads them on the first forward-mode call, scripting them with ``torch.jit``, which
+    warns that ``torch.jit.script`` is deprecated: a detail of torch that users cannot act on.
+    Under ``warnings.simplefilter("error")`` (or ``pytest -W error``) that warning would fail the
+    first flow, so it is silenced here, for this import only, leaving the caller's filters alone.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)  # private, so looked up
+        if load is not None:
+            load()  # what the first forward-mode call would do (nothing with PYTORCH_JIT=0)
+
+
+def jvp(fn: Callable, primals: tuple, tangents: tuple) -> tuple:
+    """``torch.func.jvp(fn, primals, tangents)``, with torch's decompositions loaded quietly first."""
+    _jvp_decompositions()
+    return torch.func.jvp(fn, primals, tangents)
 
 
 def widest_float(device: torch.device) -> torch.dtype:
