@@ -26,7 +26,7 @@ from .passes.codegen import gradients, layer_map
 from .passes.normalize import refresh_derived_weights
 from .passes.partition import Plan
 from .passes.shape_prop import layout, tensor_meta
-from .result import FlowResult, LayerMaps, non_finite_layers
+from .result import FlowResult, LayerMaps, NotKept, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
@@ -425,7 +425,7 @@ class NAFlow:
         with torch.no_grad():
             out = program.module(ctx, store)
         if keep == "maps":
-            maps, bpfm, coefficients = dict(out), {}, {}
+            maps, bpfm, coefficients = dict(out), NotKept("BPFMs"), NotKept("coefficients Λ")
         else:
             bpfms, lams = out
             pairs = list(zip(self._layer_nodes, self.layers))

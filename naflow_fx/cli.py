@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError, NAFlowError, NumericalWarning, ZeroMapsWarning
+from .errors import ConfigError, InputError, NAFlowError, NumericalWarning, ZeroMapsWarning, optional
 from .solvers import SolverConfig
 
 __all__ = ["main", "build_parser", "load_model", "load_images", "with_input", "ModelSpec", "CLIError"]
@@ -43,7 +43,7 @@ _EPILOG_EXPLAIN = """examples:
   naflow explain img.png --model resnet18 --weights my_resnet18.pt --target 281 --compare gradcam,layercam
   naflow explain img.png --model mypkg.models:build_net --size 128 --out explained/
   naflow explain img.png --model whole_model.pt --device cuda
-  naflow explain star.png --model shapes --damping 3e-2 --tol 1e-3     # solver options (docs/naflow.md)
+  naflow explain star.png --model shapes --damping 3e-2 --tol 1e-3     # solver options: help(naflow_fx.compile_naflow)
 
 --model is a torchvision model name (random weights unless --weights), "shapes" (the embedded
 model), module:callable (a function returning an nn.Module, or a module instance) or a file
@@ -209,10 +209,7 @@ def _file_spec(path: str, weights: str | None) -> ModelSpec:
 
 
 def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
-    try:
-        import torchvision
-    except ImportError:
-        raise CLIError("torchvision is not installed: pip install 'naflow-fx[vision]'") from None
+    torchvision = optional("torchvision", f"--model {name}")
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         close = [m for m in available if m.startswith(name[:3])][:8]
@@ -298,7 +295,9 @@ def load_images(
         torch.Size([2, 3, 64, 64])
     """
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+
+    Image = optional("PIL.Image", "reading images")
+    UnidentifiedImageError = Image.UnidentifiedImageError
 
     if isinstance(crop_fraction, bool) or not isinstance(crop_fraction, (int, float)) or not 0 < crop_fraction <= 1:
         raise CLIError(
@@ -383,7 +382,8 @@ def _frames(im) -> int:
 def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
     """A 16-bit, 32-bit or float greyscale image as ``float32 [size, size, 3]`` in [0, 1]."""
     import numpy as np
-    from PIL import Image
+
+    Image = optional("PIL.Image", "reading images")
 
     values = np.asarray(im.convert("F"), np.float32)
     if not np.isfinite(values).all():
@@ -422,7 +422,7 @@ def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
 def _open_image(path: str):
     """``PIL.Image.open(path)`` without PIL's DecompressionBombWarning: the CLI resamples only the square it
     explains, so a large image costs little; one over PIL's error threshold still raises DecompressionBombError."""
-    from PIL import Image
+    Image = optional("PIL.Image", "reading images")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -431,7 +431,7 @@ def _open_image(path: str):
 
 def _upright(im):
     """``im`` turned as its EXIF Orientation tag says (``PIL.ImageOps.exif_transpose``); ``im`` itself without one."""
-    from PIL import ImageOps
+    ImageOps = optional("PIL.ImageOps", "reading images")
 
     try:
         if im.getexif().get(0x0112, 1) in (1, None):
@@ -444,7 +444,7 @@ def _upright(im):
 # ---------------------------------------------------------------------------------------- running
 def _progress(total: int, quiet: bool, desc: str):
     """A tqdm bar on stderr, shown only for runs longer than a second, on a terminal, without --quiet."""
-    from tqdm.auto import tqdm
+    tqdm = optional("tqdm.auto", "the progress bar").tqdm
 
     return tqdm(total=total, desc=desc, unit="layer", delay=1.0, disable=quiet or not sys.stderr.isatty(), leave=False)
 
@@ -1025,7 +1025,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--fallback",
         choices=("linearize",),
         default=None,
-        help="invert ops without an inverse rule through their linearisation (slower; see docs/naflow.md)",
+        help="invert ops without an inverse rule through their linearisation (slower; help(naflow_fx.compile_naflow))",
     )
     p.add_argument(
         "--last-layer",
@@ -1055,7 +1055,7 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
         help="the grid's file type: png, or pdf or svg (vector) for papers (default png)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no messages")
-    solve = p.add_argument_group("solver options (compile_naflow's; see docs/naflow.md, decisions 6 and 7)")
+    solve = p.add_argument_group("solver options (compile_naflow's: help(naflow_fx.compile_naflow))")
     defaults = SolverConfig()
     solve.add_argument(
         "--damping",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
+from types import ModuleType
 
 __all__ = [
     "NAFlowError",
@@ -13,6 +15,7 @@ __all__ = [
     "InputTypeError",
     "TargetError",
     "ConfigError",
+    "MissingDependencyError",
     "NumericalWarning",
     "ZeroMapsWarning",
 ]
@@ -44,6 +47,34 @@ class InputTypeError(NAFlowError, TypeError):
 
 class ConfigError(NAFlowError, ValueError):
     """An option of ``compile_naflow`` (solver, damping, tol, max_iter, reduction, fallback) is invalid."""
+
+
+class MissingDependencyError(NAFlowError, ImportError):
+    """A package of the ``vision`` extra (torchvision, Pillow, matplotlib, tqdm) is not installed."""
+
+
+_PACKAGES = {"PIL": "pillow"}  # import name → pip name, where they differ
+
+
+def optional(module: str, purpose: str) -> ModuleType:
+    """Import ``module``, a part of the ``vision`` extra, or say how to install it.
+
+    ``purpose`` names what needs it (``"naflow_fx.viz"``, ``"naflow explain"``).
+
+    Example:
+        >>> optional("matplotlib.pyplot", "a figure").__name__
+        'matplotlib.pyplot'
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        root = module.partition(".")[0]
+        package = _PACKAGES.get(root, root)
+        raise MissingDependencyError(
+            f"{purpose} needs {package}, which is not installed: pip install 'naflow-fx[vision]' (or pip install "
+            f"{package})",
+            name=exc.name,
+        ) from None
 
 
 class ZeroMapsWarning(UserWarning):

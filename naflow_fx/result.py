@@ -233,6 +233,29 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+class NotKept(dict):
+    """The empty ``bpfm`` / ``coefficients`` of a ``keep="maps"`` flow: a key says why it is missing.
+
+    Example:
+        >>> NotKept("BPFMs")["layer1"]
+        Traceback (most recent call last):
+        ...
+        KeyError: "'layer1': nf(x, keep='maps') returns the maps only, without BPFMs; call nf(x) (keep='all') for them"
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def __missing__(self, key: object) -> None:
+        raise KeyError(
+            f"{key!r}: nf(x, keep='maps') returns the maps only, without {self.what}; call nf(x) (keep='all') for them"
+        )
+
+    def __reduce__(self):
+        return NotKept, (self.what,)
+
+
 @dataclass(eq=False, repr=False)  # LayerMaps' short repr and identity equality
 class FlowResult(LayerMaps):
     """A NAFlow result: maps plus the back-propagated feature maps, coefficients and diagnostics.

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_write, check_parent, existing_folder, write_target
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, optional
 from .result import LayerMaps, _check_room, check_layer_maps, check_maps, normalize_maps
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
@@ -99,7 +99,7 @@ def _check_number(
 
 
 def _check_cmap(cmap: object, fn: str) -> None:
-    import matplotlib
+    matplotlib = optional("matplotlib", "naflow_fx.viz")
 
     if not isinstance(cmap, str):
         raise InputTypeError(f"{fn}: cmap must be a matplotlib colormap name (a str), got {type(cmap).__name__}")
@@ -250,7 +250,7 @@ def _figure_format(path: str | os.PathLike, fn: str = "atomic_savefig") -> str:
         >>> _figure_format("out/grid.PDF"), _figure_format("out/grid")
         ('pdf', 'png')
     """
-    import matplotlib
+    matplotlib = optional("matplotlib", "naflow_fx.viz")
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = _check_path(path, fn)
@@ -321,7 +321,7 @@ def _check_grid_room(
     Returns ``(what, todo, nbytes)`` for the message of an allocation that fails anyway (where the
     free memory is unknown). The estimate is generous: every pixel buffer the drawing may hold at once.
     """
-    import matplotlib
+    matplotlib = optional("matplotlib", "naflow_fx.viz")
 
     fig_dpi = float(matplotlib.rcParams["figure.dpi"])  # tight_layout renders at the figure's dpi
     width, height = _figure_size(rows, cols, cell, image_hw, colorbar)
@@ -445,7 +445,7 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
         ...
         naflow_fx.errors.InputError: overlay: image must be [C, H, W] with 1 or 3 channels ...; for RGBA drop ...
     """
-    import matplotlib
+    matplotlib = optional("matplotlib", "naflow_fx.viz")
 
     _check_image(image)
     _check_heatmap(heatmap)
@@ -493,7 +493,7 @@ def _finish_figure(
     The figure is closed once saved, and on any failure (the caller never gets it then); without a
     path it is returned open. Errors start with ``fn``.
     """
-    import matplotlib.pyplot as plt
+    plt = optional("matplotlib.pyplot", "naflow_fx.viz")
 
     try:
         draw()
@@ -600,7 +600,8 @@ def flow_grid(
         )
     fmt = _figure_format(path, fn) if path is not None else None
 
-    import matplotlib.pyplot as plt  # the user's backend, untouched (matplotlib picks Agg on a headless machine)
+    # the user's backend, untouched (matplotlib picks Agg on a headless machine)
+    plt = optional("matplotlib.pyplot", "naflow_fx.viz")
 
     rows, cols = batch * len(results), len(layers) + 1
     what, todo, nbytes = _check_grid_room(rows, cols, cell, dpi, fmt, tuple(images.shape[-2:]), fn, bool(colorbar))
@@ -675,7 +676,7 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, image_la
     if not colorbar:
         fig.tight_layout(pad=0.2)
         return
-    import matplotlib
+    matplotlib = optional("matplotlib", "naflow_fx.viz")
 
     width = fig.get_figwidth()
     fig.tight_layout(pad=0.2, rect=(0.0, 0.0, 1.0 - _COLORBAR_INCHES / width, 1.0))
@@ -733,7 +734,7 @@ def flow_gif(
         >>> Image.open(gif).n_frames, Image.open(gif).size
         (2, (64, 46))
     """
-    from PIL import Image, ImageDraw
+    Image, ImageDraw = optional("PIL.Image", "naflow_fx.viz"), optional("PIL.ImageDraw", "naflow_fx.viz")
 
     fn = "flow_gif"
     images = _check_images(images, fn)

@@ -1345,6 +1345,9 @@ def test_keep_maps_returns_the_same_maps_without_bpfm_or_coefficients(nf):
     x = batch(3, seed=11)
     full, lean = nf(x, [0, 1, 2]), nf(x, [0, 1, 2], keep="maps")
     assert lean.layers == full.layers and lean.bpfm == {} and lean.coefficients == {}
+    with pytest.raises(KeyError, match=r"keep='maps'\) returns the maps only, without BPFMs; call nf\(x\)"):
+        lean.bpfm[full.layers[0]]
+    assert pickle.loads(pickle.dumps(lean)).coefficients == {}
     for name in full.layers:
         torch.testing.assert_close(lean.maps[name], full.maps[name], rtol=0, atol=0)
     torch.testing.assert_close(lean.scores, full.scores)

@@ -1066,3 +1066,32 @@ def test_help_and_errors_on_an_ascii_terminal():
     cli = [sys.executable, "-m", "naflow_fx.cli"]
     done = subprocess.run([*cli, "explain", "--help"], capture_output=True, text=True, env=env, errors="replace")
     assert done.returncode == 0 and "Traceback" not in done.stderr and "--max-columns" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv", "needle"),
+    [
+        ("PIL.Image", ["explain", "IMG", "--model", "shapes"], "reading images needs pillow, which is not installed"),
+        ("tqdm.auto", ["explain", "IMG", "--model", "shapes"], "the progress bar needs tqdm"),
+        ("torchvision", ["inspect", "--model", "resnet18"], "--model resnet18 needs torchvision"),
+    ],
+    ids=["pillow", "tqdm", "torchvision"],
+)
+def test_a_missing_optional_package_is_one_error_line_naming_the_extra(
+    capsys, monkeypatch, tmp_path, missing, argv, needle
+):
+    """The vision extra's packages are imported when needed; without one, the CLI says how to install it."""
+    monkeypatch.setitem(sys.modules, missing, None)  # an import of it now raises ImportError
+    argv = [sample_paths()[0] if a == "IMG" else a for a in argv]
+    code, _, err = run(capsys, *argv, *(["--out", str(tmp_path)] if argv[0] == "explain" else []))
+    assert_one_line_error(code, err, needle, "pip install 'naflow-fx[vision]'")
+
+
+def test_library_functions_name_the_missing_package(monkeypatch, tmp_path):
+    import naflow_fx.viz as viz
+    from naflow_fx import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingDependencyError, match=r"naflow_fx.viz needs matplotlib, which is not installed: pip"):
+        viz.overlay(torch.zeros(3, 8, 8), torch.zeros(8, 8))
+    assert issubclass(MissingDependencyError, ImportError)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError, InputTypeError
+from ..errors import ConfigError, InputError, InputTypeError, optional
 
 __all__ = [
     "CLASSES",
@@ -371,7 +371,7 @@ def sample_paths() -> list[str]:
 
 def write_samples(folder: str | os.PathLike) -> list[str]:
     """Write the sample PNGs (how the bundled files were made), each atomically (never half-written)."""
-    from PIL import Image
+    Image = optional("PIL.Image", "write_samples")
 
     from .._io import atomic_write
 

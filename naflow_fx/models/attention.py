@@ -35,10 +35,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck, conv1x1
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import ConfigError, InputTypeError, optional
 from ..fewshot import _count
+
+_resnet = optional("torchvision.models.resnet", "naflow_fx.models")
+Bottleneck, conv1x1 = _resnet.Bottleneck, _resnet.conv1x1
 
 __all__ = [
     "SEModule",

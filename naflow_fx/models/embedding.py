@@ -35,11 +35,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import ConfigError, InputTypeError, optional
 from .attention import _four_positive, _positive
+
+torchvision = optional("torchvision", "naflow_fx.models")
 
 __all__ = [
     "L2Norm",

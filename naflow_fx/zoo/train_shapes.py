@@ -10,6 +10,7 @@ time, versions), both atomically. Copy them into ``naflow_fx/zoo/`` to ship new 
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -131,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="dataset and initialisation seed (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    batch = inspect.signature(train).parameters["batch"].default
+    if args.train_size < batch or args.epochs < 1:
+        parser.error(f"--train-size must be at least the batch size {batch} and --epochs at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, record = train(train_size=args.train_size, epochs=args.epochs, seed=args.seed)
