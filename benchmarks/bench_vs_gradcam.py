@@ -24,9 +24,9 @@ Accuracy of the NAFlow run: every inverse step's relative residual (from the dia
 with ``--reference``, each layer map's Pearson r against a tightly converged solve of the same
 problem (``tol=1e-8``, ``max_iter=5000``; expensive: minutes per model).
 
-    python benchmarks/bench_vs_gradcam.py                                   # the full table (long)
-    python benchmarks/bench_vs_gradcam.py --models resnet18 --batches 1     # one row
-    python benchmarks/bench_vs_gradcam.py --reference --models resnet50 --batches 1
+    python benchmarks/bench_vs_gradcam.py            # the full table (long): rewrites benchmarks/results/vs_gradcam.*
+    python benchmarks/bench_vs_gradcam.py --models resnet18 --batches 1 --out /tmp/one_row
+    python benchmarks/bench_vs_gradcam.py --reference --models resnet50 --batches 1 --out /tmp/reference
 
 Writes a Markdown table to stdout and to ``--out``.md, and every number to ``--out``.json.
 """
@@ -198,6 +198,18 @@ def run_one(spec: dict) -> dict:
     return run_worker(__file__, spec, env)
 
 
+def _ratio(a: float, b: float) -> str:
+    """``a / b`` as ``3.1×``; "–" when ``b`` is under 0.5 MiB (at small sizes pytorch-grad-cam's peak
+    rounds to nothing, and a ratio to it would mean nothing)."""
+    return f"{a / b:.1f}×" if b >= 0.5 else "–"
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """Refuse a CUDA device on a machine without one before any work (``parser.error``: exit 2)."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available on this machine")
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| model | batch | pgc s | own Grad-CAM s | NAFlow s | NAFlow / pgc | per image vs batch 1 (pgc · NAFlow) "
@@ -208,8 +220,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         p, o, n = r["pgc"], r["own_gradcam"], r["naflow"]
         mem = {m: r["memory"].get(m, {}).get("peak_mib", float("nan")) for m in MEMORY}
-        if "error" in n or "error" in p:
-            lines.append(f"| {r['model']} | {r['batch']} | error: {n.get('error') or p.get('error')} |")
+        failed = [m for m in (n, p, o) if "error" in m]
+        if failed:
+            lines.append(f"| {r['model']} | {r['batch']} | error: {failed[0]['error']} |")
             continue
         key = r["model"]
         if r["batch"] == 1:
@@ -223,7 +236,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['batch']} | {p['seconds']:.3f} | {o['seconds']:.3f} | {n['seconds']:.2f} "
             f"| {n['seconds'] / p['seconds']:.0f}× | {scaling} | {n['compile_s']:.1f} "
-            f"| {mem['pgc']:.0f} · {mem['naflow']:.0f} ({mem['naflow'] / mem['pgc']:.1f}×) · {mem['naflow_all']:.0f} "
+            f"| {mem['pgc']:.0f} · {mem['naflow']:.0f} ({_ratio(mem['naflow'], mem['pgc'])}) · {mem['naflow_all']:.0f} "
             f"| {max(n['residuals'].values()):.2f} | {pearson} "
             f"| {n['iterations']} |"
         )
@@ -245,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    check_device(parser, args.device)
     options = {} if args.max_iter is None else {"max_iter": args.max_iter}
     rows = []
     for name in args.models.split(","):
@@ -272,14 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    from naflow_fx._io import atomic_write_text
+
+    atomic_write_text(args.out + ".json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")  # first
     text = f"{args.size}×{args.size}, {args.device}, {machine['threads']} threads, torch {torch.__version__}\n\n"
     text += table(rows)
     print(text)
-    from naflow_fx._io import atomic_write_text
-
     atomic_write_text(args.out + ".md", text + "\n")
-    atomic_write_text(args.out + ".json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    return 0
+    failed = all("error" in r["naflow"] or "error" in r["pgc"] for r in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

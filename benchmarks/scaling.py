@@ -5,8 +5,10 @@ weights, every layer explained, maps only (``keep="maps"``), time and peak memor
 processes. Writes a figure (time and memory against size, and against batch) and the numbers as
 JSON.
 
-    python benchmarks/scaling.py                                    # ResNet-50, sizes 64–448, batches 1–32 (hours)
-    python benchmarks/scaling.py --sizes 64,128,224 --batches 1,2,4  # a shorter sweep
+    python benchmarks/scaling.py          # ResNet-50, sizes 64–448, batches 1–32: rewrites docs/performance_scaling.*
+    python benchmarks/scaling.py --sizes 64,128,224 --batches 1,2,4 --out /tmp/scaling   # a shorter sweep
+
+It prints a Markdown table of every point when done.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_gradcam import run_one  # noqa: E402
+from bench_vs_gradcam import check_device, run_one  # noqa: E402
 
 
 def measure(model: str, size: int, batch: int, device: str) -> dict:
@@ -31,6 +33,29 @@ def measure(model: str, size: int, batch: int, device: str) -> dict:
     return out
 
 
+def _measured(point: dict) -> bool:
+    return all(isinstance(point[m].get(f), (int, float)) for m in ("naflow", "pgc") for f in ("seconds", "peak_mib"))
+
+
+def table(points: list[dict]) -> str:
+    """Every point as a Markdown row; a failed one shows its error."""
+    rows = [
+        "| size | batch | pgc s | NAFlow s | NAFlow / pgc | pgc peak MiB | NAFlow peak MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        pgc, nf = p["pgc"], p["naflow"]
+        if "seconds" not in pgc or "seconds" not in nf:
+            error = nf.get("error") or pgc.get("error") or "?"
+            rows.append(f"| {p['size']} | {p['batch']} | {error} | | | | |")
+            continue
+        rows.append(
+            f"| {p['size']} | {p['batch']} | {pgc['seconds']:.3f} | {nf['seconds']:.2f} | "
+            f"{nf['seconds'] / pgc['seconds']:.0f}× | {pgc['peak_mib']:.0f} | {nf['peak_mib']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def plot(sizes: list[dict], batches: list[dict], model: str, path: str, batch_side: int = 224) -> None:
     import matplotlib
 
@@ -41,8 +66,12 @@ def plot(sizes: list[dict], batches: list[dict], model: str, path: str, batch_si
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
     for col, (points, key, label) in enumerate(((sizes, "size", "input side (px)"), (batches, "batch", "batch size"))):
-        ok = [p for p in points if "seconds" in p["naflow"] and "seconds" in p["pgc"]]
+        ok = [p for p in points if _measured(p)]
         xs = [p[key] for p in ok]
+        if not ok:
+            for row in range(2):
+                axes[row, col].text(0.5, 0.5, "no point measured", ha="center", va="center")
+            continue
         for row, (field, unit) in enumerate((("seconds", "time (s)"), ("peak_mib", "peak memory (MiB)"))):
             ax = axes[row, col]
             ax.plot(xs, [p["naflow"][field] for p in ok], "o-", label="NAFlow (every layer)")
@@ -69,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="docs/performance_scaling", help="stem of the .png and .json")
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
     start = time.perf_counter()
     sizes = [measure(args.model, int(s), 1, args.device) for s in args.sizes.split(",")]
     batches = [measure(args.model, args.batch_side, int(b), args.device) for b in args.batches.split(",")]
-    plot(sizes, batches, args.model, args.out + ".png", args.batch_side)
     from naflow_fx._io import atomic_write_text
 
     data = {
@@ -82,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes,
         "batches": batches,
     }
-    atomic_write_text(args.out + ".json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(args.out + ".json", json.dumps(data, indent=2) + "\n")  # first: the numbers are kept
+    print(table(sizes + batches))
+    if not any(_measured(p) for p in sizes + batches):
+        print(f"wrote {args.out}.json; no point was measured, so no figure", file=sys.stderr)
+        return 1
+    plot(sizes, batches, args.model, args.out + ".png", args.batch_side)
     print(f"wrote {args.out}.png and .json in {time.perf_counter() - start:.0f}s")
     return 0
 

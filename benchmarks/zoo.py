@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         source = f"timm {timm.__version__} (`python benchmarks/zoo.py --timm --out docs/zoo_timm.md`)"
     else:
         names = args.models or torchvision.models.list_models(module=torchvision.models)
-        source = f"torchvision {torchvision.__version__} (`python benchmarks/zoo.py --out docs/zoo.md`)"
+        command = "python benchmarks/zoo.py" + ("" if args.models is None else " --models " + " ".join(names))
+        command += f" --out {args.out}" if args.out else ""
+        source = f"torchvision {torchvision.__version__} (`{command}`)"
     header = (
         f"# Zoo report\n\nModels of {source}, on {os.cpu_count()} CPU "
         f"cores ({torch.get_num_threads()} torch thread(s)), torch {torch.__version__}: random weights, eval mode, "

@@ -42,6 +42,7 @@ from bench_vs_gradcam import _build, timed_flow, worker  # noqa: E402
 from naflow_fx import compile_naflow  # noqa: E402
 from naflow_fx.data.shapes import make_shapes, normalize  # noqa: E402
 from naflow_fx.metrics import energy_on_mask  # noqa: E402
+from naflow_fx.result import LayerMaps  # noqa: E402
 from naflow_fx.zoo.shapes import shapes_resnet  # noqa: E402
 
 
@@ -72,11 +73,10 @@ def _flows(model, x, damping, batch, **kw):
     return nf.layers, {n: torch.cat(m) for n, m in maps.items()}, its, seconds, unconverged
 
 
-class _Maps:
-    """The minimal result ``energy_on_mask`` reads: ``layers`` and ``maps``."""
-
-    def __init__(self, layers, maps):
-        self.layers, self.maps = layers, maps
+def _layer_maps(layers: list[str], maps: dict[str, torch.Tensor], size: tuple[int, int]) -> LayerMaps:
+    """A result ``energy_on_mask`` accepts, around maps gathered from several flows (batches)."""
+    b = next(iter(maps.values())).shape[0]
+    return LayerMaps(layers, maps, torch.zeros(b, 1), torch.zeros(b), None, size, "naflow")
 
 
 def _r_summary(maps, ref, layers) -> dict:
@@ -113,7 +113,9 @@ def shapes_part(n_images: int, dampings: list[float], batch: int, figure: str | 
         row: dict = {"damping": d}
         row["vs_smallest"] = _r_summary(maps, exact[dampings[0]], layers)
         row["vs_default"] = _r_summary(maps, exact[1e-2], layers) if 1e-2 in exact else None
-        shares = energy_on_mask(_Maps(layers, {n: m.float() for n, m in maps.items()}), data.masks)
+        shares = energy_on_mask(
+            _layer_maps(layers, {n: m.float() for n, m in maps.items()}, tuple(x.shape[-2:])), data.masks
+        )
         early = [n for n in layers if not n.startswith(("layer3", "layer4"))]
         per_image[d] = torch.stack([shares[n] for n in layers]).mean(0)  # [images], mean over layers
         row["mask_share_all"] = float(per_image[d].mean())
@@ -168,7 +170,9 @@ def _figure(path: str, x, data, exact, dampings, layers, image: int = 0) -> None
 
     cols = [n for n in layers if n.split(".")[-1] == "relu" or n == "maxpool"]
     rgb = data.images[image].permute(1, 2, 0).numpy()
-    fig, axes = plt.subplots(len(dampings), len(cols) + 1, figsize=(1.6 * (len(cols) + 1), 1.7 * len(dampings)))
+    fig, axes = plt.subplots(
+        len(dampings), len(cols) + 1, figsize=(1.6 * (len(cols) + 1), 1.7 * len(dampings)), squeeze=False
+    )
     for i, d in enumerate(dampings):
         axes[i, 0].imshow(rgb)
         axes[i, 0].set_ylabel(f"damping {d:g}", fontsize=8)

@@ -13,7 +13,7 @@ NCHW and channels-last, with the page faults per call. Part 2 runs whole flows o
 and in channels-last. For each flow it prints the times, the CGLS iterations, and the smallest
 Pearson r between the two flows' maps.
 
-    python benchmarks/experiments/depthwise_layout.py        # 7 min
+    python benchmarks/experiments/depthwise_layout.py        # 6 min
 """
 
 from __future__ import annotations

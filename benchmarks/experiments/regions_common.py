@@ -40,7 +40,7 @@ def capture_regions(model: torch.nn.Module, x: Tensor) -> dict[str, tuple]:
 
 def zoo_regions(doc: str, *extra: tuple[str, dict]) -> tuple[argparse.Namespace, nn.Module, Tensor, dict[str, tuple]]:
     """Parse ``--model`` (a torchvision name), ``--size`` and ``extra`` options, and capture the
-    region solves of one flow of that model (random weights, seed 0, batch 1, 2 threads).
+    region solves of one flow of that model (random weights, seed 0, batch 1, ``--threads``, default 2).
 
     Returns ``(args, model, x, regions)``; ``doc`` is the script's docstring (its first line is
     the description).
@@ -48,11 +48,12 @@ def zoo_regions(doc: str, *extra: tuple[str, dict]) -> tuple[argparse.Namespace,
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as measured)")
     for flag, options in extra:
         parser.add_argument(flag, **options)
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = getattr(torchvision.models, args.model)(weights=None).eval()
     x = torch.randn(1, 3, args.size, args.size)
     return args, model, x, capture_regions(model, x)

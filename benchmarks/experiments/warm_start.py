@@ -20,7 +20,7 @@ converged one. Starts:
 - ``input``: ``x0 = a_u``;
 - ``scaled input``: ``x0 = α·a_u`` with α minimising the damped objective along ``a_u``.
 
-    python benchmarks/experiments/warm_start.py --model resnet18     # 6 min
+    python benchmarks/experiments/warm_start.py --model resnet18     # 7 min
 """
 
 from __future__ import annotations
