@@ -10,15 +10,15 @@ For each model (random weights, seed 0) and batch size, at one input size, it me
   inside its ``__call__``), the baseline of the ratios;
 - ``own_gradcam``: this project's on-device Grad-CAM on the same conv layers (``nf.gradcam``).
 
-Each measurement runs in its own subprocess. Times are the median of ``--repeats`` calls (NAFlow:
-one call, it is long). Peak memory is measured in separate processes, as the peak minus the
-memory in use right before the call (model and input built, compiled, one warm-up call done, so
-that one-time caches of torch and oneDNN are not counted): ``max_memory_allocated`` on CUDA; on
-the CPU ``ru_maxrss`` with glibc told to return every block of 64 KiB or more to the system when
-it is freed (``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536``), so that resident memory
-follows the tensors alive rather than what the allocator keeps from earlier calls. The NAFlow
-memory runs stop CGLS after 2 iterations: the iteration count changes time, not the buffers
-alive.
+Each measurement runs in its own subprocess. Times are the median of ``--repeats`` calls after a
+warm-up call (NAFlow: one call, it is long, after a warm-up whose CGLS stops at 2 iterations).
+Peak memory is measured in separate processes, as the peak minus the memory in use right before
+the call (model and input built, compiled, one warm-up call done, so that one-time caches of torch
+and oneDNN are not counted): ``max_memory_allocated`` on CUDA; on the CPU ``ru_maxrss`` with glibc
+told to return every block of 64 KiB or more to the system when it is freed
+(``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536``), so that resident memory follows the
+tensors alive rather than what the allocator keeps from earlier calls. The NAFlow memory runs stop
+CGLS after 2 iterations: the iteration count changes time, not the buffers alive.
 
 Accuracy of the NAFlow run: every inverse step's relative residual (from the diagnostics) and,
 with ``--reference``, each layer map's Pearson r against a tightly converged solve of the same
@@ -34,6 +34,7 @@ Writes a Markdown table to stdout and to ``--out``.md, and every number to ``--o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -70,7 +71,7 @@ def _build(name: str, batch: int, size: int, device: str):
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))  # the device measured, not the current one
 
 
 def worker(spec: dict) -> dict:
@@ -97,11 +98,16 @@ def worker(spec: dict) -> dict:
         out["compile_s"] = time.perf_counter() - start
         out["layers"] = len(nf.layers)
         call = lambda: nf(x, keep=spec.get("keep", "all"))  # noqa: E731
-        if spec.get("memory"):  # warm-up, as for the Grad-CAMs: one-time caches of torch and oneDNN
-            call()
+        # warm-up, as for the Grad-CAMs: one-time caches of torch, oneDNN (or cuDNN) and the flow's
+        # own (the maps network, weight-only σ_max); the timed run caps CGLS at 2 iterations for it
+        timed_config = nf.config
+        if not spec.get("memory"):
+            nf.config = dataclasses.replace(nf.config, max_iter=2)
+        call()
+        nf.config = timed_config
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        base = torch.cuda.memory_allocated(torch.device(device)) / 2**20
     else:
         base = _rss_mib()
     times, result = [], None
@@ -111,7 +117,7 @@ def worker(spec: dict) -> dict:
         result = call()
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_mib()
+    peak = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20 if device.startswith("cuda") else _peak_mib()
     out.update(seconds=statistics.median(times), peak_mib=max(peak - base, 0.0))
     if method == "naflow":
         out["residuals"] = {k: r.residual for k, r in result.diagnostics.items()}
@@ -120,8 +126,10 @@ def worker(spec: dict) -> dict:
         out["finite"] = all(bool(torch.isfinite(m).all()) for m in result.maps.values())
         if spec.get("reference"):
             ref_nf = compile_naflow(model, x[:1], tol=1e-8, max_iter=5000)
+            _sync(device)
             start = time.perf_counter()
             ref = ref_nf(x)
+            _sync(device)
             out["reference_s"] = time.perf_counter() - start
             out["pearson"] = {name: _pearson(result.maps[name], ref.maps[name]) for name in result.layers}
     return out

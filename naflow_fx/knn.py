@@ -263,7 +263,7 @@ def explain_knn(
     top_sims, top_idx = top_sims[:, :k], top_idx[:, :k]
     top_labels = labels[top_idx]
     home = float64_device(emb.device)  # MPS has no float64: the vote is counted on the CPU there
-    votes = torch.exp(top_sims.to(home, torch.float64) / float(tau))
+    votes = torch.exp(top_sims.to(home).double() / float(tau))  # to the CPU first on MPS (no float64 there)
     class_scores = torch.zeros(emb.shape[0], n_cls, dtype=torch.float64, device=home)
     class_scores.scatter_add_(1, top_labels.to(home), votes)
     if not bool(torch.isfinite(class_scores).all()) or not bool((class_scores.amax(1) > 0).all()):

@@ -105,11 +105,11 @@ class MatchExplanation:
         for r in range(self.k):
             qf, mf = self.pair(q, r)
             i, s = int(self.indices[q, r]), float(self.similarities[q, r])
-            images.append(self.query[q : q + 1])
+            images.append(self.query[q : q + 1].cpu())  # the gallery may be on the CPU, the query not
             flows.append(qf)
             labels.append(f"query {q}→#{i}\ncos {s:.3f}")
             if mf is not None:
-                images.append(self.gallery[i : i + 1])
+                images.append(self.gallery[i : i + 1].cpu())
                 flows.append(mf)
                 labels.append(f"match {r + 1}: #{i}\n→query {q}")
         return _labelled_grid(torch.cat(images), flows, labels, path, layers, fmt=fmt, fn="MatchExplanation.plot")

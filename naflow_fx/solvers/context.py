@@ -178,16 +178,19 @@ class SolverContext:
         v = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
         v = (v / batch_norm2(v).sqrt().reshape(shape)).expand(rows, *op.in_shape).contiguous()
         v_prev = torch.zeros_like(v)
-        # The Lanczos coefficients and the tridiagonal matrix live on the CPU in float64 (small).
-        beta = torch.zeros(rows, dtype=torch.float64)
+        # The vector updates use α and β on the device; the tridiagonal matrix lives on the CPU in
+        # float64 (small), fed by one device sync per step.
+        beta_d = torch.zeros(rows, dtype=v.dtype, device=v.device)
         alphas: list[Tensor] = []
         betas: list[Tensor] = []
         sigma2 = torch.zeros(rows, dtype=torch.float64)
         active = torch.ones(rows, dtype=torch.bool)
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
-            alpha = batch_dot(w, v).cpu().double()
-            w = w - per_sample(alpha, w) * v - per_sample(beta, w) * v_prev
+            alpha_d = batch_dot(w, v)
+            w = w - per_sample(alpha_d, w) * v - per_sample(beta_d, w) * v_prev
+            beta_d = batch_norm2(w).sqrt()
+            alpha, beta = torch.stack([alpha_d, beta_d]).cpu().double()  # the step's one device sync
             alphas.append(alpha)
             tri = torch.diag_embed(torch.stack(alphas, 1))
             if betas:
@@ -196,14 +199,13 @@ class SolverContext:
             ritz = torch.linalg.eigvalsh(tri)[:, -1]
             settled = (ritz - sigma2).abs() <= 1e-3 * ritz.abs()
             sigma2 = torch.where(active, ritz, sigma2)
-            beta = batch_norm2(w).sqrt().cpu().double()
             # a vanishing β means the Krylov space is exhausted: the Ritz value is exact
             active = active & ~settled & (beta > 1e-12 * ritz.abs())
             if not bool(active.any()):
                 break
             betas.append(beta)
-            keep = active.to(w.device).reshape(shape)
-            v_prev, v = v, torch.where(keep, w / per_sample(torch.where(active, beta, 1), w), v)
+            keep = active.to(w.device)  # after the sync above: a copy into an idle queue
+            v_prev, v = v, torch.where(keep.reshape(shape), w / per_sample(torch.where(keep, beta_d, 1), w), v)
         sigma = sigma2.clamp_min(0).sqrt().to(like.device, like.dtype)
         if cache_key is not None:
             self.sigma_cache[cache_key] = sigma
@@ -226,7 +228,7 @@ class SolverContext:
         entry = self.sigma_cache.get(cache_key) if key is not None else None
         if entry is None:
             rcond = max(size) * torch.finfo(torch.float64).eps
-            pinv, lam = relative_pinv(matrix.detach().to("cpu", torch.float64), self.config.damping, rcond)
+            pinv, lam = relative_pinv(matrix.detach().cpu().double(), self.config.damping, rcond)  # MPS: CPU first
             entry = (pinv.to(matrix.device, matrix.dtype), lam)
             if key is not None:
                 self.sigma_cache[cache_key] = entry

@@ -87,14 +87,14 @@ def dense_solve(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0) ->
     ``damping`` is λ (absolute): a float or a per-sample ``Tensor[B]``. Returns ``b.dtype``.
     """
     batch = b.shape[0]
-    lam = torch.as_tensor(damping, dtype=torch.float64).reshape(-1).cpu()
+    lam = torch.as_tensor(damping).detach().cpu().to(torch.float64).reshape(-1)  # to the CPU first: MPS has no float64
     lam = lam.expand(batch) if lam.numel() == 1 else lam
     home = float64_device(b.device)  # MPS has no float64: its Jacobians are solved on the CPU
 
     def jac(i: int) -> Tensor:
-        return op.jacobian(i).to(home, torch.float64)
+        return op.jacobian(i).to(home).to(torch.float64)  # two steps: MPS cannot convert to float64 on the way
 
-    rhs = b.reshape(batch, -1).to(home, torch.float64)
+    rhs = b.reshape(batch, -1).to(home).to(torch.float64)
     out = []
     if op.shared and bool((lam == lam[0]).all()):
         x = svd_solve(jac(0), rhs.T, float(lam[0]))

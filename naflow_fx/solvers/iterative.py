@@ -88,7 +88,8 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
         active = active & (rel > tol)
         any_leaving, any_active = torch.stack([leaving.any(), active.any()]).tolist()  # one device sync
         if any_leaving:
-            best_x[leaving] = (x - p * per_sample(alpha, p))[leaving]
+            # torch.where, not a boolean-mask write: no device sync and no gather
+            torch.where(leaving.reshape(-1, *([1] * (x.dim() - 1))), x - p * per_sample(alpha, p), best_x, out=best_x)
         if not any_active:
             break
         beta = torch.where(active, gamma_new / torch.where(gamma > 0, gamma, 1), 0)

@@ -136,7 +136,7 @@ def linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> LinearOperator:
         for start in range(0, p, 4096):
             stop = min(p, start + 4096)
             basis = torch.zeros((stop - start, p), dtype=widest_float(like.device), device=like.device)
-            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
+            basis[torch.arange(stop - start, device=like.device), torch.arange(start, stop, device=like.device)] = 1
             cols.append(fn(basis.reshape(-1, *in_shape)).reshape(stop - start, -1))
         return torch.cat(cols).T
 
