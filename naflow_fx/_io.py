@@ -36,6 +36,21 @@ def check_parent(path: str | os.PathLike, fn: str) -> None:
         raise InputError(f"{fn}: cannot write {os.fspath(path)}: {folder} is a file, not a folder; choose another path")
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where the system tells it (Linux), since
+    ``os.umask`` sets it process-wide for a moment, under other threads creating files."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _temporary(path: str) -> str:
     """An empty hidden file beside ``path`` (its folder created if needed)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -84,8 +99,7 @@ def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], No
     temporaries: list[str] = []
     replaced: list[tuple[str, str | None]] = []  # (path, where its old file was set aside)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         for path, (_, write) in zip(paths, files):
             temporaries.append(_temporary(path))
             os.chmod(temporaries[-1], 0o666 & ~umask)

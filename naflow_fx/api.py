@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -520,6 +521,7 @@ class NAFlow:
         )
 
 
+_COMPILING = threading.RLock()  # compile_naflow in several threads: their traces would mix (torch.fx patches globals)
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
 
@@ -907,7 +909,8 @@ def compile_naflow(
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)
 
-    with exact_mode(device):  # NOTE [caller's modes]: no inference-mode constants or computed weights
+    # torch.fx's tracer patches nn.Module process-wide while it traces: one compile at a time
+    with _COMPILING, exact_mode(device):  # NOTE [caller's modes]: no inference-mode constants or computed weights
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
         gm = passes.check_scope(gm)
         gm = passes.normalize(gm)

@@ -527,7 +527,8 @@ def run_explain(
     ``image_notes`` (from :func:`load_images`) are printed with the warnings and kept in the sidecars.
     """
     from . import compile_naflow
-    from .export import save_maps
+    from ._io import atomic_write_all
+    from .export import maps_files, user_file_error
     from .result import concat, non_finite_layers
     from .viz import _GIF_MAX_SIDE, _check_gif_room, _check_grid_room, flow_gif, flow_grid
 
@@ -617,44 +618,52 @@ def run_explain(
             line += f"explained {_class_name(spec, explained)}, score {float(flow.scores[i]):.3g}"
         say(line)
     results = [flow] + [concat(cams[m]) for m in compare]
-    written = {}
-    # Each file is written atomically, so a failure here leaves no half-written file.
+    written = {"grid": os.path.join(out, f"flow_grid.{figure_format}"), "gif": os.path.join(out, "flow.gif")}
+    grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
+    grid_args["image_labels"] = _short_names(labels)
+    outputs = [
+        (written["grid"], lambda tmp: flow_grid(images, results, tmp, **grid_args)),
+        (written["gif"], lambda tmp: flow_gif(images, flow, tmp, size=gif_size)),
+    ]
+    # as given (star.png and imgdir/star.png stay apart), as text: a name that is not UTF-8 (Python
+    # holds its bytes as lone surrogates, which strict JSON readers refuse) shows those bytes as \xNN
+    names = [_text(str(p)) for p in labels]
+    recorded = asdict(nf.config) | {k: options[k] for k in ("fallback", "last_layer") if options.get(k)}
+    preprocessing = {
+        "channels": spec.channels,
+        "size": list(images.shape[-2:]),
+        "resize": spec.resize,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+    if spec.resize == "crop":
+        preprocessing["crop_fraction"] = spec.crop_fraction  # of the shorter side, before resizing to size
+    if image_notes:
+        preprocessing["notes"] = list(image_notes)
+    paths = [written["grid"], written["gif"]]
+    for res in results:
+        extra = {"input": preprocessing} | ({"options": recorded} if res.method == "naflow" else {})
+        npz, side, maps = maps_files(
+            res,
+            os.path.join(out, f"{res.method}.npz"),
+            model=spec.name,
+            class_names=spec.class_names,
+            images=names,
+            extra=extra,
+        )
+        written[res.method] = npz
+        outputs += maps
+        paths += [side, npz]
+    # All the files of a run are replaced together, or none is (a failure or Ctrl-C while writing
+    # leaves the folder as it was): a grid beside the maps of an earlier run would mislead.
     try:
         os.makedirs(out, exist_ok=True)
-        written["grid"] = os.path.join(out, f"flow_grid.{figure_format}")
-        grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
-        grid_args["image_labels"] = _short_names(labels)
-        flow_grid(images, results, written["grid"], **grid_args)
-        written["gif"] = flow_gif(images, flow, os.path.join(out, "flow.gif"), size=gif_size)
-        # as given (star.png and imgdir/star.png stay apart), as text: a name that is not UTF-8 (Python
-        # holds its bytes as lone surrogates, which strict JSON readers refuse) shows those bytes as \xNN
-        names = [_text(str(p)) for p in labels]
-        recorded = asdict(nf.config) | {k: options[k] for k in ("fallback", "last_layer") if options.get(k)}
-        preprocessing = {
-            "channels": spec.channels,
-            "size": list(images.shape[-2:]),
-            "resize": spec.resize,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-        }
-        if spec.resize == "crop":
-            preprocessing["crop_fraction"] = spec.crop_fraction  # of the shorter side, before resizing to size
-        if image_notes:
-            preprocessing["notes"] = list(image_notes)
-        for res in results:
-            extra = {"input": preprocessing} | ({"options": recorded} if res.method == "naflow" else {})
-            npz, _ = save_maps(
-                res,
-                os.path.join(out, f"{res.method}.npz"),
-                model=spec.name,
-                class_names=spec.class_names,
-                images=names,
-                extra=extra,
-            )
-            written[res.method] = npz
+        atomic_write_all(outputs)
     except OSError as exc:
+        exc = user_file_error(exc, *paths)
         raise CLIError(
-            f"--out {out}: writing the results failed ({exc.strerror or exc}); {_write_advice(exc)}"
+            f"--out {out}: writing the results failed ({exc.strerror or exc}; nothing was written); "
+            f"{_write_advice(exc)}"
         ) from None
     if len(columns) < len(nf.layers):
         say(f"the grid shows {len(columns)} of the {layer_count}; the .npz files and the GIF hold all")
@@ -1262,6 +1271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first, *rest = _cli_advice(str(exc)).splitlines() or [type(exc).__name__]
         print("\n".join([f"naflow: error: {first}", *(f"  {line}" for line in rest if line.strip())]), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # results are written all at once at the end, or not at all
+        print("naflow: interrupted; no result file was written or changed", file=sys.stderr)
+        return 130
     finally:
         if backend:
             os.environ.pop("MPLBACKEND", None)

@@ -31,7 +31,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -283,6 +283,33 @@ def save_maps(
         ...
         naflow_fx.errors.InputTypeError: save_maps: extra['when'] is not JSON-serialisable (...
     """
+    path, side, files = maps_files(result, path, model=model, class_names=class_names, images=images, extra=extra)
+    try:  # both files, or neither: a sidecar must never describe other maps
+        atomic_write_all(files)
+    except InputError as exc:  # a target that is a device, a pipe or read-only
+        raise InputError(f"save_maps: {exc}") from None
+    except OSError as exc:  # name the user's file, not the hidden temporary one
+        error = user_file_error(exc, side, path)
+        if error is exc:
+            raise
+        raise error from exc
+    return path, side
+
+
+def maps_files(
+    result: LayerMaps,
+    path: str | os.PathLike,
+    *,
+    model: str = "",
+    class_names: Sequence[str] | None = None,
+    images: Sequence[str] | None = None,
+    extra: dict | None = None,
+) -> tuple[str, str, list[tuple[str, Callable[[str], None]]]]:
+    """What :func:`save_maps` writes, checked and serialised but not yet written.
+
+    Returns ``(npz_path, json_path, files)``, ``files`` as :func:`~naflow_fx._io.atomic_write_all`
+    takes them: to write them together with other files (the CLI's outputs, all or none).
+    """
     meta = _summary(result, model, class_names, images, extra, "save_maps")
     members = _members(result.layers)
     for key, value in (extra or {}).items():  # name the culprit before serialising the whole sidecar
@@ -304,15 +331,15 @@ def save_maps(
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    try:  # both files, or neither: a sidecar must never describe other maps
-        atomic_write_all([(side, write_sidecar), (path, write_npz)])
-    except InputError as exc:  # a target that is a device, a pipe or read-only
-        raise InputError(f"save_maps: {exc}") from None
-    except OSError as exc:  # name the user's file, not the hidden temporary one
-        if exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, _user_file(exc, side, path)) from exc
-    return path, side
+    return path, side, [(side, write_sidecar), (path, write_npz)]
+
+
+def user_file_error(exc: OSError, *paths: str) -> OSError:
+    """``exc`` of :func:`~naflow_fx._io.atomic_write_all` about ``paths``, naming the user's file
+    rather than its hidden temporary (``exc`` itself when it carries no errno)."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, _user_file(exc, *paths))
 
 
 def _user_file(exc: OSError, *paths: str) -> str:

@@ -587,21 +587,52 @@ def trace(
 # the same output.
 
 
-@contextlib.contextmanager
-def training_off(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Each of ``modules`` in eval mode, then given back its own flag.
+class _TrainingOff:
+    """``training`` flags held False while any user is inside :meth:`held`, in any thread.
+
+    Per module, the first user in saves its flag and the last one out gives it back, as
+    :class:`_SharedSettings` does for torch's settings: two flows of one model in two threads
+    would otherwise each restore the flag at its own end, putting a leaf back in training mode
+    (updating the user's BatchNorm statistics) while the other still runs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, list] = {}  # id(module) → [module, its flag before, users]
+
+    @contextlib.contextmanager
+    def held(self, modules: Iterable[nn.Module]) -> Iterator[None]:
+        modules = list(dict.fromkeys(modules))
+        with self._lock:
+            for m in modules:
+                entry = self._held.get(id(m))
+                if entry is None:
+                    self._held[id(m)] = [m, m.training, 1]
+                    m.training = False
+                else:
+                    entry[2] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for m in modules:
+                    entry = self._held[id(m)]
+                    entry[2] -= 1
+                    if entry[2] == 0:
+                        del self._held[id(m)]
+                        m.training = entry[1]
+
+
+_TRAINING_OFF = _TrainingOff()
+
+
+def training_off(modules: Iterable[nn.Module]) -> contextlib.AbstractContextManager[None]:
+    """Each of ``modules`` in eval mode, then given back its own flag (shared across threads: :class:`_TrainingOff`).
 
     The flags are set directly (NOTE [trace in eval mode]): ``eval()`` would run a ``train()``
     the model overrides, side effects and all.
     """
-    modes = {m: m.training for m in modules}
-    try:
-        for m in modes:
-            m.training = False
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    return _TRAINING_OFF.held(modules)
 
 
 class _Setting:

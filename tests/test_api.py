@@ -9,6 +9,7 @@ import math
 import pickle
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -434,6 +435,87 @@ def test_reduced_precision_float32_kernels_are_off_for_the_flow_and_the_callers_
     assert _fp32_settings() == before
     for name in flow.layers:
         torch.testing.assert_close(got.maps[name], ref.maps[name])
+
+
+def test_compiles_in_threads_do_not_mix_their_traces_or_swap_stderr():
+    """torch.fx patches nn.Module while it traces, and shape propagation used to swap sys.stderr:
+    two threads compiling at once left both patched or swapped, and the process broken."""
+    from naflow_fx.zoo.shapes import shapes_resnet
+
+    call, getattr_, stderr = nn.Module.__call__, nn.Module.__getattr__, sys.stderr
+    models, x, errors = [shapes_resnet(), shapes_resnet()], torch.randn(1, 3, 96, 96), []
+
+    def work(model):
+        for _ in range(3):
+            try:
+                compile_naflow(model, x)
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == [] and sys.stderr is stderr
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+    assert models[0](x).shape == (1, 10)
+
+
+class _LeafBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu()
+
+
+def test_overlapping_flows_in_threads_keep_a_training_leaf_in_eval_until_both_end():
+    """Each flow holds leaf modules in eval mode; the first to end must not put a leaf back in
+    training mode under the other, which would then update the user's BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _LeafBlock(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).train()
+    x = torch.randn(1, 3, 8, 8)
+    nf = compile_naflow(model, x, leaf_modules=[_LeafBlock], fallback="linearize")
+    mean = model[2].bn.running_mean.clone()
+    a_in, b_in, a_done, seen, errors = threading.Event(), threading.Event(), threading.Event(), [], []
+
+    def first():
+        def hold(_record):
+            if not a_in.is_set():
+                a_in.set()
+                b_in.wait(60)
+
+        try:
+            nf(x, progress=hold)
+        finally:
+            a_done.set()
+
+    def second():
+        a_in.wait(60)
+
+        def hold(_record):
+            if not b_in.is_set():
+                b_in.set()
+                a_done.wait(60)
+                seen.append(model[2].training)  # the first flow has ended; this one still runs
+
+        try:
+            nf(x, progress=hold)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == [] and seen == [False]
+    assert model[2].training and model.training  # given back when both ended
+    assert torch.equal(model[2].bn.running_mean, mean)
 
 
 def test_concurrent_flows_keep_full_precision_until_the_last_one_ends(monkeypatch):

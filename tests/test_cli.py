@@ -370,16 +370,48 @@ def test_unusable_out_folder_fails_before_the_flow(capsys, tmp_path):
     assert (tmp_path / "new" / "deeper" / "flow_grid.png").is_file()
 
 
-def test_a_failed_write_is_one_line(capsys, tmp_path, monkeypatch):
+def _failing_maps_files(monkeypatch, error: BaseException) -> None:
+    """The CLI's sidecars fail to write with ``error``, after the grid and the GIF were written."""
     import naflow_fx.export
 
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real = naflow_fx.export.maps_files
 
-    monkeypatch.setattr(naflow_fx.export, "save_maps", full_disk)
-    code, _, err = run(capsys, "explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path), "-q")
-    assert_one_line_error(code, err, "writing the results failed", "No space left on device", "another folder")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.gif", "flow_grid.png"]  # no temporary left
+    def maps_files(*args, **kwargs):
+        npz, side, files = real(*args, **kwargs)
+
+        def fail(tmp: str) -> None:
+            with open(tmp, "w") as fh:
+                fh.write("{")  # part of it
+            raise error
+
+        return npz, side, [(side, fail), *files[1:]]
+
+    monkeypatch.setattr(naflow_fx.export, "maps_files", maps_files)
+
+
+def test_a_failed_write_is_one_line_and_changes_no_result_file(capsys, tmp_path, monkeypatch):
+    """A run's files are replaced all together or not at all: a new grid beside the maps of an earlier run
+    (or a lone grid) would describe two runs."""
+    argv = ("explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path), "-q")
+    assert run(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _failing_maps_files(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    code, _, err = run(capsys, *argv, "--damping", "3e-2")  # other maps than before
+    assert_one_line_error(code, err, "writing the results failed", "No space left on device", "nothing was written")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary left, nothing replaced
+    fresh = tmp_path / "fresh"
+    code, _, err = run(capsys, *argv[:-3], "--out", str(fresh), "-q")
+    assert code == 2 and not fresh.exists() or list(fresh.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_exit_130_and_changes_no_result_file(capsys, tmp_path, monkeypatch):
+    argv = ("explain", sample_paths()[0], "--model", "shapes", "--out", str(tmp_path), "-q")
+    assert run(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _failing_maps_files(monkeypatch, KeyboardInterrupt())
+    code, _, err = run(capsys, *argv, "--damping", "3e-2")
+    assert code == 130 and err.strip() == "naflow: interrupted; no result file was written or changed"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_errors_that_list_things_keep_their_detail_lines(capsys):
@@ -869,7 +901,6 @@ def test_unknown_options_point_at_their_commands_help(capsys):
 
 
 def test_empty_out_is_refused_before_the_flow_and_write_errors_advise_by_cause(capsys, tmp_path, monkeypatch):
-    import naflow_fx.export
 
     img = sample_paths()[0]
     for out in ("", "  "):
@@ -881,11 +912,7 @@ def test_empty_out_is_refused_before_the_flow_and_write_errors_advise_by_cause(c
         (errno.EROFS, "not writable; pass another folder", "free some space"),
         (errno.ENOSPC, "free some space or pass another folder", "not writable"),
     ):
-
-        def failing(*args, number=number, **kwargs):
-            raise OSError(number, os.strerror(number))
-
-        monkeypatch.setattr(naflow_fx.export, "save_maps", failing)
+        _failing_maps_files(monkeypatch, OSError(number, os.strerror(number)))
         argv = ("explain", img, "--model", "shapes", "--size", "32", "--layers", "blocks", "--compare", "none")
         code, _, err = run(capsys, *argv, "--out", str(tmp_path / str(number)), "-q")
         assert_one_line_error(code, err, "writing the results failed", os.strerror(number), advice)

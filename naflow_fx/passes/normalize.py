@@ -342,15 +342,10 @@ def _derived(mod: nn.Module, name: str) -> Callable[[], torch.Tensor] | None:
     if parametrize.is_parametrized(mod, name):
 
         def parametrized() -> torch.Tensor:
-            parametrizations = mod.parametrizations[name]
-            modes = {m: m.training for m in parametrizations.modules()}
-            try:
-                parametrizations.eval()
-                with torch.no_grad():
-                    return getattr(mod, name).detach().clone()
-            finally:
-                for m, mode in modes.items():
-                    m.training = mode
+            from ..tracing import training_off  # shared with concurrent flows (threads)
+
+            with training_off(mod.parametrizations[name].modules()), torch.no_grad():
+                return getattr(mod, name).detach().clone()
 
         return parametrized
     hook = next((h for h in mod._forward_pre_hooks.values() if _hook_name(h) == name), None)

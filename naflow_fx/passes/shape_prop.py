@@ -2,40 +2,58 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from ..errors import UnsupportedModelError
 
 __all__ = ["propagate_shapes", "tensor_meta", "is_feature_node", "layout"]
 
 
-class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it failed on."""
+class _ShapeProp(fx.Interpreter):
+    """``torch.fx``'s ShapeProp, without its printing: it records each node's ``tensor_meta`` and
+    ``type`` as ShapeProp does, and remembers the node it failed on. (ShapeProp prints the failing
+    node's traceback to ``sys.stderr``; silencing that with ``redirect_stderr`` swapped the
+    process-wide stream under other threads.)"""
 
     failed: fx.Node | None = None
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the model's own error, as raised: the message below says where
+
     def run_node(self, n: fx.Node):
         try:
-            return super().run_node(n)
+            result = super().run_node(n)
         except Exception:
             self.failed = n
             raise
+        found = False
+
+        def extract(obj: object) -> object:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
     """Run ``gm`` once on ``example_input`` and store ``node.meta["tensor_meta"]``."""
     prop = _ShapeProp(gm)
     try:
-        # ShapeProp prints the failing node's traceback itself; the error below says it in one line.
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            prop.propagate(example_input)
+        with torch.no_grad():
+            prop.run(example_input)
     except Exception as exc:  # noqa: BLE001 - the user's model failed on the example input
-        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error with a dump of the node
+        cause = exc
         where = ""
         if prop.failed is not None:
             module = prop.failed.meta.get("naflow.module_type")

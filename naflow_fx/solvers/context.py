@@ -126,8 +126,8 @@ class SolverContext:
             record.seconds = time.perf_counter() - start
             self._current = None
             self.records.append(record)
-            if self.progress is not None:
-                self.progress(record)
+        if self.progress is not None:  # a finished step only: a callback must not hide the step's own error
+            self.progress(record)
 
     def _record(self) -> SolveRecord:
         return self._current if self._current is not None else SolveRecord(layer="?", rule="?")
