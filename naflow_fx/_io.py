@@ -97,7 +97,7 @@ def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], No
     given = [os.fspath(p) for p, _ in files]
     paths = [write_target(path) for path in given]
     temporaries: list[str] = []
-    replaced: list[tuple[str, str | None]] = []  # (path, where its old file was set aside)
+    replaced: list[tuple[str, str, str | None, bool]] = []  # (path, its temporary, its old file's copy, it existed)
     try:
         umask = _umask()
         for path, (_, write) in zip(paths, files):
@@ -106,19 +106,25 @@ def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], No
             write(temporaries[-1])
         try:
             for path, tmp in zip(paths, list(temporaries)):
-                old = None
-                if len(paths) > 1 and os.path.lexists(path):
+                old, existed = None, os.path.lexists(path)
+                if len(paths) > 1 and existed:
                     old = _temporary(path)
                     temporaries.append(old)
                     _keep_copy(path, old)
+                # recorded before the rename: an interrupt right after it must still undo it
+                replaced.append((path, tmp, old, existed))
                 os.replace(tmp, path)  # if this fails, path still holds its old file
-                replaced.append((path, old))
         except BaseException:
-            for path, old in reversed(replaced):
-                if old is not None:
-                    os.replace(old, path)
-                elif os.path.lexists(path):
-                    os.remove(path)
+            for path, tmp, old, existed in reversed(replaced):
+                if os.path.lexists(tmp):
+                    continue  # not renamed: path holds its old file
+                try:
+                    if old is not None:
+                        os.replace(old, path)
+                    elif not existed and os.path.lexists(path):
+                        os.remove(path)
+                except OSError:
+                    continue  # best effort: the others still go back
             raise
     finally:
         for tmp in temporaries:

@@ -229,13 +229,13 @@ class NAFlow:
                     "and the flow was planned for the old one: compile it again, compile_naflow(model, x)"
                 )
         for path, module, traced in bound.settings:
-            now = _settings(module)
-            changed = next((k for k in traced.keys() | now.keys() if repr(traced.get(k)) != repr(now.get(k))), None)
+            now = _settings(module)  # an attribute added since (a tool's annotation) was not traced: ignored
+            changed = next((k for k in traced if repr(traced[k]) != repr(now.get(k, _REMOVED))), None)
             if changed is not None:
                 raise InputError(
                     f"{changed!r} of module {path!r} ({type(module).__name__}) was changed from "
-                    f"{traced.get(changed)!r} to {now.get(changed)!r} since compile_naflow, and the flow was traced "
-                    "with the old value: compile it again, compile_naflow(model, x)"
+                    f"{traced[changed]!r} to {now.get(changed, _REMOVED)!r} since compile_naflow, and the flow was "
+                    "traced with the old value: compile it again, compile_naflow(model, x)"
                 )
         bound.hooks = warn_forward_hooks(model, self.graph_module, bound.hooks)
         stale = [(t, held, live) for t, held in bound.tensors if (live := _lookup(model, t)) is not held]
@@ -559,9 +559,15 @@ class _Bindings:
     hooks: frozenset[tuple[str, int]]  # forward hooks the graph does not run, already warned about
 
 
+_REMOVED = "(removed)"
+
+
 def _settings(module: nn.Module) -> dict:
     """A ``torch.nn`` module's settings: its public plain attributes (``padding``, ``eps``, ``kernel_size``),
-    which tracing turned into constants of the graph. ``inplace`` and ``momentum`` change nothing in eval."""
+    which tracing turned into constants of the graph. ``inplace`` and ``momentum`` change nothing in eval,
+    nor does anything of a dropout."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return {}
     plain = (bool, int, float, str, tuple, type(None))
     return {
         k: v

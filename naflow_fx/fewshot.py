@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ._io import check_parent
 from .api import NAFlow, compile_naflow
 from .errors import ConfigError, InputError, InputTypeError, TargetError
-from .result import FlowResult, LayerMaps
+from .result import FlowResult, LayerMaps, _joined
 from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
 
 __all__ = ["explain_episode", "EpisodeExplanation"]
@@ -281,8 +281,8 @@ def _take(flow: FlowResult, index: Tensor) -> FlowResult:
         classes=None if flow.classes is None else rows(flow.classes),
         input_size=flow.input_size,
         method=flow.method,
-        bpfm={k: rows(v) for k, v in flow.bpfm.items()},
-        coefficients={k: rows(v) for k, v in flow.coefficients.items()},
+        bpfm=_joined(flow.bpfm, lambda k: rows(flow.bpfm[k])),
+        coefficients=_joined(flow.coefficients, lambda k: rows(flow.coefficients[k])),
         diagnostics=dict(flow.diagnostics),
     )
 

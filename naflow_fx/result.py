@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -331,10 +331,15 @@ def concat(results: Sequence[LayerMaps]) -> LayerMaps:
         )
     return FlowResult(
         **common,
-        bpfm={n: torch.cat([r.bpfm[n] for r in results]) for n in first.bpfm},
-        coefficients={n: torch.cat([r.coefficients[n] for r in results]) for n in first.coefficients},
+        bpfm=_joined(first.bpfm, lambda n: torch.cat([r.bpfm[n] for r in results])),
+        coefficients=_joined(first.coefficients, lambda n: torch.cat([r.coefficients[n] for r in results])),
         diagnostics=diagnostics,
     )
+
+
+def _joined(first: dict, join: Callable[[str], Tensor]) -> dict:
+    """``{name: join(name)}`` over ``first``'s names, still a :class:`NotKept` if ``first`` is one."""
+    return NotKept(first.what) if isinstance(first, NotKept) else {n: join(n) for n in first}
 
 
 def _worst(values) -> float | None:

@@ -214,7 +214,8 @@ def explain_match(
             "those images (e.g. blank or wrongly normalised)"
         )
     _check_zero_matches(q_emb, g_emb, order, explain_matches)
-    same = cosine_at_extremum(q_emb.repeat_interleave(k, dim=0), g_emb[flat]).reshape(-1, k)  # the query in the gallery
+    stored = None if gallery_embeddings is None else gallery_embeddings.dtype  # a bfloat16 index rounds more
+    same = cosine_at_extremum(q_emb.repeat_interleave(k, dim=0), g_emb[flat], stored).reshape(-1, k)  # the query
     if bool(same.any()):
         q, j = same.nonzero()[0].tolist()
         raise TargetError(

@@ -604,23 +604,35 @@ class _TrainingOff:
     def held(self, modules: Iterable[nn.Module]) -> Iterator[None]:
         modules = list(dict.fromkeys(modules))
         with self._lock:
-            for m in modules:
-                entry = self._held.get(id(m))
-                if entry is None:
-                    self._held[id(m)] = [m, m.training, 1]
-                    m.training = False
-                else:
-                    entry[2] += 1
+            taken: list[nn.Module] = []
+            try:
+                for m in modules:
+                    entry = self._held.get(id(m))
+                    if entry is None:
+                        self._held[id(m)] = [m, m.training, 1]
+                        m.training = False  # a module may refuse it: then none is taken
+                    else:
+                        entry[2] += 1
+                    taken.append(m)
+            except BaseException:
+                self._release(taken)
+                raise
         try:
             yield
         finally:
             with self._lock:
-                for m in modules:
-                    entry = self._held[id(m)]
-                    entry[2] -= 1
-                    if entry[2] == 0:
-                        del self._held[id(m)]
-                        m.training = entry[1]
+                self._release(modules)
+
+    def _release(self, modules: list[nn.Module]) -> None:
+        """One user fewer of each of ``modules``; the last one out gives the flag back (lock held)."""
+        for m in modules:
+            entry = self._held.get(id(m))
+            if entry is None:
+                continue
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self._held[id(m)]
+                m.training = entry[1]
 
 
 _TRAINING_OFF = _TrainingOff()

@@ -1430,6 +1430,10 @@ def test_keep_maps_returns_the_same_maps_without_bpfm_or_coefficients(nf):
     with pytest.raises(KeyError, match=r"keep='maps'\) returns the maps only, without BPFMs; call nf\(x\)"):
         lean.bpfm[full.layers[0]]
     assert pickle.loads(pickle.dumps(lean)).coefficients == {}
+    from naflow_fx.result import concat
+
+    with pytest.raises(KeyError, match=r"without coefficients Λ; call nf\(x\)"):
+        concat([lean, lean]).coefficients[full.layers[0]]  # joined results keep the reason
     for name in full.layers:
         torch.testing.assert_close(lean.maps[name], full.maps[name], rtol=0, atol=0)
     torch.testing.assert_close(lean.scores, full.scores)

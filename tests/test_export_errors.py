@@ -407,3 +407,26 @@ def test_results_compare_by_identity_without_raising(flow):
     cam = cam_of(["a", "b"])
     assert cam == cam and cam != cam_of(["a", "b"])
     assert len({flow, twin, cam}) == 3  # hashable, by identity
+
+
+def test_an_interrupt_right_after_a_rename_still_rolls_the_set_back(tmp_path, monkeypatch):
+    """atomic_write_all records each replacement before its rename, so Ctrl-C landing just after
+    one leaves every file as it was (not a mix of old and new)."""
+    from naflow_fx import _io
+
+    for name in "abc":
+        (tmp_path / name).write_text("old")
+    real, renames = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        renames.append(dst)
+        if len(renames) == 2 and not os.path.basename(str(dst)).startswith("."):
+            raise KeyboardInterrupt  # after the second file's rename, before anything else
+
+    monkeypatch.setattr(_io.os, "replace", replace)
+    files = [(tmp_path / n, lambda tmp: open(tmp, "w").write("new")) for n in "abc"]
+    with pytest.raises(KeyboardInterrupt):
+        _io.atomic_write_all(files)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a": "old", "b": "old", "c": "old"}

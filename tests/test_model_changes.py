@@ -118,7 +118,12 @@ def test_settings_that_change_nothing_in_eval_may_change_after_compile():
     model = _net()
     nf = compile_naflow(model, X[:1])
     model[2].inplace, model[1].momentum = True, 0.5
+    model[3].note = "annotated by a tool"  # not a setting the flow was traced with
     torch.testing.assert_close(nf(X).output, model(X))
+    dropped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    flow = compile_naflow(dropped.eval(), X[:1])
+    dropped[1].p = 0.1  # nothing of a dropout changes an eval flow
+    flow(X)
 
 
 def test_a_data_write_that_only_moves_weights_is_followed():

@@ -611,6 +611,17 @@ def test_distinct_images_with_a_cosine_near_1_are_explained_and_copies_are_named
         episode.support_flow(0, 1)
 
 
+def test_a_self_match_stored_in_bfloat16_is_still_refused(nf, encoder):
+    """A bfloat16 index holds each embedding about 2e-3 from the model's own: the self-match test
+    takes the stored precision into account (decision 23)."""
+    x = images(3, 12)
+    index = embed(encoder, x).bfloat16()
+    with pytest.raises(TargetError, match=r"gallery image 1 matches query 0 .*the query itself or a copy"):
+        explain_match(nf, x[1], None, gallery_embeddings=index, explain_matches=False)
+    with pytest.raises(TargetError, match=r"sample 0 to its reference .*±1 up to float rounding"):
+        nf(x[1:2], SimilarityTarget(index[1]))
+
+
 def test_knn_refuses_a_query_that_is_its_own_only_neighbour(nf, encoder):
     """KNNTarget's score is ‖r‖·cos(v, r): at v ∥ r its gradient is 0, as for a cosine self-match."""
     x = images(4, 6)
