@@ -609,8 +609,9 @@ class _TrainingOff:
                 for m in modules:
                     entry = self._held.get(id(m))
                     if entry is None:
-                        self._held[id(m)] = [m, m.training, 1]
+                        flag = m.training
                         m.training = False  # a module may refuse it: then none is taken
+                        self._held[id(m)] = [m, flag, 1]
                     else:
                         entry[2] += 1
                     taken.append(m)
