@@ -640,10 +640,9 @@ def run_explain(
         preprocessing["crop_fraction"] = spec.crop_fraction  # of the shorter side, before resizing to size
     if image_notes:
         preprocessing["notes"] = list(image_notes)
-    paths = [written["grid"], written["gif"]]
     for res in results:
         extra = {"input": preprocessing} | ({"options": recorded} if res.method == "naflow" else {})
-        npz, side, maps = maps_files(
+        npz, _, maps = maps_files(
             res,
             os.path.join(out, f"{res.method}.npz"),
             model=spec.name,
@@ -653,14 +652,13 @@ def run_explain(
         )
         written[res.method] = npz
         outputs += maps
-        paths += [side, npz]
     # All the files of a run are replaced together, or none is (a failure or Ctrl-C while writing
     # leaves the folder as it was): a grid beside the maps of an earlier run would mislead.
     try:
         os.makedirs(out, exist_ok=True)
         atomic_write_all(outputs)
     except OSError as exc:
-        exc = user_file_error(exc, *paths)
+        exc = user_file_error(exc, *(path for path, _ in outputs))
         raise CLIError(
             f"--out {out}: writing the results failed ({exc.strerror or exc}; nothing was written); "
             f"{_write_advice(exc)}"

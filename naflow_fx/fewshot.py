@@ -120,6 +120,15 @@ def _resolve_naflow(
     return compile_naflow(model, example[:1], layers="all" if layers is None else layers, **options)
 
 
+def _unexplainable(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For pairs of embeddings (rows of ``a`` and ``b``): their cosine contributions ``c``, whether
+    the cosine is 0 (ω undefined), and whether it is 0 or ±1 (zero gradient), as
+    :class:`~naflow_fx.SimilarityTarget` judges them."""
+    c = METRICS["cosine"](a, b)
+    zero = similarity_is_zero(c)
+    return c, zero, zero | cosine_at_extremum(a, b)
+
+
 def _check_pairs(support: Tensor, refs: Tensor, support_index: Tensor, query_index: Tensor, label: int) -> None:
     """Refuse a (support, query) pair whose cosine cannot be explained, naming both images.
 
@@ -130,9 +139,7 @@ def _check_pairs(support: Tensor, refs: Tensor, support_index: Tensor, query_ind
     :class:`~naflow_fx.SimilarityTarget` of that call refuses both by the same criteria, but
     names a row of the batch.
     """
-    c = METRICS["cosine"](support, refs)
-    zero, flat = similarity_is_zero(c), cosine_at_extremum(support, refs)
-    bad = zero | flat
+    c, zero, bad = _unexplainable(support, refs)
     if bool(bad.any()):
         r = int(bad.nonzero()[0])
         k = support_index.shape[0]
@@ -154,9 +161,7 @@ def _check_prototypes(queries: Tensor, protos: Tensor, labels: Tensor, shots: Te
     Row ``q`` of ``queries`` is explained against ``protos[q]``, the mean of the ``shots[q]``
     support embeddings of class ``labels[q]``. The criteria are :func:`_check_pairs`'s.
     """
-    c = METRICS["cosine"](queries, protos)
-    zero, flat = similarity_is_zero(c), cosine_at_extremum(queries, protos)
-    bad = zero | flat
+    c, zero, bad = _unexplainable(queries, protos)
     if bool(bad.any()):
         q = int(bad.nonzero()[0])
         label, k = int(labels[q]), int(shots[q])
@@ -550,7 +555,7 @@ def explain_episode(
     ):
         raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
     labels = _labels_tensor(support_labels, support.shape[0], support.device, "support_labels", "support images")
-    episode_classes = torch.unique(labels)  # sorted
+    episode_classes, shots = torch.unique(labels, return_counts=True)  # sorted
     classes = _requested_classes(classes, episode_classes)
     nf = _resolve_naflow(encoder, support, layers, compile_options, "explain_episode")
 
@@ -564,7 +569,6 @@ def explain_episode(
     cols = logits.argmax(1)
     prediction = episode_classes[cols]
 
-    shots = torch.stack([(labels == c).sum() for c in episode_classes])
     _check_prototypes(qry_emb, protos[cols], prediction, shots[cols])
     flow = nf(query, SimilarityTarget(protos[cols]))
     support_indices = [(labels == prediction[q]).nonzero()[:, 0] for q in range(query.shape[0])]

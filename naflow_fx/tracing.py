@@ -717,13 +717,9 @@ _FP32_LEAVES = (
 
 
 def _precision_settings() -> list[_Setting]:
-    """Every float32 precision setting this torch has, at full precision."""
-    backends = torch.backends
-    leaves = [getattr(getattr(backends, b, None), op, None) for b, op in _FP32_LEAVES]
-    settings = [_Setting(leaf, "fp32_precision", "ieee") for leaf in leaves if hasattr(leaf, "fp32_precision")]
-    if not settings:  # torch before 2.9: the allow_tf32 flags are the only ones
-        settings = [_Setting(backends.cudnn, "allow_tf32", False), _Setting(backends.cuda.matmul, "allow_tf32", False)]
-    return settings
+    """Every float32 precision setting this torch build has, at full precision (torch ≥ 2.9)."""
+    leaves = [getattr(getattr(torch.backends, b, None), op, None) for b, op in _FP32_LEAVES]
+    return [_Setting(leaf, "fp32_precision", "ieee") for leaf in leaves if hasattr(leaf, "fp32_precision")]
 
 
 _FULL_PRECISION = _SharedSettings(_precision_settings)
@@ -737,11 +733,11 @@ def ieee_float32() -> contextlib.AbstractContextManager[None]:
 
     A user may let float32 run in TF32 on a GPU (cuDNN's default for convolutions) or in bfloat16
     on a CPU with AMX (``torch.backends.mkldnn``), for speed; both keep about 3 significant digits,
-    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). From torch 2.9 only
-    torch's per-operator ``fp32_precision`` settings are read and written: reading the older
+    far coarser than the solves' 1e-4 stopping rule (NOTE [caller's modes]). Only torch's
+    per-operator ``fp32_precision`` settings are read and written: reading the older
     ``allow_tf32`` flags fails once both kinds were set, and the caller can still read theirs after
-    this. Older torch has only those flags, so they are the ones set there. The settings are
-    process-wide, so nested and concurrent (threaded) uses share them (:class:`_SharedSettings`).
+    this. The settings are process-wide, so nested and concurrent (threaded) uses share them
+    (:class:`_SharedSettings`).
     """
     return _FULL_PRECISION.held()
 
