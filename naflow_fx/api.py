@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -31,7 +30,7 @@ from .result import FlowResult, LayerMaps, NotKept, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import ieee_float32, not_a_module, trace, training_off, warn_forward_hooks
+from .tracing import CompilesExcludeFlows, ieee_float32, not_a_module, trace, training_off, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -189,10 +188,10 @@ class NAFlow:
     # ------------------------------------------------------------------ inputs
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        """Where the flow runs the model: the caller's modes off (NOTE [caller's modes]), the model
-        checked (NOTE [replaced weights]: first, since it may put replaced weights into the graph
-        modules) and the leaf modules in eval mode."""
-        with exact_mode(self._device):
+        """Where the flow runs the model: no compile in any thread (NOTE [threads]), the caller's modes
+        off (NOTE [caller's modes]), the model checked (NOTE [replaced weights]: first, since it may
+        put replaced weights into the graph modules) and the leaf modules in eval mode."""
+        with _MODEL_RUNS.flow(), exact_mode(self._device):  # NOTE [threads]
             self._check_model()
             with leaves_in_eval(self.graph_module):
                 yield
@@ -521,7 +520,13 @@ class NAFlow:
         )
 
 
-_COMPILING = threading.RLock()  # compile_naflow in several threads: their traces would mix (torch.fx patches globals)
+# NOTE [threads]: torch.fx's tracer patches `nn.Module.__call__` and `__getattr__` process-wide
+# while it traces. Two compiles at once would mix their traces, and a flow (or an embedding) run
+# in another thread meanwhile goes through the tracer: its module calls become proxies or fail
+# ("module is not installed as a submodule"), and its attribute reads see proxies (a buffer
+# "removed since compile"). So a compile waits for the flows under way and runs alone, and flows
+# wait for it; flows run together. The user's own model runs in other threads are beyond reach.
+_MODEL_RUNS = CompilesExcludeFlows()
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
 
@@ -915,8 +920,8 @@ def compile_naflow(
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)
 
-    # torch.fx's tracer patches nn.Module process-wide while it traces: one compile at a time
-    with _COMPILING, exact_mode(device):  # NOTE [caller's modes]: no inference-mode constants or computed weights
+    # A compile runs alone (NOTE [threads]); NOTE [caller's modes]: no inference-mode constants or computed weights
+    with _MODEL_RUNS.compile(), exact_mode(device):
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
         gm = passes.check_scope(gm)
         gm = passes.normalize(gm)

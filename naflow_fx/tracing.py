@@ -648,6 +648,82 @@ def training_off(modules: Iterable[nn.Module]) -> contextlib.AbstractContextMana
     return _TRAINING_OFF.held(modules)
 
 
+class CompilesExcludeFlows:
+    """Flows run together, a compile runs alone, in any number of threads (NOTE [threads] in api.py).
+
+    A readers–writer lock, reentrant per thread and preferring the writer: a flow inside a flow
+    (or a flow inside a compile) never waits, and a compile that waits holds new flows back so
+    that a stream of them cannot starve it. A compile called from inside a flow (its ``progress``
+    callback) waits for the other threads' flows only; if another thread's flow is already doing
+    the same, the two would wait for each other, so the second is refused.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._flows: dict[int, int] = {}  # thread ident → depth of its flows
+        self._compiler: int | None = None  # the thread that compiles, or None
+        self._depth = 0  # its compile depth
+        self._waiting = 0  # compiles waiting for the flows to end
+        self._upgrading: int | None = None  # a thread in a flow waiting to compile
+        self._flows_waiting = 0
+
+    @contextlib.contextmanager
+    def flow(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if me not in self._flows and self._compiler != me:
+                self._flows_waiting += 1
+                try:
+                    self._cond.wait_for(lambda: self._compiler is None and not self._waiting)
+                finally:
+                    self._flows_waiting -= 1
+            self._flows[me] = self._flows.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._flows[me] -= 1
+                if not self._flows[me]:
+                    del self._flows[me]
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def compile(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._compiler != me:
+                if me in self._flows:
+                    if self._upgrading is not None:
+                        raise ConfigError(
+                            "compile_naflow was called from inside a flow (its progress callback) while another "
+                            "thread's flow does the same: each would wait for the other to end; compile before or "
+                            "after the flow instead"
+                        )
+                    self._upgrading = me
+                self._waiting += 1
+                try:
+                    self._cond.wait_for(lambda: self._compiler is None and self._flows.keys() <= {me})
+                finally:
+                    self._waiting -= 1
+                    if self._upgrading == me:
+                        self._upgrading = None
+                self._compiler = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._compiler = None
+                self._cond.notify_all()
+
+    def waiting(self) -> tuple[int, int]:
+        """How many compiles and how many flows wait (for tests)."""
+        with self._cond:
+            return self._waiting, self._flows_waiting
+
+
 class _Setting:
     """One process-wide torch setting: its value, the value the library needs, and setting a value back."""
 
