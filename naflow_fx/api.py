@@ -565,19 +565,19 @@ class _Bindings:
 
 
 _REMOVED = "(removed)"
+_EVAL_INERT = ("training", "inplace", "momentum", "track_running_stats")
 
 
 def _settings(module: nn.Module) -> dict:
     """A ``torch.nn`` module's settings: its public plain attributes (``padding``, ``eps``, ``kernel_size``),
-    which tracing turned into constants of the graph. ``inplace`` and ``momentum`` change nothing in eval,
-    nor does anything of a dropout."""
+    which tracing turned into constants of the graph. ``inplace``, ``momentum`` and ``track_running_stats``
+    (while the running statistics are there: their removal is caught as such) change nothing in eval, nor
+    does anything of a dropout."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return {}
     plain = (bool, int, float, str, tuple, type(None))
     return {
-        k: v
-        for k, v in vars(module).items()
-        if not k.startswith("_") and k not in ("training", "inplace", "momentum") and isinstance(v, plain)
+        k: v for k, v in vars(module).items() if not k.startswith("_") and k not in _EVAL_INERT and isinstance(v, plain)
     }
 
 

@@ -117,7 +117,7 @@ def test_weights_changed_in_place_are_followed_without_recompiling():
 def test_settings_that_change_nothing_in_eval_may_change_after_compile():
     model = _net()
     nf = compile_naflow(model, X[:1])
-    model[2].inplace, model[1].momentum = True, 0.5
+    model[2].inplace, model[1].momentum, model[1].track_running_stats = True, 0.5, False
     model[3].note = "annotated by a tool"  # not a setting the flow was traced with
     torch.testing.assert_close(nf(X).output, model(X))
     dropped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())

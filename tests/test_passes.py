@@ -71,6 +71,40 @@ def test_normalize_makes_one_canonical_op_per_node_and_removes_identities():
         assert n.args[0].op == "call_function"
 
 
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda x: x.clamp_max(0.5),
+        lambda x: x.clamp_min(-0.1),
+        lambda x: torch.clamp_max(x, max=0.5),
+        lambda x: torch.clamp_min(x, -0.1),
+        lambda x: (x * 1).clamp_max_(0.3),
+        lambda x: torch.clamp_min_(x * 1, -0.2),
+    ],
+    ids=["method-max", "method-min", "function-max", "function-min", "in-place-method-max", "in-place-function-min"],
+)
+def test_one_sided_clamps_lower_to_hardtanh_in_every_spelling(clip):
+    """``x.clamp_min`` and ``torch.clamp(max=)`` were inverted, but ``x.clamp_max``, ``torch.clamp_min``
+    and ``torch.clamp_max`` were refused as ops without an inverse rule."""
+
+    class Clipped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            return self.b(clip(self.a(x))).mean((2, 3))
+
+    torch.manual_seed(0)
+    model, x = Clipped().eval(), torch.randn(2, 2, 6, 6)
+    gm = normalize(trace(model))
+    torch.testing.assert_close(gm(x), model(x))
+    hardtanh = [n for n in gm.graph.nodes if n.target is F.hardtanh]
+    assert len(hardtanh) == 1 and not any("clamp" in str(n.target) for n in gm.graph.nodes)
+    flow = compile_naflow(model, x)(x)
+    assert flow.diagnostics[hardtanh[0].meta["naflow.name"]].rule == "hardtanh_inverse"
+
+
 def test_normalize_in_place_method_rewires_later_readers():
     class M(nn.Module):
         def __init__(self):
@@ -200,6 +234,43 @@ def test_normalisation_modules_lower_to_their_functions_and_explain(norm, target
     flow = compile_naflow(model, x)(x)  # before: UnsupportedOpError on the normalisation module
     assert flow.diagnostics["1"].rule == f"{target.__name__}_inverse"
     assert all(torch.isfinite(m).all() for m in flow.maps.values())
+
+
+class _SegNetLike(nn.Module):
+    """Max pooling with indices for unpooling, as a module or a function; an adaptive max pool too."""
+
+    def __init__(self, modules: bool) -> None:
+        super().__init__()
+        self.modules_, self.enc, self.dec = modules, nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.pool, self.unpool = nn.MaxPool2d(2, 2, return_indices=True), nn.MaxUnpool2d(2, 2)
+        self.gmp, self.head = nn.AdaptiveMaxPool2d(1, return_indices=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.modules_:
+            y, i = self.pool(torch.relu(self.enc(x)))
+            y = self.dec(self.unpool(y, i, output_size=x.shape[-2:]))
+            return self.head(self.gmp(y)[0].flatten(1))
+        y, i = F.max_pool2d(torch.relu(self.enc(x)), 2, 2, return_indices=True)
+        y = self.dec(F.max_unpool2d(y, i, 2, 2, output_size=x.shape[-2:]))
+        return self.head(F.adaptive_max_pool2d(y, 1, return_indices=True)[0].flatten(1))
+
+
+def test_max_pool_modules_that_return_indices_explain_like_the_functions():
+    """``nn.MaxPool2d(return_indices=True)`` (SegNet) used to be refused outright, though the same
+    model written with ``F.max_pool2d(..., return_indices=True)`` explained."""
+    torch.manual_seed(0)
+    modules, functions, x = _SegNetLike(True).eval(), _SegNetLike(False).eval(), torch.randn(2, 2, 8, 10)
+    functions.load_state_dict(modules.state_dict())
+    gm = normalize(trace(modules))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert F.max_pool2d_with_indices in targets and F.adaptive_max_pool2d_with_indices in targets
+    with pytest.raises(UnsupportedOpError, match="unpool"):  # MaxUnpool2d has no inverse rule of its own
+        compile_naflow(modules, x)
+    flows = [compile_naflow(m, x, fallback="linearize", solver="dense")(x) for m in (modules, functions)]
+    torch.testing.assert_close(flows[0].output, flows[1].output)
+    assert len(flows[0].maps) == len(flows[1].maps)
+    for a, b in zip(flows[0].maps.values(), flows[1].maps.values()):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("use_input_stats", [True, False])
@@ -361,6 +432,20 @@ def test_default_last_layer_stops_before_global_pooling():
     assert nf.last_layer == "layer4.1.relu#2"  # output of layer4
 
 
+def test_an_adaptive_pool_that_convolutions_follow_is_not_the_global_pool():
+    """A spatial adaptive pool mid-network (here 9×13 → 11×15) was taken for the head's global
+    pool, so N stopped before it and every later layer went unexplained, without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 1), nn.AdaptiveAvgPool2d((11, 15)), nn.Conv2d(3, 4, 3), nn.ReLU(),
+        nn.AdaptiveMaxPool2d((5, 6)), nn.Conv2d(4, 4, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    nf = compile_naflow(model, (1, 2, 9, 13))
+    assert nf.last_layer == "6"  # the last spatial adaptive pool, with a Linear after it, is the head's
+    assert nf.layers == ["0", "1", "2", "3", "4", "5", "6"]
+
+
 def test_last_layer_override_and_its_error():
     model = Residual()
     nf = compile_naflow(model, (1, 3, 8, 8), last_layer="stem")
@@ -419,6 +504,21 @@ def test_assign_rules_reports_every_unsupported_node_at_once():
     gm = assign_inverse_rules(gm, fallback="linearize")
     kinds = {n.name: n.meta["naflow.inverse"].kind for n in gm.graph.nodes if "naflow.inverse" in n.meta}
     assert kinds == {"conv": "rule", "cumsum": "linearize", "special_erf": "linearize"}
+
+
+class _Cumulated(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, 2)
+
+
+def test_unsupported_functional_ops_are_named_by_their_layer():
+    """Two blocks' ``torch.cumsum`` are layers ``b1.cumsum`` and ``b2.cumsum`` everywhere (decision
+    1); the error listed them as ``[cumsum]`` and ``[cumsum]``."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Cumulated(), nn.Conv2d(4, 4, 1), _Cumulated(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(UnsupportedOpError) as err:
+        compile_naflow(model.eval(), (1, 3, 6, 6))
+    assert "[layer '1.cumsum' (cumsum)]" in str(err.value) and "[layer '3.cumsum' (cumsum)]" in str(err.value)
+    assert compile_naflow(model, (1, 3, 6, 6), fallback="linearize").layers[1::2] == ["1.cumsum", "3.cumsum"]
 
 
 def test_generated_inverse_code_names_the_forward_nodes():
@@ -640,8 +740,28 @@ def test_an_op_without_forward_mode_derivative_in_a_region_is_named():
     torch.manual_seed(0)
     model, x = Recurrent().eval(), torch.randn(1, 3, 4, 4)
     flow = compile_naflow(model, x)
-    with pytest.raises(UnsupportedOpError, match=r"lstm.*no forward-mode derivative in torch.*last_layer="):
+    with pytest.raises(UnsupportedOpError, match=r"layer 'lstm' .*no forward-mode derivative in torch.*last_layer="):
         flow(x)
+
+
+class _Warped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("theta", torch.tensor([[[0.9, 0.1, 0.0], [0.0, 1.1, 0.1]]]))
+
+    def forward(self, x):  # one 4×6×6 image
+        return F.grid_sample(x, F.affine_grid(self.theta, [1, 4, 6, 6], align_corners=False), align_corners=False)
+
+
+def test_an_op_without_forward_mode_derivative_alone_in_its_stage_is_not_called_a_region():
+    """The message said "inside a multi-branch region" for any op the fallback could not linearise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), _Warped(), nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.randn(1, 2, 6, 6)
+    flow = compile_naflow(model.eval(), x, fallback="linearize")
+    with pytest.raises(UnsupportedOpError, match=r"^layer '1.grid_sample' .*so its stage cannot") as err:
+        flow(x)
+    assert "region" not in str(err.value) and "register_inverse" in str(err.value)
 
 
 class _LikeNamed(nn.Module):

@@ -583,6 +583,45 @@ def test_channels_last_layers_get_spatial_maps():
     torch.testing.assert_close(cam.maps["features.1.0.block.3"], expected, rtol=1e-5, atol=1e-6)
 
 
+class _Permuted(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+@pytest.mark.parametrize(
+    ("dims", "channels", "grid", "view"),
+    [
+        ((0, 3, 2, 1), 9, (7, 4), (0, 1, 2, 3)),
+        ((0, 2, 1, 3), 7, (4, 9), (0, 1, 2, 3)),
+        ((0, 1, 3, 2), 4, (9, 7), (0, 1, 3, 2)),
+    ],
+    ids=["columns-as-channels", "rows-as-channels", "rows-and-columns-swapped"],
+)
+def test_a_conv_after_a_permute_sums_its_own_channels(dims, channels, grid, view):
+    """NOTE [layouts]: a conv reads dim 1 as its channels, whatever the permute before it moved
+    there, so its map sums its own output channels. It used to keep the permute's layout and be
+    summed over a spatial axis, its channels shown as the image's width. Rows and columns only
+    swapped stay image-aligned: the conv's map is shown on the image's grid (``view``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 1), _Permuted(*dims), nn.Conv2d(channels, 3, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3),
+    ).double().eval()  # fmt: skip
+    x = torch.randn(2, 2, 7, 9, dtype=torch.float64)
+    nf = compile_naflow(model, x, solver="dense", damping=0.0)
+    flow = nf(x)
+    a = model[:3](x).permute(view)  # the conv's output: B×3×(grid), reported on the image's grid
+    bpfm, lam = flow.bpfm["2"], flow.coefficients["2"]
+    assert a.shape == bpfm.shape == lam.shape == (2, 3, *(grid[i - 2] for i in view[2:]))
+    torch.testing.assert_close(flow.maps["2"], torch.relu((lam * bpfm).sum(1)))
+    torch.testing.assert_close(nf.gradcam(x).maps["2"], torch.relu((lam.mean((2, 3), keepdim=True) * a).sum(1)))
+    assert flow.maps["1.permute"].shape == (2, 7, 9)  # the permute's output: on the NCHW view of the image
+
+
 class ScaledResidual(nn.Module):
     """stem → ``x + StochasticDepth(γ ⊙ branch(x))`` (layer scale γ) → conv → ReLU → GAP → fc."""
 

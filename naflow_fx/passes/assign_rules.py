@@ -67,9 +67,10 @@ def _elementwise_affine(w: fx.Node, u: fx.Node) -> bool:
 
 def _describe(node: fx.Node) -> str:
     where = node.meta.get("naflow.module")
-    what = (
-        f"module {where!r} ({node.meta.get('naflow.module_type', 'module')})" if where else short_op_name(node.target)
-    )
+    if where:
+        what = f"module {where!r} ({node.meta.get('naflow.module_type', 'module')})"
+    else:  # the layer's name, as everywhere else (decision 1): fx's own name is not unique across blocks
+        what = f"layer {node.meta.get('naflow.name', node.name)!r} ({short_op_name(node.target)})"
     return f"  - {node.format_node()}   [{what}]"
 
 

@@ -120,9 +120,10 @@ def _upsample(attr, m: nn.Upsample):
     )
 
 
-def _pool_check(m):
-    if getattr(m, "return_indices", False):
-        raise UnsupportedOpError(f"{type(m).__name__}(return_indices=True) is not supported; use return_indices=False")
+def _max_pool(m, plain, with_indices, **kwargs):
+    """A max pool that returns its indices (SegNet's unpooling) is the call fx traces ``F.max_pool2d(...,
+    return_indices=True)`` to."""
+    return (with_indices, kwargs | {"return_indices": True}) if m.return_indices else (plain, kwargs)
 
 
 _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
@@ -183,9 +184,15 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
         dict(norm_type=m.norm_type, kernel_size=m.kernel_size, stride=m.stride, ceil_mode=m.ceil_mode),
     ),
     nn.CELU: lambda a, m: (F.celu, dict(alpha=m.alpha)),
-    nn.MaxPool2d: lambda a, m: (
-        _pool_check(m) or F.max_pool2d,
-        dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, ceil_mode=m.ceil_mode),
+    nn.MaxPool2d: lambda a, m: _max_pool(
+        m,
+        F.max_pool2d,
+        F.max_pool2d_with_indices,
+        kernel_size=m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        dilation=m.dilation,
+        ceil_mode=m.ceil_mode,
     ),
     nn.AvgPool2d: lambda a, m: (
         F.avg_pool2d,
@@ -199,7 +206,9 @@ _MODULE_LOWERINGS: dict[type, _ModuleLowering] = {
         ),
     ),
     nn.AdaptiveAvgPool2d: lambda a, m: (F.adaptive_avg_pool2d, dict(output_size=m.output_size)),
-    nn.AdaptiveMaxPool2d: lambda a, m: (_pool_check(m) or F.adaptive_max_pool2d, dict(output_size=m.output_size)),
+    nn.AdaptiveMaxPool2d: lambda a, m: _max_pool(
+        m, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, output_size=m.output_size
+    ),
     nn.Flatten: lambda a, m: (torch.flatten, dict(start_dim=m.start_dim, end_dim=m.end_dim)),
     # padding modules are F.pad (a selection: docs/naflow.md, decision 12)
     nn.ZeroPad2d: lambda a, m: (F.pad, dict(pad=tuple(m.padding), mode="constant", value=0.0)),
@@ -262,7 +271,7 @@ _FUNCTION_ALIASES: dict[object, object] = {
     operator.itruediv: operator.truediv,
 }
 _INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.clamp_}
-_INPLACE_FUNCTIONS |= {torch.selu_, F.selu_, torch.celu_, F.celu_, F.threshold_}
+_INPLACE_FUNCTIONS |= {torch.selu_, F.selu_, torch.celu_, F.celu_, F.threshold_, torch.clamp_min_, torch.clamp_max_}
 _INPLACE_FUNCTIONS |= {operator.iadd, operator.imul, operator.isub, operator.itruediv}
 
 # --- call_method aliases: method name -> canonical target -----------------------------------------
@@ -273,6 +282,7 @@ _METHOD_ALIASES: dict[str, object] = {
     "clamp": torch.clamp,
     "clip": torch.clamp,
     "clamp_min": torch.clamp,
+    "clamp_max": torch.clamp,
     "softmax": F.softmax,
     "log_softmax": F.log_softmax,
     "flatten": torch.flatten,
@@ -302,6 +312,16 @@ def _shape_args(args: tuple) -> tuple:
     if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
         rest = tuple(rest[0])
     return (args[0], tuple(rest))
+
+
+_ONE_BOUND = {"clamp_min": "min", "clamp_max": "max"}
+_ONE_BOUND_FUNCTIONS = {getattr(torch, name + suffix): name for name in _ONE_BOUND for suffix in ("", "_")}
+
+
+def _one_bound(name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``x.clamp_max(c)``, ``torch.clamp_min(x, min=c)``: the ``torch.clamp`` call with that one bound."""
+    bound = _ONE_BOUND[name]
+    return args[:1], {bound: args[1] if len(args) > 1 else kwargs.get(bound)}
 
 
 def _clamp_to_hardtanh(args: tuple, kwargs: dict) -> tuple[object, tuple, dict] | None:
@@ -467,9 +487,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             args, kwargs = node.args, dict(node.kwargs)
             if target in (torch.reshape, torch.permute):
                 args = _shape_args(args)
-            elif name.startswith("clamp_min"):
-                kwargs = {"min": args[1] if len(args) > 1 else kwargs.get("min")}
-                args = args[:1]
+            elif base in _ONE_BOUND:
+                args, kwargs = _one_bound(base, args, kwargs)
             node.op, node.target = "call_function", target
             node.args, node.kwargs = args, kwargs
             if inplace:
@@ -483,6 +502,9 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             args, kwargs = node.args, dict(node.kwargs)
             if relu6:
                 args, kwargs = args[:1], dict(min_val=0.0, max_val=6.0)
+            if target in _ONE_BOUND_FUNCTIONS:
+                args, kwargs = _one_bound(_ONE_BOUND_FUNCTIONS[target], args, kwargs)
+                target = torch.clamp
             if target is _IDENTITY:
                 node.replace_all_uses_with(args[0] if args else kwargs["input"])
                 graph.erase_node(node)

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -113,12 +114,26 @@ def _is_4d(node: fx.Node) -> bool:
 
 
 def _is_global_pool(node: fx.Node) -> bool:
-    """Adaptive pools, and any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
+    """Adaptive pools to 1×1, and to a larger size (VGG's 7×7) when no convolution follows (the
+    head's, not one mid-network); any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
+    one = tuple(tensor_meta(node).shape[2:]) == (1, 1)
     if node.op == "call_function" and node.target in _GLOBAL_POOLS:
-        return True
-    if tuple(tensor_meta(node).shape[2:]) != (1, 1):
-        return False
-    return any(_is_4d(a) and tuple(tensor_meta(a).shape[2:]) != (1, 1) for a in node.all_input_nodes)
+        return one or not _convolved_later(node)
+    return one and any(_is_4d(a) and tuple(tensor_meta(a).shape[2:]) != (1, 1) for a in node.all_input_nodes)
+
+
+def _convolved_later(node: fx.Node) -> bool:
+    """Whether a convolution reads ``node``'s output, directly or not."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        if n.op == "call_function" and n.target in (torch.conv2d, torch.conv_transpose2d):
+            return True
+        seen.add(n)
+        todo.extend(n.users)
+    return False
 
 
 def _default_last(candidates: list[fx.Node], batch: int) -> fx.Node | None:

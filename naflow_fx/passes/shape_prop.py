@@ -72,10 +72,14 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
 # A 4-D feature node's layout is the permutation of (N, C, H, W) its dims hold: ConvNeXt's blocks
 # permute to channels-last (0, 2, 3, 1), run LayerNorm and Linear over the last dim and permute
 # back. ``permute``/``transpose`` compose the layout; a reshape to 4-D is read as NCHW (ShuffleNet's
-# channel shuffle ends in ``view(B, C, H, W)``); other ops keep their first feature input's layout.
+# channel shuffle ends in ``view(B, C, H, W)``); a convolution makes its own channels at dim 1 and
+# keeps what its spatial dims held (H and W, in either order), or is read as NCHW when one of them
+# held the channels (a model that treats image columns as channels); other ops keep their first
+# feature input's layout.
 # Maps, Grad-CAM and the reported BPFM / coefficients of a channels-last layer are computed on its
 # NCHW view, so they are spatial maps like every other layer's.
 _NCHW = (0, 1, 2, 3)
+_MAKE_CHANNELS = (torch.conv2d, torch.conv_transpose2d)  # after normalize: nn.Conv2d and F.conv2d alike
 
 
 def _propagate_layouts(gm: fx.GraphModule) -> None:
@@ -94,6 +98,8 @@ def _propagate_layouts(gm: fx.GraphModule) -> None:
             result = tuple(dims)
         elif node.op == "call_function" and node.target in (torch.reshape, torch.flatten):
             result = _NCHW
+        elif node.op == "call_function" and node.target in _MAKE_CHANNELS:
+            result = (0, 1, *inherited[2:]) if set(inherited[2:]) == {2, 3} else _NCHW
         else:
             result = inherited
         node.meta["naflow.layout"] = result

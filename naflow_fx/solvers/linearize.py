@@ -483,10 +483,12 @@ class _Linearizer(fx.Interpreter):
                 return jvp(call, primals, tuple(t[name] for name in names))[1]
             except NotImplementedError as exc:  # e.g. nn.LSTM: torch has no forward-mode derivative
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                layer = n.meta.get("naflow.name", n.name)
                 raise UnsupportedOpError(
-                    f"{n.format_node()} inside a multi-branch region has no forward-mode derivative in torch "
-                    f"({first}), so the region cannot be linearised. What to do: explain the layers before it "
-                    "(compile_naflow(..., last_layer=<a layer before this region>)), or a model without this op"
+                    f"layer {layer!r} ({n.format_node()}) has no forward-mode derivative in torch ({first}), so its "
+                    "stage cannot be linearised. What to do: register an inverse rule for it "
+                    "(@naflow_fx.rules.register_inverse), explain the layers before it "
+                    "(compile_naflow(..., last_layer=<a layer before it>)), or use a model without this op"
                 ) from None
 
         return rule
