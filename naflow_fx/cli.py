@@ -218,8 +218,9 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
             "...), 'shapes', module:callable or a saved model file"
         )
     if weights is None or os.path.isfile(weights) or weights.endswith((".pt", ".pth")):
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None)
+        with torch.random.fork_rng(devices=[]):  # the same random weights every run; the caller's stream kept
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
             _load_state_dict(model, weights, name, torchvision=True)
         return ModelSpec(model.eval(), name, crop_fraction=_IMAGENET_CROP, random_weights=weights is None)
@@ -1249,9 +1250,19 @@ def _cli_advice(message: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``naflow`` console script."""
-    for stream in (sys.stdout, sys.stderr):  # help and messages use σ, ×, ≥: never crash on an ASCII terminal
-        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
-            stream.reconfigure(errors="replace")
+    strict = [
+        s for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure") and getattr(s, "errors", None) == "strict"
+    ]
+    for stream in strict:  # help and messages use σ, ×, ≥: never crash on an ASCII terminal
+        stream.reconfigure(errors="replace")
+    try:
+        return _main(argv)
+    finally:  # main() called in a caller's process (tests, a notebook): its streams as they were
+        for stream in strict:
+            stream.reconfigure(errors="strict")
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # a command draws files only: no GUI backend, unless matplotlib is already set up (a session's stays)
     backend = "matplotlib" not in sys.modules and "MPLBACKEND" not in os.environ

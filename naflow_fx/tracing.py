@@ -8,9 +8,11 @@ import linecache
 import operator
 import os
 import re
+import sys
 import threading
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -372,6 +374,7 @@ def _bind_concrete(gm: fx.GraphModule, concrete_args: dict) -> None:
         if not ph.users and (key is not None or ph.args):
             graph.erase_node(ph)
     gm.recompile()
+    collectable(gm)
 
 
 def _user_frame(tb) -> traceback.FrameSummary | None:
@@ -382,17 +385,19 @@ def _user_frame(tb) -> traceback.FrameSummary | None:
 
 
 def _exported_types() -> tuple[type, ...]:
-    """The module classes torch.export makes: ``ep.module()``'s and ``torch.export.unflatten``'s."""
-    found: list[type] = []
-    for where, what in (
-        ("torch.export._unlift", "_StatefulGraphModule"),
-        ("torch.export.unflatten", "UnflattenedModule"),
-    ):
-        try:
-            found.append(getattr(__import__(where, fromlist=[what]), what))
-        except (ImportError, AttributeError):  # another torch: the marker below still finds ep.module()
-            pass
-    return tuple(found)
+    """The module classes torch.export makes: ``ep.module()``'s and ``torch.export.unflatten``'s.
+
+    Only from modules already imported (a model cannot be of a class never imported): importing
+    them would load ``torch._dynamo``, 900 modules and a second of start-up, for every compile.
+    """
+    found = (
+        getattr(sys.modules.get(where), what, None)
+        for where, what in (
+            ("torch.export._unlift", "_StatefulGraphModule"),
+            ("torch.export.unflatten", "UnflattenedModule"),
+        )
+    )  # another torch may lack them: the marker below still finds ep.module()
+    return tuple(t for t in found if isinstance(t, type))
 
 
 def _is_exported(m: nn.Module) -> bool:
@@ -488,8 +493,14 @@ def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict]]:
     return state
 
 
-def _restore(snapshot: list[tuple[nn.Module, dict, dict]]) -> None:
-    """Give every module back exactly the attributes it had: NOTE [the model is not changed]."""
+def _buffer_values(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each buffer with a copy of its values (buffers are small: running statistics, counters)."""
+    return [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
+
+
+def _restore(snapshot: list[tuple[nn.Module, dict, dict]], values: list = ()) -> None:
+    """Give every module back exactly the attributes it had, and each buffer in ``values`` its values:
+    NOTE [the model is not changed]."""
     for m, attrs, tables in snapshot:
         for d, saved in ((vars(m), attrs), *((attrs[k], v) for k, v in tables.items())):
             for k in [k for k in d if k not in saved]:
@@ -497,6 +508,10 @@ def _restore(snapshot: list[tuple[nn.Module, dict, dict]]) -> None:
             for k, v in saved.items():
                 if k not in d or d[k] is not v:
                     d[k] = v
+    with torch.no_grad():
+        for buffer, saved in values:
+            if buffer.shape == saved.shape and not torch.equal(buffer, saved):
+                buffer.copy_(saved)
 
 
 # NOTE [the model is not changed]
@@ -507,7 +522,9 @@ def _restore(snapshot: list[tuple[nn.Module, dict, dict]]) -> None:
 # puts back every module's attributes, parameters, buffers and sub-modules as they were, so the
 # graph keeps its own references and the user's model has nothing added, left or replaced. This
 # is one level deep: a forward that appends to a list or dict it keeps on `self` leaves the
-# appended values there, as calling the model would.
+# appended values there, as calling the model would. fx runs a forward's in-place updates of its
+# buffers (`self.calls.add_(1)`, a running mean) on the real tensors while tracing, so the buffers'
+# values are put back too.
 
 
 def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None) -> fx.Graph:
@@ -566,15 +583,15 @@ def trace(
     _refuse_wrapper(model, tracer)
     _check_concrete_args(model, concrete_args)
     _check_signature(model, concrete_args)
-    state = _snapshot(model)  # NOTE [the model is not changed]
+    state, values = _snapshot(model), _buffer_values(model)  # NOTE [the model is not changed]
     try:
         gm = _trace(model, tracer, leaf_modules, concrete_args, example, state)
         if example is not None:
-            _restore(state)  # the model as the user has it, for the comparison
+            _restore(state, values)  # the model as the user has it, for the comparison
             _check_faithful(model, gm, example, concrete_args)
         return gm
     finally:
-        _restore(state)
+        _restore(state, values)
 
 
 # NOTE [faithful trace]
@@ -646,6 +663,34 @@ def training_off(modules: Iterable[nn.Module]) -> contextlib.AbstractContextMana
     the model overrides, side effects and all.
     """
     return _TRAINING_OFF.held(modules)
+
+
+def collectable(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, whose generated source fx forgets once ``gm`` is collected.
+
+    fx keeps the source of every forward it generates, in a process-wide cache and in
+    ``linecache``, for the life of the process: 270 sources (0.8 MB) per compile of a
+    MobileNet-V2, so recompiling in a notebook grew without bound. Call this after each
+    ``GraphModule(...)`` and ``recompile()`` of the library's own modules.
+    """
+    key = getattr(getattr(type(gm).forward, "__code__", None), "co_filename", "")
+    cache = getattr(getattr(fx.graph_module, "_loader", None), "eval_cache", None)
+    if isinstance(cache, dict) and key in cache:  # another torch may keep them elsewhere: then left alone
+        weakref.finalize(gm, _forget_source, cache, key).atexit = False
+    return gm
+
+
+def _forget_source(cache: dict, key: str) -> None:
+    cache.pop(key, None)
+    linecache.cache.pop(key, None)
+
+
+def random_state_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The caller's random state of the CPU and of ``device``, given back afterwards: a run of a
+    forward that draws random numbers (noise kept in eval) leaves the caller's stream as it was."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 class CompilesExcludeFlows:
@@ -842,8 +887,6 @@ def _eval_without_hooks(model: nn.Module) -> Iterator[None]:
 def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, concrete_args: dict | None) -> None:
     """Refuse a graph whose output on ``example`` differs from ``model``'s (NOTE [faithful trace])."""
     device = example.device
-    # the random state of the CPU, and of the example's device
-    rng = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
     outputs = []
     try:  # the same kernels for both runs: no autotuning, no TF32 or bfloat16 for float32
         with (
@@ -860,7 +903,7 @@ def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
                 buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
                 # each run starts from the caller's random state, given back after it: both runs draw the
                 # same random numbers, and the caller's stream (of the CPU and of the device) is kept
-                with torch.random.fork_rng(**rng):
+                with random_state_kept(device):
                     outputs.append(torch.func.functional_call(module, buffers, (example.clone(),), kwargs))
     except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
         return
@@ -945,12 +988,13 @@ def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.Gra
                 "or fallback='linearize'; (3) if the branch reads another argument of forward (a flag), fix "
                 "its value with concrete_args={'flag': value}."
             ) from None
-    gm = fx.GraphModule(tracer.root, graph, name)
+    gm = collectable(fx.GraphModule(tracer.root, graph, name))
     _bind_concrete(gm, concrete_args or {})
     if isinstance(tracer, ShapeTracer):
         tracer.values.clear()  # the example's activations
     if fixed is not None:
         gm.graph.eliminate_dead_code()  # reads of the batch size that the code did not use
         gm.recompile()
+        collectable(gm)
         gm.meta["naflow.fixed_shape"] = fixed
     return gm

@@ -1577,3 +1577,31 @@ def test_error_hierarchy():
     assert issubclass(InputTypeError, TypeError)
     exported = {"NAFlowError", "UnsupportedModelError", "UnsupportedOpError", "InputError", "InputTypeError"}
     assert exported | {"TargetError", "ConfigError"} <= set(naflow_fx.__all__)
+
+
+def test_recompiling_leaves_no_generated_source_behind():
+    """fx keeps every generated forward's source in a process-wide cache and in linecache: each
+    compile of a MobileNet-V2 left 270 sources (0.8 MB) there for good, after the explainer was gone."""
+    import gc
+    import linecache
+
+    from torch.fx.graph_module import _loader
+
+    def cached() -> tuple[int, int]:
+        return len(_loader.eval_cache), sum(1 for k in linecache.cache if str(k).startswith("<eval_with_key>"))
+
+    def compile_and_drop() -> None:
+        torch.manual_seed(0)
+        model, x = tiny_cnn(), torch.randn(2, 3, 16, 16)
+        nf = compile_naflow(model, x)
+        nf(x, keep="maps"), nf(x)
+        for generated in (nf.inverse, nf.graph_module):  # tracebacks show their lines while they live
+            assert linecache.getlines(type(generated).forward.__code__.co_filename)
+
+    compile_and_drop()
+    gc.collect()
+    before = cached()
+    for _ in range(3):
+        compile_and_drop()
+    gc.collect()
+    assert cached() == before

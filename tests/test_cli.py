@@ -887,6 +887,27 @@ def test_version(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out == f"naflow {naflow_fx.__version__}\n"
 
 
+def test_the_cli_in_process_keeps_the_callers_random_stream_and_stream_settings(monkeypatch):
+    """``load_model`` seeded torch's global generator to make its random weights (the caller's next
+    draws changed), and ``main`` left stdout and stderr replacing what they cannot encode."""
+    import io
+
+    from naflow_fx.cli import load_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model("resnet18").model.conv1.weight.clone()
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(7)
+    assert torch.equal(load_model("resnet18").model.conv1.weight, first)  # still the same weights every run
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert out.errors == "strict"
+
+
 def test_unknown_options_point_at_their_commands_help(capsys):
     for argv, command in (
         (["explain", sample_paths()[0], "--model", "shapes", "--bogus"], "explain"),

@@ -126,17 +126,35 @@ def test_settings_that_change_nothing_in_eval_may_change_after_compile():
     flow(X)
 
 
-def test_a_data_write_that_only_moves_weights_is_followed():
+def _swap_channels(w: torch.Tensor) -> None:
+    w.copy_(w[[1, 0, 2, 3, 4, 5, 6, 7]])
+
+
+def _keep_row_and_column_sums(w: torch.Tensor) -> None:
+    """[[a, b], [b, a]] becomes [[b, a], [a, b]] in the corner: every row's and column's sum is kept, exactly."""
+    corner = w.view(w.shape[0], -1)[:2, :2]
+    corner.copy_(corner.flip(1))
+
+
+def _symmetric_corner(model: nn.Module) -> None:
+    corner = model[2].weight.data.view(8, -1)[:2, :2]
+    corner[1] = corner[0].flip(0)
+
+
+@pytest.mark.parametrize("change", [_swap_channels, _keep_row_and_column_sums], ids=["swap", "row-and-column-sums"])
+def test_a_data_write_that_only_moves_weights_is_followed(change):
     """NOTE [weight cache]: swapping two output channels through ``.data`` keeps every sum and every
-    version counter; the cached closed-form inverse of the 1×1 conv must still be made again."""
+    version counter, and a change can keep every row's and column's sum too; the cached
+    closed-form inverse of the 1×1 conv must still be made again."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
     ).eval()
+    _symmetric_corner(model)
     nf = compile_naflow(model, X[:1])
     nf(X)  # caches the 1×1 conv's SVD
     weight = model[2].weight
-    weight.data.copy_(weight.data[[1, 0, 2, 3, 4, 5, 6, 7]])
+    change(weight.data)
     flow, fresh = nf(X), compile_naflow(model, X[:1])(X)
     assert all(bool(flow.maps[name].any()) for name in nf.layers)
     for name in nf.layers:

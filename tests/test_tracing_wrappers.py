@@ -5,12 +5,15 @@ its ``train()`` is never called."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from models import tiny_cnn
 from torch import nn
 
-from naflow_fx import ConfigError, InputTypeError, UnsupportedModelError, compile_naflow
+from naflow_fx import ConfigError, InputTypeError, NAFlowError, UnsupportedModelError, compile_naflow
 from naflow_fx.tracing import trace
 
 
@@ -364,3 +367,103 @@ def test_a_model_that_draws_random_numbers_is_compared_at_the_same_seed():
     trace(model, example=x)  # graph and model draw the same noise: not refused
     assert torch.equal(torch.random.get_rng_state(), state)  # the comparison leaves the caller's random stream
     compile_naflow(model, x)
+
+
+def test_compiling_does_not_import_torch_dynamo():
+    """The check for torch.export's modules imported ``torch._dynamo`` (about 900 modules, a second,
+    and ``TORCHINDUCTOR_CACHE_DIR`` set in the environment) on every first compile."""
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import naflow_fx\n"
+        "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+        "naflow_fx.compile_naflow(m, torch.randn(1, 3, 8, 8))(torch.randn(2, 3, 8, 8))\n"
+        "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:300]
+
+
+class _Counted(nn.Module):
+    """Updates its own buffers in place even in eval: a call counter, and a running mean of its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        self.mean.mul_(0.9).add_(0.1 * x.mean((0, 2, 3)))
+        return x
+
+
+class _CountedNet(nn.Module):
+    def __init__(self, branch_on_size: bool) -> None:
+        super().__init__()
+        self.branch_on_size = branch_on_size
+        self.a, self.counted, self.b, self.fc = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            _Counted(),
+            nn.Conv2d(4, 4, 1),
+            nn.Linear(4, 2),
+        )
+
+    def forward(self, x):
+        if self.branch_on_size and x.shape[-1] % 2:  # plain fx fails: traced again with the sizes fixed
+            x = x[..., :-1]
+        return self.fc(torch.relu(self.b(self.counted(torch.relu(self.a(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("branch_on_size", [False, True], ids=["fx", "fixed-shape"])
+def test_buffers_a_forward_updates_in_place_are_left_as_they_were(branch_on_size):
+    """fx runs in-place updates of real buffers while it traces: compiling counted a call and moved the
+    running mean of the user's model (NOTE [the model is not changed])."""
+    torch.manual_seed(0)
+    model, x = _CountedNet(branch_on_size).eval(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nf = compile_naflow(model, x[:1])
+    assert (nf.fixed_shape is not None) == branch_on_size
+    nf(x), nf.gradcam(x)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])
+    ]
+
+
+class _InPlaceSigmoid(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid_(x)  # not rewritten out of place by normalize: a leaf of the fallback
+
+
+def test_a_model_that_writes_into_its_input_leaves_the_callers_images_alone():
+    """The example, and image 0 of a flow's batch (the batch-independence probe), were overwritten
+    by a forward that writes into its input in place, even when the call then failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_InPlaceSigmoid(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    model = nn.Sequential(*model, nn.Flatten(), nn.Linear(4, 2)).eval()
+    example, x = torch.randn(1, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    saved = example.clone(), x.clone()
+    nf = compile_naflow(model, example, fallback="linearize")
+    for call in (nf, nf.gradcam):
+        try:
+            call(x)
+        except NAFlowError:  # autograd refuses the in-place write on the flow's own copy: fine
+            pass
+    assert torch.equal(example, saved[0]) and torch.equal(x, saved[1])
+
+
+class _Noisy(nn.Module):
+    def forward(self, x):
+        return x + 0.01 * torch.randn_like(x)  # noise kept in eval
+
+
+def test_compiling_a_forward_that_draws_random_numbers_keeps_the_callers_random_stream():
+    """Shape propagation ran the forward on the caller's random state (the faithful check already
+    did not): the caller's next draws changed with each compile."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Noisy(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    compile_naflow(model, (1, 3, 8, 8), fallback="linearize")
+    assert torch.equal(torch.rand(4), expected)

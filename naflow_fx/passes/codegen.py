@@ -37,6 +37,7 @@ from ..rules import abandon
 from ..rules.generic import elementwise_affine_inverse, linearized_inverse, region_inverse
 from ..solvers.linearize import linearize_graph
 from ..solvers.operator import jvp
+from ..tracing import collectable
 from .partition import Plan
 from .shape_prop import layout
 
@@ -69,7 +70,7 @@ def emit_recorder(gm: fx.GraphModule, recorded_nodes: list[str]) -> fx.GraphModu
     out = graph.graph_copy(gm.graph, env)
     by_name = {n.name: n for n in gm.graph.nodes}
     graph.output((out, tuple(env[by_name[name]] for name in recorded_nodes)))
-    return fx.GraphModule(gm, graph, class_name="NAFlowRecorder")
+    return collectable(fx.GraphModule(gm, graph, class_name="NAFlowRecorder"))
 
 
 def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], outputs: list[fx.Node]):
@@ -93,7 +94,7 @@ def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], 
     for n in body:
         env[n] = graph.node_copy(n, lookup)
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
-    return fx.GraphModule(gm, graph, class_name="Stage"), extras
+    return collectable(fx.GraphModule(gm, graph, class_name="Stage")), extras
 
 
 # NOTE [chained Λ]
@@ -328,5 +329,8 @@ def emit_inverse(gm: fx.GraphModule, requested: list[str], maps: str | None = No
     else:
         graph.output({layer[r]: out_maps[r] for r in requested})
     module = fx.GraphModule(root, graph, class_name="NAFlowInverse" if maps is None else "NAFlowMaps")
+    for generated in module.modules():  # with the copies of the stages fx made for it
+        if isinstance(generated, fx.GraphModule):
+            collectable(generated)
     type(module).__reduce__ = _not_pickled_alone  # fx makes a class per GraphModule: this one only
     return InverseProgram(module, act_order, (plan.last,), len(steps))

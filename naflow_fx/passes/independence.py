@@ -27,6 +27,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from ..tracing import random_state_kept
+
 __all__ = ["first_mixing_node"]
 
 _RTOL = 1e-3
@@ -96,7 +98,7 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None
     alone, together = fx.Interpreter(gm), fx.Interpreter(gm)
     inputs = iter([(image, _probe(image))])
     reads_input: set[fx.Node] = set()
-    with torch.no_grad():
+    with torch.no_grad(), random_state_kept(image.device):
         for node in gm.graph.nodes:
             try:
                 if node.op == "output":

@@ -31,6 +31,7 @@ from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from ..canonical import bind_canonical, is_canonical
 from ..errors import InputError, UnsupportedOpError
+from ..tracing import collectable
 from .partition import feature_subgraph
 
 __all__ = ["normalize", "refresh_derived_weights", "computes_weights"]
@@ -538,4 +539,4 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     _scope_functional_names(graph)
     graph.lint()
     gm.recompile()
-    return gm
+    return collectable(gm)

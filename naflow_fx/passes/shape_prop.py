@@ -8,6 +8,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from ..errors import UnsupportedModelError
+from ..tracing import random_state_kept
 
 __all__ = ["propagate_shapes", "tensor_meta", "is_feature_node", "layout"]
 
@@ -50,7 +51,7 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
     """Run ``gm`` once on ``example_input`` and store ``node.meta["tensor_meta"]``."""
     prop = _ShapeProp(gm)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), random_state_kept(example_input.device):
             prop.run(example_input)
     except Exception as exc:  # noqa: BLE001 - the user's model failed on the example input
         cause = exc
