@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import operator
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -30,7 +33,7 @@ from .result import FlowResult, LayerMaps, NotKept, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import CompilesExcludeFlows, ieee_float32, not_a_module, trace, training_off, warn_forward_hooks
+from .tracing import ieee_float32, not_a_module, trace, training_off, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -169,8 +172,8 @@ class NAFlow:
         the flow. An in-place change bumps a tensor's version counter and a replaced tensor has
         a new storage, but a write through ``.data`` does neither, so each tensor's values are
         compared too, by a fingerprint that also changes when they only move (two output channels
-        swapped keep the sum): a few passes over the weights, 85 ms for ResNet-50 against a flow's
-        seconds.
+        swapped keep the sum): a few passes over the weights in chunks, 0.1 s for ResNet-50 on one
+        thread against a flow's seconds.
         """
         tensors = [t.detach() for t in (*self.graph_module.parameters(), *self.graph_module.buffers())]
         ids = tuple((t.data_ptr(), t._version) for t in tensors)
@@ -189,10 +192,10 @@ class NAFlow:
     # ------------------------------------------------------------------ inputs
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        """Where the flow runs the model: no compile in any thread (NOTE [threads]), the caller's modes
-        off (NOTE [caller's modes]), the model checked (NOTE [replaced weights]: first, since it may
-        put replaced weights into the graph modules) and the leaf modules in eval mode."""
-        with _MODEL_RUNS.flow(), exact_mode(self._device):  # NOTE [threads]
+        """Where the flow runs the model: the caller's modes off (NOTE [caller's modes]), the model
+        checked (NOTE [replaced weights]: first, since it may put replaced weights into the graph
+        modules) and the leaf modules in eval mode."""
+        with exact_mode(self._device):
             self._check_model()
             with leaves_in_eval(self.graph_module):
                 yield
@@ -523,12 +526,16 @@ class NAFlow:
 
 
 # NOTE [threads]: torch.fx's tracer patches `nn.Module.__call__` and `__getattr__` process-wide
-# while it traces. Two compiles at once would mix their traces, and a flow (or an embedding) run
-# in another thread meanwhile goes through the tracer: its module calls become proxies or fail
-# ("module is not installed as a submodule"), and its attribute reads see proxies (a buffer
-# "removed since compile"). So a compile waits for the flows under way and runs alone, and flows
-# wait for it; flows run together. The user's own model runs in other threads are beyond reach.
-_MODEL_RUNS = CompilesExcludeFlows()
+# while it traces. Two compiles at once would mix their traces, so compiles run one at a time. A
+# module run in another thread meanwhile (a flow, an embedding, the user's own `model(x)`) went
+# through the tracer: its calls became proxies or failed ("module is not installed as a
+# submodule"), and its attribute reads saw proxies (a buffer "removed since compile"). The
+# library's tracers give other threads the plain call (`NAFlowTracer.call_module`), so flows
+# neither wait for a compile nor hold one back.
+_COMPILING = threading.RLock()
+if hasattr(os, "register_at_fork") and hasattr(_COMPILING, "_at_fork_reinit"):
+    # a child forked while another thread compiled would otherwise wait for that thread forever
+    os.register_at_fork(after_in_child=_COMPILING._at_fork_reinit)
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
 
@@ -640,12 +647,16 @@ def _fingerprint(t: Tensor, dtype: torch.dtype) -> Tensor:
     over [0, 1)), so values that only move change it (NOTE [weight cache]): swapping two unequal
     values changes it by their difference times that of their weights. Row- and column-weighted
     sums missed any change that kept every row's and column's sum."""
-    flat = t.reshape(-1)
-    weights = torch.arange(flat.numel(), dtype=dtype, device=t.device).mul_(_GOLDEN).frac_()
-    return torch.stack([flat.sum(dtype=dtype), flat.to(dtype) @ weights])
+    flat, sums = t.reshape(-1), []
+    for start in range(0, flat.numel(), _CHUNK):  # in chunks: no full-size temporaries (VGG-16's fc is 100M)
+        part = flat[start : start + _CHUNK].to(dtype)
+        weights = torch.arange(start, start + part.numel(), dtype=dtype, device=t.device).mul_(_GOLDEN).frac_()
+        sums.append(torch.stack([part.sum(), part @ weights]))
+    return torch.stack(sums).sum(0)
 
 
 _GOLDEN = (5**0.5 - 1) / 2
+_CHUNK = 1 << 20
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -735,6 +746,8 @@ def _resolve_last_layer(gm: fx.GraphModule, model: nn.Module, last_layer: object
         return qualname
     # a module (even a leaf one called several times, such as a block's ReLU) stands for its output
     out = _module_output(gm, qualname) if qualname in dict(model.named_modules()) else None
+    if out is not None and tensor_meta(out) is None:  # a tuple (a max pool with its indices): its first part
+        out = next((u for u in out.users if u.target is operator.getitem and u.args[1] == 0), out)
     return qualname if out is None else out.meta.get("naflow.name", out.name)  # partition names what is wrong
 
 
@@ -926,8 +939,8 @@ def compile_naflow(
         raise InputError(f"example_input is on {example_input.device} but the model is on {device}")
     example = _example_tensor(example_input, device, dtype)
 
-    # A compile runs alone (NOTE [threads]); NOTE [caller's modes]: no inference-mode constants or computed weights
-    with _MODEL_RUNS.compile(), exact_mode(device):
+    # One compile at a time (NOTE [threads]); NOTE [caller's modes]: no inference-mode constants or computed weights
+    with _COMPILING, exact_mode(device):
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example=example)
         gm = passes.check_scope(gm)
         gm = passes.normalize(gm)

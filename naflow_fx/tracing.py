@@ -95,6 +95,29 @@ class NAFlowTracer(fx.Tracer):
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
 
+    # NOTE [threads]: while it traces, fx patches ``nn.Module.__call__`` and ``__getattr__`` for the
+    # whole process, and the patches call this tracer's ``call_module`` and ``getattr``. A module
+    # run in another thread meanwhile (a flow, an embedding, the user's own ``model(x)``) must not
+    # be traced: there both give the plain call and value.
+    _thread: int | None = None
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        self._thread = threading.get_ident()
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self._thread = None
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def is_user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Whether ``leaf_modules`` names ``m`` (by qualified name or type)."""
         return module_qualified_name in self._leaf_names or (bool(self._leaf_types) and isinstance(m, self._leaf_types))
@@ -691,82 +714,6 @@ def random_state_kept(device: torch.device) -> contextlib.AbstractContextManager
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device], device_type=device.type)
-
-
-class CompilesExcludeFlows:
-    """Flows run together, a compile runs alone, in any number of threads (NOTE [threads] in api.py).
-
-    A readers–writer lock, reentrant per thread and preferring the writer: a flow inside a flow
-    (or a flow inside a compile) never waits, and a compile that waits holds new flows back so
-    that a stream of them cannot starve it. A compile called from inside a flow (its ``progress``
-    callback) waits for the other threads' flows only; if another thread's flow is already doing
-    the same, the two would wait for each other, so the second is refused.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._flows: dict[int, int] = {}  # thread ident → depth of its flows
-        self._compiler: int | None = None  # the thread that compiles, or None
-        self._depth = 0  # its compile depth
-        self._waiting = 0  # compiles waiting for the flows to end
-        self._upgrading: int | None = None  # a thread in a flow waiting to compile
-        self._flows_waiting = 0
-
-    @contextlib.contextmanager
-    def flow(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            if me not in self._flows and self._compiler != me:
-                self._flows_waiting += 1
-                try:
-                    self._cond.wait_for(lambda: self._compiler is None and not self._waiting)
-                finally:
-                    self._flows_waiting -= 1
-            self._flows[me] = self._flows.get(me, 0) + 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._flows[me] -= 1
-                if not self._flows[me]:
-                    del self._flows[me]
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def compile(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            if self._compiler != me:
-                if me in self._flows:
-                    if self._upgrading is not None:
-                        raise ConfigError(
-                            "compile_naflow was called from inside a flow (its progress callback) while another "
-                            "thread's flow does the same: each would wait for the other to end; compile before or "
-                            "after the flow instead"
-                        )
-                    self._upgrading = me
-                self._waiting += 1
-                try:
-                    self._cond.wait_for(lambda: self._compiler is None and self._flows.keys() <= {me})
-                finally:
-                    self._waiting -= 1
-                    if self._upgrading == me:
-                        self._upgrading = None
-                self._compiler = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._depth -= 1
-                if not self._depth:
-                    self._compiler = None
-                self._cond.notify_all()
-
-    def waiting(self) -> tuple[int, int]:
-        """How many compiles and how many flows wait (for tests)."""
-        with self._cond:
-            return self._waiting, self._flows_waiting
 
 
 class _Setting:

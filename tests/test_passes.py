@@ -256,8 +256,9 @@ class _SegNetLike(nn.Module):
 
 
 def test_max_pool_modules_that_return_indices_explain_like_the_functions():
-    """``nn.MaxPool2d(return_indices=True)`` (SegNet) used to be refused outright, though the same
-    model written with ``F.max_pool2d(..., return_indices=True)`` explained."""
+    """``nn.MaxPool2d(return_indices=True)`` (SegNet's encoder) used to be refused outright, though
+    the same model written with ``F.max_pool2d(..., return_indices=True)`` explained (its unpooling
+    needs the fallback: ``max_unpool2d`` has no inverse rule of its own)."""
     torch.manual_seed(0)
     modules, functions, x = _SegNetLike(True).eval(), _SegNetLike(False).eval(), torch.randn(2, 2, 8, 10)
     functions.load_state_dict(modules.state_dict())
@@ -266,6 +267,10 @@ def test_max_pool_modules_that_return_indices_explain_like_the_functions():
     assert F.max_pool2d_with_indices in targets and F.adaptive_max_pool2d_with_indices in targets
     with pytest.raises(UnsupportedOpError, match="unpool"):  # MaxUnpool2d has no inverse rule of its own
         compile_naflow(modules, x)
+    nf = compile_naflow(modules, x, fallback="linearize", solver="dense")
+    assert nf.layers[:3] == ["enc", "relu", "pool"]  # the pooled values are the layer, named by the module
+    for last in ("pool", modules.pool):  # and the module or its name stands for them (decision 20)
+        assert compile_naflow(modules, x, fallback="linearize", last_layer=last).last_layer == "pool"
     flows = [compile_naflow(m, x, fallback="linearize", solver="dense")(x) for m in (modules, functions)]
     torch.testing.assert_close(flows[0].output, flows[1].output)
     assert len(flows[0].maps) == len(flows[1].maps)
@@ -444,6 +449,11 @@ def test_an_adaptive_pool_that_convolutions_follow_is_not_the_global_pool():
     nf = compile_naflow(model, (1, 2, 9, 13))
     assert nf.last_layer == "6"  # the last spatial adaptive pool, with a Linear after it, is the head's
     assert nf.layers == ["0", "1", "2", "3", "4", "5", "6"]
+    # a classifier written as convolutions (7×7 to 1×1, then 1×1) after the head's pool is still the head
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(4, 8, 7), nn.ReLU(), nn.Conv2d(8, 3, 1), nn.Flatten())
+    fully_convolutional = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *head).eval()
+    for size in (28, 64):
+        assert compile_naflow(fully_convolutional, (1, 2, size, size)).last_layer == "2"
 
 
 def test_last_layer_override_and_its_error():

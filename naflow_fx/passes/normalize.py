@@ -537,6 +537,22 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             node.args, node.kwargs = _bound(node, node.target, node.args, node.kwargs)
         node.meta.setdefault("naflow.name", node.name)
     _scope_functional_names(graph)
+    _name_pooled_values(graph)
     graph.lint()
     gm.recompile()
     return collectable(gm)
+
+
+def _name_pooled_values(graph: fx.Graph) -> None:
+    """A max-pool module that returns its indices is named by its pooled values, the layer: ``pool``
+    (decision 1), its ``(values, indices)`` pair ``pool.with_indices``."""
+    for node in graph.nodes:
+        if node.target not in _WITH_INDICES or "naflow.module" not in node.meta:
+            continue
+        values = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(values) == 1:
+            values[0].meta["naflow.name"] = node.meta["naflow.name"]
+            node.meta["naflow.name"] += ".with_indices"
+
+
+_WITH_INDICES = (F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices)

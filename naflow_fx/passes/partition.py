@@ -114,8 +114,9 @@ def _is_4d(node: fx.Node) -> bool:
 
 
 def _is_global_pool(node: fx.Node) -> bool:
-    """Adaptive pools to 1×1, and to a larger size (VGG's 7×7) when no convolution follows (the
-    head's, not one mid-network); any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
+    """Adaptive pools to 1×1, and to a larger size (VGG's 7×7) when no convolution follows that keeps a
+    map larger than 1×1 (the head's, even with its classifier written as convolutions; not one
+    mid-network); any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
     one = tuple(tensor_meta(node).shape[2:]) == (1, 1)
     if node.op == "call_function" and node.target in _GLOBAL_POOLS:
         return one or not _convolved_later(node)
@@ -123,14 +124,16 @@ def _is_global_pool(node: fx.Node) -> bool:
 
 
 def _convolved_later(node: fx.Node) -> bool:
-    """Whether a convolution reads ``node``'s output, directly or not."""
+    """Whether a convolution with an output larger than 1×1 reads ``node``'s output, directly or not."""
     seen, todo = set(), list(node.users)
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         if n.op == "call_function" and n.target in (torch.conv2d, torch.conv_transpose2d):
-            return True
+            meta = tensor_meta(n)
+            if meta is not None and tuple(meta.shape[2:]) != (1, 1):
+                return True
         seen.add(n)
         todo.extend(n.users)
     return False
