@@ -471,6 +471,9 @@ class NAFlow:
                 maps[name] = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1))
             else:
                 maps[name] = torch.relu((torch.relu(g) * a).sum(1))
+        _warn_non_finite(
+            maps, self.layers, x.dtype, {"gradcam": "Grad-CAM", "layercam": "LayerCAM"}.get(method, method)
+        )
         return LayerMaps(list(self.layers), maps, output, scores, classes, tuple(x.shape[-2:]), method)
 
     def gradcam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
@@ -830,18 +833,29 @@ def _deeper_hint(gm: fx.GraphModule, item: object, qualname: dict[int, str]) -> 
     return f" (it comes after the last layer {n_name!r}, and only feature maps up to there are explained)"
 
 
-def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torch.dtype) -> None:
-    """A :class:`NumericalWarning` naming the deepest layer whose map has NaN/Inf (one device sync)."""
+def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torch.dtype, method: str = "") -> None:
+    """A :class:`NumericalWarning` naming the deepest layer whose map has NaN/Inf (one device sync);
+    ``method`` names a CAM (its maps come from the model's own activations and gradients)."""
     bad = non_finite_layers(maps, list(layers))
-    if bad:
-        warn_at_caller(
-            NumericalWarning(
-                f"the maps of {len(bad)} of {len(layers)} layers contain NaN or Inf, from {bad[-1]!r} down: the "
-                f"back-propagated feature maps grew beyond the range of {dtype} (flow.bpfm and "
-                "flow.format_diagnostics() show where). Explain the model and input in float64 (model.double(), "
-                "x.double()), or try a larger damping (e.g. damping=3e-2)."
-            )
+    if not bad:
+        return
+    if method:
+        why = (
+            f"the model's activations or their gradients there overflow {dtype} (e.g. a channel at ±Inf that a "
+            "later ReLU hides from the output). Explain the model and input in float64 (model.double(), x.double())."
         )
+    else:
+        why = (
+            f"the back-propagated feature maps (or the model's own activations) grew beyond the range of {dtype} "
+            "(flow.bpfm and flow.format_diagnostics() show where). Explain the model and input in float64 "
+            "(model.double(), x.double()), or try a larger damping (e.g. damping=3e-2)."
+        )
+    if method:  # each CAM map is its own layer's: list them
+        at = ", ".join(map(repr, bad[:3])) + (", ..." if len(bad) > 3 else "")
+        head = f"the {method} maps of {len(bad)} of {len(layers)} layers contain NaN or Inf ({at}): "
+    else:  # a flow's maps are chained: NaN at one layer reaches all below it
+        head = f"the maps of {len(bad)} of {len(layers)} layers contain NaN or Inf, from {bad[-1]!r} down: "
+    warn_at_caller(NumericalWarning(head + why))
 
 
 def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: Tensor | None, last: str) -> None:

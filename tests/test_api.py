@@ -253,6 +253,22 @@ def test_input_errors_say_what_is_wrong(nf):
         nf(x.tolist())
 
 
+@pytest.mark.parametrize(("method", "name"), [("gradcam", "Grad-CAM"), ("layercam", "LayerCAM")])
+def test_non_finite_cam_maps_raise_a_numerical_warning_naming_their_layers(method, name):
+    """A channel overflowing to -Inf that the ReLU after it hides: the output is finite, but the CAM
+    maps at the conv and the BatchNorm are NaN, and they were returned without a word."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0].fill_(-1e38)
+    assert bool(torch.isfinite(model(x)).all())
+    nf = compile_naflow(model, x)
+    at = r"\('layer2.0.conv1', 'layer2.0.bn1'\)"
+    with pytest.warns(naflow_fx.NumericalWarning, match=rf"the {name} maps of 2 of \d+ layers contain NaN or Inf {at}"):
+        getattr(nf, method)(x)
+
+
 def test_input_the_model_rejects_is_reported():
     model = conv4(num_classes=5)  # flatten → linear(64): only sizes that pool down to 1×1 work
     nf = compile_naflow(model, batch(1))
@@ -976,6 +992,24 @@ def test_independent_samples_pass_the_batch_check_and_it_runs_once(model, monkey
     nf(batch(2))
     nf(batch(3))
     assert calls == [1] and nf._mixing == ""
+
+
+def test_a_nan_weight_is_not_taken_for_images_mixing_and_nothing_is_remembered():
+    """NaNs land differently in a conv's kernels for one image and for two, so the batch check took a
+    NaN weight for mixing, refused every batch of that flow, and kept refusing after the repair."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(*model, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    nf = compile_naflow(model, x)
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="score is NaN or Inf"):  # the real problem, at batch 2 too
+        nf(x)
+    assert nf._mixing is None  # not checked: asked again next time
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = 0.1  # repaired in place
+    assert set(nf(x).maps) == set(nf.layers) and nf._mixing == ""
 
 
 class CondConv(nn.Module):

@@ -275,6 +275,23 @@ def test_cgls_zero_rhs_and_iteration_cap():
     assert res.iterations == 2 and not bool(res.converged.any())
 
 
+def test_cgls_solves_right_hand_sides_of_any_scale_in_float32():
+    """NOTE [CGLS scale]: at 1e-25 the squared norms underflowed and every sample "converged" at once
+    to 0; at 1e25 they overflowed to NaN. The solution is linear in b, and in the normal range the
+    power-of-two scaling changes no bit."""
+    mat = rand((12, 8), 3).float()
+    op = matrix_operator(mat, 3)
+    b = rand((3, 12), 4).float()
+    plain = cgls(op, b, damping=0.05, tol=1e-6)
+    for s in (1e-25, 1e-12, 1e25):
+        res = cgls(op, b * s, damping=0.05, tol=1e-6)
+        assert res.iterations == plain.iterations and bool(res.converged.all())
+        torch.testing.assert_close(res.x / s, plain.x, rtol=1e-5, atol=0)
+        assert relative_residual(op.matvec(res.x), b * s) == pytest.approx(relative_residual(op.matvec(plain.x), b))
+    exact = cgls(op, b * 2.0**-40, damping=0.05, tol=1e-6)
+    assert torch.equal(exact.x * 2.0**40, plain.x)  # a power of two: bit for bit
+
+
 def _cgls_iterates(mat: Tensor, b: Tensor, lam: float, iters: int) -> tuple[list[Tensor], list[float]]:
     """Plain single-sample CGLS on the damped problem, keeping every iterate and its normal residual."""
     x, r = torch.zeros(mat.shape[1], dtype=F64), b.clone()

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .dense import dense_solve, relative_pinv
 from .iterative import cgls
-from .operator import LinearOperator, batch_dot, batch_norm2, per_sample
+from .operator import LinearOperator, batch_dot, batch_norm2, per_sample, power_of_two_scale
 
 __all__ = ["SolverConfig", "SolveRecord", "SolverContext", "relative_residual"]
 
@@ -98,7 +98,10 @@ class SolveRecord:
 
 
 def relative_residual(jx: Tensor, rhs: Tensor) -> float:
-    """max over samples of ``||jx − rhs|| / ||rhs||`` (0 where ``rhs`` is 0)."""
+    """max over samples of ``||jx − rhs|| / ||rhs||`` (0 where ``rhs`` is 0), in range for any scale."""
+    if rhs.dim() > 1 and rhs.shape[0]:
+        scale = power_of_two_scale(rhs)
+        jx, rhs = jx / per_sample(scale, jx), rhs / per_sample(scale, rhs)
     num = batch_norm2(jx - rhs).sqrt()
     den = batch_norm2(rhs).sqrt()
     rel = torch.where(den > 0, num / torch.where(den > 0, den, 1), num)

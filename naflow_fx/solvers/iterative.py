@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator, batch_norm2, per_sample
+from .operator import LinearOperator, batch_norm2, per_sample, power_of_two_scale
 
 __all__ = ["cgls", "IterativeResult"]
 
@@ -57,9 +57,15 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
     """
     lam2 = torch.as_tensor(damping, dtype=b.dtype, device=b.device).pow(2).reshape(-1)
     lam2 = lam2.expand(b.shape[0]) if lam2.numel() == 1 else lam2
+    # NOTE [CGLS scale]: the solution is linear in b, and each sample is solved for b divided by
+    # the power of two nearest its largest value, then scaled back. Its squared norms would
+    # otherwise underflow for a tiny b (an input scaled by 1e-20, a damping of 1e6: every solve
+    # "converged" at once to 0) or overflow for a huge one (NaN maps). A power of two changes
+    # no rounding: in the normal range every iterate is the unscaled one, bit for bit.
+    scale = power_of_two_scale(b)
     # Vectors are updated in place: on the CPU a fresh activation-sized tensor per operation
     # costs page faults that add up to more than the vector arithmetic itself.
-    r = b.clone()
+    r = b / per_sample(scale, b)
     s = op.rmatvec(r)
     x = torch.zeros_like(s)
     p = s.clone()
@@ -99,4 +105,5 @@ def cgls(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0, tol: floa
         best_x = x
     elif bool(current_best.any()):
         best_x[current_best] = x[current_best]
+    best_x = best_x.mul_(per_sample(scale, best_x))
     return IterativeResult(x=best_x, iterations=it, normal_residual=best_rel, converged=~active)

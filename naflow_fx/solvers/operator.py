@@ -68,6 +68,13 @@ def batch_norm2(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dim=_sample_dims(t)).square() if t.dim() > 1 else t.square()
 
 
+def power_of_two_scale(t: Tensor) -> Tensor:
+    """Per sample, the power of two nearest ``t``'s largest magnitude (1 where that is 0 or not finite):
+    dividing by it changes no rounding, and keeps squared norms in range (NOTE [CGLS scale])."""
+    peak = t.detach().reshape(t.shape[0], -1).abs().amax(1)
+    return torch.where(torch.isfinite(peak) & (peak > 0), torch.exp2(torch.frexp(peak).exponent.to(t.dtype)), 1)
+
+
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product: ``Tensor[B]``."""
     return (a * b).sum(_sample_dims(a)) if a.dim() > 1 else a * b
