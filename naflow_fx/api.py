@@ -536,9 +536,17 @@ class NAFlow:
 # library's tracers give other threads the plain call (`NAFlowTracer.call_module`), so flows
 # neither wait for a compile nor hold one back.
 _COMPILING = threading.RLock()
-if hasattr(os, "register_at_fork") and hasattr(_COMPILING, "_at_fork_reinit"):
-    # a child forked while another thread compiled would otherwise wait for that thread forever
-    os.register_at_fork(after_in_child=_COMPILING._at_fork_reinit)
+
+
+def _free_compile_lock_in_child() -> None:
+    """In a child forked while another thread compiled, that thread is gone: its lock is freed (a
+    compile in the forking thread itself keeps it, to release it as it ends)."""
+    if not _COMPILING._is_owned():
+        _COMPILING._at_fork_reinit()
+
+
+if hasattr(os, "register_at_fork") and hasattr(_COMPILING, "_at_fork_reinit") and hasattr(_COMPILING, "_is_owned"):
+    os.register_at_fork(after_in_child=_free_compile_lock_in_child)
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
 

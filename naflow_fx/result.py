@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .errors import InputError, InputTypeError
 from .solvers import SolveRecord
+from .solvers.context import free_bytes
 
 __all__ = ["LayerMaps", "FlowResult", "normalize_maps", "concat"]
 
@@ -21,7 +22,8 @@ __all__ = ["LayerMaps", "FlowResult", "normalize_maps", "concat"]
 def normalize_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
     """Min-max normalise each ``[h, w]`` map of a ``[..., h, w]`` tensor to [0, 1] (constant maps → 0).
 
-    A map whose span ``max − min`` is at most ``eps`` (≥ 0) counts as constant. Integer maps are
+    A map whose span ``max − min`` is at most ``eps`` (≥ 0) times its largest magnitude counts as
+    constant: so a map of any scale keeps its shape (one pixel of 1e-30 is still a peak). Integer maps are
     normalised as float32. Maps holding NaN or Inf have no min-max normalisation: an
     :class:`~naflow_fx.errors.InputError` says so instead of returning zeros.
 
@@ -65,7 +67,8 @@ def _normalize(maps: Tensor, eps: float) -> Tensor:
     lo = flat.min(-1, keepdim=True).values
     hi = flat.max(-1, keepdim=True).values
     span = hi - lo
-    out = torch.where(span > eps, (flat - lo) / torch.where(span > eps, span, 1), torch.zeros_like(flat))
+    varies = span > eps * torch.maximum(hi.abs(), lo.abs())  # relative: maps of any scale
+    out = torch.where(varies, (flat - lo) / torch.where(varies, span, 1), torch.zeros_like(flat))
     if flat.numel() and bool(torch.isinf(span).any()):
         # the span of finite maps overflowed the dtype (e.g. float32 maps from -3e38 to 3e38): halve first
         half = (flat / 2 - lo / 2) / (hi / 2 - lo / 2)
@@ -149,7 +152,10 @@ class LayerMaps:
         # one layer at a time into the output, so the peak is the output plus a few single-layer
         # temporaries rather than several copies of every layer's upsampled maps
         for i, name in enumerate(self.layers):
-            up = F.interpolate(self.maps[name][:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+            # in the maps' own dtype, normalised before the float32 output: float64 maps of 1e-60 or
+            # 1e300 (the float64 flows NumericalWarning advises) keep their shape
+            maps = self.maps[name] if self.maps[name].is_floating_point() else self.maps[name].float()
+            up = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             out[:, i] = _normalize(up, 1e-12) if normalize else up
         return out
 
@@ -189,26 +195,9 @@ def _describe(res: LayerMaps) -> str:
     return ", ".join(parts)
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on ``device``: Linux's MemAvailable on the CPU, the free device
-    memory plus what torch's cache holds unused on CUDA; None where it cannot be known."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
-    return None
-
-
 def _check_room(nbytes: int, device: torch.device, what: str, todo: str) -> None:
     """Refuse an allocation that cannot fit, instead of the process being killed by the system."""
-    free = _free_bytes(device)
+    free = free_bytes(device)
     if free is not None and nbytes > free:
         raise InputError(
             f"{what} would need {nbytes / 2**30:.3g} GiB, but {free / 2**30:.3g} GiB are free on {device}: {todo}"

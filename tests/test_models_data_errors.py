@@ -153,12 +153,12 @@ def test_upsample_refuses_what_cannot_fit_and_matches_the_stacked_maps(flows, mo
     torch.testing.assert_close(f1.upsample((40, 30), normalize=False), ref, rtol=0, atol=0)
     torch.testing.assert_close(f1.upsample((40, 30)), normalize_maps(ref), rtol=0, atol=0)
     need = 40 * 30 * 4 * (layers + 4)  # the output plus a few one-layer temporaries
-    monkeypatch.setattr("naflow_fx.result._free_bytes", lambda device: need - 1)
+    monkeypatch.setattr("naflow_fx.result.free_bytes", lambda device: need - 1)
     with pytest.raises(InputError, match=r"GiB are free on cpu: pass a smaller size, or upsample the layers"):
         f1.upsample((40, 30))
-    monkeypatch.setattr("naflow_fx.result._free_bytes", lambda device: need)
+    monkeypatch.setattr("naflow_fx.result.free_bytes", lambda device: need)
     assert f1.upsample((40, 30)).shape == (1, layers, 40, 30)
-    monkeypatch.setattr("naflow_fx.result._free_bytes", lambda device: None)  # not Linux: the allocator decides
+    monkeypatch.setattr("naflow_fx.result.free_bytes", lambda device: None)  # not Linux: the allocator decides
     with pytest.raises(InputError, match=r"would need [0-9.e+]+ GiB, more than can be allocated: pass a smaller"):
         f1.upsample(10**6)
 
@@ -182,7 +182,8 @@ def test_normalize_maps_valid_input_unchanged():
     flat = maps.flatten(-2)
     lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
     span = hi - lo
-    ref = torch.where(span > 1e-12, (flat - lo) / torch.where(span > 1e-12, span, 1), torch.zeros_like(flat))
+    varies = span > 1e-12 * torch.maximum(hi.abs(), lo.abs())
+    ref = torch.where(varies, (flat - lo) / torch.where(varies, span, 1), torch.zeros_like(flat))
     assert torch.equal(normalize_maps(maps), ref.reshape(maps.shape))
     assert torch.equal(normalize_maps(maps[0, 1]), torch.zeros(7, 5))
 
@@ -209,6 +210,22 @@ def test_normalize_maps_rejects_bad_maps_and_eps():
     for bad in (torch.rand(1, 2, 2) > 0.5, torch.rand(1, 2, 2, dtype=torch.cfloat)):
         with pytest.raises(InputTypeError, match="real"):
             normalize_maps(bad)
+
+
+def test_maps_of_any_scale_keep_their_shape_when_normalised_and_upsampled(flows):
+    """The constant-map threshold was an absolute 1e-12, so a map peaking at 1e-30 (a flow of a tiny
+    input) became all zeros; and upsample cast to float32 first, so float64 maps of 1e300 or 1e-60
+    (the float64 flow that NumericalWarning advises) came back as 0."""
+    peak = torch.zeros(1, 3, 3, dtype=torch.float64)
+    peak[0, 1, 2] = 1e-30
+    assert normalize_maps(peak)[0, 1, 2] == 1 and normalize_maps(peak).sum() == 1
+    assert normalize_maps(torch.full((1, 2, 2), 1e-30)).eq(0).all()  # constant, at any scale
+    _, f1, *_ = flows
+    reference = f1.upsample()
+    for scale in (1e300, 1e-60):
+        scaled = copy.copy(f1)
+        scaled.maps = {name: m.double() * scale for name, m in f1.maps.items()}
+        torch.testing.assert_close(scaled.upsample(), reference, atol=1e-5, rtol=0)
 
 
 def test_normalize_maps_does_not_overflow():

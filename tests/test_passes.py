@@ -255,6 +255,15 @@ class _SegNetLike(nn.Module):
         return self.head(F.adaptive_max_pool2d(y, 1, return_indices=True)[0].flatten(1))
 
 
+class _Values(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return self.head(x)[0].flatten(1)
+
+
 def test_max_pool_modules_that_return_indices_explain_like_the_functions():
     """``nn.MaxPool2d(return_indices=True)`` (SegNet's encoder) used to be refused outright, though
     the same model written with ``F.max_pool2d(..., return_indices=True)`` explained (its unpooling
@@ -271,6 +280,10 @@ def test_max_pool_modules_that_return_indices_explain_like_the_functions():
     assert nf.layers[:3] == ["enc", "relu", "pool"]  # the pooled values are the layer, named by the module
     for last in ("pool", modules.pool):  # and the module or its name stands for them (decision 20)
         assert compile_naflow(modules, x, fallback="linearize", last_layer=last).last_layer == "pool"
+    assert compile_naflow(modules, x, fallback="linearize", layers=[modules.pool]).layers == ["pool"]
+    # a head's adaptive max pool to 1×1 is the global pool, with its indices or without
+    head = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1, return_indices=True))
+    assert compile_naflow(_Values(head).eval(), x).last_layer == "head.1"
     flows = [compile_naflow(m, x, fallback="linearize", solver="dense")(x) for m in (modules, functions)]
     torch.testing.assert_close(flows[0].output, flows[1].output)
     assert len(flows[0].maps) == len(flows[1].maps)

@@ -290,6 +290,11 @@ def test_cgls_solves_right_hand_sides_of_any_scale_in_float32():
         assert relative_residual(op.matvec(res.x), b * s) == pytest.approx(relative_residual(op.matvec(plain.x), b))
     exact = cgls(op, b * 2.0**-40, damping=0.05, tol=1e-6)
     assert torch.equal(exact.x * 2.0**40, plain.x)  # a power of two: bit for bit
+    top = b / b.abs().max() * 3e38  # float32's top binade: the scale itself must stay finite
+    assert bool(torch.isfinite(cgls(op, top, damping=0.05, tol=1e-6).x).all())
+    assert relative_residual(torch.zeros_like(top), top) == 1.0
+    empty = cgls(matrix_operator(mat, 0), torch.zeros(0, 12))
+    assert empty.x.shape == (0, 8)
 
 
 def _cgls_iterates(mat: Tensor, b: Tensor, lam: float, iters: int) -> tuple[list[Tensor], list[float]]:
@@ -561,3 +566,24 @@ def test_relative_residual_is_the_worst_sample():
 def test_solver_config_rejects_invalid_values(kwargs):
     with pytest.raises(ValueError):
         SolverConfig(**kwargs)
+
+
+def test_an_explicit_dense_solve_that_cannot_fit_is_refused_before_building_it(monkeypatch):
+    """solver='dense' on a large layer got the allocator's raw error 16 frames deep (19 GB for a
+    64×32×32 conv), or the system's out-of-memory kill; 'auto' never builds such a Jacobian."""
+    from torch import nn
+
+    import naflow_fx.solvers.context as context
+    from naflow_fx import ConfigError, compile_naflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    model = nn.Sequential(*model, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    nf = compile_naflow(model, x, solver="dense")
+    monkeypatch.setattr(context, "free_bytes", lambda device: 1000)
+    with pytest.raises(ConfigError, match=r"solver='dense' at layer '\d' needs a \d+×\d+ Jacobian.*solver='auto'"):
+        nf(x)
+    compile_naflow(model, x)(x)  # "auto": dense here too, within its limit, not refused
+    monkeypatch.setattr(context, "free_bytes", lambda device: None)  # unknown (not Linux): the allocator decides
+    nf(x)

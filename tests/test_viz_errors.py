@@ -213,7 +213,7 @@ def test_a_full_disk_while_writing_the_gif_stays_an_os_error_naming_the_users_fi
 
 @pytest.fixture
 def one_gib_free(monkeypatch):
-    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: 2**30)
+    monkeypatch.setattr(naflow_fx.result, "free_bytes", lambda device: 2**30)
 
 
 def test_a_huge_grid_cell_is_an_input_error_saying_the_memory_before_allocating(tmp_path, monkeypatch, one_gib_free):
@@ -237,7 +237,7 @@ def test_a_huge_grid_cell_is_refused_by_the_real_memory_check_too(tmp_path):
 
 
 def test_a_grid_beyond_matplotlibs_pixel_limit_is_an_input_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: 2**80)  # memory is no limit
+    monkeypatch.setattr(naflow_fx.result, "free_bytes", lambda device: 2**80)  # memory is no limit
     with pytest.raises(InputError, match=r"would be \d+×\d+ pixels and .* GiB of memory, but matplotlib draws at most"):
         flow_grid(_images(), [_res()], tmp_path / "g.png", cell=30_000)
     with pytest.raises(InputError, match=r"at dpi 1e\+07 would be .* pixels.*smaller cell"):
@@ -265,7 +265,7 @@ def test_when_free_memory_is_unknown_a_failed_allocation_is_still_an_input_error
     def out_of_memory(*args, **kwargs):
         raise MemoryError("std::bad_alloc")
 
-    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: None)
+    monkeypatch.setattr(naflow_fx.result, "free_bytes", lambda device: None)
     monkeypatch.setattr(viz, "overlay", out_of_memory)
     with pytest.raises(InputError, match=r"^flow_grid: .* would need about .* GiB, more than can be allocated: pass"):
         flow_grid(_images(), [_res()], tmp_path / "g.png", dpi=20)
@@ -279,7 +279,7 @@ def test_when_free_memory_is_unknown_a_failed_allocation_is_still_an_input_error
 
 def test_ordinary_sizes_are_not_refused(monkeypatch):
     """8 images of 224 pixels, 20 layers: the default cell and dpi, cell=2, a 200-pixel GIF fit in 2 GiB."""
-    monkeypatch.setattr(naflow_fx.result, "_free_bytes", lambda device: 2 * 2**30)
+    monkeypatch.setattr(naflow_fx.result, "free_bytes", lambda device: 2 * 2**30)
     for fmt in ("png", "pdf", None):
         viz._check_grid_room(8, 21, 1.15, 150, fmt, (224, 224), "flow_grid")
         viz._check_grid_room(8, 21, 2.0, 150, fmt, (224, 224), "flow_grid")

@@ -63,20 +63,17 @@ def _mixes(alone: object, together: object, solved: bool) -> str | None:
     return None if _close(alone, together[: alone.shape[0]]) else "mixes"
 
 
-def _non_finite(*values: object) -> bool:
-    """Whether a floating tensor among ``values`` holds NaN or Inf: where NaNs land differs between
-    kernels for one image and for two, so such a value says nothing about mixing."""
-    return any(isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in values)
-
-
 def _close(a: Tensor, b: Tensor) -> bool:
     if not a.is_floating_point():
         return bool(torch.equal(a, b))
+    a, b = a.detach(), b.detach()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool(finite.all()):
+        # NaN or Inf (a NaN weight, log 0): compared where both are finite, since where NaNs land
+        # differs between the kernels for one image and for two
+        a, b = a[finite], b[finite]
     if a.numel() == 0:
         return True
-    a, b = a.detach(), b.detach()
-    if not bool(torch.isfinite(a).all()):
-        return bool(torch.equal(torch.isfinite(a), torch.isfinite(b)))
     return float((a - b).abs().max()) <= _RTOL * float(a.abs().max()) + 1e-30
 
 
@@ -85,10 +82,11 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None
 
     Returns ``(node, how)``: ``how`` is ``"folds"`` if a node the flow solves no longer has the
     batch as its leading dim, ``"mixes"`` if the image's values changed (at the output too).
-    ``(None, "failed")`` if the graph fails on the probe or gives NaN or Inf (the caller's own
-    forward pass then reports any failure with the real batch). None if the images stay independent. Nodes are
-    solved between the input and N (``node.meta["naflow.role"]``, set by ``partition_stages``);
-    without roles, every node counts as solved.
+    ``(None, "failed")`` if the graph fails on the probe (the caller's own forward pass then
+    reports any failure with the real batch). None if the images stay independent. Values are
+    compared where both runs are finite. Nodes are solved between the input and N
+    (``node.meta["naflow.role"]``, set by ``partition_stages``); without roles, every node counts
+    as solved.
 
     Example:
         >>> import torch, torch.fx as fx
@@ -119,8 +117,6 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None
                 else:  # weights and constants: the same in both runs
                     a = b = alone.run_node(node)
             except Exception:  # noqa: BLE001 - the model cannot run the probe; the real forward says why
-                return None, "failed"
-            if node in reads_input and _non_finite(a, b):  # NaN weights or an overflow: nothing to compare
                 return None, "failed"
             solved = node.meta.get("naflow.role", "inner") in ("input", "articulation", "inner")
             how = _mixes(a, b, solved) if node in reads_input else None

@@ -550,8 +550,9 @@ def _name_pooled_values(graph: fx.Graph) -> None:
         if node.target not in _WITH_INDICES or "naflow.module" not in node.meta:
             continue
         values = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-        if len(values) == 1:
-            values[0].meta["naflow.name"] = node.meta["naflow.name"]
+        if len(values) == 1:  # the values stand for the module (layers=[model.pool]) as its output
+            for key in ("naflow.name", "naflow.module", "naflow.module_type"):
+                values[0].meta[key] = node.meta[key]
             node.meta["naflow.name"] += ".with_indices"
 
 

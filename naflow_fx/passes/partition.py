@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ from .shape_prop import is_feature_node, tensor_meta
 
 __all__ = ["Stage", "Plan", "partition_stages", "feature_subgraph", "articulation_nodes"]
 
-_GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices}
+_WITH_INDICES = {F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices}
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ def _is_global_pool(node: fx.Node) -> bool:
     map larger than 1×1 (the head's, even with its classifier written as convolutions; not one
     mid-network); any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
     one = tuple(tensor_meta(node).shape[2:]) == (1, 1)
+    if node.target is operator.getitem and getattr(node.args[0], "target", None) in _WITH_INDICES:
+        node = node.args[0]  # the values of a max pool that also returns its indices: the pool
     if node.op == "call_function" and node.target in _GLOBAL_POOLS:
         return one or not _convolved_later(node)
     return one and any(_is_4d(a) and tuple(tensor_meta(a).shape[2:]) != (1, 1) for a in node.all_input_nodes)

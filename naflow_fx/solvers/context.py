@@ -97,6 +97,36 @@ class SolveRecord:
     seconds: float = 0.0
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: Linux's MemAvailable on the CPU, the free device
+    memory plus what torch's cache holds unused on CUDA; None where it cannot be known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _check_dense_room(q: int, p: int, layer: str, dense_limit: int) -> None:
+    """The dense solver builds each image's ``q×p`` Jacobian in float64 on the CPU, and its SVD about
+    doubles that: refuse it where it cannot fit, instead of the allocator's error or the system's
+    out-of-memory kill."""
+    nbytes, free = 3 * 8 * q * p, free_bytes(torch.device("cpu"))
+    if free is not None and nbytes > free:
+        raise ConfigError(
+            f"solver='dense' at layer {layer!r} needs a {q}×{p} Jacobian per image and its SVD, about "
+            f"{nbytes / 2**30:.3g} GiB, but {free / 2**30:.3g} GiB are free: use solver='auto' (dense only up to "
+            f"{dense_limit} entries) or solver='iterative'"
+        )
+
+
 def relative_residual(jx: Tensor, rhs: Tensor) -> float:
     """max over samples of ``||jx − rhs|| / ||rhs||`` (0 where ``rhs`` is 0), in range for any scale."""
     if rhs.dim() > 1 and rhs.shape[0]:
@@ -243,14 +273,16 @@ class SolverContext:
         cfg = self.config
         if key is None and self._current is not None:
             key = self._current.layer
-        lam = torch.zeros(rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
-        if damped and cfg.damping > 0:
-            lam = cfg.damping * self.sigma_max(op, rhs, key)
         q, p = op.size
         method = cfg.solver
         if method == "auto":  # decided per matrix, never on the batch size (I5)
             method = "dense" if q * p <= cfg.dense_limit else "iterative"
         rec = self._record()
+        if cfg.solver == "dense":  # asked for: refuse a Jacobian that cannot fit, before building one
+            _check_dense_room(q, p, rec.layer, cfg.dense_limit)
+        lam = torch.zeros(rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
+        if damped and cfg.damping > 0:
+            lam = cfg.damping * self.sigma_max(op, rhs, key)
         rec.damping = float(lam.max()) if lam.numel() else 0.0
         if method == "dense":
             x = dense_solve(op, rhs, lam.cpu().to(torch.float64))

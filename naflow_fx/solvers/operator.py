@@ -69,10 +69,13 @@ def batch_norm2(t: Tensor) -> Tensor:
 
 
 def power_of_two_scale(t: Tensor) -> Tensor:
-    """Per sample, the power of two nearest ``t``'s largest magnitude (1 where that is 0 or not finite):
-    dividing by it changes no rounding, and keeps squared norms in range (NOTE [CGLS scale])."""
-    peak = t.detach().reshape(t.shape[0], -1).abs().amax(1)
-    return torch.where(torch.isfinite(peak) & (peak > 0), torch.exp2(torch.frexp(peak).exponent.to(t.dtype)), 1)
+    """Per sample, a power of two in (m/2, m] for ``t``'s largest magnitude m (1 where m is 0 or not
+    finite; never above m, so finite in the dtype's top binade too): dividing by it changes no
+    rounding, and keeps squared norms in range (NOTE [CGLS scale])."""
+    flat = t.detach().flatten(1) if t.dim() > 1 else t.detach()[:, None]
+    peak = flat.abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    exponent = torch.frexp(peak).exponent.to(t.dtype) - 1
+    return torch.where(torch.isfinite(peak) & (peak > 0), torch.exp2(exponent), 1)
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
