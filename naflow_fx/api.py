@@ -847,22 +847,20 @@ def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torc
     bad = non_finite_layers(maps, list(layers))
     if not bad:
         return
-    if method:
+    if method:  # each CAM map is its own layer's: list them
+        at = ", ".join(map(repr, bad[:3])) + (", ..." if len(bad) > 3 else "")
+        head = f"the {method} maps of {len(bad)} of {len(layers)} layers contain NaN or Inf ({at}): "
         why = (
             f"the model's activations or their gradients there overflow {dtype} (e.g. a channel at ±Inf that a "
             "later ReLU hides from the output). Explain the model and input in float64 (model.double(), x.double())."
         )
-    else:
+    else:  # a flow's maps are chained: NaN at one layer reaches all below it
+        head = f"the maps of {len(bad)} of {len(layers)} layers contain NaN or Inf, from {bad[-1]!r} down: "
         why = (
             f"the back-propagated feature maps (or the model's own activations) grew beyond the range of {dtype} "
             "(flow.bpfm and flow.format_diagnostics() show where). Explain the model and input in float64 "
             "(model.double(), x.double()), or try a larger damping (e.g. damping=3e-2)."
         )
-    if method:  # each CAM map is its own layer's: list them
-        at = ", ".join(map(repr, bad[:3])) + (", ..." if len(bad) > 3 else "")
-        head = f"the {method} maps of {len(bad)} of {len(layers)} layers contain NaN or Inf ({at}): "
-    else:  # a flow's maps are chained: NaN at one layer reaches all below it
-        head = f"the maps of {len(bad)} of {len(layers)} layers contain NaN or Inf, from {bad[-1]!r} down: "
     warn_at_caller(NumericalWarning(head + why))
 
 

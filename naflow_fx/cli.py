@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import ConfigError, InputError, NAFlowError, NumericalWarning, ZeroMapsWarning, optional
 from .solvers import SolverConfig
+from .tracing import random_state_kept
 
 __all__ = ["main", "build_parser", "load_model", "load_images", "with_input", "ModelSpec", "CLIError"]
 
@@ -218,7 +219,7 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
             "...), 'shapes', module:callable or a saved model file"
         )
     if weights is None or os.path.isfile(weights) or weights.endswith((".pt", ".pth")):
-        with torch.random.fork_rng(devices=[]):  # the same random weights every run; the caller's stream kept
+        with random_state_kept(torch.device("cpu")):  # the same random weights every run; the caller's stream kept
             torch.manual_seed(0)
             model = torchvision.models.get_model(name, weights=None)
         if weights is not None:

@@ -32,7 +32,7 @@ from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 from ..canonical import bind_canonical, is_canonical
 from ..errors import InputError, UnsupportedOpError
 from ..tracing import collectable
-from .partition import feature_subgraph
+from .partition import POOLS_WITH_INDICES, feature_subgraph
 
 __all__ = ["normalize", "refresh_derived_weights", "computes_weights"]
 
@@ -547,13 +547,10 @@ def _name_pooled_values(graph: fx.Graph) -> None:
     """A max-pool module that returns its indices is named by its pooled values, the layer: ``pool``
     (decision 1), its ``(values, indices)`` pair ``pool.with_indices``."""
     for node in graph.nodes:
-        if node.target not in _WITH_INDICES or "naflow.module" not in node.meta:
+        if node.target not in POOLS_WITH_INDICES or "naflow.module" not in node.meta:
             continue
         values = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
         if len(values) == 1:  # the values stand for the module (layers=[model.pool]) as its output
             for key in ("naflow.name", "naflow.module", "naflow.module_type"):
                 values[0].meta[key] = node.meta[key]
             node.meta["naflow.name"] += ".with_indices"
-
-
-_WITH_INDICES = (F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices)

@@ -25,7 +25,8 @@ from .shape_prop import is_feature_node, tensor_meta
 __all__ = ["Stage", "Plan", "partition_stages", "feature_subgraph", "articulation_nodes"]
 
 _GLOBAL_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices}
-_WITH_INDICES = {F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices}
+# the max pools that also return their indices: their values (getitem 0) are the layer
+POOLS_WITH_INDICES = frozenset({F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices})
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _is_global_pool(node: fx.Node) -> bool:
     map larger than 1×1 (the head's, even with its classifier written as convolutions; not one
     mid-network); any op that reduces a larger map to 1×1 (``mean((2, 3), keepdim=True)``…)."""
     one = tuple(tensor_meta(node).shape[2:]) == (1, 1)
-    if node.target is operator.getitem and getattr(node.args[0], "target", None) in _WITH_INDICES:
+    if node.target is operator.getitem and getattr(node.args[0], "target", None) in POOLS_WITH_INDICES:
         node = node.args[0]  # the values of a max pool that also returns its indices: the pool
     if node.op == "call_function" and node.target in _GLOBAL_POOLS:
         return one or not _convolved_later(node)
