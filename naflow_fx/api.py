@@ -438,6 +438,7 @@ class NAFlow:
             coefficients = {name: self._nchw(node, lams[name]) for node, name in pairs}
             maps = {n: layer_map(bpfm[n], coefficients[n], dims=None, reduction=self.reduction) for n in self.layers}
         _warn_non_finite(maps, self.layers, x.dtype)
+        _warn_unconverged(ctx.records, self.config, x.dtype)
         _warn_all_zero(maps, self.layers, no_gradient, self.last_layer)
         return FlowResult(
             layers=list(self.layers),
@@ -862,6 +863,30 @@ def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torc
             "(model.double(), x.double()), or try a larger damping (e.g. damping=3e-2)."
         )
     warn_at_caller(NumericalWarning(head + why))
+
+
+def _warn_unconverged(records: Sequence[SolveRecord], config: SolverConfig, dtype: torch.dtype) -> None:
+    """A :class:`NumericalWarning` when least-squares solves stopped at ``max_iter`` before ``tol``
+    (as scikit-learn's ConvergenceWarning): their maps, and every map below them, are approximate.
+    The text names layers, not residuals, so that a loop over images warns once per place."""
+    solves = [r for r in records if r.method != "closed form"]
+    failed = [r.layer for r in solves if not r.converged]
+    if not failed:
+        return
+    at = ", ".join(map(repr, failed[:3])) + (", ..." if len(failed) > 3 else "")
+    floor = 1e-13 if dtype == torch.float64 else 1e-6
+    if config.tol >= floor:
+        advice = f"pass a larger max_iter to compile_naflow (e.g. max_iter={4 * config.max_iter})"
+    else:  # more iterations will not help: the solves stagnate in rounding
+        advice = f"{dtype} solves often stagnate short of a tol below {floor:g}: pass tol={floor:g} or more"
+        advice += " (or explain the model and input in float64: model.double(), x.double())" * (dtype != torch.float64)
+    warn_at_caller(
+        NumericalWarning(
+            f"{len(failed)} of {len(solves)} least-squares solves stopped at max_iter={config.max_iter} before their "
+            f"relative normal residual reached tol={config.tol:g}, at {at}: those layers' maps, and the maps of the "
+            f"layers below them, are approximate (flow.format_diagnostics() shows each solve's residual); {advice}"
+        )
+    )
 
 
 def _warn_all_zero(maps: dict[str, Tensor], layers: Sequence[str], no_gradient: Tensor | None, last: str) -> None:

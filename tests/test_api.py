@@ -295,6 +295,28 @@ def test_non_finite_maps_raise_a_numerical_warning(keep):
 
 
 @pytest.mark.parametrize("keep", ["all", "maps"])
+def test_solves_stopped_at_max_iter_raise_a_numerical_warning(keep):
+    """As scikit-learn's ConvergenceWarning: a flow whose CGLS solves stopped at max_iter says so, at
+    the caller's line, naming the layers and what to do; a converged flow says nothing."""
+    x = batch(2)
+    model = tiny_cnn()
+    with pytest.warns(naflow_fx.NumericalWarning, match=r"1 of 1 least-squares solves stopped at max_iter=2 ") as w:
+        flow = compile_naflow(model, x[:1], solver="iterative", max_iter=2)(x, keep=keep)
+    (warning,) = [r for r in w if r.category is naflow_fx.NumericalWarning]
+    assert warning.filename == __file__
+    assert "at '2': those layers' maps" in str(warning.message)  # the conv whose inverse was solved
+    assert "pass a larger max_iter to compile_naflow (e.g. max_iter=8)" in str(warning.message)
+    assert all(not r.converged for r in flow.diagnostics.values() if r.method == "cgls")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", naflow_fx.NumericalWarning)
+        compile_naflow(model, x[:1], solver="iterative")(x, keep=keep)  # converged: no warning
+        compile_naflow(model, x[:1], solver="dense", max_iter=1)(x, keep=keep)  # no iterations: no warning
+    # a tol below what float32 solves reach: more iterations would not help, so the advice differs
+    with pytest.warns(naflow_fx.NumericalWarning, match=r"torch.float32 solves often stagnate .* tol=1e-06 or more"):
+        compile_naflow(model, x[:1], solver="iterative", tol=1e-12, max_iter=2)(x, keep=keep)
+
+
+@pytest.mark.parametrize("keep", ["all", "maps"])
 def test_a_sample_whose_maps_are_all_zero_is_warned_about(nf, keep):
     x = batch(3)
     ignores = lambda out: out[:, 0] * torch.tensor([1.0, 0.0, 1.0])  # noqa: E731 - sample 1's score is 0·logit
