@@ -1006,7 +1006,7 @@ def compile_naflow(
 
 
 def _check_weights_usable(model: nn.Module) -> None:
-    """Refuse weights autograd cannot use and observers that would record every run into the model."""
+    """Refuse weights autograd cannot use, and quantization modules (:func:`_quantization_refusal`)."""
     named = [*model.named_parameters(), *model.named_buffers()]
     if any(nn.parameter.is_lazy(t) for _, t in named):
         raise InputError(
@@ -1026,19 +1026,41 @@ def _check_weights_usable(model: nn.Module) -> None:
             "autograd, which NAFlow needs for its coefficients, cannot use such tensors: build or load the model "
             "outside inference_mode (torch.no_grad() is fine there)"
         )
+    for name, mod in model.named_modules():
+        refusal = _quantization_refusal(mod)
+        if refusal:
+            raise UnsupportedModelError(f"module {name!r} ({type(mod).__name__}) {refusal}")
+
+
+def _quantization_refusal(mod: nn.Module) -> str:
+    """Why a quantization module cannot be explained, and what to do; ``""`` for any other module.
+
+    Observers would record statistics into the model on every run. Quantized modules (static,
+    dynamic, reference) compute in integers that autograd cannot differentiate, so every Λ, and
+    every map, would be zero. QAT modules and fake-quantizers round weights and activations, which
+    no layer's inverse undoes, whatever their enabled flags say. Fused float modules
+    (``torch.ao.nn.intrinsic.ConvReLU2d`` and the like) are plain layers and explain as such.
+    """
     from torch.ao.quantization import FakeQuantizeBase
     from torch.ao.quantization.observer import ObserverBase
 
-    for name, mod in model.named_modules():
-        observing = isinstance(mod, ObserverBase) or (
-            isinstance(mod, FakeQuantizeBase) and bool(getattr(mod, "observer_enabled", torch.ones(1))[0])
+    where = type(mod).__module__
+    if where.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")):
+        return (
+            f"is a quantized layer ({where}), which computes in integers that have no gradient, so every map "
+            "would be zero: explain the float model, before quantize_dynamic / convert / convert_fx"
         )
-        if observing:
-            raise UnsupportedModelError(
-                f"module {name!r} ({type(mod).__name__}) is a quantization observer, which records statistics into "
-                "the model on every forward: explain the float model (before prepare / prepare_qat), or, for a "
-                "QAT model, stop its observers first: model.apply(torch.ao.quantization.disable_observer)"
-            )
+    if where.startswith(("torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat")) or isinstance(mod, FakeQuantizeBase):
+        return (
+            "fake-quantizes weights or activations (quantization-aware training), which no inverse undoes: explain "
+            "the float model, before prepare_qat, with the trained float weights loaded into it"
+        )
+    if isinstance(mod, ObserverBase):
+        return (
+            "is a quantization observer, which records statistics into the model on every forward: explain the "
+            "float model, before prepare / prepare_fx"
+        )
+    return ""
 
 
 def _listed(names: list[str], most: int = 3) -> str:

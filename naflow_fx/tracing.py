@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
+import torch.nn.modules.module as module_hooks
 from torch import nn
 
 from .errors import ConfigError, InputTypeError, UnsupportedModelError, warn_at_caller
@@ -25,6 +26,7 @@ __all__ = ["NAFlowTracer", "ShapeTracer", "not_a_module", "trace", "warn_forward
 
 _TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")  # with the separator: not torchvision/
 _FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_EVERY_MODULE = "every module (process-wide, torch.nn.modules.module.register_module_forward_hook or _pre_hook)"
 _HOOK_DICTS = (
     *_FORWARD_HOOKS,
     "_forward_hooks_with_kwargs",
@@ -59,18 +61,29 @@ def warn_forward_hooks(
         for key, h in getattr(m, d, {}).items()
         if not computes_weights(h)
     ]
+    # process-wide hooks (register_module_forward_hook / _pre_hook) run on every module's call
+    hooks += [(_EVERY_MODULE, key) for d in _FORWARD_HOOKS for key in getattr(module_hooks, "_global" + d, {})]
     hooked = list(dict.fromkeys(name for name, key in hooks if known is None or (name, key) not in known))
     if hooked:
         more = f" and {len(hooked) - 3} more modules" if len(hooked) > 3 else ""
         since = "" if known is None else " added since compile_naflow"
+        where = ", ".join(name if name == _EVERY_MODULE else repr(name) for name in hooked[:3])
         warn_at_caller(
-            f"the model has forward hooks{since} on {', '.join(map(repr, hooked[:3]))}{more}. The flow explains the "
+            f"the model has forward hooks{since} on {where}{more}. The flow explains the "
             "traced graph, which does not run them: a hook that only reads (a feature extractor, pytorch-grad-cam) "
             "is harmless, but if one changes an output, what is explained differs from model(x). Move such a change "
             "into the module's forward to explain it.",
             UserWarning,
         )
     return frozenset(hooks)
+
+
+def is_frozen_batch_norm(m: nn.Module) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` (its detection backbones), an eval BatchNorm2d held in
+    buffers: kept a leaf and lowered as a batch norm, it is one layer, where tracing into it gave a
+    multiply and an add, each reported as a layer. Its exact class only: a subclass may differ."""
+    kind = type(m)
+    return kind.__name__ == "FrozenBatchNorm2d" and kind.__module__ == "torchvision.ops.misc"
 
 
 class NAFlowTracer(fx.Tracer):
@@ -94,6 +107,7 @@ class NAFlowTracer(fx.Tracer):
             raise InputTypeError(f"leaf_modules holds module types or qualified names, not {odd[0]!r}")
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
+        self.attr_values: dict[fx.Node, object] = {}  # get_attr node → the parameter or buffer it reads
 
     # NOTE [threads]: while it traces, fx patches ``nn.Module.__call__`` and ``__getattr__`` for the
     # whole process, and the patches call this tracer's ``call_module`` and ``getattr``. A module
@@ -111,19 +125,29 @@ class NAFlowTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if threading.get_ident() != self._thread:
             return forward(*args, **kwargs)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            # nn.Module.compile() in place on a sub-module: its call runs dynamo, which fx cannot trace
+            # (the root's is never called). Its uncompiled call computes the same, hooks and all.
+            forward = m._call_impl
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
         if threading.get_ident() != self._thread:
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        out = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if isinstance(out, fx.Proxy):
+            self.attr_values[out.node] = attr_val
+        return out
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_user_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         """Whether ``leaf_modules`` names ``m`` (by qualified name or type)."""
         return module_qualified_name in self._leaf_names or (bool(self._leaf_types) and isinstance(m, self._leaf_types))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.is_user_leaf(m, module_qualified_name):
+        if self.is_user_leaf(m, module_qualified_name) or is_frozen_batch_norm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -167,7 +191,20 @@ class NAFlowTracer(fx.Tracer):
 # refuses inputs of another size with an InputError naming the line that needed the shapes.
 
 
-class _ShapeProxy(fx.Proxy):
+class _Proxy(fx.Proxy):
+    """fx's proxy, except that ``.requires_grad`` is a Python bool, as in inference, where the
+    model is explained: False for a computed tensor and the input, a parameter's own flag for a
+    parameter. Code that only saves memory in training branches on it (torchvision's DenseNet
+    with ``memory_efficient=True`` checkpoints when an input requires grad), and fx cannot branch
+    on a proxy."""
+
+    def __getattr__(self, k: str):
+        if k == "requires_grad":
+            return bool(getattr(getattr(self.tracer, "attr_values", {}).get(self.node), k, False))
+        return super().__getattr__(k)
+
+
+class _ShapeProxy(_Proxy):
     """A proxy whose ``.shape`` is the example's sizes, the batch size (dim 0) still traced."""
 
     def __getattr__(self, k: str):

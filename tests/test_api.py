@@ -1223,6 +1223,32 @@ def test_forward_hooks_are_warned_about_and_other_hooks_are_not():
         compile_naflow(rnn, x)
 
 
+def test_process_wide_forward_hooks_are_warned_about():
+    """register_module_forward_pre_hook changes every module's call, and the traced graph runs none of it."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    model = conv4(hidden=4, num_classes=3)
+    x = batch(1)
+    nf = compile_naflow(model, x)
+    halve = lambda mod, args: (args[0] * 0.5,) if isinstance(mod, nn.Conv2d) else None  # noqa: E731
+    handle = register_module_forward_pre_hook(halve)
+    try:
+        with pytest.warns(UserWarning, match=r"forward hooks on every module \(process-wide, .*differs from model"):
+            compile_naflow(model, x)
+        with pytest.warns(UserWarning, match=r"forward hooks added since compile_naflow on every module"):
+            flow = nf(x)  # registered after this flow's compile
+        with torch.no_grad():
+            assert not torch.allclose(flow.output, model(x))  # what the warning is about
+    finally:
+        handle.remove()
+    handle = register_module_forward_hook(lambda mod, args, out: None)
+    try:
+        with pytest.warns(UserWarning, match=r"forward hooks on every module"):
+            compile_naflow(model, x)
+    finally:
+        handle.remove()
+
+
 def test_unsupported_ops_are_all_listed_and_linearize_fallback_works():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

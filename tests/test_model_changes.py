@@ -10,8 +10,9 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import prune
+from torch.utils._pytree import tree_leaves
 
 from naflow_fx import compile_naflow
 from naflow_fx.errors import ConfigError, InputError, UnsupportedModelError
@@ -214,15 +215,88 @@ def test_weights_made_under_inference_mode_are_refused_at_compile():
         compile_naflow(model, X[:1])
 
 
-def test_quantization_observers_are_refused():
+def _quantized(kind: str) -> nn.Module:
+    """``_net`` after one of torch.ao.quantization's workflows (its deprecation warnings silenced)."""
+    import torch.ao.quantization as tq
     from torch.ao.quantization.observer import MinMaxObserver
 
-    model = _net()
-    model.insert(1, MinMaxObserver())
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(UnsupportedModelError, match=r"module '1' \(MinMaxObserver\) is a quantization observer"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _net()
+        if kind == "observer":
+            model.insert(1, MinMaxObserver())
+            return model
+        if kind == "dynamic":  # the head only: it computes in int8 with no autograd kernel
+            return tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        if kind == "static":
+            model = nn.Sequential(tq.QuantStub(), *model, tq.DeQuantStub()).eval()
+            model.qconfig = tq.get_default_qconfig("fbgemm")
+            prepared = tq.prepare(model)
+            prepared(X)
+            return tq.convert(prepared)
+        model.train().qconfig = tq.get_default_qat_qconfig("fbgemm")
+        qat = tq.prepare_qat(model)
+        qat(X)
+        if kind == "qat, everything disabled":  # fake quantization then passes values through, but is still there
+            qat.apply(tq.disable_observer).apply(tq.disable_fake_quant)
+        return qat.eval()
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("observer", r"module '1' \(MinMaxObserver\) is a quantization observer, .* before prepare / prepare_fx"),
+        ("dynamic", r"module '7' \(Linear\) is a quantized layer \(torch.ao.nn.quantized.dynamic.* every map would be"),
+        ("static", r"module '0' \(Quantize\) is a quantized layer .* explain the float model, before quantize_dynamic"),
+        ("qat", r"module '0' \(Conv2d\) fake-quantizes weights or activations .* before prepare_qat"),
+        ("qat, everything disabled", r"module '0' \(Conv2d\) fake-quantizes weights or activations"),
+    ],
+)
+def test_quantization_modules_are_refused(kind, match):
+    """Observers would write into the model; quantized layers have no gradient (a dynamically quantized
+    head gave all-zero maps with a warning about the target); fake quantization has no inverse."""
+    model = _quantized(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying packed parameters: torch's TypedStorage deprecation
+        before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match=match):
         compile_naflow(model, X[:1])
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # packed quantized parameters are tuples of tensors and dtypes
+    leaves = [(a, b) for k, v in model.state_dict().items() for a, b in zip(tree_leaves(v), tree_leaves(before[k]))]
+    assert all(torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in leaves)
+
+
+def test_fused_float_modules_explain_as_their_layers():
+    """torch.ao.nn.intrinsic.ConvReLU2d (fuse_modules) is a float conv and ReLU: the same maps."""
+    from torch.ao.quantization import fuse_modules
+
+    model = _net()
+    fused = fuse_modules(copy.deepcopy(model), [["0", "1", "2"], ["3", "4"]])
+    assert type(fused[0]).__module__.startswith("torch.ao.nn.intrinsic")
+    a, b = compile_naflow(model, X[:1])(X, keep="maps"), compile_naflow(fused, X[:1])(X, keep="maps")
+    torch.testing.assert_close(b.maps[b.layers[-1]], a.maps[a.layers[-1]], rtol=1e-4, atol=1e-6)
+
+
+def test_torchvision_frozen_batch_norm_is_one_batch_norm_layer():
+    """FrozenBatchNorm2d (torchvision's detection backbones) was traced into a multiply and an add,
+    reported as two layers '1.mul' and '1.add'; it is now the one layer '1', as a BatchNorm2d is."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = _net()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+    frozen = copy.deepcopy(model)
+    frozen[1] = FrozenBatchNorm2d(6, eps=model[1].eps)
+    frozen[1].load_state_dict({k: v for k, v in model[1].state_dict().items() if k != "num_batches_tracked"})
+    a, b = compile_naflow(frozen, X[:1]), compile_naflow(model, X[:1])
+    assert a.layers == b.layers and "1" in a.layers
+    for name, value in a(X).maps.items():
+        torch.testing.assert_close(value, b(X).maps[name])
+    with torch.no_grad():
+        frozen[1].weight.mul_(2.0)  # its buffers are followed after compiling, as a BatchNorm's
+    torch.testing.assert_close(a(X).output, frozen(X), rtol=1e-5, atol=1e-6)
 
 
 def test_targets_is_another_name_for_target():

@@ -5,6 +5,7 @@ its ``train()`` is never called."""
 
 from __future__ import annotations
 
+import operator
 import subprocess
 import sys
 
@@ -90,6 +91,53 @@ def test_a_deeper_wrapper_is_named_by_its_qualified_name():
     model = nn.Sequential(Norm(), nn.Sequential(nn.Identity(), torch.compile(cnn()))).eval()
     with pytest.raises(UnsupportedModelError, match=r"sub-module '1\.1' \(OptimizedModule\).*leaf_modules=\['1\.1'\]"):
         compile_naflow(model, images(1))
+
+
+def test_a_sub_module_compiled_in_place_is_traced_through():
+    """nn.Module.compile() sets the module's call to dynamo's, which fx cannot trace: before, a model
+    with one compiled sub-module was refused with an error about "a tensor's values"."""
+    model, plain = nn.Sequential(Norm(), cnn()).eval(), nn.Sequential(Norm(), cnn()).eval()
+    model[1].compile(backend="eager")
+    model[1][0].compile(backend="eager")  # a conv, a leaf of the trace
+    before = state(model)
+    x = images(2)
+    a, b = compile_naflow(model, x[:1])(x), compile_naflow(plain, x[:1])(x)
+    assert a.layers == b.layers
+    for name in a.layers:
+        torch.testing.assert_close(a.maps[name], b.maps[name])
+    assert state(model) == before and model[1]._compiled_call_impl is not None  # still compiled
+
+
+class Checkpointed(nn.Module):
+    """Gradient checkpointing when the input requires grad, as torchvision's DenseNet with
+    memory_efficient=True does; the parameter's flag picks a (here equivalent) spelling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = cnn()
+
+    def forward(self, x):
+        if x.requires_grad:
+            return torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False)
+        if self.body[0].weight.requires_grad:
+            return self.body(x)
+        return self.body(x + 1.0)
+
+
+def test_a_branch_on_requires_grad_is_traced_as_in_inference():
+    """Before: fx cannot branch on a proxy, and the model was refused with an error about "a tensor's
+    values". Now a computed tensor's .requires_grad is False and a parameter's is its own."""
+    model = Checkpointed().eval()
+    x = images(2)
+    flow = compile_naflow(model, x[:1])
+    added = lambda nf: any(n.target is operator.add for n in nf.graph_module.graph.nodes)  # noqa: E731
+    assert not added(flow) and not flow.fixed_shape  # the weight requires grad: that branch
+    plain = compile_naflow(model.body, x[:1])
+    a, b = flow(x), plain(x)
+    for name in b.layers:
+        torch.testing.assert_close(a.maps[f"body.{name}"], b.maps[name])
+    model.body[0].weight.requires_grad_(False)
+    assert added(compile_naflow(model, x[:1]))
 
 
 def test_a_scripted_leaf_is_kept_opaque_on_request():

@@ -31,7 +31,7 @@ from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from ..canonical import bind_canonical, is_canonical
 from ..errors import InputError, UnsupportedOpError
-from ..tracing import collectable
+from ..tracing import collectable, is_frozen_batch_norm
 from .partition import POOLS_WITH_INDICES, feature_subgraph
 
 __all__ = ["normalize", "refresh_derived_weights", "computes_weights"]
@@ -442,7 +442,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             node.meta["naflow.module_type"] = type(mod).__name__
             # a parametrized module (weight_norm, spectral_norm) is its plain class with computed weights
             plain = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
-            lowering = _MODULE_LOWERINGS.get(plain)
+            lowering = _MODULE_LOWERINGS.get(plain) or (_bn if is_frozen_batch_norm(mod) else None)
             if lowering is None or len(node.args) != 1 or node.kwargs:
                 # an unknown leaf module, or a known one called with more than its input (a
                 # ConvTranspose2d given output_size), stays a call_module; assign_rules reports it
