@@ -80,16 +80,50 @@ _KEEP = ("all", "maps")
 # default for float32 convolutions) and bfloat16 for float32 on a CPU with AMX
 # (`torch.backends.mkldnn.conv.fp32_precision = "bf16"`) are as coarse. A flow leaves all of them
 # for its own work, and so does compiling (whose computed weights and tensor constants must not be
-# inference tensors); an inference tensor as input is copied to a normal one (`_check_input`). The
-# caller's modes and settings hold again when the flow returns.
+# inference tensors); an inference tensor as input is copied to a normal one (`_check_input`).
+# Two more contexts would break a flow outright: a default device other than the model's
+# (`torch.set_default_device("cuda")` with a CPU model, or "meta") would put the tensors that torch
+# and the model make without a device elsewhere, and the caller's saved-tensor hooks
+# (`torch.autograd.graph.save_on_cpu()`) are refused by torch.func. A flow runs with the model's
+# device as the default and without those hooks (the library's own CPU work names its device).
+# The caller's modes and settings hold again when the flow returns.
 @contextlib.contextmanager
 def exact_mode(device: torch.device) -> Iterator[None]:
-    """Inference mode, autocast and reduced-precision float32 kernels off, whatever the caller's context.
+    """Inference mode, autocast, reduced-precision float32 kernels, another default device and
+    saved-tensor hooks off, whatever the caller's context.
 
     NOTE [caller's modes]; the settings are the caller's again afterwards.
     """
-    with torch.inference_mode(False), torch.autocast(device.type, enabled=False), ieee_float32():
+    try:
+        default = torch.get_default_device()
+    except RuntimeError:  # "cuda" on a machine without a driver: it cannot be the model's device
+        default = None
+    here = torch.device(device) if default != device else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.autocast(device.type, enabled=False), ieee_float32(), here:
+        with saved_tensor_hooks_off():
+            yield
+
+
+@contextlib.contextmanager
+def saved_tensor_hooks_off() -> Iterator[None]:
+    """The caller's saved-tensor default hooks taken off this thread's stack, and put back after.
+
+    torch.func refuses to run under them, and they only change where autograd keeps what it saves.
+    torch has no public way to set them aside, so this uses the stack's own private calls, if any.
+    """
+    hooks = torch._C._autograd
+    if not all(hasattr(hooks, f"_{op}_saved_tensors_default_hooks") for op in ("top", "pop", "push")):
         yield
+        return
+    popped = []
+    while (top := hooks._top_saved_tensors_default_hooks(False)) is not None:
+        popped.append(top)
+        hooks._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(popped):
+            hooks._push_saved_tensors_default_hooks(pack, unpack)
 
 
 @contextlib.contextmanager
@@ -428,7 +462,7 @@ class NAFlow:
         del values, lams, flat
         ctx = SolverContext(self.config, self._weight_cache(), progress=progress)
         with torch.no_grad():
-            out = program.module(ctx, store)
+            out = program.module.forward(ctx, store)  # not __call__: no process-wide module hooks on it
         if keep == "maps":
             maps, bpfm, coefficients = dict(out), NotKept("BPFMs"), NotKept("coefficients Λ")
         else:

@@ -262,7 +262,9 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
                 )
             outs.append(out.detach())
     emb = torch.cat(outs)
-    bad = ~torch.isfinite(emb).all(1) if emb.is_floating_point() else torch.zeros(0, dtype=torch.bool)
+    bad = (
+        ~torch.isfinite(emb).all(1) if emb.is_floating_point() else torch.zeros(0, dtype=torch.bool, device=emb.device)
+    )
     if bool(bad.any()):
         raise InputError(
             f"the model's embedding of the {what} {_first(bad.nonzero()[:, 0])} contains NaN or Inf values: "
@@ -367,7 +369,7 @@ def _labels_tensor(labels: object, n: int, device: torch.device, what: str, imag
             )
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in labels):
             raise InputError(f"{what} must be integer class labels, got {list(labels)!r}")
-        t = torch.tensor([int(v) for v in labels], dtype=torch.long)
+        t = torch.tensor([int(v) for v in labels], dtype=torch.long, device="cpu")
     else:
         raise InputTypeError(
             f"{what} must be a LongTensor [{n}], an integer numpy array or a list of ints, got "
@@ -471,7 +473,9 @@ class EpisodeExplanation:
         if (q, label) not in self._support_cache:
             idx = (self.support_labels == label).nonzero()[:, 0]
             ref = self.query_embeddings[q]
-            _check_pairs(self.support_embeddings[idx], ref.expand(idx.shape[0], -1), idx, torch.tensor([q]), label)
+            _check_pairs(
+                self.support_embeddings[idx], ref.expand(idx.shape[0], -1), idx, torch.tensor([q], device="cpu"), label
+            )
             self._support_cache[q, label] = self.naflow(self.support[idx], SimilarityTarget(ref))
         return self._support_cache[q, label]
 
@@ -490,7 +494,7 @@ class EpisodeExplanation:
         pred, col = int(self.prediction[q]), self._column(int(self.prediction[q]))
         idx = self.support_indices[q]
         images = torch.cat([self.query[q : q + 1], self.support[idx]])
-        flows = [_take(self.flow, torch.tensor([q])), self.support_flow(q)]
+        flows = [_take(self.flow, torch.tensor([q], device="cpu")), self.support_flow(q)]
         labels = [f"query {q}→proto {pred}\nlogit {float(self.logits[q, col]):.2f}"]
         labels += [f"support {int(i)} (c={pred})\n→query {q}" for i in idx]
         return _labelled_grid(images, flows, labels, path, layers, fmt=fmt, fn="EpisodeExplanation.plot")
@@ -583,7 +587,7 @@ def explain_episode(
             _check_pairs(sup_emb[idx].repeat(qs.shape[0], 1), refs, idx, qs, int(c))
             out = nf(batch, SimilarityTarget(refs))
             for j, q in enumerate(qs.tolist()):
-                support_flows[q] = _take(out, torch.arange(j * k, (j + 1) * k))
+                support_flows[q] = _take(out, torch.arange(j * k, (j + 1) * k, device="cpu"))
     else:
         support_flows = []
 

@@ -91,7 +91,7 @@ class MatchExplanation:
         nq, k = self.indices.shape
         message = f"pair({q!r}, {r!r}) is out of range: there are {nq} queries and k = {k} matches each"
         q, r = _index(q, nq, message), _index(r, k, message)
-        row = torch.tensor([q * k + r])
+        row = torch.tensor([q * k + r], device="cpu")
         return _take(self.query_flow, row), None if self.match_flow is None else _take(self.match_flow, row)
 
     def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):

@@ -599,6 +599,8 @@ def _run_tracer(tracer: fx.Tracer, model: nn.Module, concrete_args: dict | None)
     with _eval_without_hooks(model), warnings.catch_warnings():
         # a tensor in concrete_args: fx cannot add a check, and need not
         warnings.filterwarnings("ignore", message="Was not able to add assertion to guarantee correct input")
+        # a process-wide full backward hook (not the model's: it is detached) sees proxies, not tensors
+        warnings.filterwarnings("ignore", message="For backward hooks to be called, module output should be")
         return tracer.trace(model, concrete_args=concrete_args)
 
 

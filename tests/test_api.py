@@ -401,6 +401,72 @@ def test_the_callers_inference_mode_and_autocast_do_not_change_the_flow():
     torch.testing.assert_close(flow(frozen).maps[name], ref.maps[name])
 
 
+@pytest.mark.parametrize("solver", ["iterative", "dense"])
+def test_the_callers_default_device_and_saved_tensor_hooks_do_not_change_the_flow(solver):
+    """NOTE [caller's modes]: under another default device ("meta" here, "cuda" with a CPU model on a
+    GPU machine) the library's own tensors went there ("Cannot copy out of meta tensor"), and under
+    save_on_cpu() every solve failed in torch.func. Both are the caller's again afterwards."""
+    from naflow_fx.fewshot import explain_episode
+
+    model, x = conv4(hidden=4, num_classes=3).eval(), batch(2)
+    flow = compile_naflow(model, x[:1], solver=solver)
+    ref, cam = flow(x), flow.gradcam(x)
+    encoder, support = conv4(hidden=4), batch(4, seed=3)
+    episode = explain_episode(encoder, support, [0, 0, 1, 1], x)
+    constant = WithConstant().eval()  # its forward makes a tensor without a device: the model's device
+    ref_constant = compile_naflow(constant, x[:1], solver=solver)(x)
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks
+    contexts = {
+        "meta": lambda: torch.device("meta"),
+        "save_on_cpu": torch.autograd.graph.save_on_cpu,
+        "hooks": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    }
+    for name, context in contexts.items():
+        with context():
+            before = hooks(False)
+            compiled = compile_naflow(model, x[:1], solver=solver)
+            got, got_cam = compiled(x), flow.gradcam(x)
+            got_episode = explain_episode(encoder, support, [0, 0, 1, 1], x)
+            got_constant = compile_naflow(constant, x[:1], solver=solver)(x)
+            assert hooks(False) == before and torch.empty(0).device.type == ("meta" if name == "meta" else "cpu")
+        for layer in flow.layers:
+            torch.testing.assert_close(got.maps[layer], ref.maps[layer])
+            torch.testing.assert_close(got_cam.maps[layer], cam.maps[layer])
+        for layer in ref_constant.layers:
+            torch.testing.assert_close(got_constant.maps[layer], ref_constant.maps[layer])
+        for layer in episode.flow.layers:
+            torch.testing.assert_close(got_episode.flow.maps[layer], episode.flow.maps[layer])
+            torch.testing.assert_close(got_episode.support_flow(0).maps[layer], episode.support_flow(0).maps[layer])
+
+
+def test_process_wide_hooks_do_not_run_on_the_librarys_own_modules():
+    """The inverse network and its stages were called through nn.Module.__call__, so every process-wide
+    hook ran on them: FlopCounterMode's and a full backward hook crashed the solves inside torch.func."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_full_backward_hook
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = conv4(hidden=4, num_classes=3).eval(), batch(2)
+    nf = compile_naflow(model, x[:1], solver="iterative")
+    ref = nf(x, keep="maps")
+    seen: list[str] = []
+    handles = [
+        register_module_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__)),
+        register_module_full_backward_hook(lambda mod, grad_in, grad_out: None),
+    ]
+    try:
+        with pytest.warns(UserWarning, match="forward hooks added since compile_naflow on every module"):
+            got = nf(x, keep="maps")
+        with FlopCounterMode(display=False) as flops:
+            nf(x, keep="maps")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert flops.get_total_flops() > 0
+    assert not {"Stage", "NAFlowInverse", "NAFlowMaps"} & set(seen), set(seen)
+    for layer in ref.layers:
+        torch.testing.assert_close(got.maps[layer], ref.maps[layer])
+
+
 class WithConstant(nn.Module):
     """A weight-normed conv (a computed weight) and a tensor made in forward (an fx tensor constant)."""
 

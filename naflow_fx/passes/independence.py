@@ -36,7 +36,8 @@ _RTOL = 1e-3
 
 def _probe(image: Tensor) -> Tensor:
     """``image`` and a copy with a fixed pseudo-random perturbation of its scale (the global RNG is untouched)."""
-    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(image.shape, generator=gen, dtype=torch.float32, device="cpu")
     scale = float(image.abs().max()) + 1.0
     return torch.cat([image, image + noise.to(image.device, image.dtype) * scale])
 

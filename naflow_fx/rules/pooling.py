@@ -31,7 +31,7 @@ def selection_index(plane: Sequence[int], select: Callable[[Tensor], Tensor], de
     with ``leading`` singleton dims in front of the plane as ``select`` needs them; the index goes to
     ``device``.
     """
-    source = torch.arange(math.prod(plane), dtype=torch.float64).reshape(*([1] * leading), *plane)
+    source = torch.arange(math.prod(plane), dtype=torch.float64, device="cpu").reshape(*([1] * leading), *plane)
     out = select(source)
     return out.reshape(out.shape[-len(plane) :]).round().long().to(device)
 

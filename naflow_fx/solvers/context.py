@@ -203,12 +203,12 @@ class SolverContext:
         cache_key = (key, op.in_shape) if (key is not None and op.shared) else None
         if cache_key is not None and cache_key in self.sigma_cache:
             return self.sigma_cache[cache_key].to(like.device).expand(batch)
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device="cpu").manual_seed(0)
         rows = 1 if op.shared else batch
         shape = (-1, *([1] * len(op.in_shape)))
         # Every row starts from the same vector and stops on its own test, so a sample's estimate
         # does not depend on its position in the batch or on the other samples (I5).
-        v = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+        v = torch.randn((1, *op.in_shape), generator=gen, dtype=torch.float64, device="cpu").to(like.device, like.dtype)
         v = (v / batch_norm2(v).sqrt().reshape(shape)).expand(rows, *op.in_shape).contiguous()
         v_prev = torch.zeros_like(v)
         # The vector updates use α and β on the device; the tridiagonal matrix lives on the CPU in
@@ -216,8 +216,8 @@ class SolverContext:
         beta_d = torch.zeros(rows, dtype=v.dtype, device=v.device)
         alphas: list[Tensor] = []
         betas: list[Tensor] = []
-        sigma2 = torch.zeros(rows, dtype=torch.float64)
-        active = torch.ones(rows, dtype=torch.bool)
+        sigma2 = torch.zeros(rows, dtype=torch.float64, device="cpu")
+        active = torch.ones(rows, dtype=torch.bool, device="cpu")
         for _ in range(iters):
             w = op.rmatvec(op.matvec(v))
             alpha_d = batch_dot(w, v)

@@ -88,7 +88,11 @@ def dense_solve(op: LinearOperator, b: Tensor, damping: Tensor | float = 0.0) ->
     """
     batch = b.shape[0]
     # a tensor to the CPU first (MPS has no float64); a Python float straight to float64
-    lam = damping.detach().cpu().double() if isinstance(damping, Tensor) else torch.tensor(damping, dtype=torch.float64)
+    lam = (
+        damping.detach().cpu().double()
+        if isinstance(damping, Tensor)
+        else torch.tensor(damping, dtype=torch.float64, device="cpu")
+    )
     lam = lam.reshape(-1)
     lam = lam.expand(batch) if lam.numel() == 1 else lam
     home = float64_device(b.device)  # MPS has no float64: its Jacobians are solved on the CPU
