@@ -65,8 +65,14 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
                 f"cannot allocate an example input of shape {shape} ({gib:.3g} GiB); pass a smaller size "
                 "(the compiled flow also accepts other spatial sizes)"
             ) from None
+    hint = ""
+    if isinstance(example_input, dict):  # forward(batch) reading batch["image"]
+        hint = (
+            ". A flow calls the model on the images tensor alone: if its forward takes a dict, wrap it so that "
+            "forward(x) calls model({'image': x}), with your key, and pass the images"
+        )
     raise InputTypeError(
-        f"example_input must be a tensor or a shape such as (1, 3, 224, 224); got {type(example_input).__name__}"
+        f"example_input must be a tensor or a shape such as (1, 3, 224, 224); got {type(example_input).__name__}" + hint
     )
 
 
@@ -326,6 +332,12 @@ class NAFlow:
                 f"the model was compiled for inputs of size {size} only, got {tuple(x.shape[1:])}: its forward "
                 f"computes with the input's shape in Python ({where}), so it was traced at the example's sizes; "
                 "resize the input, or compile again with an example of the size you need"
+            )
+        if x.is_complex():  # x.float() would drop the imaginary part without a word
+            raise InputError(
+                f"the input must be a real floating-point tensor, got {x.dtype}: CNNs on images take real values "
+                "(x.real, x.abs(), or the real and imaginary parts as channels, torch.cat([x.real, x.imag], 1), as the "
+                "model expects)"
             )
         if not x.is_floating_point():
             raise InputError(f"the input must be a floating-point tensor, got {x.dtype}; convert it with x.float()")

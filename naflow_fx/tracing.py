@@ -737,14 +737,24 @@ def collectable(gm: fx.GraphModule) -> fx.GraphModule:
     """
     key = getattr(getattr(type(gm).forward, "__code__", None), "co_filename", "")
     cache = getattr(getattr(fx.graph_module, "_loader", None), "eval_cache", None)
+    _forget_stale_sources(cache)
     if isinstance(cache, dict) and key in cache:  # another torch may keep them elsewhere: then left alone
-        weakref.finalize(gm, _forget_source, cache, key).atexit = False
+        weakref.finalize(gm, _STALE_SOURCES.append, key).atexit = False
     return gm
 
 
-def _forget_source(cache: dict, key: str) -> None:
-    cache.pop(key, None)
-    linecache.cache.pop(key, None)
+# Keys of collected modules' sources, forgotten at the next ``collectable`` call rather than in the
+# finalizer: the garbage collector runs finalizers at any allocation, also while ``linecache.checkcache``
+# (pdb, doctest, traceback) walks the cache's keys, which then fails on the one just removed.
+_STALE_SOURCES: list[str] = []
+
+
+def _forget_stale_sources(cache: dict | None) -> None:
+    while _STALE_SOURCES:
+        key = _STALE_SOURCES.pop()
+        if isinstance(cache, dict):
+            cache.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 def random_state_kept(device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -140,6 +140,39 @@ def test_a_branch_on_requires_grad_is_traced_as_in_inference():
     assert added(compile_naflow(model, x[:1]))
 
 
+class DictInput(nn.Module):
+    """A forward that takes a batch dict, as many training pipelines' models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = cnn()
+
+    def forward(self, batch):
+        return self.body(batch["image"])
+
+
+def test_a_forward_that_takes_a_dict_is_told_how_to_wrap_it():
+    """Before: "failed on the example input ... IndexError: too many indices", with advice about the
+    example's channels and size; and a dict example only heard that it must be a tensor."""
+    x = images(2)
+    with pytest.raises(UnsupportedModelError, match=r"reads its input as a dict \(input\['image'\]\)") as err:
+        compile_naflow(DictInput().eval(), x[:1])
+    assert "def forward(self, x): return self.model({'image': x})" in str(err.value)
+    with pytest.raises(InputTypeError, match=r"got dict\. .*if its forward takes a dict, wrap it"):
+        compile_naflow(DictInput().eval(), {"image": x[:1]})
+
+    class Explained(nn.Module):  # the message's wrapper, as written there
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model({"image": x})
+
+    model = DictInput().eval()
+    torch.testing.assert_close(compile_naflow(Explained(model), x[:1])(x).output, model({"image": x}))
+
+
 def test_a_scripted_leaf_is_kept_opaque_on_request():
     act = torch.jit.script(nn.Tanh())
     model = nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
