@@ -33,7 +33,7 @@ from .result import FlowResult, LayerMaps, NotKept, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import ieee_float32, not_a_module, trace, training_off, warn_forward_hooks
+from .tracing import ieee_float32, is_frozen_batch_norm, not_a_module, trace, training_off, warn_forward_hooks
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -662,7 +662,11 @@ def _bindings(gm: fx.GraphModule, model: nn.Module, hooks: frozenset[tuple[str, 
                 tensors.append((target, held))
                 paths.setdefault(target.rpartition(".")[0], None)
     modules = [(p, m) for p in paths if p and isinstance(m := _lookup(model, p), nn.Module)]
-    settings = [(p, m, _settings(m)) for p, m in modules if type(m).__module__.startswith("torch.nn.")]
+    settings = [
+        (p, m, _settings(m))
+        for p, m in modules
+        if type(m).__module__.startswith("torch.nn.") or is_frozen_batch_norm(m)
+    ]
     return _Bindings(tensors, modules, list(model.modules()), settings, hooks)
 
 
@@ -921,10 +925,9 @@ def _warn_unconverged(records: Sequence[SolveRecord], config: SolverConfig, dtyp
         return
     at = ", ".join(map(repr, failed[:3])) + (", ..." if len(failed) > 3 else "")
     floor = 1e-13 if dtype == torch.float64 else 1e-6
-    if config.tol >= floor:
-        advice = f"pass a larger max_iter to compile_naflow (e.g. max_iter={4 * config.max_iter})"
-    else:  # more iterations will not help: the solves stagnate in rounding
-        advice = f"{dtype} solves often stagnate short of a tol below {floor:g}: pass tol={floor:g} or more"
+    advice = f"pass a larger max_iter to compile_naflow (e.g. max_iter={4 * config.max_iter})"
+    if config.tol < floor:  # there more iterations may not help: the solves stagnate in rounding
+        advice += f", and a tol of {floor:g} or more: {dtype} solves often stagnate short of a smaller one"
         advice += " (or explain the model and input in float64: model.double(), x.double())" * (dtype != torch.float64)
     warn_at_caller(
         NumericalWarning(
@@ -1091,6 +1094,8 @@ def _quantization_refusal(mod: nn.Module) -> str:
     from torch.ao.quantization.observer import ObserverBase
 
     where = type(mod).__module__
+    if type(mod).__name__ in ("FloatFunctional", "FXFloatFunctional"):  # float arithmetic of quantizable models
+        return ""
     if where.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")):
         return (
             f"is a quantized layer ({where}), which computes in integers that have no gradient, so every map "

@@ -82,7 +82,8 @@ class ZeroMapsWarning(UserWarning):
 
 
 class NumericalWarning(RuntimeWarning):
-    """A flow gave non-finite (NaN/Inf) maps: the back-propagated feature maps overflowed."""
+    """A flow's maps are not to be trusted as they are: they are non-finite (NaN/Inf, the back-propagated
+    feature maps overflowed), or least-squares solves stopped at ``max_iter`` before ``tol``."""
 
 
 def warn_at_caller(message: Warning | str, category: type[Warning] | None = None) -> None:

@@ -58,11 +58,17 @@ def warn_forward_hooks(
         for name, m in model.named_modules()
         if name not in called
         for d in _FORWARD_HOOKS
-        for key, h in getattr(m, d, {}).items()
+        for key, h in tuple(getattr(m, d, {}).items())  # a copy: another thread may add or remove one
         if not computes_weights(h)
     ]
-    # process-wide hooks (register_module_forward_hook / _pre_hook) run on every module's call
-    hooks += [(_EVERY_MODULE, key) for d in _FORWARD_HOOKS for key in getattr(module_hooks, "_global" + d, {})]
+    # process-wide hooks (register_module_forward_hook / _pre_hook) run on every module's call; torch's
+    # own (FlopCounterMode's module tracker, profilers) only read
+    hooks += [
+        (_EVERY_MODULE, key)
+        for d in _FORWARD_HOOKS
+        for key, h in tuple(getattr(module_hooks, "_global" + d, {}).items())
+        if not str(getattr(h, "__module__", None) or "").startswith("torch.")
+    ]
     hooked = list(dict.fromkeys(name for name, key in hooks if known is None or (name, key) not in known))
     if hooked:
         more = f" and {len(hooked) - 3} more modules" if len(hooked) > 3 else ""
@@ -743,6 +749,23 @@ def collectable(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def hookless(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, whose call is its ``forward``: process-wide module hooks (``FlopCounterMode``'s, a
+    global full backward hook, whose autograd.Function fails inside torch.func) then do not run on
+    the library's own modules, also where torch calls them (``torch.func.functional_call``).
+
+    fx makes a class per GraphModule, whose ``__call__`` (reset by every ``recompile()``, also a
+    parent's) calls the class's ``_wrapped_call``, which fx keeps once set: that is replaced. On a
+    torch that calls differently, the module is called as any module, hooks and all.
+    """
+    type(gm)._wrapped_call = staticmethod(_call_forward)
+    return gm
+
+
+def _call_forward(gm: fx.GraphModule, *args, **kwargs):
+    return gm.forward(*args, **kwargs)
+
+
 # Keys of collected modules' sources, forgotten at the next ``collectable`` call rather than in the
 # finalizer: the garbage collector runs finalizers at any allocation, also while ``linecache.checkcache``
 # (pdb, doctest, traceback) walks the cache's keys, which then fails on the one just removed.
@@ -750,8 +773,11 @@ _STALE_SOURCES: list[str] = []
 
 
 def _forget_stale_sources(cache: dict | None) -> None:
-    while _STALE_SOURCES:
-        key = _STALE_SOURCES.pop()
+    while True:
+        try:  # another thread may take the last one between a test and a pop
+            key = _STALE_SOURCES.pop()
+        except IndexError:
+            return
         if isinstance(cache, dict):
             cache.pop(key, None)
         linecache.cache.pop(key, None)
@@ -950,6 +976,25 @@ def _describe_difference(expected: object, got: object) -> str:
     return f"the model gives a {type(expected).__name__}, the graph a {type(got).__name__}"
 
 
+def dict_input_error(graph: fx.Graph | None) -> UnsupportedModelError | None:
+    """The refusal of a forward that reads its input as a dict (``batch["image"]``, ``batch.get("image")``),
+    found in ``graph`` (also one a failed trace left half-built); None if it reads no key."""
+    for node in graph.nodes if graph is not None else ():
+        read = (node.op == "call_function" and node.target is operator.getitem) or (
+            node.op == "call_method" and node.target == "get"
+        )
+        source, key = (node.args + (None, None))[:2]
+        if read and isinstance(source, fx.Node) and source.op == "placeholder" and isinstance(key, str):
+            return UnsupportedModelError(
+                f"the model's forward reads its input as a dict (input[{key!r}]), and a flow passes the images "
+                "tensor itself: wrap the model so that forward takes the images, e.g.\n"
+                "class Explained(torch.nn.Module):\n    def __init__(self, model): super().__init__(); self.model = "
+                f"model\n    def forward(self, x): return self.model({{{key!r}: x}})\n"
+                "then compile_naflow(Explained(model), x)"
+            )
+    return None
+
+
 def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.GraphModule:
     name = type(model).__name__
     concrete_args = {**_defaults(model), **(concrete_args or {})} or None
@@ -957,6 +1002,9 @@ def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.Gra
     try:
         graph = _run_tracer(tracer, model, concrete_args)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one readable error
+        refusal = dict_input_error(getattr(tracer, "graph", None))  # the half-built graph: no retry can help
+        if refusal is not None:
+            raise refusal from None
         again = ""
         if example is not None:
             _restore(state)  # what the failed trace left on the model

@@ -275,6 +275,13 @@ def test_fused_float_modules_explain_as_their_layers():
     assert type(fused[0]).__module__.startswith("torch.ao.nn.intrinsic")
     a, b = compile_naflow(model, X[:1])(X, keep="maps"), compile_naflow(fused, X[:1])(X, keep="maps")
     torch.testing.assert_close(b.maps[b.layers[-1]], a.maps[a.layers[-1]], rtol=1e-4, atol=1e-6)
+    # torchvision's quantizable models before quantization are float: their adds are FloatFunctional
+    import torchvision
+
+    quantizable = torchvision.models.quantization.resnet18(weights=None, quantize=False, num_classes=4).eval()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    flow = compile_naflow(quantizable, x, layers="blocks", max_iter=5)
+    assert any(n.startswith("layer1.0.") for n in flow.layers)
 
 
 def test_torchvision_frozen_batch_norm_is_one_batch_norm_layer():

@@ -37,7 +37,7 @@ from ..rules import abandon
 from ..rules.generic import elementwise_affine_inverse, linearized_inverse, region_inverse
 from ..solvers.linearize import linearize_graph
 from ..solvers.operator import jvp
-from ..tracing import collectable
+from ..tracing import collectable, hookless
 from .partition import Plan
 from .shape_prop import layout
 
@@ -94,7 +94,7 @@ def extract_stage(gm: fx.GraphModule, input_node: fx.Node, body: list[fx.Node], 
     for n in body:
         env[n] = graph.node_copy(n, lookup)
     graph.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
-    return collectable(fx.GraphModule(gm, graph, class_name="Stage")), extras
+    return hookless(collectable(fx.GraphModule(gm, graph, class_name="Stage"))), extras
 
 
 # NOTE [chained Λ]

@@ -200,7 +200,9 @@ def _describe_output(result: object) -> str:
 def _wrapper_hint(result: object) -> str:
     result = _output_value(result)
     if isinstance(result, dict):
-        key = "logits" if "logits" in result else next(iter(result), "logits")
+        # the conventional names of a prediction (HuggingFace, torchvision's segmentation and
+        # IntermediateLayerGetter models) before the first key, which may be a feature map
+        key = next((k for k in ("logits", "out", "output", "embedding") if k in result), next(iter(result), "logits"))
         pick = f"[{key!r}]"
     elif isinstance(result, tuple) and hasattr(result, "_fields"):
         pick = f".{result._fields[0]}"

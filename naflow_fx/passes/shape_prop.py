@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from ..errors import UnsupportedModelError
-from ..tracing import random_state_kept
+from ..tracing import dict_input_error, random_state_kept
 
 __all__ = ["propagate_shapes", "tensor_meta", "is_feature_node", "layout"]
 
@@ -51,16 +49,9 @@ class _ShapeProp(fx.Interpreter):
 
 def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.GraphModule:
     """Run ``gm`` once on ``example_input`` and store ``node.meta["tensor_meta"]``."""
-    for node in gm.graph.nodes:  # before running: a tensor indexed by a string fails with a torch warning
-        key = _key_read_from_input(node)
-        if key is not None:  # forward(batch) reads batch["image"]: it takes a dict, not the images
-            raise UnsupportedModelError(
-                f"the model's forward reads its input as a dict (input[{key!r}]), and a flow passes the "
-                "images tensor itself: wrap the model so that forward takes the images, e.g.\n"
-                "class Explained(torch.nn.Module):\n    def __init__(self, model): super().__init__(); self.model = "
-                f"model\n    def forward(self, x): return self.model({{{key!r}: x}})\n"
-                "then compile_naflow(Explained(model), x)"
-            )
+    refusal = dict_input_error(gm.graph)  # before running: a tensor indexed by a string warns first
+    if refusal is not None:
+        raise refusal
     prop = _ShapeProp(gm)
     try:
         with torch.no_grad(), random_state_kept(example_input.device):
@@ -79,15 +70,6 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
         ) from None
     _propagate_layouts(gm)
     return gm
-
-
-def _key_read_from_input(node: fx.Node) -> str | None:
-    """The key of ``input[key]`` when ``node`` indexes the model's input with a string (a dict input)."""
-    if node.op != "call_function" or node.target is not operator.getitem:
-        return None
-    source, key = node.args[0], node.args[1]
-    is_input = isinstance(source, fx.Node) and source.op == "placeholder"
-    return key if is_input and isinstance(key, str) else None
 
 
 # NOTE [layouts]
