@@ -979,12 +979,14 @@ def _describe_difference(expected: object, got: object) -> str:
 def dict_input_error(graph: fx.Graph | None) -> UnsupportedModelError | None:
     """The refusal of a forward that reads its input as a dict (``batch["image"]``, ``batch.get("image")``),
     found in ``graph`` (also one a failed trace left half-built); None if it reads no key."""
-    for node in graph.nodes if graph is not None else ():
+    nodes = list(graph.nodes) if graph is not None else []
+    images = next((n for n in nodes if n.op == "placeholder"), None)  # forward's first argument
+    for node in nodes:
         read = (node.op == "call_function" and node.target is operator.getitem) or (
             node.op == "call_method" and node.target == "get"
         )
         source, key = (node.args + (None, None))[:2]
-        if read and isinstance(source, fx.Node) and source.op == "placeholder" and isinstance(key, str):
+        if read and images is not None and source is images and isinstance(key, str):
             return UnsupportedModelError(
                 f"the model's forward reads its input as a dict (input[{key!r}]), and a flow passes the images "
                 "tensor itself: wrap the model so that forward takes the images, e.g.\n"

@@ -129,7 +129,7 @@ def stage_coefficients(stage: nn.Module, input: Tensor, coefficients_out: Tensor
     """
     with torch.enable_grad():
         x = input.detach().requires_grad_(True)
-        out = stage.forward(x, *extras)  # not __call__: no process-wide module hooks on the library's stages
+        out = stage(x, *extras)  # a hookless stage (extract_stage): no process-wide module hooks run on it
         out, inner = (out[0], list(out[1:])) if isinstance(out, tuple) else (out, [])
         return tuple(gradients(out, [x, *inner], coefficients_out))
 

@@ -37,15 +37,7 @@ def affine_piece(stage: nn.Module, input: Tensor, *extras):
     Stages are graph modules: ``J`` is applied op by op (``linearize_graph``), not with ``jvp``.
     """
     value, tangent = linearize_graph(stage, input, *extras) if isinstance(stage, fx.GraphModule) else (None, None)
-    run = _hookless(stage)
-    return linearized_map(lambda x: run(x, *extras), input, _float64_call(stage, extras), tangent, value)
-
-
-def _hookless(stage: nn.Module):
-    """A stage's ``forward``: the library's own graph modules are not the user's modules, and a
-    process-wide module hook (``register_module_full_backward_hook``, ``FlopCounterMode``'s) must not
-    run on them, least of all inside torch.func, where a backward hook's autograd.Function fails."""
-    return stage.forward if isinstance(stage, fx.GraphModule) else stage
+    return linearized_map(lambda x: stage(x, *extras), input, _float64_call(stage, extras), tangent, value)
 
 
 def _solve_affine_piece(solver, bpfm_out: Tensor, stage: nn.Module, input: Tensor, *extras) -> Tensor:
@@ -74,8 +66,7 @@ def elementwise_affine_inverse(solver, bpfm_out: Tensor, stage: nn.Module, input
     for batch norm (0 where ``c = 0``). A constant that broadcasts the input to a larger shape
     makes ``J`` tall instead; that is solved like any affine piece.
     """
-    run = _hookless(stage)
-    out, vjp_fn = torch.func.vjp(lambda a: run(a, *extras), input)
+    out, vjp_fn = torch.func.vjp(lambda a: stage(a, *extras), input)
     if out.shape != input.shape:
         return _solve_affine_piece(solver, bpfm_out, stage, input, *extras)
     d = vjp_fn(torch.ones_like(out))[0]
