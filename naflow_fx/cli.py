@@ -1231,6 +1231,10 @@ _ADVICE = (
         ),
         "Pass a --size the model accepts (large enough for its downsampling, e.g. 224).",
     ),
+    (
+        re.compile(r"Pass an example of the size the model is used at, e\.g\. \(1, 3, 224, 224\) \(.*?\)\."),
+        "Pass a larger --size, the size the model is used at (e.g. 224).",
+    ),
     (re.compile(r"target=None means the argmax class"), "--target auto (the default) means the argmax class"),
     (
         re.compile(r"Pass a callable target(, e\.g\. .*?\.| ?\(output\) -> Tensor\[B\] instead\.)(?= |$)"),

@@ -382,6 +382,8 @@ def test_argument_errors():
         compile_naflow(model, x[:0])
     with pytest.raises(UnsupportedModelError, match=r"failed on the example input of shape \(1, 1, 16, 16\)"):
         compile_naflow(model, torch.randn(1, 1, SIZE, SIZE))
+    with pytest.raises(UnsupportedModelError, match=r"the example is 1×1, and at that size no feature map .* 1×1"):
+        compile_naflow(tiny_cnn(), (1, 3, 1, 1))  # before: only "pass last_layer=", which cannot help
     with pytest.raises(InputError, match=r"3 dims: .*If this is one image, add the batch dim with x.unsqueeze\(0\)"):
         compile_naflow(model, x[0])
 

@@ -814,6 +814,10 @@ def flat():
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
 
 
+def collapsing():  # a 16×16 kernel: at 16 px its map is 1×1
+    return nn.Sequential(nn.Conv2d(3, 4, 16), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3))
+
+
 def fft():
     return _FFT()
 
@@ -864,6 +868,8 @@ def test_library_advice_names_the_command_line_options(capsys, toys):
     code, _, err = run(capsys, "inspect", "--model", "toys:flat", "--size", "16")
     assert_one_line_error(code, err, "pass --last-layer NAME")
     assert "last_layer=" not in err
+    code, _, err = run(capsys, "inspect", "--model", "toys:collapsing", "--size", "16")  # every map is 1×1
+    assert_one_line_error(code, err, "the example is 16×16", "Pass a larger --size, the size the model is used at")
     code, _, err = run(capsys, "inspect", "--model", "toys:shrinking", "--size", "16")
     assert_one_line_error(code, err, "Output size is too small", "Pass a --size the model accepts")
     code, _, err = run(capsys, "explain", img, "--model", "toys:seg", "--size", "16", "-q")

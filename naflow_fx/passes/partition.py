@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +114,19 @@ def articulation_nodes(nodes: list[fx.Node]) -> list[fx.Node]:
 def _is_4d(node: fx.Node) -> bool:
     meta = tensor_meta(node)
     return meta is not None and len(meta.shape) == 4
+
+
+def _small_example(features: Iterable[fx.Node], source: fx.Node) -> str:
+    """The hint when no feature map after the input is larger than 1×1: the example is too small for
+    the model (a 1×1 example, or one its downsampling reduces to 1×1 at once), so nothing has a map."""
+    maps = [m.shape for n in features if n is not source and _is_4d(n) and (m := tensor_meta(n)) is not None]
+    if not maps or any(shape[-2] * shape[-1] > 1 for shape in maps):  # no conv at all, or a map to explain
+        return ""
+    height, width = tensor_meta(source).shape[-2:]
+    return (
+        f": the example is {height}×{width}, and at that size no feature map of the model is larger than 1×1. Pass an "
+        "example of the size the model is used at, e.g. (1, 3, 224, 224) (the compiled flow accepts other sizes)."
+    )
 
 
 def _is_global_pool(node: fx.Node) -> bool:
@@ -286,7 +299,11 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
         if last is None:
             raise UnsupportedModelError(
                 "found no 4-D feature map that every path from the input to the output passes through"
-                + (not_2d or "; pass last_layer='<layer name>' to choose the last feature layer.")
+                + (
+                    not_2d
+                    or _small_example(whole, source)
+                    or "; pass last_layer='<layer name>' to choose the last feature layer."
+                )
             )
     else:
         by_name = {n.meta.get("naflow.name", n.name): n for n in candidates if _is_4d(n) and n is not source}
