@@ -899,8 +899,7 @@ def _warn_non_finite(maps: dict[str, Tensor], layers: Sequence[str], dtype: torc
     if not bad:
         return
     if method:  # each CAM map is its own layer's: list them
-        at = ", ".join(map(repr, bad[:3])) + (", ..." if len(bad) > 3 else "")
-        head = f"the {method} maps of {len(bad)} of {len(layers)} layers contain NaN or Inf ({at}): "
+        head = f"the {method} maps of {len(bad)} of {len(layers)} layers contain NaN or Inf ({_listed(bad)}): "
         why = (
             f"the model's activations or their gradients there overflow {dtype} (e.g. a channel at ±Inf that a "
             "later ReLU hides from the output). Explain the model and input in float64 (model.double(), x.double())."
@@ -923,7 +922,6 @@ def _warn_unconverged(records: Sequence[SolveRecord], config: SolverConfig, dtyp
     failed = [r.layer for r in solves if not r.converged]
     if not failed:
         return
-    at = ", ".join(map(repr, failed[:3])) + (", ..." if len(failed) > 3 else "")
     floor = 1e-13 if dtype == torch.float64 else 1e-6
     advice = f"pass a larger max_iter to compile_naflow (e.g. max_iter={4 * config.max_iter})"
     if config.tol < floor:  # there more iterations may not help: the solves stagnate in rounding
@@ -932,8 +930,9 @@ def _warn_unconverged(records: Sequence[SolveRecord], config: SolverConfig, dtyp
     warn_at_caller(
         NumericalWarning(
             f"{len(failed)} of {len(solves)} least-squares solves stopped at max_iter={config.max_iter} before their "
-            f"relative normal residual reached tol={config.tol:g}, at {at}: those layers' maps, and the maps of the "
-            f"layers below them, are approximate (flow.format_diagnostics() shows each solve's residual); {advice}"
+            f"relative normal residual reached tol={config.tol:g}, at {_listed(failed)}: those layers' maps, and the "
+            f"maps of the layers below them, are approximate (flow.format_diagnostics() shows each solve's residual); "
+            f"{advice}"
         )
     )
 

@@ -989,10 +989,7 @@ def dict_input_error(graph: fx.Graph | None) -> UnsupportedModelError | None:
         if read and images is not None and source is images and isinstance(key, str):
             return UnsupportedModelError(
                 f"the model's forward reads its input as a dict (input[{key!r}]), and a flow passes the images "
-                "tensor itself: wrap the model so that forward takes the images, e.g.\n"
-                "class Explained(torch.nn.Module):\n    def __init__(self, model): super().__init__(); self.model = "
-                f"model\n    def forward(self, x): return self.model({{{key!r}: x}})\n"
-                "then compile_naflow(Explained(model), x)"
+                f"tensor itself: wrap the model so that forward takes the images, e.g.\n{_wrap_hint(f'{{{key!r}: x}}')}"
             )
     return None
 
