@@ -61,19 +61,39 @@ def _check_map_tensor(maps: object, fn: str) -> Tensor:
     return maps if maps.is_floating_point() else maps.float()
 
 
+def _varies(flat: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lo, hi, varies)`` of flattened maps ``[..., n]``: a map varies when its span exceeds ``eps`` of its
+    largest magnitude (relative, so maps of any scale keep their shape)."""
+    lo = flat.min(-1, keepdim=True).values
+    hi = flat.max(-1, keepdim=True).values
+    return lo, hi, hi - lo > eps * torch.maximum(hi.abs(), lo.abs())
+
+
 def _normalize(maps: Tensor, eps: float) -> Tensor:
     """:func:`normalize_maps` of finite, checked maps."""
     flat = maps.flatten(-2)
-    lo = flat.min(-1, keepdim=True).values
-    hi = flat.max(-1, keepdim=True).values
+    lo, hi, varies = _varies(flat, eps)
     span = hi - lo
-    varies = span > eps * torch.maximum(hi.abs(), lo.abs())  # relative: maps of any scale
     out = torch.where(varies, (flat - lo) / torch.where(varies, span, 1), torch.zeros_like(flat))
     if flat.numel() and bool(torch.isinf(span).any()):
         # the span of finite maps overflowed the dtype (e.g. float32 maps from -3e38 to 3e38): halve first
         half = (flat / 2 - lo / 2) / (hi / 2 - lo / 2)
         out = torch.where(torch.isinf(span), half, out)
     return out.reshape(maps.shape)
+
+
+def resized_normalized(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Finite maps ``[..., h, w]`` resized bilinearly to ``size``, then each min-max scaled to [0, 1].
+
+    A map that is constant before resizing is 0 after it, as :func:`normalize_maps` makes it: bilinear
+    weights round differently from pixel to pixel (0.3 becomes 0.29999998 … 0.30000004), and scaling
+    that rounding to [0, 1] would draw a flat map as noise.
+    """
+    small = maps.reshape(-1, 1, *maps.shape[-2:])
+    up = F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+    out = _normalize(up, 1e-12)
+    out[~_varies(small.flatten(1), 1e-12)[2][:, 0]] = 0
+    return out.reshape(*maps.shape[:-2], *size)
 
 
 @dataclass(eq=False)
@@ -155,8 +175,10 @@ class LayerMaps:
             # in the maps' own dtype, normalised before the float32 output: float64 maps of 1e-60 or
             # 1e300 (the float64 flows NumericalWarning advises) keep their shape
             maps = self.maps[name] if self.maps[name].is_floating_point() else self.maps[name].float()
-            up = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            out[:, i] = _normalize(up, 1e-12) if normalize else up
+            if normalize:
+                out[:, i] = resized_normalized(maps, size)
+            else:
+                out[:, i] = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return out
 
     def __repr__(self) -> str:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._io import atomic_write, check_parent, existing_folder, write_target
 from .errors import InputError, InputTypeError, optional
-from .result import LayerMaps, _check_room, check_layer_maps, check_maps, normalize_maps
+from .result import LayerMaps, _check_room, _varies, check_layer_maps, check_maps, resized_normalized
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
 
@@ -453,11 +453,21 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
     _check_cmap(cmap, "overlay")
     img = _image_to_numpy(image)
     h, w = img.shape[:2]
-    m = heatmap.detach().float()
-    m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    m = normalize_maps(m).cpu().numpy()
+    m = resized_normalized(heatmap.detach().float(), (h, w)).cpu().numpy()
     colored = matplotlib.colormaps[cmap](m)[..., :3]
     return (1 - alpha) * img + alpha * colored
+
+
+def _flat_mark(heatmap: Tensor) -> str:
+    """``"empty"`` for an all-zero map, ``"uniform"`` for another constant one, else ``""``.
+
+    :func:`overlay` draws every constant map alike, in the colormap's lowest colour, so the figures
+    mark them: an abandoned layer (nothing of the decision passes through it) is then not mistaken for
+    a layer whose attention is merely low, or for a drawing fault.
+    """
+    if not bool(heatmap.any()):
+        return "empty"
+    return "" if bool(_varies(heatmap.flatten(), 1e-12)[2]) else "uniform"
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
@@ -540,7 +550,9 @@ def flow_grid(
         alpha: the maps' weight in [0, 1]; cmap: a matplotlib colormap name; cell: inches of
             each image's longer side (its shape is kept); dpi: the saved figure's resolution.
         colorbar: add the colormap's scale at the right. Each map is min-max scaled to [0, 1] on
-            its own (decision 41), so the bar reads within one map, not across maps.
+            its own (decision 41), so the bar reads within one map, not across maps. A constant
+            map has no scale: it is drawn in the colormap's lowest colour and marked ``empty``
+            (all zeros, e.g. a layer where every neuron was abandoned) or ``uniform``.
         image_labels: one name per image (e.g. its file), written above the labels of its first row.
 
     Every argument is checked before any drawing: bad input raises
@@ -665,7 +677,12 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, image_la
                 label = who.replace("$", r"\$") + "\n" + label
             ax.set_ylabel(label, fontsize=fontsize)
             for j, name in enumerate(layers):
-                axes[r, j + 1].imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
+                ax = axes[r, j + 1]
+                ax.imshow(overlay(images[b], res.maps[name][b], alpha=alpha, cmap=cmap))
+                mark = _flat_mark(res.maps[name][b])
+                if mark:
+                    box = {"facecolor": "white", "alpha": 0.8, "pad": 1.0, "linewidth": 0}
+                    ax.text(0.03, 0.03, mark, transform=ax.transAxes, fontsize=fontsize, va="bottom", bbox=box)
                 if r == 0:
                     axes[r, j + 1].set_title(_wrap(titles[j], chars, 3, "."), fontsize=fontsize)
             if r == 0:
@@ -703,7 +720,8 @@ def flow_gif(
 ) -> str:
     """An animated GIF of the flow: one frame per layer (shallow → deep), the batch side by side.
 
-    Each frame shows every image with that layer's map overlaid and the layer's name on top.
+    Each frame shows every image with that layer's map overlaid and the layer's name on top; a
+    constant map is marked ``empty`` (all zeros) or ``uniform``, as in :func:`flow_grid`.
 
     Args:
         images: ``Tensor[B, C, H, W]``.
@@ -772,8 +790,15 @@ def flow_gif(
         for name in layers:
             frame = Image.new("RGB", (w * batch, h + header), "white")
             for b in range(batch):
-                rgb = overlay(small[b], result.maps[name][b].cpu(), alpha=alpha, cmap=cmap)
+                heatmap = result.maps[name][b].cpu()
+                rgb = overlay(small[b], heatmap, alpha=alpha, cmap=cmap)
                 frame.paste(Image.fromarray((rgb * 255).round().astype(np.uint8)), (b * w, header))
+                mark = _flat_mark(heatmap)
+                if mark:  # as in flow_grid: a constant map is marked, not drawn as a dark image
+                    draw = ImageDraw.Draw(frame)
+                    box = draw.textbbox((b * w + 3, header + h - 14), mark)
+                    draw.rectangle(box, fill="white")
+                    draw.text((b * w + 3, header + h - 14), mark, fill="black")
             ImageDraw.Draw(frame).text((3, 1), f"{result.method}: {name}", fill="black")
             frames.append(frame)
     except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown

@@ -1578,6 +1578,11 @@ def test_upsample_shapes_and_range(nf):
     flat = nf.layers[0]
     flow.maps[flat] = torch.full_like(flow.maps[flat], 3.0)  # an everywhere-equal map becomes 0
     assert torch.all(flow.upsample()[:, 0] == 0)
+    # judged before resizing: bilinear rounding of 0.3 (or of a 1x1 map) is not scaled up to noise
+    flow.maps[flat] = torch.full_like(flow.maps[flat], 0.3)
+    assert torch.all(flow.upsample(size=(37, 23))[:, 0] == 0)
+    flow.maps[flat] = torch.full((2, 1, 1), 0.3)
+    assert torch.all(flow.upsample()[:, 0] == 0)
     big = flow.upsample(size=(40, 24))
     assert big.shape == (2, len(nf.layers), 40, 24) and big.min() >= 0 and big.max() <= 1
     raw = flow.upsample(normalize=False)

@@ -8,6 +8,7 @@ import os
 import tempfile
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -653,3 +654,32 @@ def test_flow_grid_can_show_the_colormaps_scale(tmp_path):
     plt.close(plain)
     with pytest.raises(InputTypeError, match="colorbar must be True or False, got str 'yes'"):
         flow_grid(_images(), _res(), colorbar="yes")
+
+
+def test_constant_maps_are_marked_empty_or_uniform_in_the_grid_and_the_gif(tmp_path):
+    from PIL import Image
+
+    res = _res(layers=("a", "b", "c"))
+    res.maps["a"][0] = 0.0  # image 0: every neuron of layer a abandoned
+    res.maps["b"][1] = 0.25  # image 1: a constant, non-zero map
+    fig = flow_grid(_images(), res)
+    cells = fig.axes[:8]  # 2 rows of [input, a, b, c]
+    marks = [[t.get_text() for t in ax.texts] for ax in cells]
+    assert marks == [[], ["empty"], [], [], [], [], ["uniform"], []]
+    plt.close(fig)
+    # a constant map is drawn flat, not as its bilinear rounding scaled to [0, 1]
+    flat = overlay(_images()[0], torch.full((3, 3), 0.3))
+    assert (flat == overlay(_images()[0], torch.zeros(3, 3))).all()
+    # a map that is merely tiny keeps its shape, and no mark
+    assert viz._flat_mark(torch.tensor([[0.0, 1e-30]])) == "" and viz._flat_mark(torch.zeros(2, 2)) == "empty"
+
+    def frame(name: str) -> torch.Tensor:
+        gif = flow_gif(_images(), res, tmp_path / f"{name}.gif", size=32, layers=["a"])
+        return torch.as_tensor(np.array(Image.open(gif).convert("RGB")))
+
+    marked = frame("marked")
+    res.maps["a"][0] = torch.rand(4, 4)  # the same frame with a varying map on image 0
+    unmarked = frame("unmarked")
+    corner = (slice(viz._GIF_HEADER + 32 - 14, viz._GIF_HEADER + 32), slice(0, 32))
+    assert (marked[corner] == 255).all(-1).sum() > 20  # the label's white box in image 0's corner
+    assert (unmarked[corner] == 255).all(-1).sum() < 5
