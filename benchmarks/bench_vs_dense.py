@@ -36,7 +36,7 @@ from naflow_fx.solvers import SolverContext
 from naflow_fx.solvers.context import relative_residual
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_gradcam import _pearson  # noqa: E402
+from bench_vs_gradcam import _pearson
 
 
 class RowwiseDenseContext(SolverContext):

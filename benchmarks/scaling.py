@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_gradcam import check_device, run_one  # noqa: E402
+from bench_vs_gradcam import check_device, run_one
 
 
 def measure(model: str, size: int, batch: int, device: str) -> dict:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 # the examples' shared images (examples/_synthetic.py), importable however the script is run
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _synthetic import (  # noqa: E402
+from _synthetic import (
     SHAPES,
     SHAPES_SEED,
     describe_source,
@@ -47,7 +47,7 @@ from _synthetic import (  # noqa: E402
     shapes_by_class,
 )
 
-from naflow_fx.data.shapes import CLASSES, SIZE, normalize  # noqa: E402
+from naflow_fx.data.shapes import CLASSES, SIZE, normalize
 
 ARCHS = ("shapes", "conv4")
 

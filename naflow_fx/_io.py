@@ -189,7 +189,7 @@ def load_state_dict_file(
         raise InputError(f"{prefix}weights file not found: {path}; {missing_hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the caller's to fix
+    except Exception as exc:  # any unreadable file is the caller's to fix
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if isinstance(exc, pickle.UnpicklingError) and found:
             # torch.load(weights_only=True) refuses pickled objects other than tensors and containers: most often

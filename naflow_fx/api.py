@@ -396,7 +396,7 @@ class NAFlow:
             xin = x.detach().requires_grad_(True)
             try:
                 output, values = self._recorder.forward(xin)  # not __call__: fx would print a traceback
-            except Exception as exc:  # noqa: BLE001 - the model itself rejected this input
+            except Exception as exc:  # the model itself rejected this input
                 raise InputError(
                     f"the model failed on an input of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}"
                 ) from None

@@ -120,7 +120,7 @@ def _as_module(obj: object, source: str) -> nn.Module:
     if callable(obj):
         try:
             obj = obj()
-        except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        except Exception as exc:  # the user's factory failed
             raise CLIError(
                 f"{source}() failed: {type(exc).__name__}: {exc}; it must build the model with no arguments"
             ) from None
@@ -171,7 +171,7 @@ def _callable_spec(spec: str, weights: str | None) -> ModelSpec:
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - import errors of the user's code
+    except Exception as exc:  # import errors of the user's code
         raise CLIError(
             f"--model {spec}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); run from the folder that "
             "holds it or install its package"
@@ -193,7 +193,7 @@ def _file_spec(path: str, weights: str | None) -> ModelSpec:
     try:
         # a whole pickled model needs full unpickling: only load files you trust
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # anything an unreadable or foreign file raises
         raise CLIError(
             f"cannot read model file {path} ({type(exc).__name__}); save it with torch.save(model, path)"
         ) from None
@@ -233,7 +233,7 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
         raise CLIError(f"--weights {weights} is neither a file nor weights of {name}; choose one of: {names}") from None
     try:
         model = torchvision.models.get_model(name, weights=chosen)
-    except Exception as exc:  # noqa: BLE001 - network and cache errors
+    except Exception as exc:  # network and cache errors
         raise CLIError(
             f"could not load {name} weights {chosen.name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "download them where there is internet, or pass a state-dict file with --weights"
@@ -372,11 +372,11 @@ def _frames(im) -> int:
     """How many frames or pages ``im`` has (1 when that cannot be told: a damaged later page), at frame 0."""
     try:
         frames = int(getattr(im, "n_frames", 1))
-    except Exception:  # noqa: BLE001 - PIL raises anything from a damaged page; the first one may be fine
+    except Exception:  # PIL raises anything from a damaged page; the first one may be fine
         frames = 1
     try:
         im.seek(0)  # where a failed count may have left another page
-    except Exception:  # noqa: BLE001 - as above; loading the first page then says what is wrong
+    except Exception:  # as above; loading the first page then says what is wrong
         pass
     return frames
 
@@ -439,7 +439,7 @@ def _upright(im):
         if im.getexif().get(0x0112, 1) in (1, None):
             return im
         return ImageOps.exif_transpose(im)
-    except Exception:  # noqa: BLE001 - a malformed EXIF block: the pixels as stored
+    except Exception:  # a malformed EXIF block: the pixels as stored
         return im
 
 
@@ -1022,10 +1022,10 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        required=required,
+        required=True,
         help="torchvision model name, 'shapes' (embedded), module:callable, or a file saved with torch.save(model)",
     )
     p.add_argument("--weights", help="torchvision weights enum (DEFAULT, IMAGENET1K_V1, ...) or a state-dict file")

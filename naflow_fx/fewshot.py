@@ -248,7 +248,7 @@ def _embed(nf: NAFlow, x: Tensor, batch_size: int | None = None, what: str = "im
             start += chunk.shape[0]
             try:
                 out = nf.graph_module.forward(chunk)  # not __call__: fx would print a traceback
-            except Exception as exc:  # noqa: BLE001 - the model itself rejected these images
+            except Exception as exc:  # the model itself rejected these images
                 first_line = str(exc).partition("\n")[0]  # torch.fx appends the generated code
                 raise InputError(
                     f"the model failed on the {what} (shape {tuple(chunk.shape)}; it was compiled for "

@@ -154,7 +154,7 @@ def _read_tensor(value: Tensor, who: str) -> Tensor:
         if value.layout != torch.strided:
             value = value.to_dense()
         return value.to(torch.long)
-    except Exception as exc:  # noqa: BLE001 - an exotic tensor type whose values cannot be read
+    except Exception as exc:  # an exotic tensor type whose values cannot be read
         layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
         raise TargetError(
             f"cannot read class indices from {who}, a {layout} {value.dtype} tensor ({type(exc).__name__}: "
@@ -252,7 +252,7 @@ def _call(fn: Callable[[Tensor], Tensor], output: Tensor, what: str, of: str) ->
         return fn(output)
     except NAFlowError:  # the library's own targets (SimilarityTarget) say what is wrong themselves
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's callable rejected this output
+    except Exception as exc:  # the user's callable rejected this output
         raise TargetError(
             f"{what} failed on {of} of shape {tuple(output.shape)}: {type(exc).__name__}: {exc}"
         ) from None

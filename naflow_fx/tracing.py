@@ -115,10 +115,9 @@ class NAFlowTracer(fx.Tracer):
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
         self.attr_values: dict[fx.Node, object] = {}  # get_attr node → the parameter or buffer it reads
 
-    # NOTE [threads]: while it traces, fx patches ``nn.Module.__call__`` and ``__getattr__`` for the
-    # whole process, and the patches call this tracer's ``call_module`` and ``getattr``. A module
-    # run in another thread meanwhile (a flow, an embedding, the user's own ``model(x)``) must not
-    # be traced: there both give the plain call and value.
+    # NOTE [threads] (naflow_fx/api.py): the patches fx installs for the whole process while it
+    # traces call this tracer's ``call_module`` and ``getattr``; in any thread but the tracing one
+    # both give the plain call and value.
     _thread: int | None = None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
@@ -845,7 +844,7 @@ def _give_back(saved: list[tuple[_Setting, object]]) -> None:
     for setting, value in saved:
         try:
             setting.set(value)
-        except Exception:  # noqa: BLE001 - best effort: the others still go back
+        except Exception:  # best effort: the others still go back
             continue
 
 
@@ -927,7 +926,7 @@ def _check_faithful(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
                 # same random numbers, and the caller's stream (of the CPU and of the device) is kept
                 with random_state_kept(device):
                     outputs.append(torch.func.functional_call(module, buffers, (example.clone(),), kwargs))
-    except Exception:  # noqa: BLE001 - a model that fails on the example is reported by the passes that run it
+    except Exception:  # a model that fails on the example is reported by the passes that run it
         return
     expected, got = outputs
     if _same_output(expected, got):
@@ -1000,7 +999,7 @@ def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.Gra
     fixed = None
     try:
         graph = _run_tracer(tracer, model, concrete_args)
-    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one readable error
+    except Exception as exc:  # every tracing failure becomes one readable error
         refusal = dict_input_error(getattr(tracer, "graph", None))  # the half-built graph: no retry can help
         if refusal is not None:
             raise refusal from None
@@ -1011,7 +1010,7 @@ def _trace(model, tracer, leaf_modules, concrete_args, example, state) -> fx.Gra
                 tracer = ShapeTracer(example, leaf_modules, concrete_args)
                 graph = _run_tracer(tracer, model, concrete_args)
                 fixed = (tuple(example.shape[1:]), _where(exc).removeprefix(" at ") or f"{name}.forward")
-            except Exception as retry:  # noqa: BLE001
+            except Exception as retry:
                 if _where(retry) == _where(exc) and type(retry) is type(exc):
                     again = (
                         "\nTracing again with the input's sizes fixed fails on the same line: it depends on more "

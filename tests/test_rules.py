@@ -110,7 +110,7 @@ def hardtanh_samples(draw) -> Sample:
 
 @st.composite
 def leaky_relu_samples(draw) -> Sample:
-    # |slope| ≥ 1e-3 or exactly 0: the rule divides by any non-zero slope (docs/naflow.md, decision 10)
+    # |slope| ≥ 1e-3 or exactly 0: the rule divides by any non-zero slope (docs/naflow.md, decision 11)
     # while pinv cuts singular values below max(q, p)·eps·σ_max, so denormal slopes are out of scope
     magnitude = st.floats(1e-3, 2)
     slope = draw(st.one_of(st.sampled_from([0.0, 0.01, 0.2, 1.0]), magnitude, magnitude.map(lambda m: -m)))

@@ -28,7 +28,7 @@ def _run(*targets):
     def wrap(i, f):
         try:
             f()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:  # reported to the test
             errors[i] = exc
 
     threads = [threading.Thread(target=wrap, args=(i, f), daemon=True) for i, f in enumerate(targets)]

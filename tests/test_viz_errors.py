@@ -12,15 +12,15 @@ import numpy as np
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import pytest
+import torch
 
-import naflow_fx.result  # noqa: E402
-from naflow_fx import LayerMaps, viz  # noqa: E402
-from naflow_fx.errors import InputError, InputTypeError  # noqa: E402
-from naflow_fx.metrics import energy_on_mask, mask_energy  # noqa: E402
-from naflow_fx.viz import atomic_savefig, flow_gif, flow_grid, overlay, short_layer_name  # noqa: E402
+import naflow_fx.result
+from naflow_fx import LayerMaps, viz
+from naflow_fx.errors import InputError, InputTypeError
+from naflow_fx.metrics import energy_on_mask, mask_energy
+from naflow_fx.viz import atomic_savefig, flow_gif, flow_grid, overlay, short_layer_name
 
 
 def _res(batch: int = 2, layers=("a", "b"), method: str = "naflow", classes: bool = False) -> LayerMaps:

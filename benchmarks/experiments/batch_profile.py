@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build  # noqa: E402
+from bench_vs_gradcam import _build
 
 TUNED = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's largest: tensors up to 32 MiB come from the heap

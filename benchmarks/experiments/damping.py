@@ -37,13 +37,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, timed_flow, worker  # noqa: E402
+from bench_vs_gradcam import _build, timed_flow, worker
 
-from naflow_fx import compile_naflow  # noqa: E402
-from naflow_fx.data.shapes import make_shapes, normalize  # noqa: E402
-from naflow_fx.metrics import energy_on_mask  # noqa: E402
-from naflow_fx.result import LayerMaps  # noqa: E402
-from naflow_fx.zoo.shapes import shapes_resnet  # noqa: E402
+from naflow_fx import compile_naflow
+from naflow_fx.data.shapes import make_shapes, normalize
+from naflow_fx.metrics import energy_on_mask
+from naflow_fx.result import LayerMaps
+from naflow_fx.zoo.shapes import shapes_resnet
 
 
 def _pearson_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

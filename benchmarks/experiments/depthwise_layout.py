@@ -28,9 +28,9 @@ import torch
 from torch.func import vjp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, flows_with_rule_replaced, min_pearson  # noqa: E402
+from bench_vs_gradcam import _build, flows_with_rule_replaced, min_pearson
 
-import naflow_fx.rules.linear as linear_rules  # noqa: E402
+import naflow_fx.rules.linear as linear_rules
 
 MODELS = "mobilenet_v2,mnasnet1_0,mobilenet_v3_large,efficientnet_b0"
 # MobileNet-V2's depthwise convs at 224: (channels, input side, stride)

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regions_common import zoo_regions  # noqa: E402
+from regions_common import zoo_regions
 
-from naflow_fx.solvers.iterative import cgls  # noqa: E402
-from naflow_fx.solvers.operator import batch_norm2  # noqa: E402
+from naflow_fx.solvers.iterative import cgls
+from naflow_fx.solvers.operator import batch_norm2
 
 
 def lsmr(op, b: Tensor, lam: float, tol: float = 1e-4, max_iter: int = 500) -> tuple[Tensor, int, float]:

@@ -24,9 +24,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, flows_with_rule_replaced, min_pearson  # noqa: E402
+from bench_vs_gradcam import _build, flows_with_rule_replaced, min_pearson
 
-import naflow_fx.rules.linear as linear_rules  # noqa: E402
+import naflow_fx.rules.linear as linear_rules
 
 MODELS = "mobilenet_v2,efficientnet_b0,mnasnet1_0,squeezenet1_1,densenet121,shufflenet_v2_x1_0"
 

@@ -36,12 +36,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build  # noqa: E402
+from bench_vs_gradcam import _build
 
-import naflow_fx.rules.generic as generic  # noqa: E402
-from naflow_fx import compile_naflow  # noqa: E402
-from naflow_fx.solvers.iterative import cgls  # noqa: E402
-from naflow_fx.solvers.operator import LinearOperator, batch_norm2  # noqa: E402
+import naflow_fx.rules.generic as generic
+from naflow_fx import compile_naflow
+from naflow_fx.solvers.iterative import cgls
+from naflow_fx.solvers.operator import LinearOperator, batch_norm2
 
 BLOCKS = ("layer1.1", "layer2.1", "layer3.1", "layer4.1")
 

@@ -51,10 +51,10 @@ from torch import Tensor
 from torch.func import vmap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build  # noqa: E402
+from bench_vs_gradcam import _build
 
-from naflow_fx.data.shapes import make_shapes, normalize  # noqa: E402
-from naflow_fx.zoo.shapes import shapes_resnet  # noqa: E402
+from naflow_fx.data.shapes import make_shapes, normalize
+from naflow_fx.zoo.shapes import shapes_resnet
 
 
 def dense(op, p: int) -> Tensor:

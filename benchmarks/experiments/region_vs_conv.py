@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from regions_common import zoo_regions  # noqa: E402
+from regions_common import zoo_regions
 
-from naflow_fx.solvers.context import SolverConfig, SolverContext  # noqa: E402
-from naflow_fx.solvers.iterative import cgls  # noqa: E402
-from naflow_fx.solvers.operator import linear_map  # noqa: E402
+from naflow_fx.solvers.context import SolverConfig, SolverContext
+from naflow_fx.solvers.iterative import cgls
+from naflow_fx.solvers.operator import linear_map
 
 
 def conv_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Conv2d, torch.Tensor, torch.Tensor]]:

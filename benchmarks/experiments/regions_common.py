@@ -24,11 +24,11 @@ def capture_regions(model: torch.nn.Module, x: Tensor) -> dict[str, tuple]:
     captured: dict[str, tuple] = {}
     solve = context.SolverContext.solve
 
-    def capture(self, op, rhs, *, damped=True, key=None):
+    def capture(self, op, rhs, *, damped=True):
         if self._current is not None and self._current.rule == "region_inverse":
-            lam = self.config.damping * float(self.sigma_max(op, rhs, key)[0])
+            lam = self.config.damping * float(self.sigma_max(op, rhs, self._current.layer)[0])
             captured[self._current.layer] = (op, rhs.clone(), lam)
-        return solve(self, op, rhs, damped=damped, key=key)
+        return solve(self, op, rhs, damped=damped)
 
     context.SolverContext.solve = capture
     try:

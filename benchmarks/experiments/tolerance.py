@@ -23,9 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, _pearson  # noqa: E402
+from bench_vs_gradcam import _build, _pearson
 
-from naflow_fx import compile_naflow  # noqa: E402
+from naflow_fx import compile_naflow
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,12 +34,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_vs_gradcam import _build, min_pearson  # noqa: E402
+from bench_vs_gradcam import _build, min_pearson
 
-import naflow_fx.rules.generic as generic  # noqa: E402
-from naflow_fx import compile_naflow  # noqa: E402
-from naflow_fx.solvers.context import relative_residual  # noqa: E402
-from naflow_fx.solvers.operator import batch_dot, batch_norm2  # noqa: E402
+import naflow_fx.rules.generic as generic
+from naflow_fx import compile_naflow
+from naflow_fx.solvers.context import relative_residual
+from naflow_fx.solvers.operator import batch_dot, batch_norm2
 
 
 def cgls_from(op, b, lam2: float, x0, tol: float, max_iter: int):

@@ -117,7 +117,7 @@ def first_mixing_node(gm: fx.GraphModule, image: Tensor) -> tuple[fx.Node | None
                     reads_input.add(node)
                 else:  # weights and constants: the same in both runs
                     a = b = alone.run_node(node)
-            except Exception:  # noqa: BLE001 - the model cannot run the probe; the real forward says why
+            except Exception:  # the model cannot run the probe; the real forward says why
                 return None, "failed"
             solved = node.meta.get("naflow.role", "inner") in ("input", "articulation", "inner")
             how = _mixes(a, b, solved) if node in reads_input else None

@@ -415,7 +415,7 @@ def refresh_derived_weights(gm: fx.GraphModule) -> None:
     for attr_name, compute in gm.meta.get("naflow.derived", {}).items():
         try:
             value = compute()
-        except Exception as exc:  # noqa: BLE001 - prune.remove / remove_parametrizations since compile
+        except Exception as exc:  # prune.remove / remove_parametrizations since compile
             raise InputError(
                 f"the weight behind {attr_name.removeprefix('naflow_derived_')!r} can no longer be computed "
                 f"({type(exc).__name__}: {exc}): the model's pruning, weight norm or parametrization changed since "

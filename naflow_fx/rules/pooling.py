@@ -19,6 +19,7 @@ __all__ = [
     "max_pool2d_inverse",
     "adaptive_max_pool2d_inverse",
     "avg_pool2d_inverse",
+    "adaptive_avg_pool2d_inverse",
     "interpolate_inverse",
 ]
 

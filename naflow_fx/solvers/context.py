@@ -244,7 +244,7 @@ class SolverContext:
             self.sigma_cache[cache_key] = sigma
         return sigma.expand(batch)
 
-    def position_filter(self, matrix: Tensor, size: tuple[int, int], key: object | None = None) -> Tensor:
+    def position_filter(self, matrix: Tensor, size: tuple[int, int]) -> Tensor:
         """The damped pseudo-inverse ``V diag(σ/(σ² + λ²)) Uᵀ`` (``[p, q]``) of a ``[q, p]`` matrix.
 
         For a ``J`` that applies the same ``matrix`` at every position (a 1×1 convolution:
@@ -253,10 +253,9 @@ class SolverContext:
         filter, with λ = damping · σ_max(matrix) from the SVD rather than an estimate.
         ``size = (q, p)`` of the whole ``J`` sets the zero cut-off when damping is 0, as for the
         dense solver. Computed on the CPU in float64 (so no device needs float64 support), cached
-        per ``key`` (the layer), dtype and device, and λ is recorded on the current step.
+        per layer, dtype and device, and λ is recorded on the current step.
         """
-        if key is None and self._current is not None:
-            key = self._current.layer
+        key = self._current.layer if self._current is not None else None
         cache_key = ("filter", key, tuple(matrix.shape), matrix.dtype, matrix.device)
         entry = self.sigma_cache.get(cache_key) if key is not None else None
         if entry is None:
@@ -268,11 +267,10 @@ class SolverContext:
         self._record().damping = entry[1]
         return entry[0]
 
-    def solve(self, op: LinearOperator, rhs: Tensor, *, damped: bool = True, key: object | None = None) -> Tensor:
+    def solve(self, op: LinearOperator, rhs: Tensor, *, damped: bool = True) -> Tensor:
         """Damped min-norm least squares ``J x ≈ rhs`` per sample (NOTE [damping]); records diagnostics."""
         cfg = self.config
-        if key is None and self._current is not None:
-            key = self._current.layer
+        key = self._current.layer if self._current is not None else None
         q, p = op.size
         method = cfg.solver
         if method == "auto":  # decided per matrix, never on the batch size (I5)
