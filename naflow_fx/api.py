@@ -23,6 +23,9 @@ from .errors import (
     NumericalWarning,
     UnsupportedModelError,
     ZeroMapsWarning,
+    channels_last_hint,
+    did_you_mean,
+    elided,
     warn_at_caller,
 )
 from .passes.codegen import gradients, layer_map
@@ -45,10 +48,13 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
         if example_input.dim() < 2 or example_input.shape[0] == 0:
             raise InputError(f"example_input must be a batch like [B, C, H, W]; got shape {tuple(example_input.shape)}")
         if example_input.dim() == 3:
+            hint = channels_last_hint(example_input) or (
+                ". If this is one image, add the batch dim with x.unsqueeze(0) (a 1-D signal model on [B, C, L] is "
+                "not supported)"
+            )
             raise InputError(
                 f"example_input has shape {tuple(example_input.shape)}, 3 dims: naflow_fx explains 2-D CNNs on "
-                "image batches [B, C, H, W]. If this is one image, add the batch dim with x.unsqueeze(0) (a 1-D "
-                "signal model on [B, C, L] is not supported)"
+                f"image batches [B, C, H, W]{hint}"
             )
         return example_input.detach()[:1].to(device=device, dtype=dtype, copy=True)  # never the caller's images
     if isinstance(example_input, Sequence) and all(isinstance(s, int) and s > 0 for s in example_input):
@@ -316,15 +322,17 @@ class NAFlow:
         if x.is_nested or x.layout != torch.strided:
             layout = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
             raise InputError(f"the input is a {layout} tensor; pass a dense one, e.g. x.to_dense()")
-        rank = len(self._example_shape)
+        rank, channels = len(self._example_shape), self._example_shape[1]
         if x.dim() != rank:
-            hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == rank - 1 else ""
+            hint = channels_last_hint(x, channels)
+            hint = hint or (" (add a batch dimension with x.unsqueeze(0))" if x.dim() == rank - 1 else "")
             raise InputError(f"the input must have {rank} dims like {self._example_shape}, got {tuple(x.shape)}{hint}")
         if x.shape[0] == 0:
             raise InputError("the input batch is empty (B = 0)")
-        if x.shape[1] != self._example_shape[1]:
+        if x.shape[1] != channels:
             raise InputError(
-                f"the input has {x.shape[1]} channels but the model was compiled for {self._example_shape[1]}"
+                f"the input has {x.shape[1]} channels but the model was compiled for {channels}"
+                + channels_last_hint(x, channels)
             )
         if self.fixed_shape is not None and tuple(x.shape[1:]) != self.fixed_shape[0]:
             size, where = self.fixed_shape
@@ -832,8 +840,9 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         known = layers in names or layers in set(qualname.values())
         if not known and not _deeper_hint(gm, layers, qualname):  # a layer after N: named as such below
             raise InputError(
-                f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer or module name. "
-                f"Available layers: {', '.join(names)}"
+                f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer or module name"
+                f"{did_you_mean(layers, [*LAYER_SELECTIONS, *names, *qualname.values()])}. "
+                f"Available layers: {elided(names)}"
             )
         layers = [layers]
     if isinstance(layers, (nn.Module,)):
@@ -858,9 +867,11 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
                 what = "the model itself" if not where else f"module {where!r} ({type(item).__name__})"
             else:
                 what = f"layer {item!r}"
+            deeper = _deeper_hint(gm, item, qualname)
+            close = "" if deeper or isinstance(item, nn.Module) else did_you_mean(item, [*names, *qualname.values()])
             raise InputError(
-                f"{what} is not an explainable layer between the input and the last layer"
-                f"{_deeper_hint(gm, item, qualname)}. Available: {', '.join(names)}"
+                f"{what} is not an explainable layer between the input and the last layer{deeper}{close}. "
+                f"Available: {elided(names)}; a module's name (e.g. a block's) selects the layers it holds"
             )
         chosen.extend(m for m in match if m not in chosen)
     if not chosen:

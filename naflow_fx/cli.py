@@ -8,7 +8,6 @@ line, plus indented detail lines for the errors that list things (unsupported op
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import importlib
 import math
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError, NAFlowError, NumericalWarning, ZeroMapsWarning, optional
+from .errors import ConfigError, InputError, NAFlowError, NumericalWarning, ZeroMapsWarning, did_you_mean, optional
 from .solvers import SolverConfig
 from .tracing import random_state_kept
 
@@ -768,8 +767,7 @@ def _class_index(spec: ModelSpec, target: int | str | None) -> int | None:
     folded = [n.casefold() for n in names]
     if target.casefold() in folded:
         return folded.index(target.casefold())
-    close = difflib.get_close_matches(target.casefold(), folded, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(names[folded.index(c)]) for c in close)}?" if close else ""
+    hint = did_you_mean(target, names)
     raise CLIError(f"--target {target!r} is not a class of {spec.name} (nor 'auto' or a class index){hint}")
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 
 __all__ = [
@@ -96,3 +98,60 @@ def warn_at_caller(message: Warning | str, category: type[Warning] | None = None
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("naflow_fx", "contextlib"):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def channels_last_hint(x: object, channels: int | None = None) -> str:
+    """A hint when ``x`` looks like an image in channels-last layout (``[B, H, W, C]`` or ``[H, W, C]``,
+    as PIL, numpy and OpenCV give it), else ``""``: its last dim holds ``channels`` (1 or 3 when unknown)
+    and its channel dim does not.
+
+    Example:
+        >>> import torch
+        >>> print(channels_last_hint(torch.zeros(64, 64, 3, dtype=torch.uint8), 3))  # doctest: +ELLIPSIS
+        ; it looks like one image in channels-last layout [H, W, C]: pass x.permute(2, 0, 1).unsqueeze(0), as floats ...
+        >>> channels_last_hint(torch.zeros(2, 3, 64, 64), 3)
+        ''
+    """
+    import torch  # lazily: the exceptions import without torch
+
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        return ""
+    wanted = (1, 3) if channels is None else (channels,)
+    channel_dim = 1 if x.dim() == 4 else 0
+    if x.shape[-1] not in wanted or x.shape[channel_dim] in wanted:
+        return ""
+    if x.dim() == 4:
+        hint = "; it looks like a batch in channels-last layout [B, H, W, C]: pass x.permute(0, 3, 1, 2)"
+    else:
+        hint = "; it looks like one image in channels-last layout [H, W, C]: pass x.permute(2, 0, 1).unsqueeze(0)"
+    if not x.is_floating_point():
+        hint += ", as floats normalised as the model expects (e.g. x.float() / 255, then its mean and std)"
+    return hint
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """``" (did you mean 'a' or 'b'?)"`` for the choices closest to ``name`` (any case), else ``""``.
+
+    Example:
+        >>> did_you_mean("layer4.1.relu2", ["layer4.1.relu", "layer4.1.relu#2", "fc"])
+        " (did you mean 'layer4.1.relu#2' or 'layer4.1.relu'?)"
+    """
+    choices = list(dict.fromkeys(choices))
+    folded = [c.casefold() for c in choices]
+    close = [choices[folded.index(c)] for c in difflib.get_close_matches(str(name).casefold(), folded, n=3, cutoff=0.6)]
+    if not close:
+        return ""
+    quoted = [repr(c) for c in close]
+    return f" (did you mean {quoted[0] if len(quoted) == 1 else ', '.join(quoted[:-1]) + ' or ' + quoted[-1]}?)"
+
+
+def elided(names: Sequence[str], most: int = 16) -> str:
+    """``names`` joined by commas, the middle elided past ``most`` with the count kept.
+
+    Example:
+        >>> elided([f"l{i}" for i in range(20)], most=4)
+        'l0, l1, …, l18, l19 (20 in all)'
+    """
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join([*names[: most // 2], '…', *names[len(names) - most // 2 :]])} ({len(names)} in all)"

@@ -228,14 +228,32 @@ def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
 # ------------------------------------------------------------------------------------- input errors
 
 
-def test_input_errors_say_what_is_wrong(nf):
+def test_input_errors_say_what_is_wrong(nf, model):
     x = batch(2)
     with pytest.raises(InputError, match=r"must have 4 dims.*got \(3, 16, 16\).*unsqueeze\(0\)"):
         nf(x[0])
     with pytest.raises(InputError, match="must have 4 dims"):
         nf(x[None])
-    with pytest.raises(InputError, match="has 1 channels but the model was compiled for 3"):
+    with pytest.raises(InputError, match="has 1 channels but the model was compiled for 3$"):
         nf(x[:, :1])
+    # images as PIL, numpy and OpenCV give them: channels last
+    pil = (x[0].permute(1, 2, 0) * 255).to(torch.uint8)  # [H, W, 3]
+    with pytest.raises(
+        InputError, match=r"channels-last layout \[H, W, C\]: pass x\.permute\(2, 0, 1\)\.unsqueeze\(0\), as floats"
+    ):
+        nf(pil)
+    with pytest.raises(
+        InputError, match=r"has 16 channels .* channels-last layout \[B, H, W, C\]: pass x\.permute\(0, 3, 1, 2\)$"
+    ):
+        nf(x.permute(0, 2, 3, 1))
+    with pytest.raises(
+        InputError, match=r"channels-last layout \[H, W, C\]: pass x\.permute\(2, 0, 1\)\.unsqueeze\(0\), as"
+    ):
+        compile_naflow(model, pil)
+    with pytest.raises(
+        UnsupportedModelError, match=r"channels-last layout \[B, H, W, C\]: pass x\.permute\(0, 3, 1, 2\)\.$"
+    ):
+        compile_naflow(model, x.permute(0, 2, 3, 1))
     with pytest.raises(InputError, match=r"floating-point.*torch\.int64.*x\.float\(\)"):
         nf(x.long())
     with pytest.raises(InputError, match=r"real floating-point tensor, got torch\.complex64: .*x\.real, x\.abs\(\)"):
@@ -562,7 +580,7 @@ def test_compiles_in_threads_do_not_mix_their_traces_or_swap_stderr():
         for _ in range(3):
             try:
                 compile_naflow(model, x)
-            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            except Exception as exc:  # collected for the assertion
                 errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(m,)) for m in models]
@@ -618,7 +636,7 @@ def test_overlapping_flows_in_threads_keep_a_training_leaf_in_eval_until_both_en
 
         try:
             nf(x, progress=hold)
-        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+        except Exception as exc:  # collected for the assertion
             errors.append(exc)
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
@@ -661,7 +679,7 @@ def test_concurrent_flows_keep_full_precision_until_the_last_one_ends(monkeypatc
             if name == "b":
                 assert a_inside.wait(60)
             flows[name](x)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
         finally:
             if name == "a":
@@ -824,6 +842,15 @@ def test_unknown_layer_and_invalid_last_layer():
         compile_naflow(no_conv.eval(), torch.randn(1, 3, SIZE, SIZE), layers="conv")
     with pytest.raises(UnsupportedModelError, match=r"last_layer='nope'.*Choose one of: .*features\.14"):
         compile_naflow(model, x, last_layer="nope")
+    # a typo gets the closest names (elided() shortens a long list of layers, keeping its count)
+    with pytest.raises(UnsupportedModelError, match=r"passes through \(did you mean 'features\.14'.*\?\)\. Choose"):
+        compile_naflow(model, x, last_layer="feature.14")
+    with pytest.raises(InputError, match=r"layer \(did you mean 'features\.4'.*\?\)\. Available: .*14; a module's"):
+        compile_naflow(model, x, layers=["features4"])
+    with pytest.raises(
+        InputError, match=r"layers='feature' .* name \(did you mean 'features'.*\?\)\. Available layers"
+    ):
+        compile_naflow(model, x, layers="feature")
     with pytest.raises(UnsupportedModelError, match="last_layer='head'"):
         compile_naflow(model, x, last_layer="head")  # not a 4-D feature map
 

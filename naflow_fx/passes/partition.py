@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, did_you_mean
 from .shape_prop import is_feature_node, tensor_meta
 
 __all__ = ["Stage", "Plan", "partition_stages", "feature_subgraph", "articulation_nodes"]
@@ -309,10 +309,14 @@ def partition_stages(gm: fx.GraphModule, last_layer: str | None = None) -> fx.Gr
         by_name = {n.meta.get("naflow.name", n.name): n for n in candidates if _is_4d(n) and n is not source}
         by_name.update({n.name: n for n in candidates if _is_4d(n) and n is not source})
         if last_layer not in by_name:
-            names = ", ".join(n.meta.get("naflow.name", n.name) for n in candidates if _is_4d(n) and n is not source)
+            names = [n.meta.get("naflow.name", n.name) for n in candidates if _is_4d(n) and n is not source]
             raise UnsupportedModelError(
-                f"last_layer={last_layer!r} is not a 4-D layer that every input→output path passes through. "
-                + (f"Choose one of: {names}" if names else f"This model has none.{not_2d}")
+                f"last_layer={last_layer!r} is not a 4-D layer that every input→output path passes through"
+                + (
+                    f"{did_you_mean(last_layer, names)}. Choose one of: {', '.join(names)}"
+                    if names
+                    else f". This model has none.{not_2d}"
+                )
             )
         last = by_name[last_layer]
 

@@ -7,7 +7,7 @@ import torch.fx as fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, channels_last_hint
 from ..tracing import dict_input_error, random_state_kept
 
 __all__ = ["propagate_shapes", "tensor_meta", "is_feature_node", "layout"]
@@ -56,7 +56,7 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
     try:
         with torch.no_grad(), random_state_kept(example_input.device):
             prop.run(example_input)
-    except Exception as exc:  # noqa: BLE001 - the user's model failed on the example input
+    except Exception as exc:  # the user's model failed on the example input
         cause = exc
         where = ""
         if prop.failed is not None:
@@ -66,7 +66,7 @@ def propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> fx.Grap
         raise UnsupportedModelError(
             f"the model failed on the example input of shape {tuple(example_input.shape)}{where}: "
             f"{type(cause).__name__}: {message}. Pass an example input the model accepts "
-            "(its channels, and a size large enough for its downsampling)."
+            f"(its channels, and a size large enough for its downsampling){channels_last_hint(example_input)}."
         ) from None
     _propagate_layouts(gm)
     return gm
