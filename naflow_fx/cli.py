@@ -40,6 +40,7 @@ _EPILOG_DEMO = """examples:
 _EPILOG_EXPLAIN = """examples:
   naflow explain star.png --model shapes                       # the embedded shapes ResNet
   naflow explain cat.jpg dog.jpg --model resnet50 --weights DEFAULT --layers blocks
+  naflow explain photos/ --model resnet50 --weights DEFAULT --max-columns 12   # every image in a folder
   naflow explain img.png --model resnet18 --weights my_resnet18.pt --target 281 --compare gradcam,layercam
   naflow explain img.png --model mypkg.models:build_net --size 128 --out explained/
   naflow explain img.png --model whole_model.pt --device cuda
@@ -461,14 +462,6 @@ def _class_name(spec: ModelSpec, c: int) -> str:
     return f"class {c}"
 
 
-def _grid_layers(layers: list[str], limit: int) -> list[str]:
-    """At most ``limit`` columns: evenly spaced over the layers, always with the first and the last."""
-    if len(layers) <= limit:
-        return layers
-    idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
-    return [layers[i] for i in idx]
-
-
 def check_out_dir(out: str) -> None:
     """Fail before any work is done when ``out`` cannot become a folder to write into.
 
@@ -516,13 +509,15 @@ def run_explain(
     figure_format: str = "png",
     say: Callable[[str], None] = print,
     image_notes: Sequence[str] = (),
+    colorbar: bool = False,
 ) -> dict:
     """Explain every image, write the grid, the GIF and the ``.npz``/JSON files; returns what was written.
 
     ``grid_layers`` picks the grid's columns from the explained layers (default: all), at most
     ``max_columns`` of them, evenly spaced; the GIF and the ``.npz`` files hold every layer.
     ``dpi`` is the grid's resolution (of its images, for ``pdf`` and ``svg``), ``gif_size`` the
-    side of each image in the GIF, ``figure_format`` the grid's file type (``png``, ``pdf``, ``svg``).
+    side of each image in the GIF, ``figure_format`` the grid's file type (``png``, ``pdf``, ``svg``),
+    ``colorbar`` whether the grid shows the colormap's scale.
     ``solver_options`` (``solver``, ``damping``, ``tol``, ``max_iter``, and ``fallback`` and
     ``last_layer`` if set) go to ``compile_naflow`` and into the NAFlow sidecar as ``"options"``.
     ``image_notes`` (from :func:`load_images`) are printed with the warnings and kept in the sidecars.
@@ -531,7 +526,7 @@ def run_explain(
     from ._io import atomic_write_all
     from .export import maps_files, user_file_error
     from .result import concat, non_finite_layers
-    from .viz import _GIF_MAX_SIDE, _check_gif_room, _check_grid_room, flow_gif, flow_grid
+    from .viz import _GIF_MAX_SIDE, _check_gif_room, _check_grid_room, flow_gif, flow_grid, spread_layers
 
     files = [f"flow_grid.{figure_format}", "flow.gif"] + [
         f"{m}.{e}" for m in ("naflow", *compare) for e in ("npz", "json")
@@ -573,7 +568,7 @@ def run_explain(
             raise CLIError(
                 f"--target {target} is out of range: {spec.name} has {_count(n, 'class', 'classes')} (0–{n - 1})"
             )
-    columns = _grid_layers(grid_layers(list(nf.layers)) if grid_layers is not None else list(nf.layers), max_columns)
+    columns = spread_layers(grid_layers(list(nf.layers)) if grid_layers is not None else list(nf.layers), max_columns)
     rows = ["NAFlow"] + [{"gradcam": "Grad-CAM", "layercam": "LayerCAM"}[m] for m in compare]
     # The figures must fit before the flows run: a GIF frame holds every image side by side, so many images
     # get smaller ones; a grid too large for matplotlib stops the run now rather than after all the work.
@@ -582,7 +577,7 @@ def run_explain(
         notes.append(f"the GIF shows each of the {len(labels)} images at {gif_size} pixels, so that a frame fits a GIF")
     try:
         hw = tuple(images.shape[-2:])
-        _check_grid_room(len(labels) * len(rows), len(columns) + 1, 1.15, dpi, figure_format, hw, "the grid")
+        _check_grid_room(len(labels) * len(rows), len(columns) + 1, 1.15, dpi, figure_format, hw, "the grid", colorbar)
         _check_gif_room(len(labels), len(nf.layers), gif_size, "the GIF")
     except InputError as exc:
         raise CLIError(
@@ -620,7 +615,7 @@ def run_explain(
         say(line)
     results = [flow] + [concat(cams[m]) for m in compare]
     written = {"grid": os.path.join(out, f"flow_grid.{figure_format}"), "gif": os.path.join(out, "flow.gif")}
-    grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi)
+    grid_args = dict(layers=columns, row_labels=rows, class_names=spec.class_names, dpi=dpi, colorbar=colorbar)
     grid_args["image_labels"] = _short_names(labels)
     outputs = [
         (written["grid"], lambda tmp: flow_grid(images, results, tmp, **grid_args)),
@@ -886,6 +881,40 @@ def _check_size(size: int) -> int:
     return size
 
 
+def image_files(paths: Sequence[str]) -> list[str]:
+    """The command's IMAGE arguments, each folder replaced by the image files directly in it, by name.
+
+    A file counts as an image by its extension (those Pillow reads); hidden files are skipped, and
+    files are not searched for in sub-folders. A folder without images is a :class:`CLIError`.
+    """
+    Image = optional("PIL.Image", "reading images")
+    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    found: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            found.append(path)  # load_images says what is wrong with it, if anything
+            continue
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise CLIError(f"cannot list the folder {path}: {why}; pass the images themselves") from None
+        files = [
+            os.path.join(path, name)
+            for name in names
+            if not name.startswith(".")
+            and os.path.splitext(name)[1].lower() in known
+            and os.path.isfile(os.path.join(path, name))
+        ]
+        if not files:
+            raise CLIError(
+                f"the folder {path} holds no image files (.png, .jpg, ... directly in it); pass a folder of images, "
+                "or the images themselves"
+            )
+        found.extend(files)
+    return found
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     options = _solver_options(args) | {k: getattr(args, k) for k in ("fallback", "last_layer") if getattr(args, k)}
@@ -893,7 +922,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     spec = with_input(load_model(args.model, args.weights), args.mean, args.std)
     size = _check_size(args.size if args.size is not None else spec.size)
     image_notes: list[str] = []
-    images = load_images(args.images, size, spec.resize, spec.crop_fraction, image_notes)
+    paths = image_files(args.images)
+    images = load_images(paths, size, spec.resize, spec.crop_fraction, image_notes)
     say = (lambda s: None) if args.quiet else print
     if spec.random_weights:
         say(f"note: {spec.name} has random weights; pass --weights DEFAULT (or a file) for trained ones")
@@ -904,7 +934,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     run_explain(
         spec,
         images,
-        args.images,
+        paths,
         args.out,
         target=_class_index(spec, args.target),
         layers=args.layers,
@@ -916,6 +946,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         figure_format=args.figure_format,
         say=say,
         image_notes=image_notes,
+        colorbar=args.colorbar,
     )
     return 0
 
@@ -956,6 +987,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         gif_size=128,
         figure_format=args.figure_format,
         say=say,
+        colorbar=args.colorbar,
     )
     from .metrics import mask_energy
 
@@ -1061,6 +1093,9 @@ def _add_run_args(p: argparse.ArgumentParser, out: str) -> None:
         default="png",
         help="the grid's file type: png, or pdf or svg (vector) for papers (default png)",
     )
+    p.add_argument(
+        "--colorbar", action="store_true", help="show the colormap's scale beside the grid (each map min-max scaled)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no messages")
     solve = p.add_argument_group("solver options (compile_naflow's: help(naflow_fx.compile_naflow))")
     defaults = SolverConfig()
@@ -1155,7 +1190,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_EXPLAIN,
         formatter_class=fmt,
     )
-    explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    explain.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...) or folders of them (in name order)"
+    )
     _add_model_args(explain)
     explain.add_argument(
         "--target",

@@ -20,7 +20,7 @@ from ._io import atomic_write, check_parent, existing_folder, write_target
 from .errors import InputError, InputTypeError, optional
 from .result import LayerMaps, _check_room, _varies, check_layer_maps, check_maps, resized_normalized
 
-__all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "atomic_savefig"]
+__all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "spread_layers", "atomic_savefig"]
 
 
 def _abbreviate(name: str) -> str:
@@ -531,6 +531,7 @@ def flow_grid(
     dpi: int = 150,
     colorbar: bool = False,
     image_labels: Sequence[str] | None = None,
+    max_columns: int | None = None,
 ):
     """One row per image (and per method), one column per layer, maps overlaid on the image.
 
@@ -554,6 +555,9 @@ def flow_grid(
             map has no scale: it is drawn in the colormap's lowest colour and marked ``empty``
             (all zeros, e.g. a layer where every neuron was abandoned) or ``uniform``.
         image_labels: one name per image (e.g. its file), written above the labels of its first row.
+        max_columns: at most this many layer columns (≥ 2), evenly spaced over ``layers`` with the
+            first and the last kept, as ``naflow explain --max-columns`` does: a flow over every layer
+            of a ResNet-18 has 66, too many for one figure. None (the default) shows every layer.
 
     Every argument is checked before any drawing: bad input raises
     :class:`~naflow_fx.InputError` or :class:`~naflow_fx.InputTypeError`, and no figure is
@@ -588,6 +592,12 @@ def flow_grid(
     if not results:
         raise InputError(f"{fn}: results is empty; pass a LayerMaps (e.g. nf(x)) or a list of them")
     layers = _check_layers(layers, results, fn)
+    if max_columns is not None:
+        if isinstance(max_columns, bool) or not isinstance(max_columns, (int, np.integer)):
+            raise InputTypeError(f"{fn}: max_columns must be an int or None, got {type(max_columns).__name__}")
+        if max_columns < 2:
+            raise InputError(f"{fn}: max_columns must be at least 2 (the first and the last layer), got {max_columns}")
+        layers = spread_layers(layers, int(max_columns))
     for i, res in enumerate(results):
         what = "the result" if len(results) == 1 else f"results[{i}] ({res.method})"
         _check_maps(res, layers, batch, fn, what)
@@ -630,6 +640,19 @@ def flow_grid(
         if not _out_of_memory(exc):
             raise
         raise InputError(f"{what} would need about {_gib(nbytes)}, more than can be allocated: {todo}") from None
+
+
+def spread_layers(layers: Sequence[str], limit: int) -> list[str]:
+    """At most ``limit`` (≥ 2) of ``layers``, evenly spaced, always with the first and the last.
+
+    Example:
+        >>> spread_layers([f"l{i}" for i in range(10)], 4)
+        ['l0', 'l3', 'l6', 'l9']
+    """
+    if len(layers) <= limit:
+        return list(layers)
+    idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
+    return [layers[i] for i in idx]
 
 
 def _wrap(text: str, width: int, max_lines: int, sep: str) -> str:

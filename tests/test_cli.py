@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from naflow_fx import compile_naflow
-from naflow_fx.cli import CLIError, ModelSpec, _class_index, build_parser, main
+from naflow_fx.cli import CLIError, ModelSpec, _class_index, build_parser, load_images, main
 from naflow_fx.data.shapes import CLASSES, sample_paths
 from naflow_fx.export import load_maps
 from naflow_fx.solvers import SolverConfig
@@ -952,8 +952,12 @@ def test_unreadable_images_say_why(capsys, tmp_path):
     code, _, err = run(capsys, "explain", str(tmp_path / "trunc.png"), "--model", "shapes")
     assert_one_line_error(code, err, "cannot read image", "trunc.png", "image file is truncated")
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / "sub.png").mkdir()
     code, _, err = run(capsys, "explain", str(tmp_path / "imgs"), "--model", "shapes")
-    assert_one_line_error(code, err, "imgs is a folder, not an image", os.path.join(str(tmp_path / "imgs"), "*.png"))
+    assert_one_line_error(code, err, "the folder", "imgs holds no image files", "pass a folder of images")
+    with pytest.raises(CLIError, match=r"imgs is a folder, not an image; pass the images in it \(e\.g\. .*\*\.png\)"):
+        load_images([str(tmp_path / "imgs")], 32)  # the Python function takes files only
     if hasattr(os, "mkfifo"):
         # a FIFO would block reading until something writes to it
         os.mkfifo(tmp_path / "pipe.png")
@@ -1009,6 +1013,37 @@ def test_max_columns_caps_the_demo_grid(capsys, tmp_path):
     code, out, err = run(capsys, *argv, "--max-columns", "2")
     assert code == 0, err
     assert "the grid shows 2 of the 5 layers" in out
+
+
+def test_a_folder_stands_for_the_images_in_it_by_name(capsys, tmp_path):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, src in (("b.png", sample_paths()[1]), ("a.PNG", sample_paths()[0]), (".hidden.png", sample_paths()[2])):
+        shutil.copy(src, folder / name)
+    (folder / "readme.txt").write_text("not an image")
+    (folder / "deeper").mkdir()
+    shutil.copy(sample_paths()[3], folder / "deeper" / "c.png")  # sub-folders are not searched
+    argv = ("explain", str(folder), sample_paths()[3], "--model", "shapes", "--size", "32", "--layers", "blocks")
+    code, out, err = run(capsys, *argv, "--compare", "none", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    explained = [line.split(":")[0].strip() for line in out.splitlines() if ": predicted" in line]
+    assert explained == [str(folder / "a.PNG"), str(folder / "b.png"), sample_paths()[3]]
+
+
+def test_colorbar_adds_the_colormaps_scale_beside_the_grid(capsys, tmp_path):
+    from PIL import Image
+
+    img = sample_paths()[0]
+    argv = ("explain", img, "--model", "shapes", "--size", "32", "--layers", "blocks", "--compare", "none")
+    widths = []
+    for extra in ((), ("--colorbar",)):
+        out = str(tmp_path / f"run{len(extra)}")
+        code, _, err = run(capsys, *argv, "--out", out, *extra)
+        assert code == 0, err
+        widths.append(Image.open(os.path.join(out, "flow_grid.png")).size[0])
+    assert widths[1] > widths[0]
 
 
 def test_unconverged_solves_and_all_zero_maps_are_one_warning_line_each(capsys, toys):

@@ -683,3 +683,17 @@ def test_constant_maps_are_marked_empty_or_uniform_in_the_grid_and_the_gif(tmp_p
     corner = (slice(viz._GIF_HEADER + 32 - 14, viz._GIF_HEADER + 32), slice(0, 32))
     assert (marked[corner] == 255).all(-1).sum() > 20  # the label's white box in image 0's corner
     assert (unmarked[corner] == 255).all(-1).sum() < 5
+
+
+def test_flow_grid_max_columns_spreads_the_layers_keeping_the_first_and_the_last():
+    names = [f"l{i}" for i in range(10)]
+    fig = flow_grid(_images(1), _res(batch=1, layers=names), max_columns=4)
+    assert [ax.get_title() for ax in fig.axes] == ["input", "l0", "l3", "l6", "l9"]
+    plt.close(fig)
+    fig = flow_grid(_images(1), _res(batch=1, layers=names[:3]), max_columns=4)  # fewer than the cap: all
+    assert len(fig.axes) == 4
+    plt.close(fig)
+    with pytest.raises(InputError, match="max_columns must be at least 2"):
+        flow_grid(_images(1), _res(batch=1, layers=names), max_columns=1)
+    with pytest.raises(InputTypeError, match="max_columns must be an int or None, got float"):
+        flow_grid(_images(1), _res(batch=1, layers=names), max_columns=4.0)
