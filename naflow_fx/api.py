@@ -356,7 +356,10 @@ class NAFlow:
                 f"the input is on {x.device} but the model is on {self._device}; use x.to('{self._device}')"
             )
         if not bool(torch.isfinite(x).all()):
-            raise InputError("the input contains NaN or Inf values")
+            raise InputError(
+                "the input contains NaN or Inf values; check how the images were loaded and normalised (e.g. a "
+                "division by a zero std), or replace them with torch.nan_to_num(x)"
+            )
         # A copy: a model that writes into its input in place (a leaf module's `x.sub_(mean)`) must
         # not change the caller's images; and one made under torch.inference_mode is a normal
         # tensor autograd can use (NOTE [caller's modes]).

@@ -163,6 +163,13 @@ def test_retrieval_top_k_equals_brute_force_cosine_ranking(nf, encoder):
     flat = m.indices.reshape(-1)
     torch.testing.assert_close(m.query_flow.scores, SimilarityTarget(g[flat])(q.repeat_interleave(3, 0)))
     torch.testing.assert_close(m.match_flow.output, g[flat], rtol=1e-5, atol=1e-6)
+    # each match is explained towards its own query (its score Σω is ±1 whatever the pairing: compare the maps)
+    own = nf(gallery[flat], SimilarityTarget(q.repeat_interleave(3, 0)))
+    for name in nf.layers:
+        torch.testing.assert_close(m.match_flow.maps[name], own.maps[name])
+    assert not torch.equal(
+        own.maps[nf.last_layer], nf(gallery[flat], SimilarityTarget(q.repeat(3, 1))).maps[nf.last_layer]
+    )
     qf, mf = m.pair(1, 2)
     torch.testing.assert_close(qf.maps[nf.last_layer], m.query_flow.maps[nf.last_layer][5:6])
     torch.testing.assert_close(mf.maps[nf.last_layer], m.match_flow.maps[nf.last_layer][5:6])

@@ -572,9 +572,11 @@ def test_channels_last_layers_get_spatial_maps():
         model(x)
     for h in handles:
         h.remove()
+    lean = nf(x, keep="maps")  # made by the maps-only program, which permutes the channels-last BPFMs itself
     for name in nf.layers:  # a 32×32 input: every spatial map of the stem stage and block 1 is 8×8
         assert flow.maps[name].shape == (1, 8, 8), (name, tuple(flow.maps[name].shape))
         assert flow.bpfm[name].shape[2:] == flow.coefficients[name].shape[2:] == (8, 8), name
+        torch.testing.assert_close(lean.maps[name], flow.maps[name], rtol=0, atol=0)
     # the Linear's output (B×H×W×384 in the model) is reported as B×384×H×W, and Grad-CAM likewise
     assert flow.bpfm["features.1.0.block.3"].shape == (1, 384, 8, 8)
     cam = nf.gradcam(x)

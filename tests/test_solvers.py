@@ -453,6 +453,10 @@ def test_svd_solve_cuts_singular_values_like_pinv():
     b = torch.ones(3, 1, dtype=F64)
     assert torch.equal(svd_solve(mat, b), torch.linalg.pinv(mat) @ b)
     assert svd_solve(mat, b).flatten().tolist() == [1.0, 0.0, 0.0]
+    for scale in (1e-20, 1e20):  # the cut-off is relative to σ_max: a matrix of any scale keeps its large values
+        scaled = scale * mat
+        torch.testing.assert_close(svd_solve(scaled, b), torch.linalg.pinv(scaled) @ b, rtol=1e-12, atol=0)
+        assert svd_solve(scaled, b).flatten().tolist() == pytest.approx([1 / scale, 0.0, 0.0], rel=1e-12)
 
 
 @SETTINGS

@@ -697,3 +697,12 @@ def test_flow_grid_max_columns_spreads_the_layers_keeping_the_first_and_the_last
         flow_grid(_images(1), _res(batch=1, layers=names), max_columns=1)
     with pytest.raises(InputTypeError, match="max_columns must be an int or None, got float"):
         flow_grid(_images(1), _res(batch=1, layers=names), max_columns=4.0)
+
+
+def test_overlay_weighs_the_map_by_alpha_over_the_image():
+    image, heatmap = _images()[0], torch.rand(8, 8, generator=torch.Generator().manual_seed(2))
+    shown = image.permute(1, 2, 0).numpy()  # an image in [0, 1] is shown as it is
+    coloured = matplotlib.colormaps["inferno"](naflow_fx.result.normalize_maps(heatmap).numpy())[..., :3]
+    np.testing.assert_allclose(overlay(image, heatmap, alpha=0.0), shown, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(overlay(image, heatmap, alpha=1.0), coloured, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(overlay(image, heatmap, alpha=0.25), 0.75 * shown + 0.25 * coloured, atol=1e-6)
