@@ -844,7 +844,7 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         if not known and not _deeper_hint(gm, layers, qualname):  # a layer after N: named as such below
             raise InputError(
                 f"layers={layers!r} is neither one of {LAYER_SELECTIONS} nor a layer or module name"
-                f"{did_you_mean(layers, [*LAYER_SELECTIONS, *names, *qualname.values()])}. "
+                f"{did_you_mean(layers, [*LAYER_SELECTIONS, *_selectable(names, qualname)])}. "
                 f"Available layers: {elided(names)}"
             )
         layers = [layers]
@@ -871,7 +871,7 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
             else:
                 what = f"layer {item!r}"
             deeper = _deeper_hint(gm, item, qualname)
-            close = "" if deeper or isinstance(item, nn.Module) else did_you_mean(item, [*names, *qualname.values()])
+            close = "" if deeper or isinstance(item, nn.Module) else did_you_mean(item, _selectable(names, qualname))
             raise InputError(
                 f"{what} is not an explainable layer between the input and the last layer{deeper}{close}. "
                 f"Available: {elided(names)}; a module's name (e.g. a block's) selects the layers it holds"
@@ -881,6 +881,12 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
         example = f" such as {names[-1]!r}" if names else ""
         raise InputError(f"layers is empty: pass 'all', 'conv', 'blocks' or at least one layer name{example}")
     return [n for n in names if n in chosen]  # shallow → deep
+
+
+def _selectable(names: list[str], qualname: dict[int, str]) -> list[str]:
+    """The layer names and the names of the modules that hold one of them: what ``layers=`` accepts."""
+    modules = {q for q in qualname.values() if q and any(n == q or n.startswith(q + ".") for n in names)}
+    return [*names, *sorted(modules)]
 
 
 def _deeper_hint(gm: fx.GraphModule, item: object, qualname: dict[int, str]) -> str:

@@ -763,7 +763,9 @@ def _class_index(spec: ModelSpec, target: int | str | None) -> int | None:
     if target.casefold() in folded:
         return folded.index(target.casefold())
     hint = did_you_mean(target, names)
-    raise CLIError(f"--target {target!r} is not a class of {spec.name} (nor 'auto' or a class index){hint}")
+    raise CLIError(
+        f"--target {target!r} is not a class of {spec.name}{hint}; pass a class name, 'auto' or a class index"
+    )
 
 
 _LAYER_SETS = ("all", "conv", "blocks")
@@ -881,21 +883,27 @@ def _check_size(size: int) -> int:
     return size
 
 
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+
+
 def image_files(paths: Sequence[str]) -> list[str]:
     """The command's IMAGE arguments, each folder replaced by the image files directly in it, by name.
 
-    A file counts as an image by its extension (those Pillow reads); hidden files are skipped, and
-    files are not searched for in sub-folders. A folder without images is a :class:`CLIError`.
+    In a folder, a file counts as an image by its extension (PNG, JPEG, BMP, GIF, TIFF, WebP and the
+    portable any-maps, where Pillow reads them; not the data formats Pillow also registers, such as
+    HDF5); hidden files are skipped, and sub-folders are not searched. A folder without images is a
+    :class:`CLIError`. A file named twice (also through a folder) is explained once, where first named.
     """
     Image = optional("PIL.Image", "reading images")
-    known = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    found: list[str] = []
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    known = {ext for ext in _IMAGE_EXTENSIONS if ext in readable}
+    found: dict[str, str] = {}  # the file itself → the path as named
     for path in paths:
         if not os.path.isdir(path):
-            found.append(path)  # load_images says what is wrong with it, if anything
+            found.setdefault(os.path.realpath(path), path)  # load_images says what is wrong with it, if anything
             continue
         try:
-            names = sorted(os.listdir(path))
+            names = sorted(os.listdir(path), key=lambda n: (n.casefold(), n))
         except OSError as exc:
             why = exc.strerror or exc
             raise CLIError(f"cannot list the folder {path}: {why}; pass the images themselves") from None
@@ -911,18 +919,19 @@ def image_files(paths: Sequence[str]) -> list[str]:
                 f"the folder {path} holds no image files (.png, .jpg, ... directly in it); pass a folder of images, "
                 "or the images themselves"
             )
-        found.extend(files)
-    return found
+        for file in files:
+            found.setdefault(os.path.realpath(file), file)
+    return list(found.values())
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     options = _solver_options(args) | {k: getattr(args, k) for k in ("fallback", "last_layer") if getattr(args, k)}
     check_out_dir(args.out)
+    paths = image_files(args.images)  # before the model, which may take long to load
     spec = with_input(load_model(args.model, args.weights), args.mean, args.std)
     size = _check_size(args.size if args.size is not None else spec.size)
     image_notes: list[str] = []
-    paths = image_files(args.images)
     images = load_images(paths, size, spec.resize, spec.crop_fraction, image_notes)
     say = (lambda s: None) if args.quiet else print
     if spec.random_weights:

@@ -135,10 +135,14 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
     Example:
         >>> did_you_mean("layer4.1.relu2", ["layer4.1.relu", "layer4.1.relu#2", "fc"])
         " (did you mean 'layer4.1.relu#2' or 'layer4.1.relu'?)"
+        >>> did_you_mean("Layer1", ["layer1", "LAYER1", "Layer1"])  # one spelling per name, never the name itself
+        " (did you mean 'layer1'?)"
     """
-    choices = list(dict.fromkeys(choices))
-    folded = [c.casefold() for c in choices]
-    close = [choices[folded.index(c)] for c in difflib.get_close_matches(str(name).casefold(), folded, n=3, cutoff=0.6)]
+    spelled: dict[str, str] = {}  # case-folded → the first spelling; the name itself is no suggestion
+    for choice in choices:
+        if choice != str(name):
+            spelled.setdefault(choice.casefold(), choice)
+    close = [spelled[c] for c in difflib.get_close_matches(str(name).casefold(), list(spelled), n=3, cutoff=0.6)]
     if not close:
         return ""
     quoted = [repr(c) for c in close]

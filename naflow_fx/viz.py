@@ -453,7 +453,7 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
     _check_cmap(cmap, "overlay")
     img = _image_to_numpy(image)
     h, w = img.shape[:2]
-    m = resized_normalized(heatmap.detach().float(), (h, w)).cpu().numpy()
+    m = resized_normalized(_display_dtype(heatmap.detach()), (h, w)).float().cpu().numpy()
     colored = matplotlib.colormaps[cmap](m)[..., :3]
     return (1 - alpha) * img + alpha * colored
 
@@ -467,7 +467,13 @@ def _flat_mark(heatmap: Tensor) -> str:
     """
     if not bool(heatmap.any()):
         return "empty"
-    return "" if bool(_varies(heatmap.flatten(), 1e-12)[2]) else "uniform"
+    return "" if bool(_varies(_display_dtype(heatmap).flatten(), 1e-12)[2]) else "uniform"
+
+
+def _display_dtype(heatmap: Tensor) -> Tensor:
+    """A map in a dtype to scale it in: float64 kept (maps of 1e-60 or 1e300 keep their shape, decision 41),
+    anything else as float32."""
+    return heatmap if heatmap.dtype == torch.float64 else heatmap.float()
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
@@ -649,6 +655,10 @@ def spread_layers(layers: Sequence[str], limit: int) -> list[str]:
         >>> spread_layers([f"l{i}" for i in range(10)], 4)
         ['l0', 'l3', 'l6', 'l9']
     """
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)):
+        raise InputTypeError(f"spread_layers: limit must be an int, got {type(limit).__name__}")
+    if limit < 2:
+        raise InputError(f"spread_layers: limit must be at least 2 (the first and the last layer), got {limit}")
     if len(layers) <= limit:
         return list(layers)
     idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
@@ -820,8 +830,9 @@ def flow_gif(
                 if mark:  # as in flow_grid: a constant map is marked, not drawn as a dark image
                     draw = ImageDraw.Draw(frame)
                     box = draw.textbbox((b * w + 3, header + h - 14), mark)
-                    draw.rectangle(box, fill="white")
-                    draw.text((b * w + 3, header + h - 14), mark, fill="black")
+                    if box[2] < (b + 1) * w and h >= 16:  # where the image has room for it
+                        draw.rectangle(box, fill="white")
+                        draw.text((b * w + 3, header + h - 14), mark, fill="black")
             ImageDraw.Draw(frame).text((3, 1), f"{result.method}: {name}", fill="black")
             frames.append(frame)
     except (MemoryError, RuntimeError) as exc:  # where the free memory is unknown

@@ -846,6 +846,11 @@ def test_unknown_layer_and_invalid_last_layer():
         compile_naflow(no_conv.eval(), torch.randn(1, 3, SIZE, SIZE), layers="conv")
     with pytest.raises(UnsupportedModelError, match=r"last_layer='nope'.*Choose one of: .*features\.14"):
         compile_naflow(model, x, last_layer="nope")
+    # a module that is never called is not suggested to itself
+    model.aux = nn.Conv2d(3, 3, 1)
+    with pytest.raises(InputError, match=r"layer 'aux' is not an explainable layer between .* last layer\. Available"):
+        compile_naflow(model, x, layers=["aux"])
+    del model.aux
     # a typo gets the closest names (elided() shortens a long list of layers, keeping its count)
     with pytest.raises(UnsupportedModelError, match=r"passes through \(did you mean 'features\.14'.*\?\)\. Choose"):
         compile_naflow(model, x, last_layer="feature.14")

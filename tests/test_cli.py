@@ -1023,13 +1023,14 @@ def test_a_folder_stands_for_the_images_in_it_by_name(capsys, tmp_path):
     for name, src in (("b.png", sample_paths()[1]), ("a.PNG", sample_paths()[0]), (".hidden.png", sample_paths()[2])):
         shutil.copy(src, folder / name)
     (folder / "readme.txt").write_text("not an image")
+    (folder / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # a format Pillow registers, not an image
     (folder / "deeper").mkdir()
     shutil.copy(sample_paths()[3], folder / "deeper" / "c.png")  # sub-folders are not searched
-    argv = ("explain", str(folder), sample_paths()[3], "--model", "shapes", "--size", "32", "--layers", "blocks")
-    code, out, err = run(capsys, *argv, "--compare", "none", "--out", str(tmp_path / "out"))
+    argv = ("explain", str(folder), sample_paths()[3], str(folder / "b.png"), "--model", "shapes", "--size", "32")
+    code, out, err = run(capsys, *argv, "--layers", "blocks", "--compare", "none", "--out", str(tmp_path / "out"))
     assert code == 0, err
     explained = [line.split(":")[0].strip() for line in out.splitlines() if ": predicted" in line]
-    assert explained == [str(folder / "a.PNG"), str(folder / "b.png"), sample_paths()[3]]
+    assert explained == [str(folder / "a.PNG"), str(folder / "b.png"), sample_paths()[3]]  # b.png once
 
 
 def test_colorbar_adds_the_colormaps_scale_beside_the_grid(capsys, tmp_path):

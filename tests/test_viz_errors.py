@@ -20,7 +20,7 @@ import naflow_fx.result
 from naflow_fx import LayerMaps, viz
 from naflow_fx.errors import InputError, InputTypeError
 from naflow_fx.metrics import energy_on_mask, mask_energy
-from naflow_fx.viz import atomic_savefig, flow_gif, flow_grid, overlay, short_layer_name
+from naflow_fx.viz import atomic_savefig, flow_gif, flow_grid, overlay, short_layer_name, spread_layers
 
 
 def _res(batch: int = 2, layers=("a", "b"), method: str = "naflow", classes: bool = False) -> LayerMaps:
@@ -674,13 +674,13 @@ def test_constant_maps_are_marked_empty_or_uniform_in_the_grid_and_the_gif(tmp_p
     assert viz._flat_mark(torch.tensor([[0.0, 1e-30]])) == "" and viz._flat_mark(torch.zeros(2, 2)) == "empty"
 
     def frame(name: str) -> torch.Tensor:
-        gif = flow_gif(_images(), res, tmp_path / f"{name}.gif", size=32, layers=["a"])
+        gif = flow_gif(_images(), res, tmp_path / f"{name}.gif", size=64, layers=["a"])
         return torch.as_tensor(np.array(Image.open(gif).convert("RGB")))
 
     marked = frame("marked")
     res.maps["a"][0] = torch.rand(4, 4)  # the same frame with a varying map on image 0
     unmarked = frame("unmarked")
-    corner = (slice(viz._GIF_HEADER + 32 - 14, viz._GIF_HEADER + 32), slice(0, 32))
+    corner = (slice(viz._GIF_HEADER + 64 - 14, viz._GIF_HEADER + 64), slice(0, 64))
     assert (marked[corner] == 255).all(-1).sum() > 20  # the label's white box in image 0's corner
     assert (unmarked[corner] == 255).all(-1).sum() < 5
 
@@ -706,3 +706,25 @@ def test_overlay_weighs_the_map_by_alpha_over_the_image():
     np.testing.assert_allclose(overlay(image, heatmap, alpha=0.0), shown, rtol=0, atol=1e-6)
     np.testing.assert_allclose(overlay(image, heatmap, alpha=1.0), coloured, rtol=0, atol=1e-6)
     np.testing.assert_allclose(overlay(image, heatmap, alpha=0.25), 0.75 * shown + 0.25 * coloured, atol=1e-6)
+
+
+def test_maps_of_any_dtype_and_scale_are_drawn_with_their_shape(tmp_path):
+    images = _images(1)
+    varying = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for maps in (varying > 0.5, (varying * 10).long(), varying * 1e300, varying * 1e-60, varying.half()):
+        res = _res(batch=1, layers=("a",))
+        res.maps["a"] = maps
+        fig = flow_grid(images, res)
+        assert [t.get_text() for ax in fig.axes for t in ax.texts] == [], maps.dtype  # no mark: the map varies
+        plt.close(fig)
+        flow_gif(images, res, tmp_path / "f.gif", size=8)  # too small for a mark: drawn without one
+        expected = overlay(images[0], (maps[0] / maps[0].max()).double())
+        np.testing.assert_allclose(overlay(images[0], maps[0]), expected, atol=2e-3)  # the shape, not inf or 0
+
+
+def test_spread_layers_checks_its_limit():
+    assert spread_layers(["a", "b", "c"], np.int64(2)) == ["a", "c"]
+    with pytest.raises(InputError, match="limit must be at least 2"):
+        spread_layers(["a", "b", "c"], 1)
+    with pytest.raises(InputTypeError, match="limit must be an int, got float"):
+        spread_layers(["a", "b", "c"], 2.0)
