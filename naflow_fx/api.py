@@ -885,8 +885,8 @@ def _select_layers(gm: fx.GraphModule, model: nn.Module, layers: object) -> list
 
 def _selectable(names: list[str], qualname: dict[int, str]) -> list[str]:
     """The layer names and the names of the modules that hold one of them: what ``layers=`` accepts."""
-    modules = {q for q in qualname.values() if q and any(n == q or n.startswith(q + ".") for n in names)}
-    return [*names, *sorted(modules)]
+    held = {n.rsplit(".", k)[0] for n in names for k in range(n.count(".") + 1)}  # each name and its dotted prefixes
+    return [*names, *sorted({q for q in qualname.values() if q in held})]
 
 
 def _deeper_hint(gm: fx.GraphModule, item: object, qualname: dict[int, str]) -> str:

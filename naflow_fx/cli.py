@@ -883,24 +883,26 @@ def _check_size(size: int) -> int:
     return size
 
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+# formats Pillow registers but only identifies (data formats, video) or reads through Ghostscript
+_NOT_IMAGES = frozenset(
+    {".h5", ".hdf", ".grib", ".bufr", ".fit", ".fits", ".mpg", ".mpeg", ".eps", ".ps", ".wmf", ".emf"}
+)
 
 
 def image_files(paths: Sequence[str]) -> list[str]:
     """The command's IMAGE arguments, each folder replaced by the image files directly in it, by name.
 
-    In a folder, a file counts as an image by its extension (PNG, JPEG, BMP, GIF, TIFF, WebP and the
-    portable any-maps, where Pillow reads them; not the data formats Pillow also registers, such as
-    HDF5); hidden files are skipped, and sub-folders are not searched. A folder without images is a
-    :class:`CLIError`. A file named twice (also through a folder) is explained once, where first named.
+    In a folder, a file counts as an image by its extension: any format Pillow opens, except those
+    it only identifies (HDF5, GRIB, BUFR, FITS, MPEG, WMF/EMF) and PostScript, which needs
+    Ghostscript. Hidden files are skipped, and sub-folders are not searched. A folder without
+    images is a :class:`CLIError`. A path named twice (also through its folder) is explained once.
     """
     Image = optional("PIL.Image", "reading images")
-    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    known = {ext for ext in _IMAGE_EXTENSIONS if ext in readable}
-    found: dict[str, str] = {}  # the file itself → the path as named
+    known = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and e not in _NOT_IMAGES}
+    found: dict[str, str] = {}  # the absolute path → the path as named
     for path in paths:
         if not os.path.isdir(path):
-            found.setdefault(os.path.realpath(path), path)  # load_images says what is wrong with it, if anything
+            found.setdefault(os.path.abspath(path), path)  # load_images says what is wrong with it, if anything
             continue
         try:
             names = sorted(os.listdir(path), key=lambda n: (n.casefold(), n))
@@ -920,7 +922,7 @@ def image_files(paths: Sequence[str]) -> list[str]:
                 "or the images themselves"
             )
         for file in files:
-            found.setdefault(os.path.realpath(file), file)
+            found.setdefault(os.path.abspath(file), file)
     return list(found.values())
 
 

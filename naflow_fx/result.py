@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import InputError, InputTypeError, did_you_mean, elided
+from .errors import InputError, InputTypeError
 from .solvers import SolveRecord
 from .solvers.context import free_bytes
 
@@ -131,10 +131,6 @@ class LayerMaps:
     input_size: tuple[int, int]
     method: str
 
-    def __post_init__(self) -> None:
-        if type(self.maps) is dict:  # a missing layer's KeyError then lists the layers there are
-            self.maps = LayerDict(self.maps, "map")
-
     def upsample(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> Tensor:
         """All maps as ``Tensor[B, L, H, W]``: bilinear to ``size`` (default: the input size), each
         map min-max normalised to [0, 1] when ``normalize``.
@@ -248,36 +244,6 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-class LayerDict(dict):
-    """Layer name → tensor, whose KeyError for a missing name lists the names it holds.
-
-    A module passed to ``layers=`` (``"layer4"``, ``model.layer4[-1]``) gives the layers it holds, keyed by
-    their own names, so ``flow.maps["layer4"]`` says which those are.
-
-    Example:
-        >>> LayerDict({"layer3.1.relu#2": 1, "layer4.1.relu#2": 2}, "map")["layer4"]  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        KeyError: "no map for 'layer4'; results are keyed by layer name: the layers of 'layer4' here are 'layer4.1...'"
-    """
-
-    def __init__(self, items: dict, what: str) -> None:
-        super().__init__(items)
-        self.what = what
-
-    def __missing__(self, key: object) -> None:
-        names = [str(n) for n in self]
-        inside = [repr(n) for n in names if isinstance(key, str) and n.startswith(key + ".")]
-        if inside:
-            why = f"; results are keyed by layer name: the layers of {key!r} here are {elided(inside)}"
-        else:
-            why = f"{did_you_mean(key, names)}; the layers here are {elided([repr(n) for n in names])}"
-        raise KeyError(f"no {self.what} for {key!r}{why}")
-
-    def __reduce__(self):
-        return LayerDict, (dict(self), self.what)
-
-
 class NotKept(dict):
     """The empty ``bpfm`` / ``coefficients`` of a ``keep="maps"`` flow: a key says why it is missing.
 
@@ -317,13 +283,6 @@ class FlowResult(LayerMaps):
     bpfm: dict[str, Tensor] = field(default_factory=dict)
     coefficients: dict[str, Tensor] = field(default_factory=dict)
     diagnostics: dict[str, SolveRecord] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if type(self.bpfm) is dict:
-            self.bpfm = LayerDict(self.bpfm, "BPFM")
-        if type(self.coefficients) is dict:
-            self.coefficients = LayerDict(self.coefficients, "coefficients Λ")
 
     def format_diagnostics(self) -> str:
         """The diagnostics as an aligned text table (columns widen for long layer or rule names)."""

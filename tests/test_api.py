@@ -1671,28 +1671,6 @@ def test_a_flow_called_at_another_input_size_solves_as_if_compiled_there(model):
         torch.testing.assert_close(again.maps[name], fresh.maps[name], rtol=0, atol=0)
 
 
-def test_a_missing_layer_key_says_which_layers_a_result_holds():
-    import torchvision
-
-    from naflow_fx.result import concat
-
-    model = torchvision.models.resnet18(num_classes=4).eval()
-    nf = compile_naflow(model, (1, 3, 32, 32), layers=["layer3.1", model.layer4], max_iter=3)
-    flow = nf(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-    assert flow.layers == ["layer3.1.relu#2", "layer4.1.relu#2"]
-    with pytest.raises(KeyError, match=r"no map for 'layer4'; results are keyed by layer name: .* 'layer4\.1\.relu#2'"):
-        flow.maps["layer4"]  # the module given to layers=
-    with pytest.raises(KeyError, match=r"no BPFM for 'layer3\.1\.relu2' \(did you mean 'layer3\.1\.relu#2'"):
-        flow.bpfm["layer3.1.relu2"]
-    with pytest.raises(KeyError, match=r"no coefficients Λ for 'fc'; the layers here are 'layer3\.1\.relu#2', 'layer4"):
-        flow.coefficients["fc"]
-    for again in (pickle.loads(pickle.dumps(flow)), concat([flow, flow]), nf.gradcam(torch.rand(1, 3, 32, 32))):
-        assert list(again.maps) == flow.layers
-        with pytest.raises(KeyError, match="no map for 'layer4'; results are keyed by layer name"):
-            again.maps["layer4"]
-    assert flow.maps.get("layer4") is None and "layer4" not in flow.maps  # a dict otherwise
-
-
 @pytest.mark.parametrize("reduction", ["sum_relu", "relu_sum"])
 def test_keep_maps_returns_the_same_maps_without_bpfm_or_coefficients(model, reduction):
     nf = compile_naflow(model, batch(1), reduction=reduction)
