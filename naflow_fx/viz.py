@@ -599,11 +599,7 @@ def flow_grid(
         raise InputError(f"{fn}: results is empty; pass a LayerMaps (e.g. nf(x)) or a list of them")
     layers = _check_layers(layers, results, fn)
     if max_columns is not None:
-        if isinstance(max_columns, bool) or not isinstance(max_columns, (int, np.integer)):
-            raise InputTypeError(f"{fn}: max_columns must be an int or None, got {type(max_columns).__name__}")
-        if max_columns < 2:
-            raise InputError(f"{fn}: max_columns must be at least 2 (the first and the last layer), got {max_columns}")
-        layers = spread_layers(layers, int(max_columns))
+        layers = spread_layers(layers, _check_columns(max_columns, "max_columns", fn))
     for i, res in enumerate(results):
         what = "the result" if len(results) == 1 else f"results[{i}] ({res.method})"
         _check_maps(res, layers, batch, fn, what)
@@ -648,6 +644,15 @@ def flow_grid(
         raise InputError(f"{what} would need about {_gib(nbytes)}, more than can be allocated: {todo}") from None
 
 
+def _check_columns(value: object, name: str, fn: str) -> int:
+    """``value`` as a number of layer columns, at least 2 (the first and the last layer), else a library error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputTypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < 2:
+        raise InputError(f"{fn}: {name} must be at least 2 (the first and the last layer), got {value}")
+    return int(value)
+
+
 def spread_layers(layers: Sequence[str], limit: int) -> list[str]:
     """At most ``limit`` (≥ 2) of ``layers``, evenly spaced, always with the first and the last.
 
@@ -655,10 +660,7 @@ def spread_layers(layers: Sequence[str], limit: int) -> list[str]:
         >>> spread_layers([f"l{i}" for i in range(10)], 4)
         ['l0', 'l3', 'l6', 'l9']
     """
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)):
-        raise InputTypeError(f"spread_layers: limit must be an int, got {type(limit).__name__}")
-    if limit < 2:
-        raise InputError(f"spread_layers: limit must be at least 2 (the first and the last layer), got {limit}")
+    limit = _check_columns(limit, "limit", "spread_layers")
     if len(layers) <= limit:
         return list(layers)
     idx = sorted({round(i * (len(layers) - 1) / (limit - 1)) for i in range(limit)})
@@ -717,7 +719,7 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, image_la
                     box = {"facecolor": "white", "alpha": 0.8, "pad": 1.0, "linewidth": 0}
                     ax.text(0.03, 0.03, mark, transform=ax.transAxes, fontsize=fontsize, va="bottom", bbox=box)
                 if r == 0:
-                    axes[r, j + 1].set_title(_wrap(titles[j], chars, 3, "."), fontsize=fontsize)
+                    ax.set_title(_wrap(titles[j], chars, 3, "."), fontsize=fontsize)
             if r == 0:
                 axes[r, 0].set_title("input", fontsize=fontsize)
     for ax in axes.flat:

@@ -695,7 +695,7 @@ def test_flow_grid_max_columns_spreads_the_layers_keeping_the_first_and_the_last
     plt.close(fig)
     with pytest.raises(InputError, match="max_columns must be at least 2"):
         flow_grid(_images(1), _res(batch=1, layers=names), max_columns=1)
-    with pytest.raises(InputTypeError, match="max_columns must be an int or None, got float"):
+    with pytest.raises(InputTypeError, match="max_columns must be an int, got float"):
         flow_grid(_images(1), _res(batch=1, layers=names), max_columns=4.0)
 
 
