@@ -717,7 +717,7 @@ def test_maps_of_any_dtype_and_scale_are_drawn_with_their_shape(tmp_path):
         fig = flow_grid(images, res)
         assert [t.get_text() for ax in fig.axes for t in ax.texts] == [], maps.dtype  # no mark: the map varies
         plt.close(fig)
-        flow_gif(images, res, tmp_path / "f.gif", size=8)  # too small for a mark: drawn without one
+        flow_gif(images, res, tmp_path / "f.gif", size=8)  # the GIF draws them too
         expected = overlay(images[0], (maps[0] / maps[0].max()).double())
         np.testing.assert_allclose(overlay(images[0], maps[0]), expected, atol=2e-3)  # the shape, not inf or 0
 
