@@ -36,7 +36,15 @@ from .result import FlowResult, LayerMaps, NotKept, non_finite_layers
 from .solvers import SolverConfig, SolverContext, SolveRecord
 from .solvers.operator import widest_float
 from .targets import resolve_target
-from .tracing import ieee_float32, is_frozen_batch_norm, not_a_module, trace, training_off, warn_forward_hooks
+from .tracing import (
+    _wrap_hint,
+    ieee_float32,
+    is_frozen_batch_norm,
+    not_a_module,
+    trace,
+    training_off,
+    warn_forward_hooks,
+)
 
 __all__ = ["compile_naflow", "NAFlow", "REDUCTIONS"]
 
@@ -73,9 +81,10 @@ def _example_tensor(example_input: Tensor | Sequence[int], device: torch.device,
             ) from None
     hint = ""
     if isinstance(example_input, dict):  # forward(batch) reading batch["image"]
+        key = next((k for k, v in example_input.items() if isinstance(v, Tensor)), "image")
         hint = (
-            ". A flow calls the model on the images tensor alone: if its forward takes a dict, wrap it so that "
-            "forward(x) calls model({'image': x}), with your key, and pass the images"
+            ". A flow calls the model on the images tensor alone: if its forward takes a dict, wrap it and pass "
+            f"the images, e.g.\n{_wrap_hint(f'{{{key!r}: x}}')}"
         )
     raise InputTypeError(
         f"example_input must be a tensor or a shape such as (1, 3, 224, 224); got {type(example_input).__name__}" + hint

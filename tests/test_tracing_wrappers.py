@@ -162,8 +162,9 @@ def test_a_forward_that_takes_a_dict_is_told_how_to_wrap_it():
         with pytest.raises(UnsupportedModelError, match=r"reads its input as a dict \(input\['image'\]\)") as err:
             compile_naflow(DictInput(how).eval(), x[:1])
         assert "def forward(self, x): return self.model({'image': x})" in str(err.value), how
-    with pytest.raises(InputTypeError, match=r"got dict\. .*if its forward takes a dict, wrap it"):
+    with pytest.raises(InputTypeError, match=r"got dict\. .*if its forward takes a dict, wrap it") as err:
         compile_naflow(DictInput().eval(), {"image": x[:1]})
+    assert "def forward(self, x): return self.model({'image': x})" in str(err.value)  # the same wrapper
 
     class Explained(nn.Module):  # the message's wrapper, as written there
         def __init__(self, model):
