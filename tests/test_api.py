@@ -203,6 +203,7 @@ def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         fcn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+        heads = nn.Linear(4, 3), nn.Linear(4, 1)  # seeded too, so that no test order decides their weights
     x = batch(2)
     nf = compile_naflow(fcn, x)
     hint = r"target=lambda out: out\[:, k\]\.flatten\(1\)\.sum\(1\) for channel k"
@@ -217,12 +218,12 @@ def test_class_targets_need_logits_and_callable_targets_work_on_any_output():
     pooled = nn.Sequential(*fcn[:2], nn.AdaptiveAvgPool2d(1), nn.Flatten(0)).eval()  # [B·4]: the batch flattened away
     with pytest.raises(InputError, match=r"output has shape \(8,\) for a batch of 2 image.*nn\.Flatten\(\)"):
         compile_naflow(pooled, x)(x, lambda out: out)
-    squeezed = nn.Sequential(*pooled[:3], nn.Flatten(), nn.Linear(4, 3), Squeeze()).eval()  # [B, 3] for B > 1
+    squeezed = nn.Sequential(*pooled[:3], nn.Flatten(), heads[0], Squeeze()).eval()  # [B, 3] for B > 1
     nf = compile_naflow(squeezed, x)  # compiled at batch 1, where .squeeze() drops the batch too
     assert nf(x).maps[nf.last_layer].shape == (2, SIZE, SIZE)
     with pytest.raises(InputError, match=r"output has shape \(3,\) for a batch of 1 image.*\.squeeze\(\) that also"):
         nf(x[:1])
-    regressor = nn.Sequential(*pooled[:3], nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0)).eval()  # one score each: [B]
+    regressor = nn.Sequential(*pooled[:3], nn.Flatten(), heads[1], nn.Flatten(0)).eval()  # one score each: [B]
     nf = compile_naflow(regressor, x)
     with pytest.raises(TargetError, match=r"e\.g\. target=lambda out: out \(it is already one score per sample\)"):
         nf(x)
