@@ -18,7 +18,7 @@ from torch import nn
 from .errors import InputError
 
 
-def existing_folder(path: str | os.PathLike) -> str:
+def existing_folder(path: str | os.PathLike[str]) -> str:
     """The deepest existing folder on ``path``'s way, where writing it would create folders or the file.
 
     It is a file, not a folder, when a parent of ``path`` is a file: see :func:`check_parent`.
@@ -29,7 +29,7 @@ def existing_folder(path: str | os.PathLike) -> str:
     return folder
 
 
-def check_parent(path: str | os.PathLike, fn: str) -> None:
+def check_parent(path: str | os.PathLike[str], fn: str) -> None:
     """An :class:`InputError` naming ``fn`` when a parent of ``path`` is a file, so it cannot be written."""
     folder = existing_folder(path)
     if not os.path.isdir(folder):
@@ -69,7 +69,7 @@ def _keep_copy(path: str, copy: str) -> None:
         shutil.copy2(path, copy)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> str:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     The folder is created if needed; the file gets the usual permissions (``0o666`` minus the
@@ -84,7 +84,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     return atomic_write_all([(path, write)])[0]
 
 
-def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[str]:
+def atomic_write_all(files: Sequence[tuple[str | os.PathLike[str], Callable[[str], None]]]) -> list[str]:
     """:func:`atomic_write` of several files that belong together: all are replaced, or none.
 
     Every file is written to its temporary first. Then each replaces its target in turn (one
@@ -158,7 +158,7 @@ def write_target(path: str) -> str:
     return real
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> str:
     """:func:`atomic_write` of a text file (UTF-8)."""
 
     def write(tmp: str) -> None:

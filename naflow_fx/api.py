@@ -191,12 +191,12 @@ class NAFlow:
         self._dtype = example.dtype
         self._device = example.device
         # NOTE [fixed shapes]: ((C, H, W), where) when the model was traced at the example's sizes
-        self.fixed_shape: tuple | None = graph_module.meta.get("naflow.fixed_shape")
+        self.fixed_shape: tuple[tuple[int, ...], str] | None = graph_module.meta.get("naflow.fixed_shape")
         self._layer_of = {n.name: n.meta.get("naflow.name", n.name) for n in graph_module.graph.nodes}
         self._node_of = {v: k for k, v in self._layer_of.items()}
         self._layer_nodes = [self._node_of[name] for name in layers]
         self.layers = list(layers)
-        self.last_layer = self._layer_of[self.plan.last]
+        self.last_layer: str = self._layer_of[self.plan.last]
         self._program = passes.emit_inverse(graph_module, self._layer_nodes)
         self._maps: passes.InverseProgram | None = None  # keep="maps" variant, emitted on first use
         self.inverse = self._program.module
@@ -455,7 +455,7 @@ class NAFlow:
         *,
         targets: object = None,
         keep: str = "all",
-        progress: Callable[[SolveRecord], None] | None = None,
+        progress: Callable[[SolveRecord], object] | None = None,
     ) -> FlowResult:
         """Explain ``x`` (``Tensor[B, C, H, W]``) for ``target`` (None = argmax per sample).
 
@@ -996,7 +996,7 @@ def compile_naflow(
     tol: float = 1e-4,
     max_iter: int = 500,
     last_layer: str | nn.Module | None = None,
-    layers: str | Sequence[str | nn.Module] = "all",
+    layers: str | nn.Module | Iterable[str | nn.Module] = "all",
     reduction: str = "sum_relu",
     fallback: str | None = None,
     leaf_modules: Iterable[type | str] = (),
@@ -1019,8 +1019,9 @@ def compile_naflow(
             ``"all"`` (every 4-D feature node between the input and N), ``"conv"`` (outputs of
             convolutions), ``"blocks"`` (block outputs at stage boundaries: ``layer1.0``'s output in a
             ResNet; see :func:`block_layers`), or a list of layer names, module names and/or
-            modules: a leaf module (a conv) gives each node that calls it, a composite one (a
-            block, as in pytorch-grad-cam's ``target_layers=[model.layer4[-1]]``) its output.
+            modules (or just one): a leaf module (a conv) gives each node that calls it, a
+            composite one (a block, as in pytorch-grad-cam's ``target_layers=[model.layer4[-1]]``)
+            its output.
         reduction: ``"sum_relu"`` (paper Eq. 2, ReLU of the channel sum) or ``"relu_sum"``
             (the authors' code, sum of ReLUs).
         fallback: ``None`` (unsupported ops raise) or ``"linearize"`` (invert them through their

@@ -273,7 +273,7 @@ def load_model(spec: str, weights: str | None = None) -> ModelSpec:
 
 # ---------------------------------------------------------------------------------------- images
 def load_images(
-    paths: Sequence[str],
+    paths: Sequence[str | os.PathLike[str]],
     size: int,
     resize: str = "crop",
     crop_fraction: float = 1.0,

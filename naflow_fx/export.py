@@ -47,7 +47,7 @@ FORMAT = "naflow_fx maps v1"
 _WRITTEN_BY = "was it written by naflow_fx.export.save_maps?"
 
 
-def sidecar_path(npz_path: str | os.PathLike) -> str:
+def sidecar_path(npz_path: str | os.PathLike[str]) -> str:
     """``out/maps.npz`` → ``out/maps.json`` (any other name: its extension replaced by ``.json``)."""
     path = os.fspath(npz_path)
     root = path[: -len(".npz")] if path.endswith(".npz") else os.path.splitext(path)[0]
@@ -97,8 +97,8 @@ def summary(
     *,
     model: str = "",
     class_names: Sequence[str] | None = None,
-    images: Sequence[str] | None = None,
-    extra: dict | None = None,
+    images: Sequence[str | os.PathLike[str]] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> dict:
     """The JSON-ready description of ``result`` that :func:`save_maps` writes as the sidecar.
 
@@ -231,12 +231,12 @@ def _npz_path(path) -> str:
 
 def save_maps(
     result: LayerMaps,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     model: str = "",
     class_names: Sequence[str] | None = None,
-    images: Sequence[str] | None = None,
-    extra: dict | None = None,
+    images: Sequence[str | os.PathLike[str]] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> tuple[str, str]:
     """Write ``result``'s maps to ``path`` (``.npz``) and the sidecar next to it (``.json``).
 
@@ -298,12 +298,12 @@ def save_maps(
 
 def maps_files(
     result: LayerMaps,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     model: str = "",
     class_names: Sequence[str] | None = None,
-    images: Sequence[str] | None = None,
-    extra: dict | None = None,
+    images: Sequence[str | os.PathLike[str]] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> tuple[str, str, list[tuple[str, Callable[[str], None]]]]:
     """What :func:`save_maps` writes, checked and serialised but not yet written.
 
@@ -421,7 +421,7 @@ def _read_sidecar(path: str, side: str) -> dict:
     return meta
 
 
-def load_maps(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+def load_maps(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict]:
     """Read what :func:`save_maps` wrote: ``(maps by layer name, sidecar dict)``.
 
     The maps come in the sidecar's layer order; a number that was not finite when saved is ``None``

@@ -42,8 +42,9 @@ import inspect
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,7 +57,13 @@ from .errors import ConfigError, InputError, InputTypeError, TargetError
 from .result import FlowResult, LayerMaps, _joined
 from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["explain_episode", "EpisodeExplanation"]
+
+# an index, count or label as these functions take it: an int, a numpy integer or a one-element integer tensor
+_Integer = int | np.integer | Tensor
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -328,7 +335,7 @@ def _labelled_grid(
     images: Tensor,
     flows: Sequence[LayerMaps],
     labels: Sequence[str],
-    path: str | os.PathLike | None,
+    path: str | os.PathLike[str] | None,
     layers: Sequence[str] | None,
     dpi: int = 150,
     fmt: str | None = None,
@@ -439,7 +446,7 @@ class EpisodeExplanation:
             raise TargetError(f"class {c} is not in this episode; its classes are {self.classes.tolist()}")
         return int(hits[0])
 
-    def query_flow(self, c: int | None = None) -> FlowResult:
+    def query_flow(self, c: _Integer | None = None) -> FlowResult:
         """All queries' flow w.r.t. the prototype of class ``c`` (None: each query's prediction).
 
         Computed on first request (one batched call) and cached in :attr:`class_flows`.
@@ -455,7 +462,7 @@ class EpisodeExplanation:
             self.class_flows[label] = self.naflow(self.query, SimilarityTarget(self.prototypes[col]))
         return self.class_flows[label]
 
-    def support_flow(self, q: int, c: int | None = None) -> FlowResult:
+    def support_flow(self, q: _Integer, c: _Integer | None = None) -> FlowResult:
         """The flow of the supports of class ``c`` (None: query ``q``'s prediction) w.r.t. query ``q``.
 
         Rows are the supports ``(support_labels == c).nonzero()`` in order (for the predicted
@@ -479,7 +486,9 @@ class EpisodeExplanation:
             self._support_cache[q, label] = self.naflow(self.support[idx], SimilarityTarget(ref))
         return self._support_cache[q, label]
 
-    def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):
+    def plot(
+        self, q: _Integer = 0, path: str | os.PathLike[str] | None = None, *, layers: Sequence[str] | None = None
+    ) -> Figure:
         """Query ``q`` (w.r.t. its predicted prototype) above the supports of the predicted class
         (each w.r.t. the query): one row per image, one column per layer (``layers``, default: all
         of the flow's). Saves a PNG when ``path`` is given; returns the matplotlib figure. Needs
@@ -503,13 +512,13 @@ class EpisodeExplanation:
 def explain_episode(
     encoder: nn.Module | NAFlow,
     support: Tensor,
-    support_labels: Tensor | np.ndarray | Sequence[int],
+    support_labels: Tensor | np.ndarray | Sequence[int | np.integer],
     query: Tensor,
     *,
     temperature: float = 10.0,
-    classes: Sequence[int] | str | None = None,
+    classes: int | np.integer | Sequence[int | np.integer] | Tensor | str | None = None,
     explain_support: bool = True,
-    layers: str | Sequence[str | nn.Module] | None = None,
+    layers: str | nn.Module | Iterable[str | nn.Module] | None = None,
     compile_options: dict | None = None,
 ) -> EpisodeExplanation:
     """Classify the queries of an N-way K-shot episode (MetaBaseline) and explain it with NAFlow.

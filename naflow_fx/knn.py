@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +38,17 @@ from torch import Tensor, nn
 
 from .api import NAFlow
 from .errors import ConfigError, InputError, InputTypeError, TargetError
-from .fewshot import _as_batch, _count, _embed, _first, _labels_tensor, _nonzero_rows, _resolve_naflow, _scalar
+from .fewshot import (
+    _as_batch,
+    _count,
+    _embed,
+    _first,
+    _Integer,
+    _labels_tensor,
+    _nonzero_rows,
+    _resolve_naflow,
+    _scalar,
+)
 from .result import FlowResult
 from .similarity import SimilarityTarget
 from .solvers.operator import float64_device
@@ -157,12 +167,12 @@ def explain_knn(
     model: nn.Module | NAFlow,
     x: Tensor,
     bank: Tensor,
-    bank_labels: Tensor | np.ndarray | Sequence[int],
-    k: int = 200,
+    bank_labels: Tensor | np.ndarray | Sequence[int | np.integer],
+    k: _Integer = 200,
     tau: float = 0.07,
     *,
-    num_classes: int | None = None,
-    layers: str | Sequence[str | nn.Module] | None = None,
+    num_classes: _Integer | None = None,
+    layers: str | nn.Module | Iterable[str | nn.Module] | None = None,
     compile_options: dict | None = None,
 ) -> KNNExplanation:
     """Classify ``x`` by a weighted kNN vote in a memory bank (NPID) and explain the decision.

@@ -67,7 +67,8 @@ def energy_on_mask(result: LayerMaps, masks: Tensor) -> dict[str, Tensor]:
         result: per-layer maps (a flow or a baseline).
         masks: ``bool Tensor[B, H, W]``, the object's pixels (or a soft mask with values in
             [0, 1]; ``[B, 1, H, W]`` is taken as ``[B, H, W]``). One mask per image of the
-            result's batch; anything else is an :class:`~naflow_fx.InputError`.
+            result's batch; anything else is an :class:`~naflow_fx.InputError` (an
+            :class:`~naflow_fx.InputTypeError` if not a tensor).
 
     Example:
         >>> from naflow_fx import LayerMaps
@@ -94,7 +95,7 @@ def energy_on_mask(result: LayerMaps, masks: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def mask_energy(results: Sequence[LayerMaps], masks: Tensor, labels: Sequence[str] | None = None) -> str:
+def mask_energy(results: LayerMaps | Sequence[LayerMaps], masks: Tensor, labels: Sequence[str] | None = None) -> str:
     """A text table: one row per layer, one column per result, the mean share of mass on the mask.
 
     The last row gives the mask's mean area, the share a uniform map would get. ``results`` is a

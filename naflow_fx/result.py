@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import overload
 
 import numpy as np
 import torch
@@ -305,12 +306,17 @@ class FlowResult(LayerMaps):
         return "\n".join(rows)
 
 
+@overload
+def concat(results: Sequence[FlowResult]) -> FlowResult: ...
+@overload
+def concat(results: Sequence[LayerMaps]) -> LayerMaps: ...
 def concat(results: Sequence[LayerMaps]) -> LayerMaps:
     """Join per-batch results of the same explainer along the batch dimension.
 
-    For flows, BPFMs and coefficients are joined too, and each step's diagnostics are merged:
-    iterations, residual, normal residual and damping are the worst over the parts (NaN if any
-    part's is), seconds their sum. The parts must come from the same explainer: same method, layers, input size,
+    Flows give a :class:`FlowResult`, other results a :class:`LayerMaps`. For flows, BPFMs and
+    coefficients are joined too, and each step's diagnostics are merged: iterations, residual,
+    normal residual and damping are the worst over the parts (NaN if any part's is), seconds
+    their sum. The parts must come from the same explainer: same method, layers, input size,
     device and map sizes, else an :class:`~naflow_fx.errors.InputError` names the first misfit.
     """
     results = _check_parts(results)

@@ -26,8 +26,9 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from .fewshot import (
     _embed,
     _first,
     _index,
+    _Integer,
     _labelled_grid,
     _nonzero_rows,
     _resolve_naflow,
@@ -50,6 +52,9 @@ from .fewshot import (
 )
 from .result import FlowResult
 from .similarity import METRICS, SimilarityTarget, cosine_at_extremum, similarity_is_zero
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["explain_match", "MatchExplanation"]
 
@@ -84,9 +89,10 @@ class MatchExplanation:
 
     @property
     def k(self) -> int:
+        """The number of matches explained per query (``indices.shape[1]``)."""
         return int(self.indices.shape[1])
 
-    def pair(self, q: int = 0, r: int = 0) -> tuple[FlowResult, FlowResult | None]:
+    def pair(self, q: _Integer = 0, r: _Integer = 0) -> tuple[FlowResult, FlowResult | None]:
         """``(query flow, match flow)`` (batch 1 each) of query ``q`` and its ``r``-th match."""
         nq, k = self.indices.shape
         message = f"pair({q!r}, {r!r}) is out of range: there are {nq} queries and k = {k} matches each"
@@ -94,7 +100,9 @@ class MatchExplanation:
         row = torch.tensor([q * k + r], device="cpu")
         return _take(self.query_flow, row), None if self.match_flow is None else _take(self.match_flow, row)
 
-    def plot(self, q: int = 0, path: str | os.PathLike | None = None, *, layers: Sequence[str] | None = None):
+    def plot(
+        self, q: _Integer = 0, path: str | os.PathLike[str] | None = None, *, layers: Sequence[str] | None = None
+    ) -> Figure:
         """For each of query ``q``'s matches: a row of the query (w.r.t. the match) and a row of the
         match (w.r.t. the query); one column per layer (``layers``, default: all of the flow's).
         Saves a PNG when ``path`` is given; returns the figure. Needs matplotlib (``vision`` extra)."""
@@ -119,12 +127,12 @@ def explain_match(
     model: nn.Module | NAFlow,
     query: Tensor,
     gallery: Tensor | None,
-    k: int = 1,
+    k: _Integer = 1,
     *,
     gallery_embeddings: Tensor | None = None,
     batch_size: int | None = 64,
     explain_matches: bool = True,
-    layers: str | Sequence[str | nn.Module] | None = None,
+    layers: str | nn.Module | Iterable[str | nn.Module] | None = None,
     compile_options: dict | None = None,
 ) -> MatchExplanation:
     """Retrieve the ``k`` gallery images most similar to each query and explain every match.

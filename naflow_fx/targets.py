@@ -41,9 +41,12 @@ class ClassTarget:
         [1, 1]
     """
 
-    category: int | Sequence[int] | Tensor | np.ndarray
+    category: int | np.integer | Sequence[int | np.integer | Tensor] | Tensor | np.ndarray
 
     def indices(self, output: Tensor) -> Tensor:
+        """The class index of each sample of ``output`` (logits ``[B, classes]``), ``LongTensor[B]`` on
+        its device; a single class is repeated for the batch. Raises :class:`~naflow_fx.TargetError`
+        for anything else (a class out of range, a count that is not B, a non-integer class)."""
         if output.dim() != 2:
             raise TargetError(
                 f"a class target needs the model to output logits of shape [B, classes]; got "

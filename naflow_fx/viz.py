@@ -11,6 +11,7 @@ import numbers
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from torch import Tensor
 from ._io import atomic_write, check_parent, existing_folder, write_target
 from .errors import InputError, InputTypeError, optional
 from .result import LayerMaps, _check_room, _varies, check_layer_maps, check_maps, resized_normalized
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["overlay", "flow_grid", "flow_gif", "short_layer_name", "spread_layers", "atomic_savefig"]
 
@@ -243,7 +247,7 @@ def _write_file(path: str, write: Callable[[str], None], fn: str, what: str) -> 
         raise OSError(exc.errno, f"cannot write {what}: {exc.strerror}", path) from exc
 
 
-def _figure_format(path: str | os.PathLike, fn: str = "atomic_savefig") -> str:
+def _figure_format(path: str | os.PathLike[str], fn: str = "atomic_savefig") -> str:
     """The matplotlib format of ``path``: its extension, or ``rcParams["savefig.format"]`` (PNG) if it has none.
 
     Example:
@@ -435,7 +439,8 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "inf
     ``image`` is ``[C, H, W]`` (C = 1 or 3) or ``[H, W]``, shown as it is in [0, 1] (or ``uint8``)
     and min-max scaled otherwise; ``heatmap`` is one map ``[h, w]``, scaled to [0, 1] on its own;
     ``alpha`` in [0, 1] is the map's weight (torchcam's ``overlay_mask`` weighs the image instead);
-    ``cmap`` is a matplotlib colormap name. Bad arguments raise :class:`~naflow_fx.InputError`.
+    ``cmap`` is a matplotlib colormap name. Bad arguments raise :class:`~naflow_fx.InputError`, or
+    :class:`~naflow_fx.InputTypeError` when of the wrong type.
 
     Example:
         >>> overlay(torch.rand(3, 8, 8), torch.rand(4, 4)).shape
@@ -476,7 +481,7 @@ def _display_dtype(heatmap: Tensor) -> Tensor:
     return heatmap if heatmap.dtype == torch.float64 else heatmap.float()
 
 
-def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
+def atomic_savefig(fig: Figure, path: str | os.PathLike[str], **kwargs) -> None:
     """Save a figure through a temporary file and an atomic rename (no half-written PNGs).
 
     The format is ``kwargs["format"]`` if given, else the path's extension (a path without one
@@ -488,7 +493,7 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> None:
     _save_figure(fig, path, "atomic_savefig", **kwargs)
 
 
-def _save_figure(fig, path: str | os.PathLike, fn: str, **kwargs) -> None:
+def _save_figure(fig, path: str | os.PathLike[str], fn: str, **kwargs) -> None:
     """:func:`atomic_savefig`, with errors that start with ``fn``."""
     path = _check_path(path, fn)
     if kwargs.get("format") is None:
@@ -499,7 +504,7 @@ def _save_figure(fig, path: str | os.PathLike, fn: str, **kwargs) -> None:
 def _finish_figure(
     fig,
     draw: Callable[[], None],
-    path: str | os.PathLike | None,
+    path: str | os.PathLike[str] | None,
     dpi: float,
     fmt: str | None,
     fn: str = "atomic_savefig",
@@ -526,7 +531,7 @@ def _finish_figure(
 def flow_grid(
     images: Tensor,
     results: LayerMaps | Sequence[LayerMaps],
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     *,
     layers: Sequence[str] | None = None,
     row_labels: Sequence[str] | None = None,
@@ -534,11 +539,11 @@ def flow_grid(
     alpha: float = 0.55,
     cmap: str = "inferno",
     cell: float = 1.15,
-    dpi: int = 150,
+    dpi: float = 150,
     colorbar: bool = False,
     image_labels: Sequence[str] | None = None,
     max_columns: int | None = None,
-):
+) -> Figure:
     """One row per image (and per method), one column per layer, maps overlaid on the image.
 
     Args:
@@ -745,7 +750,7 @@ def _draw_grid(fig, axes, images, results, layers, labels, class_names, image_la
 def flow_gif(
     images: Tensor,
     result: LayerMaps,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     layers: Sequence[str] | None = None,
     size: int = 192,

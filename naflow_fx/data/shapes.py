@@ -369,7 +369,7 @@ def sample_paths() -> list[str]:
     return [str(folder.joinpath(f"{name}.png")) for name in CLASSES]
 
 
-def write_samples(folder: str | os.PathLike) -> list[str]:
+def write_samples(folder: str | os.PathLike[str]) -> list[str]:
     """Write the sample PNGs (how the bundled files were made), each atomically (never half-written)."""
     Image = optional("PIL.Image", "write_samples")
 

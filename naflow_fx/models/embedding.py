@@ -92,6 +92,17 @@ class EmbeddingResNet(nn.Module):
             ``F.normalize``; ``None`` for no normalisation (raw embeddings).
     """
 
+    # the trunk's modules, added with add_module: declared here so that type checkers know them
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+    avgpool: nn.Module
+
     def __init__(self, trunk: torchvision.models.ResNet, dim: int, functional_norm: bool | None = False) -> None:
         super().__init__()
         dim = _positive(dim, "dim", "EmbeddingResNet", " (the embedding dimension)")

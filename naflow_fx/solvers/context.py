@@ -145,7 +145,7 @@ class SolverContext:
     config: SolverConfig = field(default_factory=SolverConfig)
     sigma_cache: dict = field(default_factory=dict)
     records: list[SolveRecord] = field(default_factory=list)
-    progress: Callable[[SolveRecord], None] | None = None
+    progress: Callable[[SolveRecord], object] | None = None
     _current: SolveRecord | None = None
 
     @contextmanager

@@ -73,6 +73,12 @@ class ShapesResNet(nn.Module):
         num_classes: outputs of ``fc`` (``len(CLASSES)``).
     """
 
+    # made in a loop with setattr: declared here so that type checkers know them (model.layer4[-1])
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self,
         widths: tuple[int, int, int, int] = (16, 32, 64, 128),
@@ -121,7 +127,7 @@ def weights_info() -> dict:
     return json.loads(resources.files(__package__).joinpath(INFO_FILE).read_text())
 
 
-def shapes_resnet(pretrained: bool = True, weights: str | os.PathLike | None = None) -> ShapesResNet:
+def shapes_resnet(pretrained: bool = True, weights: str | os.PathLike[str] | None = None) -> ShapesResNet:
     """The embedded shapes classifier in eval mode.
 
     Args:
@@ -155,6 +161,6 @@ def shapes_resnet(pretrained: bool = True, weights: str | os.PathLike | None = N
     return model.eval()
 
 
-def shapes_embedding(pretrained: bool = True, weights: str | os.PathLike | None = None) -> nn.Module:
+def shapes_embedding(pretrained: bool = True, weights: str | os.PathLike[str] | None = None) -> nn.Module:
     """The embedded model's pooled 128-d features (for :class:`~naflow_fx.SimilarityTarget`)."""
     return _Embedding(shapes_resnet(pretrained, weights)).eval()
