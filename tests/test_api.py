@@ -1877,3 +1877,73 @@ def test_a_collected_modules_source_is_forgotten_at_the_next_compile_not_by_the_
     assert key in linecache.cache  # still there: nothing removed behind a reader's back
     collectable(torch.fx.symbolic_trace(nn.ReLU()))
     assert key not in linecache.cache
+
+
+class _Leak(nn.Module):
+    """Adds 1 % of the batch's other images (a leaf module: the flow sees one node that mixes a little)."""
+
+    def forward(self, h):
+        return h + 0.01 * h.flip(0)
+
+
+class _LeaksAcrossTheBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+        self.leak = _Leak()
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(torch.relu(self.b(self.leak(h))).mean((2, 3)))
+
+
+def test_a_model_that_mixes_the_images_only_a_little_is_refused_too():
+    """NOTE [independent samples]: outputs agree to 1e-3 of their largest entry, far below what mixing does."""
+    torch.manual_seed(0)
+    flow = compile_naflow(_LeaksAcrossTheBatch().eval(), batch(1), leaf_modules=[_Leak], fallback="linearize")
+    flow(batch(1))
+    with pytest.raises(UnsupportedModelError, match=r"mixes the images of a batch at 'leak'.*one image at a time"):
+        flow(batch(2))
+
+
+class _BiasedAttention(nn.Module):
+    """Hand-written attention whose logits go through a scale, a learnt bias, a mask and a temperature
+    before the softmax (Swin-like): the product is 4 nodes above the softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.qkv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 24, 1)
+        self.bias = nn.Parameter(torch.zeros(1, 64, 64))
+        self.register_buffer("mask", torch.zeros(64, 64))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)
+        logits = (q.transpose(1, 2) @ k) * 8**-0.5
+        att = torch.softmax((logits + self.bias + self.mask) / 2.0, dim=-1)
+        return (v @ att.transpose(1, 2)).mean(2)
+
+
+def test_attention_with_a_few_ops_between_the_product_and_the_softmax_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"computes self-attention at node 'softmax'"):
+        compile_naflow(_BiasedAttention().eval(), batch(1, size=8))
+
+
+class _MatmulHead(nn.Module):
+    """A CNN whose classifier is a matmul with a learnt matrix and a softmax: one activation in the
+    product, so not attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.classes = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        feats = torch.relu(self.conv(x)).mean((2, 3))
+        return torch.softmax(feats @ self.classes, dim=-1)
+
+
+def test_a_softmax_over_a_product_with_a_parameter_is_not_attention():
+    torch.manual_seed(0)
+    flow = compile_naflow(_MatmulHead().eval(), batch(1))
+    assert flow(batch(1)).layers

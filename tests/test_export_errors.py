@@ -430,3 +430,23 @@ def test_an_interrupt_right_after_a_rename_still_rolls_the_set_back(tmp_path, mo
         _io.atomic_write_all(files)
     monkeypatch.undo()
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"a": "old", "b": "old", "c": "old"}
+
+
+def test_a_class_index_outside_the_names_gets_no_name():
+    """``class_names`` names indices 0..len−1 only: a negative index is not counted from the end."""
+    cam = LayerMaps(
+        ["conv"], {"conv": torch.ones(2, 2, 2)}, torch.tensor([[0.0, 1.0], [2.0, 0.5]]),
+        torch.tensor([1.0, 0.5]), torch.tensor([-1, 5]), (8, 8), "gradcam",
+    )  # fmt: skip
+    rows = naflow_fx.export.summary(cam, class_names=["cat", "dog"])["samples"]
+    assert [r["target"] for r in rows] == [-1, 5]
+    assert all("target_name" not in r for r in rows)
+    assert [r["predicted_name"] for r in rows] == ["dog", "cat"]
+
+
+def test_non_finite_floats_inside_tuples_of_extra_are_written_as_null(tmp_path):
+    cam = LayerMaps(["conv"], {"conv": torch.ones(1, 2, 2)}, torch.tensor([[0.0, 1.0]]), torch.tensor([1.0]), None,
+                    (8, 8), "gradcam")  # fmt: skip
+    npz, _ = save_maps(cam, tmp_path / "cam.npz", extra={"window": (0.0, float("nan")), "nested": [(float("inf"),)]})
+    meta = load_maps(npz)[1]
+    assert meta["window"] == [0.0, None] and meta["nested"] == [[None]]

@@ -192,3 +192,32 @@ def test_region_stages_of_the_zoo_match_jvp(name, monkeypatch):
     monkeypatch.setattr(generic, "affine_piece", checked)
     flow(torch.randn(2, 3, 64, 64))
     assert seen, "no region was solved"
+
+
+class SharedConv(nn.Module):
+    """A conv whose output the batch norm and a skip sum both read: the batch norm must not fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2)
+        self.bn.weight.data.normal_()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_batch_norm_does_not_fold_into_a_conv_that_other_nodes_read():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(SharedConv().eval())
+    _check(gm, torch.randn(4, 3, 6, 6))
+    assert linearize_graph(gm, torch.randn(4, 3, 6, 6))[1].kinds["bn"] == "scale"
+
+
+def test_a_program_with_a_jvp_fallback_is_not_declared_transposable():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Mixed().eval())
+    _, tangent = linearize_graph(gm, torch.randn(1, 3, 6, 6), torch.randn(1, 4, 6, 6))
+    assert "jvp" in tangent.kinds.values() and not tangent.transposable

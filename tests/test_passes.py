@@ -819,3 +819,27 @@ def test_layers_whose_names_spell_the_same_attribute_keep_their_own_stage_module
     grads = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), list(seen.values()))
     for name, grad in zip(seen, grads):
         torch.testing.assert_close(flow.coefficients[name], grad)  # each layer's Λ, from its own stage
+
+
+def test_rrelu_lowers_to_its_eval_slope_on_negative_inputs():
+    """nn.RReLU in eval is a leaky ReLU of slope (lower + upper) / 2: checked where its inputs are negative
+    (test_more_torch_nn_layers_lower_and_explain puts it after a ReLU, where the slope never shows)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.RReLU(0.1, 0.3)).eval()
+    gm = normalize(trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    assert bool((model[0](x) < 0).any())
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    (node,) = [n for n in gm.graph.nodes if n.target is F.leaky_relu]
+    assert node.kwargs["negative_slope"] == pytest.approx(0.2)
+
+
+def test_emit_inverse_runs_down_to_the_shallowest_requested_layer_in_any_order():
+    from naflow_fx.passes import emit_inverse
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    gm = assign_inverse_rules(_compile_graph(model))
+    node = {n.meta.get("naflow.name"): n.name for n in gm.graph.nodes}
+    deep_first, shallow_first = emit_inverse(gm, [node["3"], node["1"]]), emit_inverse(gm, [node["1"], node["3"]])
+    assert deep_first.steps == shallow_first.steps == 2  # the ReLU '3' and the conv '2'
+    assert deep_first.module.code == shallow_first.module.code

@@ -690,3 +690,28 @@ def test_region_weights_are_copied_to_float64_only_for_the_dense_solver(solver, 
     monkeypatch.setattr(torch.Tensor, "to", spy)
     flow(x)
     assert bool(seen) == copied
+
+
+class _Transposed(nn.Module):
+    def __init__(self, dim0: int, dim1: int) -> None:
+        super().__init__()
+        self.dim0, self.dim1 = dim0, dim1
+
+    def forward(self, x):
+        return x.transpose(self.dim0, self.dim1)
+
+
+@pytest.mark.parametrize(("dims", "channels"), [((1, 3), 9), ((2, 1), 7)], ids=["columns-as-channels", "rows"])
+def test_a_transposed_layer_is_reported_on_the_nchw_view(dims, channels):
+    """NOTE [layouts]: a transpose composes the layout like a permute, so its map is on the image's grid."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 1), _Transposed(*dims), nn.Conv2d(channels, 3, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3),
+    ).double().eval()  # fmt: skip
+    x = torch.randn(2, 2, 7, 9, dtype=torch.float64)
+    flow = compile_naflow(model, x, solver="dense", damping=0.0)(x)
+    bpfm, lam = flow.bpfm["1.transpose"], flow.coefficients["1.transpose"]
+    assert bpfm.shape == lam.shape == (2, 4, 7, 9)
+    assert flow.maps["1.transpose"].shape == (2, 7, 9)
+    torch.testing.assert_close(flow.maps["1.transpose"], torch.relu((lam * bpfm).sum(1)))

@@ -1215,3 +1215,43 @@ def test_a_smooth_activation_with_zero_slope_everywhere_is_not_damped():
     a = torch.full((2, 3, 4, 4), -5.0)
     got = get_inverse_rule(F.hardswish)(ctx, torch.randn(2, 3, 4, 4), a, layer="hs")
     assert not got.any() and ctx.records[-1].damping == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutation-testing round 2: cases the spec table's generators do not reach.
+
+
+def test_constant_pad_records_the_residual_of_its_pad_value():
+    """θ of a constant pad is the pad value at the padded positions: a consistent B_w has residual 0."""
+    x = rand((2, 3, 3, 4), 0)
+    pad, value = (1, 2, 1, 0), 1.5
+    y = F.pad(x, pad, value=value)  # B_w = pad(a): consistent
+    ctx = exact_ctx()
+    got = get_inverse_rule(F.pad)(ctx, y, x, layer="pad", pad=pad, mode="constant", value=value)
+    assert torch.equal(got, x)
+    (rec,) = ctx.records
+    assert rec.residual <= 1e-12
+
+
+def test_lp_pool_of_power_one_passes_back_through_windows_of_zeros():
+    """p = 1 is a plain window sum, of slope 1 everywhere, also where a window is all zeros (after a ReLU)."""
+    x = rand((2, 2, 4, 4), 0).abs() + 0.1
+    x[:, :, :2, :2] = 0.0  # one window of zeros per channel
+    kwargs = dict(norm_type=1.0, kernel_size=2, stride=2, ceil_mode=False)
+    bpfm_out = rand((2, 2, 2, 2), 1)
+    got = get_inverse_rule(F.lp_pool2d)(exact_ctx(), bpfm_out, x, layer="pool", **kwargs)
+    jac = torch.func.jacrev(lambda t: F.avg_pool2d(t, 2, 2) * 4)(x[:1]).reshape(8, 32)  # the window sum
+    expected = (bpfm_out.reshape(2, -1) @ torch.linalg.pinv(jac).T).reshape(x.shape)
+    assert_rel_close(got, expected, 1e-10, "lp_pool2d p=1 vs the window sum's pseudo-inverse")
+
+
+def test_the_cached_one_by_one_filter_is_per_dtype():
+    """A context reused for the same layer in float64 then float32 gets a filter of each dtype."""
+    w, x = rand((4, 3, 1, 1), 0), rand((1, 3, 5, 5), 1)
+    y = torch.conv2d(x, w)
+    kwargs = dict(bias=None, stride=1, padding=0, dilation=1, groups=1)
+    ctx, rule = SolverContext(SolverConfig()), get_inverse_rule(torch.conv2d)
+    wide = rule(ctx, y, x, layer="conv", weight=w, **kwargs)
+    narrow = rule(ctx, y.float(), x.float(), layer="conv", weight=w.float(), **kwargs)
+    assert narrow.dtype == torch.float32
+    assert_rel_close(narrow, wide, 1e-5, "float32 vs float64 filter")

@@ -591,3 +591,35 @@ def test_an_explicit_dense_solve_that_cannot_fit_is_refused_before_building_it(m
     compile_naflow(model, x)(x)  # "auto": dense here too, within its limit, not refused
     monkeypatch.setattr(context, "free_bytes", lambda device: None)  # unknown (not Linux): the allocator decides
     nf(x)
+
+
+def test_a_step_is_converged_only_when_every_sample_converged():
+    """One sample solved at once (B_w = 0), the other stopped by max_iter: the step is not converged,
+    so the flow's max_iter warning is not hidden by the other samples of the batch."""
+    op = matrix_operator(rand((6, 4), 0), 2)
+    rhs = torch.stack([torch.zeros(6, dtype=F64), rand((6,), 1)])
+    ctx = SolverContext(SolverConfig(solver="iterative", damping=0.0, tol=1e-14, max_iter=1))
+    _solve(ctx, op, rhs)
+    (rec,) = ctx.records
+    assert rec.iterations == 1 and not rec.converged
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7)])
+def test_the_gram_fallback_orders_singular_values_like_the_svd(monkeypatch, shape):
+    """With both SVDs failing, σ_max is still the largest singular value: the pinv cut-off and
+    λ = damping · σ_max hold for a rank-deficient J whose null directions are round-off, not exact zeros."""
+    from naflow_fx.solvers.dense import relative_pinv
+
+    mat = rand((shape[0], 2), 5) @ rand((2, shape[1]), 6)  # rank 2
+    b = rand((shape[0], 2), 7)
+    smax = float(torch.linalg.svdvals(mat)[0])
+    expected_pinv, expected_tikhonov = torch.linalg.pinv(mat) @ b, tikhonov(mat, b, 0.5 * smax)
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    assert_rel_close(svd_solve(mat, b).T, expected_pinv.T, 1e-6, "pinv from the Gram matrix")
+    pinv, lam = relative_pinv(mat, 0.5)
+    assert lam == pytest.approx(0.5 * smax, rel=1e-10)
+    assert_rel_close((pinv @ b).T, expected_tikhonov.T, 1e-6, "Tikhonov from the Gram matrix")
