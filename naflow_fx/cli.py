@@ -364,7 +364,7 @@ def load_images(
     return torch.stack(out)
 
 
-def _transparent(path: str) -> str:
+def _transparent(path: str | os.PathLike[str]) -> str:
     return f"{path} has transparent pixels: they are explained as white"
 
 
@@ -381,7 +381,7 @@ def _frames(im) -> int:
     return frames
 
 
-def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
+def _deep_grey(im, path: str | os.PathLike[str], size: int, box: tuple, notes: list[str]):
     """A 16-bit, 32-bit or float greyscale image as ``float32 [size, size, 3]`` in [0, 1]."""
     import numpy as np
 
@@ -421,7 +421,7 @@ def _deep_grey(im, path: str, size: int, box: tuple, notes: list[str]):
     return np.repeat((np.asarray(grey, np.float32) / scale).clip(0, 1)[:, :, None], 3, axis=2)
 
 
-def _open_image(path: str):
+def _open_image(path: str | os.PathLike[str]):
     """``PIL.Image.open(path)`` without PIL's DecompressionBombWarning: the CLI resamples only the square it
     explains, so a large image costs little; one over PIL's error threshold still raises DecompressionBombError."""
     Image = optional("PIL.Image", "reading images")

@@ -121,8 +121,8 @@ def _summary(result, model, class_names, images, extra, caller: str) -> dict:
     samples = []
     for b in range(output.shape[0]):
         row: dict = {"index": b}
-        if images is not None:
-            row["image"] = str(images[b])
+        if images is not None:  # a path (Path, os.DirEntry) by its path, anything else by its str
+            row["image"] = os.fsdecode(images[b]) if isinstance(images[b], os.PathLike) else str(images[b])
         if result.classes is not None:
             t = int(result.classes[b])
             row["target"] = t

@@ -450,3 +450,13 @@ def test_non_finite_floats_inside_tuples_of_extra_are_written_as_null(tmp_path):
     npz, _ = save_maps(cam, tmp_path / "cam.npz", extra={"window": (0.0, float("nan")), "nested": [(float("inf"),)]})
     meta = load_maps(npz)[1]
     assert meta["window"] == [0.0, None] and meta["nested"] == [[None]]
+
+
+def test_image_labels_given_as_paths_are_recorded_as_paths(tmp_path):
+    """``images=`` takes str and os.PathLike labels: a path is recorded as its path, not its repr (os.DirEntry)."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).touch()
+    entries = sorted(os.scandir(tmp_path), key=lambda e: e.name)
+    cam = LayerMaps(["conv"], {"conv": torch.ones(3, 2, 2)}, torch.zeros(3, 2), torch.zeros(3), None, (8, 8), "gradcam")
+    rows = naflow_fx.export.summary(cam, images=[*entries, tmp_path / "c.png"])["samples"]
+    assert [r["image"] for r in rows] == [str(tmp_path / n) for n in ("a.png", "b.png", "c.png")]

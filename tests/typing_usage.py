@@ -70,17 +70,18 @@ def classifier_usage(x: Tensor, images: Tensor, masks: Tensor, out: Path) -> Non
 def similarity_usage(support: Tensor, query: Tensor, out: Path) -> None:
     model = npid_resnet(18).eval()  # README "Embedding models"
     nf = compile_naflow(model, torch.randn(1, 3, 64, 64), last_layer=model.layer4, layers=[model.layer3[-1]])
-    nf(query, SimilarityTarget(model(support).detach()[0]))
+    nf(query[:1], SimilarityTarget(model(support).detach()[0]))
     encoder: nn.Module = shapes_embedding()
     labels = np.array([0, 0, 1, 1])
     episode = explain_episode(encoder, support, list(labels), query, classes=labels[2])  # numpy integers
-    explain_episode(encoder, support, labels, query, classes=1)
-    explain_episode(encoder, support, labels, query, classes=torch.tensor([0, 1]))
+    compiled = episode.naflow  # compiled once, reused below (as the docstrings advise)
+    explain_episode(compiled, support, labels, query[:1], classes=1, explain_support=False)
+    explain_episode(compiled, support, labels, query[:1], classes=torch.tensor([0, 1]), explain_support=False)
     assert_type(episode.plot(np.int64(0), out / "episode.png"), Figure)
     episode.query_flow(labels[2])
     episode.support_flow(np.int64(0))
-    match = explain_match(encoder, query, support, k=np.int64(2))
+    match = explain_match(compiled, query[:1], support, k=np.int64(2))
     match.pair(np.int64(0), np.int64(1))
     assert_type(match.plot(0), Figure)
     assert_type(match.k, int)
-    explain_knn(encoder, query, torch.randn(6, 128), list(np.arange(6) % 2), k=np.int64(3))
+    explain_knn(compiled, query[:1], torch.randn(6, 128), list(np.arange(6) % 2), k=np.int64(3))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -92,16 +93,17 @@ class EmbeddingResNet(nn.Module):
             ``F.normalize``; ``None`` for no normalisation (raw embeddings).
     """
 
-    # the trunk's modules, added with add_module: declared here so that type checkers know them
-    conv1: nn.Module
-    bn1: nn.Module
-    relu: nn.Module
-    maxpool: nn.Module
-    layer1: nn.Sequential
-    layer2: nn.Sequential
-    layer3: nn.Sequential
-    layer4: nn.Sequential
-    avgpool: nn.Module
+    if TYPE_CHECKING:  # the trunk's modules, added with add_module: declared for type checkers only (as
+        # in ShapesResNet: TorchScript reads class annotations, and cannot resolve these strings)
+        conv1: nn.Module
+        bn1: nn.Module
+        relu: nn.Module
+        maxpool: nn.Module
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
+        layer4: nn.Sequential
+        avgpool: nn.Module
 
     def __init__(self, trunk: torchvision.models.ResNet, dim: int, functional_norm: bool | None = False) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -73,11 +74,12 @@ class ShapesResNet(nn.Module):
         num_classes: outputs of ``fc`` (``len(CLASSES)``).
     """
 
-    # made in a loop with setattr: declared here so that type checkers know them (model.layer4[-1])
-    layer1: nn.Sequential
-    layer2: nn.Sequential
-    layer3: nn.Sequential
-    layer4: nn.Sequential
+    if TYPE_CHECKING:  # made in a loop with setattr: declared for type checkers (model.layer4[-1]), and
+        # only for them: TorchScript reads a module's class annotations, and cannot resolve these strings
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
+        layer4: nn.Sequential
 
     def __init__(
         self,
