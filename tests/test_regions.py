@@ -594,6 +594,16 @@ class _Permuted(nn.Module):
         return x.permute(*self.dims)
 
 
+def _around_a_layout_change(change: nn.Module, channels: int) -> nn.Sequential:
+    """A float64 1×1 conv, then ``change`` (a permute or transpose), then a 1×1 conv that reads ``channels``
+    channels, a ReLU and a linear head (seeded: call it before drawing the input)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 1), change, nn.Conv2d(channels, 3, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3),
+    ).double().eval()  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("dims", "channels", "grid", "view"),
     [
@@ -608,11 +618,7 @@ def test_a_conv_after_a_permute_sums_its_own_channels(dims, channels, grid, view
     there, so its map sums its own output channels. It used to keep the permute's layout and be
     summed over a spatial axis, its channels shown as the image's width. Rows and columns only
     swapped stay image-aligned: the conv's map is shown on the image's grid (``view``)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(2, 4, 1), _Permuted(*dims), nn.Conv2d(channels, 3, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3),
-    ).double().eval()  # fmt: skip
+    model = _around_a_layout_change(_Permuted(*dims), channels)
     x = torch.randn(2, 2, 7, 9, dtype=torch.float64)
     nf = compile_naflow(model, x, solver="dense", damping=0.0)
     flow = nf(x)
@@ -704,11 +710,7 @@ class _Transposed(nn.Module):
 @pytest.mark.parametrize(("dims", "channels"), [((1, 3), 9), ((2, 1), 7)], ids=["columns-as-channels", "rows"])
 def test_a_transposed_layer_is_reported_on_the_nchw_view(dims, channels):
     """NOTE [layouts]: a transpose composes the layout like a permute, so its map is on the image's grid."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(2, 4, 1), _Transposed(*dims), nn.Conv2d(channels, 3, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3),
-    ).double().eval()  # fmt: skip
+    model = _around_a_layout_change(_Transposed(*dims), channels)
     x = torch.randn(2, 2, 7, 9, dtype=torch.float64)
     flow = compile_naflow(model, x, solver="dense", damping=0.0)(x)
     bpfm, lam = flow.bpfm["1.transpose"], flow.coefficients["1.transpose"]
