@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import overload
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, did_you_mean, elided
 from .solvers import SolveRecord
 from .solvers.context import free_bytes
 
@@ -97,6 +99,44 @@ def resized_normalized(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return out.reshape(*maps.shape[:-2], *size)
 
 
+class LayerDict(dict):
+    """A result's ``maps``, ``bpfm``, ``coefficients`` or ``diagnostics``: a dict whose missing key names the layers.
+
+    Layers are named by module path and call (``"layer4.1.relu#2"``), so a module's own name
+    (``"layer4"``) is no key: the error lists the layers inside it, or the closest names. It
+    pickles, and ``torch.save`` writes it, as an ``OrderedDict``.
+
+    Example:
+        >>> maps = LayerDict({"layer4.0.conv1": 1, "layer4.1.relu#2": 2, "fc": 3})
+        >>> maps["layer4"]
+        Traceback (most recent call last):
+        ...
+        KeyError: "no layer 'layer4': the layers inside it are 'layer4.0.conv1', 'layer4.1.relu#2' (see result.layers)"
+        >>> maps["fc1"]
+        Traceback (most recent call last):
+        ...
+        KeyError: "no layer 'fc1' (did you mean 'fc'?): the layers are layer4.0.conv1, layer4.1.relu#2, fc"
+    """
+
+    def __missing__(self, key: object) -> None:
+        names = [k for k in self if isinstance(k, str)]
+        if isinstance(key, str):
+            inside = [n for n in names if n.startswith((key + ".", key + "#"))]
+            if inside:
+                listed = elided([repr(n) for n in inside], 8)
+                raise KeyError(f"no layer {key!r}: the layers inside it are {listed} (see result.layers)")
+        raise KeyError(f"no layer {key!r}{did_you_mean(str(key), names)}: the layers are {elided(names, 8)}")
+
+    def __copy__(self) -> LayerDict:
+        return LayerDict(self)
+
+    def __deepcopy__(self, memo: dict) -> LayerDict:
+        return LayerDict(copy.deepcopy(dict(self), memo))
+
+    def __reduce__(self):  # as an OrderedDict, which torch.load(weights_only=True) accepts
+        return OrderedDict, (), None, None, iter(self.items())
+
+
 @dataclass(eq=False)
 class LayerMaps:
     """One attention map per layer: ``maps[name]`` is ``Tensor[B, h, w]`` at the layer's resolution.
@@ -131,6 +171,13 @@ class LayerMaps:
     classes: Tensor | None
     input_size: tuple[int, int]
     method: str
+
+    def __post_init__(self) -> None:
+        # a plain dict of layers becomes a LayerDict, whose missing key names the layers there are
+        for name in ("maps", "bpfm", "coefficients", "diagnostics"):
+            value = getattr(self, name, None)
+            if type(value) is dict:
+                setattr(self, name, LayerDict(value))
 
     def upsample(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> Tensor:
         """All maps as ``Tensor[B, L, H, W]``: bilinear to ``size`` (default: the input size), each

@@ -1694,6 +1694,31 @@ def test_keep_maps_returns_the_same_maps_without_bpfm_or_coefficients(model, red
         nf(x, keep="bpfm")
 
 
+def test_a_missing_layer_key_names_the_layers_there_are(nf, tmp_path):
+    """maps, bpfm, coefficients and diagnostics answer a wrong key with the layers (not a bare KeyError)."""
+    from naflow_fx.result import LayerDict, concat
+
+    x = batch(2, seed=5)
+    flow, cam = nf(x), nf.gradcam(x)
+    joined = concat([flow, flow])
+    for d in (flow.maps, flow.bpfm, flow.coefficients, flow.diagnostics, cam.maps, joined.maps, joined.bpfm):
+        assert type(d) is LayerDict
+        with pytest.raises(KeyError, match=r"no layer 'conv3' \(did you mean 'conv2'.*\): the layers are"):
+            d["conv3"]
+    assert flow.maps.get("conv3") is None and "conv3" not in flow.maps  # get and in are a dict's
+    nested = LayerDict({f"layer4.{i}.conv1": i for i in range(2)} | {"layer4.1.relu#2": 2, "fc": 3})
+    with pytest.raises(KeyError, match=r"no layer 'layer4': the layers inside it are 'layer4.0.conv1', 'layer4.1"):
+        nested["layer4"]  # a module's own name lists the layers inside it
+    with pytest.raises(KeyError, match=r"no layer 'layer4.1.relu': the layers inside it are 'layer4.1.relu#2'"):
+        nested["layer4.1.relu"]  # as the second call of a module
+    torch.save(flow.maps, tmp_path / "maps.pt")  # loads as a plain mapping, without allowlisting naflow_fx
+    loaded = torch.load(tmp_path / "maps.pt", weights_only=True)
+    assert isinstance(loaded, collections.OrderedDict) and list(loaded) == flow.layers
+    assert type(copy.deepcopy(flow).maps) is LayerDict and type(copy.copy(flow.maps)) is LayerDict
+    back = pickle.loads(pickle.dumps(flow))
+    torch.testing.assert_close(back.maps[flow.layers[0]], flow.maps[flow.layers[0]], rtol=0, atol=0)
+
+
 def test_keep_maps_frees_bpfm_and_coefficients_as_it_goes():
     """NOTE [memory]: with keep="maps", no layer's BPFM or Λ outlives its map."""
     import weakref
