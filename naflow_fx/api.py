@@ -450,10 +450,11 @@ class NAFlow:
 
     def __call__(
         self,
-        x: Tensor,
+        x: Tensor | None = None,
         target: object = None,
         *,
         targets: object = None,
+        input_tensor: Tensor | None = None,
         keep: str = "all",
         progress: Callable[[SolveRecord], object] | None = None,
     ) -> FlowResult:
@@ -466,10 +467,10 @@ class NAFlow:
         and ``coefficients`` empty), and frees each layer's BPFM and Λ as soon as its map is made,
         for a much lower peak memory (NOTE [memory]). ``progress``, if given, is called with each
         inverse step's :class:`~naflow_fx.SolveRecord` as soon as the step ends (:attr:`num_steps`
-        calls), e.g. to drive a progress bar. ``targets=`` is another name for ``target``, as
-        pytorch-grad-cam and Captum spell it.
+        calls), e.g. to drive a progress bar. ``input_tensor=`` and ``targets=`` are other names for
+        ``x`` and ``target``, as pytorch-grad-cam spells them (``nf(input_tensor=x, targets=t)``).
         """
-        target = _one_target(target, targets)
+        x, target = _one_input(x, input_tensor, "nf"), _one_target(target, targets)
         if keep not in _KEEP:
             raise ConfigError(f"keep must be one of {_KEEP}, got {keep!r}")
         if progress is not None and not callable(progress):
@@ -543,21 +544,35 @@ class NAFlow:
         )
         return LayerMaps(list(self.layers), maps, output, scores, classes, tuple(x.shape[-2:]), method)
 
-    def gradcam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
+    def gradcam(
+        self,
+        x: Tensor | None = None,
+        target: object = None,
+        *,
+        targets: object = None,
+        input_tensor: Tensor | None = None,
+    ) -> LayerMaps:
         """Grad-CAM on exactly the same layers: ``ReLU(Σ_c mean_hw(∂s/∂a)_c · a_c)``, batched, on-device.
 
-        ``x`` and ``target`` (or ``targets=``) are those of a flow call: ``None`` explains each
-        sample's argmax.
+        ``x`` and ``target`` (or ``input_tensor=`` and ``targets=``) are those of a flow call:
+        ``None`` explains each sample's argmax.
         """
-        return self._cam(x, _one_target(target, targets), "gradcam")
+        return self._cam(_one_input(x, input_tensor, "nf.gradcam"), _one_target(target, targets), "gradcam")
 
-    def layercam(self, x: Tensor, target: object = None, *, targets: object = None) -> LayerMaps:
+    def layercam(
+        self,
+        x: Tensor | None = None,
+        target: object = None,
+        *,
+        targets: object = None,
+        input_tensor: Tensor | None = None,
+    ) -> LayerMaps:
         """LayerCAM on the same layers: ``ReLU(Σ_c ReLU(∂s/∂a) ⊙ a)``, batched, on-device.
 
-        ``x`` and ``target`` (or ``targets=``) are those of a flow call: ``None`` explains each
-        sample's argmax.
+        ``x`` and ``target`` (or ``input_tensor=`` and ``targets=``) are those of a flow call:
+        ``None`` explains each sample's argmax.
         """
-        return self._cam(x, _one_target(target, targets), "layercam")
+        return self._cam(_one_input(x, input_tensor, "nf.layercam"), _one_target(target, targets), "layercam")
 
     # ------------------------------------------------------------------ inspection
     def layer_table(self) -> str:
@@ -616,6 +631,17 @@ if hasattr(os, "register_at_fork") and hasattr(_COMPILING, "_at_fork_reinit") an
     os.register_at_fork(after_in_child=_free_compile_lock_in_child)
 _POOLS = {F.max_pool2d, F.avg_pool2d}
 LAYER_SELECTIONS = ("all", "conv", "blocks")
+
+
+def _one_input(x: Tensor | None, input_tensor: Tensor | None, fn: str) -> Tensor:
+    """``x``, or ``input_tensor`` (pytorch-grad-cam's name for it); exactly one of them."""
+    if input_tensor is None:
+        if x is None:
+            raise InputTypeError(f"{fn}() needs the images: {fn}(x) with x a Tensor[B, C, H, W]")
+        return x
+    if x is not None:
+        raise ConfigError("pass the images once: as x or as input_tensor (the same argument), not both")
+    return input_tensor
 
 
 def _one_target(target: object, targets: object) -> object:

@@ -15,7 +15,7 @@ from torch.nn.utils import prune
 from torch.utils._pytree import tree_leaves
 
 from naflow_fx import compile_naflow
-from naflow_fx.errors import ConfigError, InputError, UnsupportedModelError
+from naflow_fx.errors import ConfigError, InputError, InputTypeError, UnsupportedModelError
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -314,6 +314,22 @@ def test_targets_is_another_name_for_target():
     assert nf.gradcam(X, targets=[3, 0]).classes.tolist() == [3, 0]
     with pytest.raises(ConfigError, match="pass the target once"):
         nf(X, 1, targets=[1, 2])
+
+
+def test_input_tensor_is_another_name_for_x_as_pytorch_grad_cam_spells_it():
+    nf = compile_naflow(_net(), X[:1])
+    a, b = nf(X, [1, 2], keep="maps"), nf(input_tensor=X, targets=[1, 2], keep="maps")
+    torch.testing.assert_close(a.maps["4"], b.maps["4"], rtol=0, atol=0)
+    for method in (nf.gradcam, nf.layercam):
+        torch.testing.assert_close(method(input_tensor=X, targets=[3, 0]).maps["4"], method(X, [3, 0]).maps["4"])
+    with pytest.raises(ConfigError, match="pass the images once: as x or as input_tensor"):
+        nf(X, input_tensor=X)
+    with pytest.raises(ConfigError, match="pass the images once"):
+        nf.gradcam(X, input_tensor=X)
+    with pytest.raises(InputTypeError, match=r"nf\(\) needs the images: nf\(x\) with x a Tensor\[B, C, H, W\]"):
+        nf()
+    with pytest.raises(InputTypeError, match=r"nf.layercam\(\) needs the images"):
+        nf.layercam(targets=[1, 2])
 
 
 def test_a_sparse_input_is_refused_clearly():
