@@ -215,7 +215,8 @@ def _torchvision_spec(name: str, weights: str | None) -> ModelSpec:
     if name not in available:
         close = [m for m in available if m.startswith(name[:3])][:8]
         raise CLIError(
-            f"unknown model {name!r}: use a torchvision classification model ({', '.join(close or available[:8])}, "
+            f"unknown model {name!r}{did_you_mean(name, available)}: use a torchvision classification model "
+            f"({', '.join(close or available[:8])}, "
             "...), 'shapes', module:callable or a saved model file"
         )
     if weights is None or os.path.isfile(weights) or weights.endswith((".pt", ".pth")):

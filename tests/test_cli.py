@@ -256,6 +256,8 @@ def test_unknown_model_name(capsys):
     assert_one_line_error(code, err, "unknown model 'resnet19'", "resnet18")
     code, _, err = run(capsys, "inspect", "--model", "resnet19")
     assert_one_line_error(code, err, "unknown model")
+    code, _, err = run(capsys, "inspect", "--model", "efficientnetb0")  # the closest names first
+    assert_one_line_error(code, err, "unknown model 'efficientnetb0' (did you mean 'efficientnet_b0'")
 
 
 def test_module_callable_that_does_not_import(capsys):
